@@ -1,0 +1,85 @@
+"""autograd.Functions of the fused ops; backend-agnostic (the backend does the vocabulary work).
+
+* ``LinearLogprobsFunction``: forward saves only the per-row log-sum-exp; backward recomputes.
+* ``LinearSPINLossFunction``: gradients are computed during the forward (the loss is known
+  there) and only scaled by the upstream gradient in backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .backends import Backend, HeadSpec, Needs
+from .layout import CountedRows
+from .objective import spin_terms
+
+
+def _scatter_rows(rows: CountedRows, grad_rows: Tensor, shape: torch.Size, dtype: torch.dtype,
+                  scale: Tensor | None = None) -> Tensor:
+    """[M, H] gradients of the counted rows -> [N, H] of ``dtype`` (zeros on ignored rows)."""
+    if scale is not None:
+        grad_rows = grad_rows * scale.to(grad_rows.dtype)
+    out = grad_rows.new_zeros(shape, dtype=dtype)
+    out.index_copy_(0, rows.index, grad_rows.to(dtype))
+    return out
+
+
+def _cast(grad: Tensor | None, like: Tensor | None, scale: Tensor | None = None) -> Tensor | None:
+    if grad is None or like is None:
+        return None
+    if scale is not None:
+        grad = grad * scale.to(grad.dtype)
+    return grad.to(like.dtype)
+
+
+class LinearLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, cu_seqlens, ignore_index: int, spec: HeadSpec,
+                average: bool, backend: Backend):
+        rows = CountedRows.build(targets, cu_seqlens, ignore_index)
+        logp, lse = backend.rows_forward(hidden[rows.index], weight, bias, rows.targets, spec)
+        ctx.save_for_backward(hidden, weight, bias, lse)
+        ctx.rows, ctx.spec, ctx.average, ctx.backend = rows, spec, average, backend
+        return rows.seq_logps(logp, average)
+
+    @staticmethod
+    def backward(ctx, grad_seq):
+        hidden, weight, bias, lse = ctx.saved_tensors
+        rows: CountedRows = ctx.rows
+        needs = Needs(*ctx.needs_input_grad[:3])
+        grad = rows.row_grads(grad_seq.to(lse.dtype), ctx.average)
+        dh, dw, db = ctx.backend.rows_backward(
+            hidden[rows.index], weight, bias, rows.targets, lse, grad, ctx.spec, needs)
+        dh = _scatter_rows(rows, dh, hidden.shape, hidden.dtype) if dh is not None else None
+        return dh, _cast(dw, weight), _cast(db, bias), None, None, None, None, None, None
+
+
+class LinearSPINLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, cu_seqlens, ref_logps, ignore_index: int, spec: HeadSpec,
+                average: bool, beta: float, loss_type: str, backend: Backend):
+        rows = CountedRows.build(targets, cu_seqlens, ignore_index)
+        h = hidden[rows.index]
+        ref = ref_logps.detach()
+        needs = Needs(*ctx.needs_input_grad[:3])
+        if needs.hidden or needs.weight or needs.bias:
+            seq, loss, dh, dw, db = backend.spin_forward_backward(
+                h, weight, bias, rows, ref, beta, loss_type, average, spec, needs)
+        else:
+            logp, _ = backend.rows_forward(h, weight, bias, rows.targets, spec)
+            seq = rows.seq_logps(logp, average)
+            loss, _ = spin_terms(seq, ref, beta, loss_type, max(rows.num_seqs // 2, 1))
+            dh = dw = db = None
+        # Stored in the parameters' dtypes: they are the gradients, only rescaled in backward.
+        ctx.save_for_backward(_cast(dh, hidden), _cast(dw, weight), _cast(db, bias))
+        ctx.rows, ctx.hidden_shape, ctx.hidden_dtype = rows, hidden.shape, hidden.dtype
+        ctx.mark_non_differentiable(seq)
+        return loss, seq
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_seq):
+        dh, dw, db = ctx.saved_tensors
+        if dh is not None:
+            dh = _scatter_rows(ctx.rows, dh, ctx.hidden_shape, ctx.hidden_dtype, scale=grad_loss)
+        return (dh, _cast(dw, dw, grad_loss), _cast(db, db, grad_loss)) + (None,) * 9

@@ -1,0 +1,98 @@
+"""The contract between the op layer and a kernel backend.
+
+The op layer (``spin_kernels/ops/autograd.py``) validates inputs, compacts the counted rows
+(``CountedRows``), does segment sums and the SPIN epilogue. A backend only does the
+vocabulary-sized work on counted rows:
+
+* ``rows_forward``  — per-row log-prob and log-sum-exp (2·M·H·V flops);
+* ``rows_backward`` — gradients from per-row upstream scales, recomputing logits (6·M·H·V);
+* ``spin_forward_backward`` — the SPIN loss with its gradients computed in the forward. The
+  default here chains the two above with the shared epilogue (8·M·H·V, no host sync); a
+  backend that can hold whole pairs in a tile overrides it with the 6·M·H·V path.
+
+All row tensors are the *counted* rows only: ``hidden [M, H]``, ``targets [M]`` int64.
+Results are in the accumulation dtype (float32, or float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..layout import CountedRows
+from ..objective import spin_terms
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """How logits are formed: z = softcap·tanh(((W h + b) / temperature) / softcap)."""
+
+    temperature: float = 1.0
+    softcap: float | None = None
+
+
+@dataclass(frozen=True)
+class Needs:
+    """Which gradients the caller wants (skip the matmuls of the others)."""
+
+    hidden: bool = True
+    weight: bool = True
+    bias: bool = True
+
+
+def acc_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """float64 if any input is float64 (gradcheck), else float32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+class Backend:
+    """Base class; subclasses implement rows_forward and rows_backward."""
+
+    name = "base"
+
+    def rows_forward(
+        self, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, spec: HeadSpec
+    ) -> tuple[Tensor, Tensor]:
+        """hidden [M, H], weight [V, H], bias [V] | None, targets [M] -> (logp [M], lse [M])."""
+        raise NotImplementedError
+
+    def rows_backward(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        targets: Tensor,
+        lse: Tensor,
+        grad: Tensor,
+        spec: HeadSpec,
+        needs: Needs,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """grad [M] = dL/dlogp per row -> (dhidden [M, H], dweight [V, H], dbias [V]) in acc dtype."""
+        raise NotImplementedError
+
+    def spin_forward_backward(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        rows: CountedRows,
+        ref_logps: Tensor,
+        beta: float,
+        loss_type: str,
+        average: bool,
+        spec: HeadSpec,
+        needs: Needs,
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """SPIN loss and its gradients (for d loss = 1) over whole pairs.
+
+        hidden [M, H] are the counted rows; ref_logps [S]. Returns (seq_logps [S], loss [],
+        dhidden [M, H] | None, dweight [V, H] | None, dbias [V] | None).
+        """
+        logp, lse = self.rows_forward(hidden, weight, bias, rows.targets, spec)
+        seq = rows.seq_logps(logp, average)
+        loss, seq_grad = spin_terms(seq, ref_logps, beta, loss_type, max(rows.num_seqs // 2, 1))
+        dh, dw, db = self.rows_backward(
+            hidden, weight, bias, rows.targets, lse, rows.row_grads(seq_grad, average), spec, needs)
+        return seq, loss, dh, dw, db

@@ -1,0 +1,126 @@
+"""Input validation for the fused ops: every check runs before any kernel does.
+
+Errors name the argument and what was expected. Value checks (target range, cu_seqlens
+monotonicity) need one host synchronisation on CUDA; they are batched into a single one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+IMPLS = ("auto", "torch", "triton", "cpu")
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INTS = (torch.int32, torch.int64)
+
+
+def _require_tensor(name: str, x: object) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_head_options(ignore_index: int, temperature: float, softcap: float | None, average: bool, impl: str) -> None:
+    """Scalar options shared by linear_logprobs and linear_spin_loss."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"softcap must be None or a float, got {type(softcap).__name__}")
+        if not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
+    if not isinstance(average, bool):
+        raise TypeError(f"average must be a bool, got {type(average).__name__}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def check_linear_inputs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    cu_seqlens: Tensor,
+    bias: Tensor | None,
+    ignore_index: int,
+) -> None:
+    """Shapes, dtypes, devices and values of the packed head inputs (../shared/docs/spin-math.md).
+
+    hidden [N, H] floating; weight [V, H] floating; targets [N] int32/int64 in [0, V) or
+    ignore_index; cu_seqlens [S+1] int32/int64, 0 = cu[0] <= ... <= cu[S] = N; bias [V] or None.
+    """
+    hidden = _require_tensor("hidden", hidden)
+    weight = _require_tensor("weight", weight)
+    targets = _require_tensor("targets", targets)
+    cu_seqlens = _require_tensor("cu_seqlens", cu_seqlens)
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be 2-D [N, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [V, H], got shape {tuple(weight.shape)}")
+    if hidden.dtype not in _FLOATS:
+        raise TypeError(f"hidden must be float16/bfloat16/float32/float64, got {hidden.dtype}")
+    if weight.dtype not in _FLOATS:
+        raise TypeError(f"weight must be float16/bfloat16/float32/float64, got {weight.dtype}")
+    n, h = hidden.shape
+    v = weight.shape[0]
+    if weight.shape[1] != h:
+        raise ValueError(f"weight must be [V, H] with H = hidden.shape[1] = {h}, got shape {tuple(weight.shape)}")
+    if v == 0:
+        raise ValueError("weight must have at least one row (V >= 1), got V = 0")
+    if targets.dtype not in _INTS:
+        raise TypeError(f"targets must be an int32/int64 tensor, got {targets.dtype}")
+    if targets.dim() != 1 or targets.shape[0] != n:
+        raise ValueError(f"targets must be 1-D of length N = hidden.shape[0] = {n}, got shape {tuple(targets.shape)}")
+    if cu_seqlens.dtype not in _INTS:
+        raise TypeError(f"cu_seqlens must be an int32/int64 tensor, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"cu_seqlens must be 1-D [S+1] with S >= 0, got shape {tuple(cu_seqlens.shape)}")
+    for name, t in (("weight", weight), ("targets", targets), ("cu_seqlens", cu_seqlens)):
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}; move them to one device")
+    if bias is not None:
+        bias = _require_tensor("bias", bias)
+        if bias.dtype not in _FLOATS:
+            raise TypeError(f"bias must be a floating tensor, got {bias.dtype}")
+        if bias.shape != (v,):
+            raise ValueError(f"bias must have shape [V] = [{v}], got {tuple(bias.shape)}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+
+    # Value checks, gathered into one host sync.
+    cu = cu_seqlens.long()
+    counted = targets != ignore_index
+    bad_target = (counted & ((targets < 0) | (targets >= v))).any()
+    bad_start = cu[0] != 0
+    bad_end = cu[-1] != n
+    bad_order = (cu[1:] < cu[:-1]).any() if cu.numel() > 1 else torch.zeros((), dtype=torch.bool, device=cu.device)
+    flags = torch.stack([bad_target, bad_start, bad_end, bad_order]).tolist()
+    if flags[0]:
+        bad = targets[counted & ((targets < 0) | (targets >= v))][:5].tolist()
+        raise ValueError(f"targets must be in [0, V={v}) or ignore_index={ignore_index}; found {bad}")
+    if flags[1]:
+        raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {int(cu[0])}")
+    if flags[2]:
+        raise ValueError(f"cu_seqlens must end at N = hidden.shape[0] = {n}, got cu_seqlens[-1] = {int(cu[-1])}")
+    if flags[3]:
+        raise ValueError("cu_seqlens must be non-decreasing (sequence lengths >= 0)")
+
+
+def check_ref_logps(ref_logps: Tensor, cu_seqlens: Tensor, device: torch.device) -> None:
+    """SPIN ops: an even number of sequences S = 2P and ref_logps [S] floating on the device."""
+    s = cu_seqlens.shape[0] - 1
+    if s % 2:
+        raise ValueError(
+            f"cu_seqlens must describe an even number of sequences (real, synthetic pairs), got S = {s}")
+    ref_logps = _require_tensor("ref_logps", ref_logps)
+    if not ref_logps.is_floating_point():
+        raise TypeError(f"ref_logps must be a floating tensor, got {ref_logps.dtype}")
+    if ref_logps.shape != (s,):
+        raise ValueError(f"ref_logps must have shape [S] = [{s}], got {tuple(ref_logps.shape)}")
+    if ref_logps.device != device:
+        raise ValueError(f"ref_logps is on {ref_logps.device} but hidden is on {device}")

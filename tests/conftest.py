@@ -1,0 +1,23 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def available_impls() -> list[str]:
+    """The impls that run on CPU tensors in this environment (triton has its own interpreter tests)."""
+    from spin_kernels.ops.backends import _FACTORIES
+
+    return [name for name in ("torch", "cpu") if name in _FACTORIES]
+
+
+def pytest_generate_tests(metafunc):
+    if "impl" in metafunc.fixturenames:
+        metafunc.parametrize("impl", available_impls())
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
