@@ -44,21 +44,28 @@ class TorchChunked(Backend):
         return t * spec.softcap, t
 
     @staticmethod
-    def _lse_and_logp(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        lse = torch.logsumexp(z, dim=1)
-        return z.gather(1, y[:, None]).squeeze(1) - lse, lse
+    def _exp_shifted_(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """In place z <- exp(z - rowmax) (the unnormalised softmax, so no second [m, V] buffer).
+
+        Returns (logp [m], lse [m], sumexp [m]); softmax = z / sumexp afterwards.
+        """
+        z_target = z.gather(1, y[:, None]).squeeze(1)
+        row_max = z.amax(1) if z.shape[0] else z.new_zeros(0)
+        sumexp = z.sub_(row_max[:, None]).exp_().sum(1)
+        lse = row_max + sumexp.log()
+        return z_target - lse, lse, sumexp
 
     @staticmethod
-    def _backward_chunk(
-        z: Tensor, t: Tensor | None, lse: Tensor, y: Tensor, g: Tensor, h: Tensor, w: Tensor,
+    def _backward_from_probs(
+        p: Tensor, t: Tensor | None, y: Tensor, g: Tensor, h: Tensor, w: Tensor,
         spec: HeadSpec, dh: Tensor | None, dw: Tensor | None, db: Tensor | None,
     ) -> None:
-        """dz = g (onehot - softmax), chained through softcap and temperature, into dh/dw/db.
+        """dz = g (onehot - p), chained through softcap and temperature, into dh/dw/db.
 
-        Overwrites z (and t) in place; dh is this chunk's [m, H] slice (written), dw/db are
-        accumulated.
+        p is the softmax of the chunk (overwritten, as is t); dh is this chunk's [m, H] slice
+        (written), dw/db are accumulated.
         """
-        du = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+        du = p.mul_(-g[:, None])
         du.scatter_add_(1, y[:, None], g[:, None])
         if t is not None:
             du.mul_(t.square_().neg_().add_(1.0))
@@ -83,7 +90,7 @@ class TorchChunked(Backend):
         step = self.chunk_rows(weight.shape[0], acc)
         for s in range(0, m, step):
             z, _ = self._logits(hidden[s:s + step], w, b, spec)
-            logp[s:s + step], lse[s:s + step] = self._lse_and_logp(z, targets[s:s + step])
+            logp[s:s + step], lse[s:s + step], _ = self._exp_shifted_(z, targets[s:s + step])
         return logp, lse
 
     def _alloc_grads(self, hidden, weight, bias, needs, acc):
@@ -98,8 +105,9 @@ class TorchChunked(Backend):
         for s in range(lo, hi, step):
             e = min(s + step, hi)
             z, t = self._logits(hidden[s:e], w, b, spec)
-            self._backward_chunk(z, t, lse[s - lo:e - lo], targets[s:e], grad[s - lo:e - lo], hidden[s:e], w,
-                                 spec, None if dh is None else dh[s:e], dw, db)
+            probs = z.sub_(lse[s - lo:e - lo, None]).exp_()
+            self._backward_from_probs(probs, t, targets[s:e], grad[s - lo:e - lo], hidden[s:e], w, spec,
+                                      None if dh is None else dh[s:e], dw, db)
 
     def rows_backward(self, hidden, weight, bias, targets, lse, grad, spec, needs):
         acc = acc_dtype(hidden, weight)
@@ -136,14 +144,15 @@ class TorchChunked(Backend):
             y, h = rows.targets[lo:hi], hidden[lo:hi]
             if hi - lo <= step:
                 z, t = self._logits(h, w, b, spec)
-                logp, lse = self._lse_and_logp(z, y)
+                logp, lse, sumexp = self._exp_shifted_(z, y)
             else:
                 logp, lse = self.rows_forward(h, weight, bias, y, spec)
             seq = seq_logps(logp, offsets, average)
             tile_loss, seq_grad = spin_terms(seq, ref[2 * p:2 * q], beta, loss_type, num_pairs)
             g = row_grads(seq_grad, offsets, local_seq, average)
             if hi - lo <= step:
-                self._backward_chunk(z, t, lse, y, g, h, w, spec, None if dh is None else dh[lo:hi], dw, db)
+                probs = z.div_(sumexp[:, None])
+                self._backward_from_probs(probs, t, y, g, h, w, spec, None if dh is None else dh[lo:hi], dw, db)
             else:
                 self._backward_into(hidden, w, b, rows.targets, lse, g, spec, dh, dw, db, lo, hi)
             seq_out[2 * p:2 * q] = seq
