@@ -16,7 +16,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
 STAMP="$VENV/.spin_kernels_stamp"
-WANT="$(cat "$ROOT/setup.py" "$ROOT"/csrc/* 2>/dev/null | sha1sum | cut -d' ' -f1)"
+WANT="$( (cat "$ROOT/setup.py"; cat "$ROOT"/csrc/* 2>/dev/null || true) | sha1sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] || ! "$PY" -c "import spin_kernels" 2>/dev/null; then
   (cd "$ROOT" && "$PY" -m pip install -q --no-build-isolation -e ".[dev,bench]")
   echo "$WANT" > "$STAMP"
