@@ -1,0 +1,32 @@
+"""Hugging Face integration: varlen attention for packed batches, hidden states without the
+lm_head, and the SPIN loss / reference pass on a PackedBatch."""
+
+from .attention import (
+    ATTN_IMPLEMENTATION,
+    register_attention,
+    varlen_attention,
+    varlen_backend,
+)
+from .integration import (
+    is_prepared,
+    lm_head_kwargs,
+    packed_hidden_states,
+    packed_spin_loss,
+    prepare_model,
+    reference_logps,
+    sequence_logps,
+)
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "is_prepared",
+    "lm_head_kwargs",
+    "packed_hidden_states",
+    "packed_spin_loss",
+    "prepare_model",
+    "reference_logps",
+    "register_attention",
+    "sequence_logps",
+    "varlen_attention",
+    "varlen_backend",
+]

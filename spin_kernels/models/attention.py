@@ -1,0 +1,216 @@
+"""Varlen causal attention for packed batches, registered with transformers as "spin_varlen".
+
+Sequence boundaries come from ``cu_seq_lens_q`` (passed by ``packed_hidden_states``) or, when a
+caller runs the model directly on packed input, from restarts of ``position_ids``. Attention
+never crosses a boundary, whether or not transformers created a KV cache: the boundaries are
+applied here, not by transformers' mask code (which stops detecting packed sequences as soon as
+a cache exists -- the known leak).
+
+Kernels, by preference (``varlen_backend``):
+    * "flash_attn":   flash-attn's ``flash_attn_varlen_func`` (CUDA, fp16/bf16; softcap, sliding window);
+    * "torch_varlen": PyTorch's ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16; no softcap,
+                      no dropout);
+    * "sdpa_loop":    a loop over sequences with ``scaled_dot_product_attention(is_causal=True)``, or an
+                      explicit masked softmax when softcap / a sliding window / dropout-free eager maths
+                      is needed (CPU, float32/float64, and anything the kernels above cannot do).
+
+Outside packed training (``generate`` with padding, decoding with a cache), transformers' own
+SDPA mask is used and the same maths runs on it, so a prepared model still generates correctly.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ATTN_IMPLEMENTATION = "spin_varlen"
+BACKENDS = ("flash_attn", "torch_varlen", "sdpa_loop")
+
+
+@functools.cache
+def _flash_attn_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except (ImportError, OSError, RuntimeError):  # not installed, or built for another torch/CUDA
+        return None
+    return flash_attn_varlen_func
+
+
+@functools.cache
+def _torch_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def varlen_backend(device: torch.device, dtype: torch.dtype, *, softcap: float | None = None,
+                   dropout: float = 0.0) -> str:
+    """The kernel ``varlen_attention`` uses for these inputs: one of ``BACKENDS``."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    if device.type == "cuda" and half:
+        if _flash_attn_varlen() is not None:
+            return "flash_attn"
+        if _torch_varlen() is not None and softcap is None and dropout == 0.0:
+            return "torch_varlen"
+        if softcap is not None and "softcap" not in _warned:
+            _warned.add("softcap")
+            warnings.warn("spin_varlen: attention softcap without flash-attn runs a per-sequence loop; install "
+                          "flash-attn for speed", RuntimeWarning, stacklevel=3)
+    return "sdpa_loop"
+
+
+_warned: set[str] = set()
+
+
+def _window_ok(window: int | None, length: int) -> bool:
+    return window is None or window >= length
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, *, scale: float, window: int | None, softcap: float | None,
+            dropout: float, mask: Tensor | None = None) -> Tensor:
+    """Causal attention of [B, Hq, Lq, D] queries on [B, Hkv, Lk, D] keys/values -> [B, Hq, Lq, D].
+
+    Without ``mask``, query i sits at key position Lk - Lq + i (bottom-right alignment, as after
+    a cache) and sees keys in (pos - window, pos]. A boolean ``mask`` [B or 1, 1, Lq, Lk] (True =
+    attend, from transformers' SDPA mask) replaces both rules.
+    """
+    lq, lk = q.shape[2], k.shape[2]
+    groups = q.shape[1] // k.shape[1]
+    if mask is None and softcap is None and lq == lk and _window_ok(window, lk):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale,
+                                              enable_gqa=groups > 1)
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    work = torch.promote_types(q.dtype, torch.float32)  # softmax at least in fp32, in fp64 for fp64 models
+    scores = torch.matmul(q.to(work), k.to(work).transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if mask is None:
+        qpos = torch.arange(lk - lq, lk, device=q.device)[:, None]
+        kpos = torch.arange(lk, device=q.device)[None, :]
+        mask = kpos <= qpos
+        if window is not None:
+            mask = mask & (kpos > qpos - window)
+    # finfo.min rather than -inf: a fully masked row (left padding) gives a finite, unused output.
+    scores = scores.masked_fill(~mask, torch.finfo(work).min)
+    probs = torch.softmax(scores, dim=-1)
+    if dropout > 0:
+        probs = F.dropout(probs, p=dropout)
+    return torch.matmul(probs, v.to(work)).to(q.dtype)
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, *, scale: float,
+                     window: int | None = None, softcap: float | None = None, dropout: float = 0.0) -> Tensor:
+    """Causal attention inside each packed sequence.
+
+    Args:
+        q: [T, Hq, D]; k, v: [T, Hkv, D] (Hq a multiple of Hkv: grouped-query attention).
+        cu_seqlens: [S+1] int, sequence i owns rows cu[i]:cu[i+1]; max_seqlen its longest length.
+        scale: the score scale; window: sliding window W (a token sees itself and the W-1 before
+            it, transformers' convention) or None; softcap: c * tanh(score / c) or None;
+        dropout: attention dropout probability (training only).
+
+    Returns:
+        [T, Hq, D] in q's dtype.
+    """
+    backend = varlen_backend(q.device, q.dtype, softcap=softcap, dropout=dropout)
+    if backend == "flash_attn":
+        cu = cu_seqlens.to(torch.int32)
+        return _flash_attn_varlen()(
+            q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=dropout, softmax_scale=scale, causal=True,
+            window_size=(window - 1, 0) if window is not None else (-1, -1), softcap=softcap or 0.0)
+    if backend == "torch_varlen":
+        cu = cu_seqlens.to(torch.int32)
+        return _torch_varlen()(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale,
+                               window_size=(window - 1, 0) if window is not None else (-1, 0),
+                               enable_gqa=q.shape[1] != k.shape[1])
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in itertools.pairwise(bounds):
+        if end > start:
+            piece = [t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
+            out[start:end] = _attend(*piece, scale=scale, window=window, softcap=softcap,
+                                     dropout=dropout)[0].transpose(0, 1)
+    return out
+
+
+def cu_seqlens_from_position_ids(position_ids: Tensor) -> tuple[Tensor, int]:
+    """[T] position ids of packed sequences -> (cu_seqlens [S+1] int32, max_seqlen).
+
+    A sequence starts at token 0 and wherever ``position_ids[n] != position_ids[n-1] + 1``
+    (the rule transformers uses to detect packing).
+    """
+    t = position_ids.shape[0]
+    starts = torch.ones(t, dtype=torch.bool, device=position_ids.device)
+    starts[1:] = position_ids[1:] != position_ids[:-1] + 1
+    cu = torch.cat([starts.nonzero().squeeze(1), torch.tensor([t], device=position_ids.device)]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max()) if t else 0
+
+
+def spin_varlen_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                                  dropout: float = 0.0, scaling: float | None = None,
+                                  sliding_window: int | None = None, softcap: float | None = None,
+                                  **kwargs) -> tuple[Tensor, None]:
+    """transformers AttentionInterface entry: query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D] ->
+    ([B, Lq, Hq, D], None).
+
+    * ``cu_seq_lens_q`` given (``packed_hidden_states``): one packed row, varlen.
+    * no mask, Lq = Lk, ``position_ids`` given: each row is split where its positions restart.
+    * otherwise (decoding with a cache, padded prompts): causal attention under transformers' mask.
+    """
+    if kwargs.get("output_attentions"):
+        raise ValueError("spin_varlen attention does not return attention weights (output_attentions=True)")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    b, _, lq, _ = query.shape
+    cu = kwargs.get("cu_seq_lens_q")
+    position_ids = kwargs.get("position_ids")
+    varlen = functools.partial(varlen_attention, scale=scale, window=sliding_window, softcap=softcap, dropout=dropout)
+    if cu is not None:
+        cu_k = kwargs.get("cu_seq_lens_k")
+        if cu_k is not None and cu_k is not cu and not torch.equal(cu_k, cu):
+            raise ValueError("spin_varlen attention is self-attention: cu_seq_lens_k must equal cu_seq_lens_q")
+        if b != 1 or lq != key.shape[2] or attention_mask is not None:
+            raise ValueError(f"cu_seq_lens_q needs one packed row without a padding mask and without cached keys; "
+                             f"got batch {b}, {lq} queries, {key.shape[2]} keys")
+        max_len = kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max())
+        out = varlen(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu, int(max_len))
+        return out.unsqueeze(0), None
+    if attention_mask is None and lq == key.shape[2] and position_ids is not None:
+        # A direct call on packed rows (possibly with a fresh cache): boundaries from position_ids, row by row.
+        rows = position_ids.reshape(-1, lq).expand(b, lq)
+        out = torch.stack([varlen(query[i].transpose(0, 1), key[i].transpose(0, 1), value[i].transpose(0, 1),
+                                  *cu_seqlens_from_position_ids(rows[i])) for i in range(b)])
+        return out, None
+    mask = attention_mask if attention_mask is not None and attention_mask.dtype == torch.bool else None
+    if attention_mask is not None and mask is None:
+        raise TypeError(f"spin_varlen attention expects a boolean mask, got {attention_mask.dtype}")
+    out = _attend(query, key, value, scale=scale, window=sliding_window, softcap=softcap, dropout=dropout, mask=mask)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _spin_varlen_mask(*, attention_mask: Tensor | None = None, **kwargs):
+    """Mask interface entry: no mask for unpadded input (boundaries and causality are applied in
+    the attention function); transformers' SDPA mask (bool) when there is padding to honour."""
+    if attention_mask is None:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(attention_mask=attention_mask, **kwargs)
+
+
+def register_attention() -> str:
+    """Register "spin_varlen" with transformers' AttentionInterface and mask interface (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, spin_varlen_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _spin_varlen_mask)
+    return ATTN_IMPLEMENTATION
