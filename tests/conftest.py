@@ -5,6 +5,12 @@ import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# Without CUDA the impl="triton" tests run in the Triton interpreter. Triton chooses between
+# interpreter and compiler when a kernel is defined, its own triton.language helpers included,
+# so the choice must be made before anything imports triton: here, before any test module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def available_impls() -> list[str]:
     """The impls that run on CPU tensors in this environment (triton has its own interpreter tests)."""

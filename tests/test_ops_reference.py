@@ -38,7 +38,7 @@ def _check_logprobs(case, impl, options, dtype):
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     rtol_out, rtol_grad = RTOL[dtype]
     assert_close(out, ref, rtol_out, "logps")
-    upstream = torch.randn(out.shape[0], dtype=torch.float64)
+    upstream = torch.randn(out.shape[0], dtype=torch.float64, device=out.device)
     got = grads((out.double() * upstream).sum(), [case.hidden, case.weight, case.bias])
     want = grads((ref * upstream).sum(), [ref_case.hidden, ref_case.weight, ref_case.bias])
     for name, g, w, x in zip(("hidden", "weight", "bias"), got, want, (case.hidden, case.weight, case.bias)):

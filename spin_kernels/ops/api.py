@@ -8,6 +8,7 @@ sequence i owning rows ``cu[i]:cu[i+1]``.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .autograd import LinearLogprobsFunction, LinearSPINLossFunction
@@ -45,6 +46,11 @@ def linear_logprobs(
     Returns:
         [S] float32 (float64 for float64 inputs): sum over counted rows of log softmax(z)[target].
     """
+    if torch.compiler.is_compiling():  # one opaque custom op; it validates when it runs
+        from .library import linear_logprobs_via_library
+
+        return linear_logprobs_via_library(hidden, weight, targets, cu_seqlens, bias, ignore_index, temperature,
+                                           softcap, average, impl)
     check_head_options(ignore_index, temperature, softcap, average, impl)
     check_linear_inputs(hidden, weight, targets, cu_seqlens, bias, ignore_index)
     backend = resolve_backend(impl, hidden.device)
@@ -83,15 +89,21 @@ def linear_spin_loss(
         scalars rewards/real, rewards/synthetic, rewards/margin, rewards/accuracy, logps/real,
         logps/synthetic. When gradients are needed they are computed in the forward pass.
     """
-    check_loss_options(beta, loss_type)
-    check_head_options(ignore_index, temperature, softcap, average, impl)
-    check_linear_inputs(hidden, weight, targets, cu_seqlens, bias, ignore_index)
-    check_ref_logps(ref_logps, cu_seqlens, hidden.device)
-    backend = resolve_backend(impl, hidden.device)
-    spec = HeadSpec(float(temperature), None if softcap is None else float(softcap))
-    loss, seq = LinearSPINLossFunction.apply(
-        hidden, weight, bias, targets, cu_seqlens, ref_logps, ignore_index, spec, average, float(beta), loss_type,
-        backend)
+    if torch.compiler.is_compiling():  # one opaque custom op; it validates when it runs
+        from .library import linear_spin_loss_via_library
+
+        loss, seq = linear_spin_loss_via_library(hidden, weight, targets, cu_seqlens, ref_logps, bias, ignore_index,
+                                                 temperature, softcap, average, beta, loss_type, impl)
+    else:
+        check_loss_options(beta, loss_type)
+        check_head_options(ignore_index, temperature, softcap, average, impl)
+        check_linear_inputs(hidden, weight, targets, cu_seqlens, bias, ignore_index)
+        check_ref_logps(ref_logps, cu_seqlens, hidden.device)
+        backend = resolve_backend(impl, hidden.device)
+        spec = HeadSpec(float(temperature), None if softcap is None else float(softcap))
+        loss, seq = LinearSPINLossFunction.apply(
+            hidden, weight, bias, targets, cu_seqlens, ref_logps, ignore_index, spec, average, float(beta),
+            loss_type, backend)
     ref = ref_logps.detach().to(seq.dtype)
     return loss, spin_metrics(seq[0::2], seq[1::2], ref[0::2], ref[1::2], float(beta))
 

@@ -1,0 +1,74 @@
+"""impl="triton": the fused Triton kernels of spin_kernels/triton behind the Backend contract.
+
+The kernel modules are imported on first use, not here, so that importing spin_kernels
+compiles nothing. On CPU tensors the kernels need ``TRITON_INTERPRET=1`` set before Triton is
+first imported (tests/conftest.py does it for the test session).
+
+float64 inputs (gradcheck precision) have no tensor-core path: they go to the torch backend.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton  # noqa: F401  (ImportError here = the backend is unavailable, see backends/__init__)
+
+from .base import Backend, HeadSpec, Needs
+from .torch_chunked import TorchChunked
+
+GRAD_FILTER_ENV = "SPIN_KERNELS_GRAD_FILTER"
+
+
+def filter_eps_for(dtype: torch.dtype, setting: str | float | None) -> float:
+    """The gradient-filter threshold: None/"off"/0 → 0 (exact); "auto" → the input dtype's
+    threshold in ``AUTO_FILTER``; a number → that number."""
+    if setting is None or setting == "off":
+        return 0.0
+    if setting == "auto":
+        return AUTO_FILTER[dtype]
+    value = float(setting)
+    if not value >= 0:
+        raise ValueError(f"grad filter must be 'off', 'auto' or a number >= 0, got {setting!r}")
+    return value
+
+
+# bf16: CCE's threshold (2⁻¹², 4 bits below bf16's unit roundoff 2⁻⁸ near 1); fp16 and fp32
+# keep the same 4-bit margin below their own roundoff (2⁻¹¹, 2⁻²⁴).
+AUTO_FILTER = {torch.bfloat16: 2.0**-12, torch.float16: 2.0**-15, torch.float32: 2.0**-28}
+
+
+class TritonBackend(Backend):
+    """Fused kernels; ``grad_filter`` ("off" default, "auto", or a threshold) controls gradient
+    filtering in the backward (default read from $SPIN_KERNELS_GRAD_FILTER)."""
+
+    name = "triton"
+
+    def __init__(self, grad_filter: str | float | None = None):
+        self.grad_filter = os.environ.get(GRAD_FILTER_ENV, "off") if grad_filter is None else grad_filter
+        filter_eps_for(torch.float32, self.grad_filter)  # fail early on a bad setting
+        self._fallback = TorchChunked()
+
+    @staticmethod
+    def _is_f64(*tensors) -> bool:
+        return any(t is not None and t.dtype == torch.float64 for t in tensors)
+
+    def rows_forward(self, hidden, weight, bias, targets, spec: HeadSpec):
+        if self._is_f64(hidden, weight, bias):
+            return self._fallback.rows_forward(hidden, weight, bias, targets, spec)
+        from ...triton.forward import rows_logprobs
+
+        return rows_logprobs(hidden, weight, bias, targets, spec.temperature, spec.softcap)
+
+    def rows_backward(self, hidden, weight, bias, targets, lse, grad, spec: HeadSpec, needs: Needs):
+        if self._is_f64(hidden, weight, bias):
+            return self._fallback.rows_backward(hidden, weight, bias, targets, lse, grad, spec, needs)
+        from ...triton.backward import rows_grads
+
+        return rows_grads(hidden, weight, bias, targets, lse, grad, spec.temperature, spec.softcap,
+                          needs.hidden, needs.weight, needs.bias,
+                          filter_eps=filter_eps_for(weight.dtype, self.grad_filter))
+
+
+def make_backend() -> Backend:
+    return TritonBackend()

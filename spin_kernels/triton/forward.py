@@ -1,0 +1,112 @@
+"""Forward kernel: per-row log-sum-exp and target logit over the vocabulary, no [M, V] logits.
+
+Grid = (row tiles, vocabulary splits). Each program walks the vocabulary blocks of its split,
+folds every on-chip logit tile into an online log-sum-exp (running max ``m`` and scaled sum
+``l``) and picks the target logit when the target falls in the block. Partial results
+``[splits, M]`` are merged by a fixed-order reduction on the host side (no atomics), so the
+result is bitwise reproducible. Splitting the vocabulary keeps the GPU busy when M is small.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .config import dot_precision, launch, split_align
+from .tiles import logit_tile
+
+
+@triton.jit
+def lse_partials_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, l_ptr, zy_ptr,
+    M, V, H, split_size,
+    stride_hm, stride_hk, stride_wv, stride_wk, stride_b,
+    inv_temp, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
+    v_lo = split * split_size
+    v_hi = tl.minimum(v_lo + split_size, V)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    zy = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_hi
+        z, _ = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H,
+                          stride_hm, stride_hk, stride_wv, stride_wk, stride_b, inv_temp, softcap,
+                          HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        # col_mask matters: a column past v_hi may be a real token that belongs to the next split.
+        hit = (cols[None, :] == y[:, None]) & col_mask[None, :]
+        zy += tl.sum(tl.where(hit, z, 0.0), axis=1)
+        # Every block holds at least one valid column, so m_new is finite from the first block
+        # on and exp(m_i - m_new) is exp(-inf) = 0, never nan.
+        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m_i = m_new
+    out = split.to(tl.int64) * M + rows
+    tl.store(m_ptr + out, m_i, mask=row_mask)
+    tl.store(l_ptr + out, l_i, mask=row_mask)
+    tl.store(zy_ptr + out, zy, mask=row_mask)
+
+
+def num_splits(rows: int, vocab: int, device: torch.device, block_m: int = 128) -> int:
+    """Vocabulary splits so that row tiles × splits fill the GPU about 4 times over."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = max(1, triton.cdiv(rows, block_m))
+    return max(1, min(triton.cdiv(4 * sms, tiles), triton.cdiv(vocab, split_align())))
+
+
+def rows_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                  temperature: float, softcap: float | None, splits: int | None = None) -> tuple[Tensor, Tensor]:
+    """Per-row log-probs and log-sum-exps of the counted rows.
+
+    Args:
+        hidden: [M, H] float16/bfloat16/float32, any strides; cast to weight's dtype if it differs.
+        weight: [V, H] of the same family, any strides (a tied-embedding view is fine).
+        bias: [V] or None. targets: [M] int64 in [0, V).
+        splits: vocabulary splits of the grid (None: sized from the device).
+
+    Returns:
+        (logp [M] float32, lse [M] float32).
+    """
+    m, h = hidden.shape
+    v = weight.shape[0]
+    if hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    logp = hidden.new_empty(m, dtype=torch.float32)
+    lse = hidden.new_empty(m, dtype=torch.float32)
+    if m == 0:
+        return logp, lse
+    align = split_align()
+    splits = num_splits(m, v, hidden.device) if splits is None else splits
+    split_size = triton.cdiv(triton.cdiv(v, align), splits) * align
+    splits = triton.cdiv(v, split_size)
+    parts = torch.empty(3, splits, m, dtype=torch.float32, device=hidden.device)
+    targets = targets.contiguous()
+    launch(
+        lse_partials_kernel,
+        lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), splits),
+        hidden, weight, bias if bias is not None else weight, targets, parts[0], parts[1], parts[2],
+        m, v, h, split_size,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        bias.stride(0) if bias is not None else 0,
+        1.0 / temperature, 1.0 if softcap is None else softcap,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, DOT_PRECISION=dot_precision(weight.dtype),
+        device=hidden.device,
+    )
+    row_max, row_sum, target_logit = parts
+    peak = row_max.max(0).values
+    lse = peak + torch.log((row_sum * torch.exp(row_max - peak)).sum(0))
+    logp = target_logit.sum(0) - lse
+    return logp, lse

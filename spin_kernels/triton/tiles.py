@@ -1,0 +1,67 @@
+"""Device functions shared by the forward and backward kernels: one logit tile, its gradient.
+
+A logit tile is ``z[rows, cols]`` for a block of counted rows and a block of the vocabulary,
+computed on chip with fp32 accumulation and never written to memory. Everything here avoids
+libdevice (tanh, log1p) so that the Triton interpreter can run it on CPU.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh_via_exp(x):
+    """tanh(x) = sign(x)·(1 − e^{−2|x|}) / (1 + e^{−2|x|}): e^{−2|x|} ≤ 1 never overflows."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H,
+               stride_hm, stride_hk, stride_wv, stride_wk, stride_b, inv_temp, softcap,
+               HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(z, t) for the tile rows × cols: z the logits (fp32, [BLOCK_M, BLOCK_V]); t = tanh(u/c),
+    needed by the softcap chain rule (equal to z when there is no softcap).
+
+    Row and column offsets are widened to int64 before they meet a stride: N·V and V·H can
+    exceed 2³¹.
+    """
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hm
+    w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wv
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < H
+        a = tl.load(h_rows + ks[None, :] * stride_hk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(w_cols + ks[:, None] * stride_wk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + cols.to(tl.int64) * stride_b, mask=col_mask, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    u = acc * inv_temp
+    if HAS_SOFTCAP:
+        t = tanh_via_exp(u / softcap)
+        z = softcap * t
+    else:
+        t = u
+        z = u
+    return z, t
+
+
+@triton.jit
+def logit_grad_tile(z, t, y, cols, col_mask, lse, g, inv_temp,
+                    HAS_SOFTCAP: tl.constexpr):
+    """(du, dz_unscaled): du = ∂L/∂u for the tile (chained through softcap and temperature);
+    dz_unscaled = onehot − softmax, the quantity the gradient filter compares with its
+    threshold (it does not depend on the upstream scale g)."""
+    p = tl.where(col_mask[None, :], tl.exp(z - lse[:, None]), 0.0)
+    onehot = (cols[None, :] == y[:, None]).to(tl.float32)
+    dz_unscaled = onehot - p
+    du = g[:, None] * dz_unscaled
+    if HAS_SOFTCAP:
+        du = du * (1.0 - t * t)
+    return du * inv_temp, dz_unscaled
