@@ -1,0 +1,85 @@
+"""``spin-kernels plan``: print the per-GPU memory of a SPIN iteration and what fits.
+
+    spin-kernels plan llama3-70b --gpus 8 --gpu-memory 80 --token-budget 8192
+    spin-kernels plan path/to/config.json --gpus 4 --lora --reference lora-disabled
+    spin-kernels plan llama3-8b --gpus 1 --no-recommend
+
+Prints the breakdown of the requested configuration and, unless --no-recommend, the cheapest
+configuration that fits (see ``spin_kernels.planner.recommend`` for what "cheapest" means).
+Exit status: 0 when the requested or a recommended configuration fits, 1 when nothing fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .memory import ATTENTION, LOSS_IMPLS, OPTIMIZER_STATES, REFERENCE_MODES, PlanOptions, plan, recommend
+from .models import PRESETS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = PlanOptions()
+    ap = argparse.ArgumentParser(prog="spin-kernels plan", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("model", help=f"a preset ({', '.join(PRESETS)}) or a config.json path")
+    ap.add_argument("--gpus", type=int, default=d.num_gpus, help="number of GPUs (the most recommend may use)")
+    ap.add_argument("--gpu-memory", type=float, default=d.gpu_memory_gib, help="GiB per GPU")
+    ap.add_argument("--token-budget", type=int, default=d.token_budget, help="packed tokens per micro-batch per GPU")
+    ap.add_argument("--max-seqlen", type=int, default=d.max_seqlen, help="longest prompt+response")
+    ap.add_argument("--lora", action="store_true", help="LoRA instead of full fine-tuning")
+    ap.add_argument("--lora-rank", type=int, default=d.lora_rank)
+    ap.add_argument("--optimizer", choices=sorted(OPTIMIZER_STATES), default=d.optimizer)
+    ap.add_argument("--no-mixed-precision", action="store_true", help="compute in the parameters' dtype")
+    ap.add_argument("--param-bytes", type=int, choices=(2, 4), default=d.param_bytes,
+                    help="bytes per stored (master) parameter")
+    ap.add_argument("--cpu-offload", action="store_true")
+    ap.add_argument("--no-activation-checkpointing", action="store_true")
+    ap.add_argument("--reference", choices=REFERENCE_MODES, default=d.reference_mode)
+    ap.add_argument("--gen-batch", type=int, default=d.gen_batch, help="prompts per generate call per GPU")
+    ap.add_argument("--prompt-len", type=int, default=d.prompt_len)
+    ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    ap.add_argument("--attention", choices=ATTENTION, default=d.attention)
+    ap.add_argument("--loss-impl", choices=LOSS_IMPLS, default=d.loss_impl)
+    ap.add_argument("--host-memory", type=float, default=d.host_memory_gib, help="GiB of host memory per node")
+    ap.add_argument("--no-recommend", action="store_true", help="only the requested configuration")
+    return ap
+
+
+def options_from_args(args: argparse.Namespace) -> PlanOptions:
+    return PlanOptions(
+        num_gpus=args.gpus, gpu_memory_gib=args.gpu_memory, token_budget=args.token_budget,
+        max_seqlen=args.max_seqlen, finetune="lora" if args.lora else "full", lora_rank=args.lora_rank,
+        optimizer=args.optimizer, mixed_precision=None if args.no_mixed_precision else "bf16",
+        param_bytes=args.param_bytes, cpu_offload=args.cpu_offload,
+        activation_checkpointing=not args.no_activation_checkpointing, reference_mode=args.reference,
+        gen_batch=args.gen_batch, prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens,
+        attention=args.attention, loss_impl=args.loss_impl, host_memory_gib=args.host_memory)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        opts = options_from_args(args)
+        requested = plan(args.model, opts)
+    except ValueError as exc:
+        print(f"spin-kernels plan: error: {exc}", file=sys.stderr)
+        return 2
+    print("requested configuration")
+    print(requested.table())
+    if args.no_recommend:
+        return 0 if requested.fits else 1
+    best = recommend(args.model, opts, max_gpus=args.gpus)
+    print()
+    if best is None:
+        print(f"nothing fits on up to {args.gpus} x {args.gpu_memory:g} GiB, even with CPU offload, "
+              f"activation checkpointing and a token budget of one pair")
+        return 1
+    print("recommended (cheapest that fits: no offload, fewest GPUs, largest token budget, no AC, "
+          "largest generation batch)")
+    print(best.table())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
