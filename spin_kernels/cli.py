@@ -1,18 +1,136 @@
-"""`spin-kernels` command line (subcommands are added by the training layer)."""
+"""The ``spin-kernels`` command: SPIN stages, the whole loop, and the demos.
+
+    spin-kernels generate  --model SFT --data data.jsonl --output generated.jsonl
+    spin-kernels reference --model SFT --input generated.jsonl --output pairs.jsonl
+    spin-kernels train     --model SFT --input pairs.jsonl --output-dir out
+    spin-kernels iterate   --model SFT --data data.jsonl --output-dir run --iterations 3
+    spin-kernels demo      (tiny CPU SPIN run on a known distribution, nothing to download)
+    spin-kernels ops-demo  (the fused loss alone on a realistic shape)
+    spin-kernels plan      (per-GPU memory of a SPIN iteration and what fits; spin_kernels.planner)
+
+Options come from the dataclasses of spin_kernels.training.config: a YAML file (``--config``)
+and flags; flags win. Bad values name the field that holds them.
+"""
 
 from __future__ import annotations
 
+import argparse
 import sys
+
+PAPER = ("Defaults are the paper's (Chen et al. 2024, arXiv 2401.01335, released configs): beta 0.1, lr 5e-7, "
+         "RMSprop, linear schedule with warm-up ratio 0.1, global batch 64 pairs, 2 epochs, max length 1024 / "
+         "prompt 512, sampling at temperature 1.0 / top_p 1.0 with 256 new tokens.")
+
+# Which config fields each subcommand uses (None: the whole section).
+LENGTHS = ("max_length", "max_prompt_length")
+COMMANDS: dict[str, dict] = {
+    "generate": {"help": "(1) sample one synthetic response per prompt with the model (resumable JSONL)",
+                 "sections": {"model": None, "data": None, "generation": None}},
+    "reference": {"help": "(2) add the model's log-probs of real and synthetic responses (ref_logps)",
+                  "sections": {"model": None, "data": LENGTHS,
+                               "training": ("token_budget", "impl", "average_log_prob", "bf16")}},
+    "train": {"help": "(3) train the main player on pairs with ref_logps (resumable)",
+              "sections": {"model": None, "data": LENGTHS, "training": None,
+                           "loop": ("output_dir", "tensorboard", "resume")}},
+    "iterate": {"help": "the whole SPIN loop: generate, reference, train, repeat for --iterations",
+                "sections": {"model": None, "data": None, "generation": None, "training": None, "loop": None}},
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .demo.run import DemoConfig, demo_spin_defaults
+    from .training.config import add_config_flags, add_dataclass_flags
+
+    parser = argparse.ArgumentParser(prog="spin-kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, spec in COMMANDS.items():
+        p = sub.add_parser(name, help=spec["help"], description=f"{spec['help']}. {PAPER}")
+        if name == "generate":
+            p.add_argument("--output", required=True, help="JSONL written row by row (rows already there are kept)")
+        if name in ("reference", "train"):
+            p.add_argument("--input", required=True, help="JSONL from the previous stage")
+        if name == "reference":
+            p.add_argument("--output", required=True, help="JSONL of the pairs with ref_logps")
+        add_config_flags(p, spec["sections"])
+    demo = sub.add_parser("demo", help="SPIN on known Markov chains with a tiny Llama on CPU (a few minutes)",
+                          description="Runs SFT into a weak start, then SPIN iterations and an SFT control, and "
+                          "reports the exact KL(p_data || p_theta) per iteration (spin_kernels/demo). The SPIN "
+                          "defaults below are the demo's (tuned for a 77k-parameter model), not the paper's.")
+    base = demo_spin_defaults()
+    add_dataclass_flags(demo, "demo", DemoConfig, title="task and model")
+    add_config_flags(demo, {"training": None, "generation": None,
+                            "loop": ("output_dir", "iterations", "include_previous", "tensorboard", "resume")},
+                     base=base)
+    # Commands with their own parsers: listed here for --help, dispatched before parsing in main().
+    for name, text in PASSTHROUGH_HELP.items():
+        sub.add_parser(name, help=text, add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .training import loop
+    from .training.config import config_from_args, dataclass_from_args
+
+    if args.command == "demo":
+        from .demo.run import DemoConfig, demo_spin_defaults, run_demo
+
+        cfg = config_from_args(args, demo_spin_defaults()).validate()
+        run_demo(dataclass_from_args(args, "demo", DemoConfig()), cfg)
+        return 0
+    cfg = config_from_args(args).validate()
+    if args.command == "generate":
+        rows = loop.run_generate(cfg, args.output)
+        print(f"{len(rows)} synthetic responses in {args.output}")
+    elif args.command == "reference":
+        rows = loop.run_reference(cfg, args.input, args.output)
+        print(f"{len(rows)} pairs with ref_logps in {args.output}")
+    elif args.command == "train":
+        print(f"final model: {loop.run_train(cfg, args.input, cfg.loop.output_dir)}")
+    elif args.command == "iterate":
+        loop.run_iterations(cfg)
+    return 0
+
+
+PASSTHROUGH_HELP = {"ops-demo": "the fused SPIN loss alone on a realistic shape (CPU)",
+                    "plan": "per-GPU memory of a SPIN iteration and the cheapest configuration that fits"}
+
+
+def _passthrough(name: str):
+    if name == "ops-demo":
+        from .examples.ops_demo import main as run
+    else:
+        from .planner.cli import main as run
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .examples.ops_demo import main as ops_demo
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] and argv[0] in PASSTHROUGH_HELP:
+        return _passthrough(argv[0])(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from .training.config import ConfigError
 
-    args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["demo"]:
-        return ops_demo(args[1:])
-    print("usage: spin-kernels demo", file=sys.stderr)
-    return 2
+    _quiet_transformers()
+    try:
+        return _run(args)
+    except (ConfigError, FileNotFoundError, FileExistsError) as exc:
+        print(f"spin-kernels {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _quiet_transformers() -> None:
+    """Our own progress bars say what runs; transformers' per-load bars only add noise."""
+    try:
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 if __name__ == "__main__":

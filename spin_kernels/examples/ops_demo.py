@@ -12,7 +12,7 @@ from spin_kernels import linear_spin_loss
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="spin-kernels demo", description=__doc__)
+    p = argparse.ArgumentParser(prog="spin-kernels ops-demo", description=__doc__)
     p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--prompt-len", type=int, default=128)

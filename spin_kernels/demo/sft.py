@@ -1,0 +1,51 @@
+"""Plain supervised fine-tuning for the demo: the weak starting point and the SFT control.
+
+Deliberately the textbook path (right-padded batches, the model's own forward with ``labels``,
+prompt tokens masked), so the control shares no code with the SPIN trainer it is compared with.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from spin_kernels.packing import tokenize_prompt, tokenize_response
+
+
+def _padded(tokenizer, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    seqs, labels = [], []
+    for r in rows:
+        p = tokenize_prompt(tokenizer, r["prompt"], max_prompt_length=64)
+        y = tokenize_response(tokenizer, r["real"])
+        seqs.append(p + y)
+        labels.append([-100] * len(p) + y)
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+    lab = torch.full((len(seqs), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, l) in enumerate(zip(seqs, labels)):
+        ids[i, :len(s)], lab[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), torch.tensor(l), 1
+    return ids, mask, lab
+
+
+def sft_train(model, tokenizer, rows: list[dict], *, steps: int, batch_size: int, lr: float, seed: int,
+              warmup_steps: int = 0) -> list[float]:
+    """``steps`` AdamW steps of next-token cross-entropy on the responses (mean over response
+    tokens), cycling through seeded permutations of ``rows``; returns the per-step losses."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)))
+    model.train()
+    order: list[int] = []
+    losses = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += torch.randperm(len(rows), generator=g).tolist()
+        idx, order = order[:batch_size], order[batch_size:]
+        ids, mask, lab = _padded(tokenizer, [rows[i] for i in idx])
+        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses

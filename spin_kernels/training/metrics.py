@@ -1,0 +1,114 @@
+"""Metrics: JSONL (always), TensorBoard (optional), a PNG per iteration, terminal tables."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from .data import read_jsonl
+
+SPIN_KEYS = ("loss", "rewards/real", "rewards/synthetic", "rewards/margin", "rewards/accuracy",
+             "logps/real", "logps/synthetic")
+
+
+class MetricsLogger:
+    """Append one JSON row per logged step to ``path`` (and to TensorBoard when asked and installed).
+
+    ``resume_from_step``: rows with a step beyond it were logged after the checkpoint we resume
+    from; they are dropped so that the file reads as if the run had never been interrupted.
+    """
+
+    def __init__(self, path: str, *, tensorboard: bool = False, resume_from_step: int | None = None):
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if resume_from_step is None:
+            open(path, "w").close()
+        elif os.path.exists(path):
+            rows = [r for r in read_jsonl(path, tolerate_torn_tail=True) if r.get("step", 0) <= resume_from_step]
+            with open(path, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(os.path.dirname(os.path.abspath(path)), "tensorboard"))
+            except ImportError:
+                print("spin-kernels: tensorboard not installed; metrics go to JSONL only")
+
+    def log(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(k, v, row["step"])
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    return list(read_jsonl(path, tolerate_torn_tail=True)) if os.path.exists(path) else []
+
+
+def plot_metrics(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> str | None:
+    """A grid of per-step curves (loss, rewards, accuracy, log-probs, lr, grad norm) as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("spin-kernels: matplotlib not installed; no plot written")
+        return None
+    panels = [("loss", ["loss"]), ("rewards", ["rewards/real", "rewards/synthetic", "rewards/margin"]),
+              ("accuracy", ["rewards/accuracy"]), ("log-probs", ["logps/real", "logps/synthetic"]),
+              ("learning rate", ["lr"]), ("grad norm", ["grad_norm"])]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    steps = [r["step"] for r in rows]
+    for ax, (name, keys) in zip(axes.flat, panels):
+        for k in keys:
+            ax.plot(steps, [r.get(k, math.nan) for r in rows], marker="." if len(rows) < 40 else None, label=k)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, floatfmt: str = "{:.4g}") -> str:
+    """A Markdown table (readable in a terminal too)."""
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return floatfmt.format(v)
+        return "" if v is None else str(v)
+
+    body = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.rjust(w) for v, w in zip(vals, widths)) + " |"
+    return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
+
+
+def summarise_iteration(rows: Sequence[dict[str, Any]], tail: int = 3) -> dict[str, float]:
+    """One iteration in a few numbers: the loss over its first and last ``tail`` logged steps,
+    and the last steps' accuracy, margin and log-probs (means over those steps)."""
+    def mean(key: str, part: Sequence[dict[str, Any]]) -> float:
+        vals = [r[key] for r in part if key in r]
+        return sum(vals) / len(vals) if vals else math.nan
+
+    last = rows[-tail:]
+    return {"steps": rows[-1]["step"] if rows else 0, "loss first": mean("loss", rows[:tail]),
+            "loss last": mean("loss", last), "accuracy": mean("rewards/accuracy", last),
+            "margin": mean("rewards/margin", last), "logp real": mean("logps/real", last),
+            "logp synthetic": mean("logps/synthetic", last)}

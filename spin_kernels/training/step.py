@@ -1,0 +1,60 @@
+"""The SPIN step on packed micro-batches: forward, fused loss, backward (no optimizer).
+
+A global batch of P pairs is split into micro-batches under a token budget. The step's loss
+must be the mean over all P pairs, so each micro-batch's loss (a mean over its own p_k pairs)
+is weighted by p_k / P before its backward; the summed gradients are then exactly those of
+one big batch, and the metrics are pair-weighted the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .loading import autocast
+
+
+def spin_step(
+    model,
+    micro_batches: Sequence,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    average: bool = False,
+    impl: str = "auto",
+    bf16: bool = False,
+) -> tuple[float, dict[str, float]]:
+    """Accumulate the gradients of one global batch into ``model``'s ``.grad``.
+
+    Args:
+        micro_batches: ``PackedBatch`` es (on the model's device) with ``ref_logps`` set.
+    Returns:
+        (loss, metrics) as Python floats: the pair-weighted means over the global batch.
+    """
+    from spin_kernels.models import packed_spin_loss
+
+    total_pairs = sum(mb.num_pairs for mb in micro_batches)
+    if total_pairs == 0:
+        raise ValueError("spin_step: the global batch holds no pair")
+    device = next(model.parameters()).device
+    # Sums stay on the device until the end: one host sync per step, not per micro-batch.
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    metric_sums: dict[str, torch.Tensor] = {}
+    for mb in micro_batches:
+        if mb.ref_logps is None:
+            raise ValueError("spin_step: micro-batch without ref_logps (run the reference pass first)")
+        weight = mb.num_pairs / total_pairs
+        with autocast(device, bf16):
+            loss, metrics = packed_spin_loss(model, mb, beta=beta, loss_type=loss_type, impl=impl, average=average)
+        (loss * weight).backward()
+        loss_sum = loss_sum + loss.detach().double() * weight
+        for k, v in metrics.items():
+            metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().double() * weight
+    return float(loss_sum), {k: float(v) for k, v in metric_sums.items()}
+
+
+def grad_norm(parameters) -> float:
+    """The global L2 norm of the gradients (0 when none)."""
+    norms = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0

@@ -1,0 +1,246 @@
+"""Unit tests of the training layer: config, data, the packed SPIN step, generation, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from spin_kernels.demo.task import MarkovTask
+from spin_kernels.demo.tiny import demo_tokenizer, save_tiny_model, tiny_llama
+from spin_kernels.training.config import ConfigError, DataConfig, GenerationConfig, SpinConfig, config_from_dict
+from spin_kernels.training.data import JsonlAppender, load_sft_data, read_jsonl
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_yaml_sections_and_types():
+    cfg = config_from_dict({"training": {"beta": 1, "optimizer": "adamw", "max_grad_norm": None},
+                            "data": {"max_examples": 5}})
+    assert cfg.training.beta == 1.0 and isinstance(cfg.training.beta, float)
+    assert cfg.training.optimizer == "adamw" and cfg.training.max_grad_norm is None
+    assert cfg.data.max_examples == 5
+    assert SpinConfig().training.learning_rate == 5e-7  # the paper's defaults stay the defaults
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"training": {"betta": 0.1}}, "training.betta: unknown field (did you mean 'beta'?)"),
+    ({"trainng": {}}, "trainng: unknown field (did you mean 'training'?)"),
+    ({"training": {"beta": "high"}}, "training.beta: expected float, got str 'high'"),
+    ({"training": {"epochs": 1.5}}, "training.epochs: expected int, got float 1.5"),
+    ({"training": {"bf16": "yes"}}, "training.bf16: expected bool"),
+    ({"training": {"optimizer": "sgd"}}, "training.optimizer: expected one of 'rmsprop', 'adamw'"),
+    ({"training": []}, "training: expected a mapping"),
+])
+def test_config_errors_name_the_field(raw, message):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw)
+    assert message in str(err.value)
+
+
+def test_config_validate_ranges_and_required():
+    with pytest.raises(ConfigError, match="training.beta: must be > 0"):
+        config_from_dict({"training": {"beta": 0.0}}).validate()
+    with pytest.raises(ConfigError, match="data.max_prompt_length .* must be < data.max_length"):
+        config_from_dict({"data": {"max_length": 8, "max_prompt_length": 8}}).validate()
+    with pytest.raises(ConfigError, match="model.model: required"):
+        SpinConfig().validate(need=("model.model",))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def test_data_formats(tmp_path):
+    rows = [{"prompt": "0a", "real": "abc"}, {"prompt": "1b", "real": "ba"}]
+    want = [{"prompt": r["prompt"], "real": r["real"], "index": i} for i, r in enumerate(rows)]
+    assert load_sft_data(DataConfig(data=_write_jsonl(tmp_path / "d.jsonl", rows))) == want
+    chat = [{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": r["prompt"]},
+                          {"role": "assistant", "content": r["real"]}]} for r in rows]
+    assert load_sft_data(DataConfig(data=_write_jsonl(tmp_path / "c.jsonl", chat))) == want
+    import datasets
+
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    assert load_sft_data(DataConfig(data=str(tmp_path / "d.parquet"))) == want
+    datasets.Dataset.from_list(chat).save_to_disk(str(tmp_path / "ds"))
+    assert load_sft_data(DataConfig(data=str(tmp_path / "ds"), max_examples=1)) == want[:1]
+
+
+def test_data_errors(tmp_path):
+    with pytest.raises(ConfigError, match="row 0: needs fields 'prompt' and 'real'"):
+        load_sft_data(DataConfig(data=_write_jsonl(tmp_path / "bad.jsonl", [{"question": "q"}])))
+    with pytest.raises(ConfigError, match="unsupported file type"):
+        (tmp_path / "d.csv").write_text("a,b\n")
+        load_sft_data(DataConfig(data=str(tmp_path / "d.csv")))
+    with pytest.raises(ConfigError, match="data.data"):
+        load_sft_data(DataConfig(data=str(tmp_path / "missing.jsonl")))
+
+
+def test_jsonl_torn_tail_is_skipped_and_truncated(tmp_path):
+    path = tmp_path / "g.jsonl"
+    path.write_text('{"index": 0}\n{"index": 1}\n{"ind')
+    assert [r["index"] for r in read_jsonl(str(path), tolerate_torn_tail=True)] == [0, 1]
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        list(read_jsonl(str(path)))
+    with JsonlAppender(str(path)) as sink:
+        sink.write([{"index": 2}])
+    assert [r["index"] for r in read_jsonl(str(path))] == [0, 1, 2]
+
+
+# --------------------------------------------------------------------------- packed step == padded step
+
+
+def _padded_spin_step(model, examples, beta):
+    """The plain reference: right-padded sequences, the model's normal forward, full logits."""
+    seqs, starts = [], []
+    for ex in examples:
+        for resp in (ex.real_ids, ex.synthetic_ids):
+            seqs.append(ex.prompt_ids + resp)
+            starts.append(len(ex.prompt_ids))
+    width = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits, -1)
+    seq_logps = torch.stack([
+        logp[i, starts[i] - 1:len(s) - 1].gather(-1, torch.tensor(s[starts[i]:]).unsqueeze(-1)).sum()
+        for i, s in enumerate(seqs)])
+    ref = torch.tensor([v for ex in examples for v in ex.ref_logps], dtype=seq_logps.dtype)
+    margin = beta * ((seq_logps[0::2] - ref[0::2]) - (seq_logps[1::2] - ref[1::2]))
+    loss = -torch.nn.functional.logsigmoid(margin).mean()
+    loss.backward()
+    return loss
+
+
+def test_packed_step_matches_padded_unpacked_step_float64(tmp_path):
+    import copy
+    import dataclasses
+
+    from spin_kernels.models import prepare_model
+    from spin_kernels.packing import tokenize_example
+    from spin_kernels.training.step import spin_step
+    from spin_kernels.training.trainer import _micro_batches
+
+    tok = demo_tokenizer()
+    task = MarkovTask()
+    rows = task.sample(12, seed=3)
+    synth = task.sample(12, seed=4)
+    g = torch.Generator().manual_seed(0)
+    examples = [dataclasses.replace(
+        tokenize_example(tok, r["prompt"], r["real"], s["real"], max_length=64, max_prompt_length=8, index=i),
+        # PackedBatch stores ref_logps in float32: use values it holds exactly.
+        ref_logps=tuple((torch.randint(-1280, 0, (2,), generator=g) / 64).tolist()))
+        for i, (r, s) in enumerate(zip(rows, synth))]
+    plain = tiny_llama(len(tok), hidden_size=32, layers=2, intermediate_size=64).double()
+    packed = prepare_model(copy.deepcopy(plain))
+
+    # A small token budget splits the global batch into several micro-batches: the pair-weighted
+    # accumulation must still give the gradient of the mean over all 12 pairs.
+    mbs = _micro_batches(examples, list(range(len(examples))), 60, torch.device("cpu"))
+    assert len(mbs) >= 3 and sum(mb.num_pairs for mb in mbs) == 12
+    loss, metrics = spin_step(packed, mbs, beta=0.3, impl="torch")
+    want = _padded_spin_step(plain, examples, beta=0.3)
+
+    assert abs(loss - want.item()) < 1e-12
+    grads = dict(packed.named_parameters())
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
+    assert 0.0 <= metrics["rewards/accuracy"] <= 1.0
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def test_generation_is_seeded_batched_and_resumable(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from spin_kernels.training.generation import generate_synthetic
+
+    path = save_tiny_model(str(tmp_path / "m"))
+    model, tok = AutoModelForCausalLM.from_pretrained(path), demo_tokenizer()
+    records = [dict(r, index=i) for i, r in enumerate(MarkovTask().sample(10, seed=1))]
+    cfg = GenerationConfig(max_new_tokens=6, generation_batch_size=4)
+    full = generate_synthetic(model, tok, records, cfg, str(tmp_path / "a.jsonl"), max_prompt_length=8, seed=7)
+    assert [r["index"] for r in full] == list(range(10))
+    assert all(r["synthetic_tokens"] <= 6 and r["finished"] == (r["synthetic_tokens"] < 6 or r["finished"])
+               for r in full)
+
+    # An interrupted file: one complete batch, half of the next, and a torn line.
+    lines = (tmp_path / "a.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "b.jsonl").write_text("".join(lines[:6]) + lines[6][:5])
+    resumed = generate_synthetic(model, tok, records, cfg, str(tmp_path / "b.jsonl"), max_prompt_length=8, seed=7)
+    assert resumed == full
+    assert len((tmp_path / "b.jsonl").read_text().splitlines()) == 10
+    other = generate_synthetic(model, tok, records, cfg, str(tmp_path / "c.jsonl"), max_prompt_length=8, seed=8)
+    assert [r["synthetic"] for r in other] != [r["synthetic"] for r in full]
+
+
+# --------------------------------------------------------------------------- schedule and checkpoints
+
+
+def test_global_batches_cover_each_epoch_once():
+    from spin_kernels.training.trainer import global_batches
+
+    steps = global_batches(10, 4, 2, seed=3)
+    assert [len(s) for s in steps] == [4, 4, 2, 4, 4, 2]
+    epoch0, epoch1 = [i for s in steps[:3] for i in s], [i for s in steps[3:] for i in s]
+    assert sorted(epoch0) == list(range(10)) == sorted(epoch1)
+    assert steps[:3] != steps[3:]
+    assert global_batches(10, 4, 2, seed=3) == steps
+
+
+def test_checkpoint_dirs_are_atomic(tmp_path):
+    from spin_kernels.training.checkpoint import latest_step_checkpoint, load_weights_into, save_model_dir
+
+    tok = demo_tokenizer()
+    model = tiny_llama(len(tok), hidden_size=16, layers=1, intermediate_size=32)
+    root = tmp_path / "checkpoints"
+    save_model_dir(model, tok, str(root / "step-2"), state={"step": 2})
+    os.makedirs(root / ".tmp-step-4")  # a save killed halfway
+    os.makedirs(root / "step-5")  # no trainer state: not a checkpoint
+    assert latest_step_checkpoint(str(root)) == (2, str(root / "step-2"))
+    other = tiny_llama(len(tok), hidden_size=16, layers=1, intermediate_size=32, seed=1)
+    load_weights_into(other, str(root / "step-2"))
+    for a, b in zip(model.parameters(), other.parameters()):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        next(model.parameters()).add_(1)
+    save_model_dir(model, tok, str(root / "step-2"), state={"step": 2})  # replaced in place
+    load_weights_into(other, str(root / "step-2"))
+    assert torch.equal(next(model.parameters()), next(other.parameters()))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    import copy
+    import dataclasses
+
+    from spin_kernels.models import prepare_model
+    from spin_kernels.packing import tokenize_example
+    from spin_kernels.training.step import spin_step
+    from spin_kernels.training.trainer import _micro_batches, enable_checkpointing
+
+    tok = demo_tokenizer()
+    rows = MarkovTask().sample(4, seed=3)
+    examples = [dataclasses.replace(tokenize_example(tok, r["prompt"], r["real"], r["real"][::-1] or "a",
+                                                     max_length=40, max_prompt_length=8), ref_logps=(-10.0, -12.0))
+                for r in rows]
+    plain = prepare_model(tiny_llama(len(tok), hidden_size=16, layers=2, intermediate_size=32).double())
+    ckpt = copy.deepcopy(plain)
+    enable_checkpointing(ckpt)
+    ckpt.train()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in ckpt.modules())
+    mbs = _micro_batches(examples, [0, 1, 2, 3], 1000, torch.device("cpu"))
+    a, _ = spin_step(plain, mbs, beta=0.5, impl="torch")
+    b, _ = spin_step(ckpt, mbs, beta=0.5, impl="torch")
+    assert a == b
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14, msg=name)
