@@ -1,0 +1,133 @@
+"""The runner: ``python -m benchmarks run --suite kernels|e2e|all --device cpu|cuda [options]``.
+
+Writes ``<out>/<device-slug>/<suite>.json`` (environment, settings, every case with every
+repeat), ``<suite>.md`` (the tables) and PNG plots; ``<out>`` defaults to benchmarks/results.
+``python -m benchmarks report FILE.json`` re-renders the tables and plots of a JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run suites and write JSON + Markdown + PNG")
+    run.add_argument("--suite", choices=("kernels", "e2e", "all"), default="kernels")
+    run.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--shapes", help="kernel cases, comma-separated: cpu-small, tiny, <head>[@N], <head>@sweep "
+                                      "(default: cpu-small on CPU, the GPU plan on CUDA)")
+    run.add_argument("--ops", help="spin_loss,logprobs (default both)")
+    run.add_argument("--modes", help="fwd+bwd,fwd (default both)")
+    run.add_argument("--only", help="contenders to run, e.g. torch,cpu,naive,liger,cce,trl (default all)")
+    run.add_argument("--e2e-cases", help="e2e cases, comma-separated (default: tiny on CPU, llama-1b on CUDA)")
+    run.add_argument("--out", type=Path, default=RESULTS, help="results root (default benchmarks/results)")
+    run.add_argument("--quick", action="store_true", help="fewer repeats and a shorter GPU plan")
+    run.add_argument("--warmup", type=int, help="warm-up runs per contender (default 2)")
+    run.add_argument("--repeats", type=int, help="timed runs per contender (default 3 CPU, 5 CUDA; quick 3)")
+    run.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's)")
+    run.add_argument("--budget-s", type=float, help="stop starting kernel groups after this many seconds")
+    run.add_argument("--e2e-budget-s", type=float, help="likewise for the e2e suite")
+    run.add_argument("--no-memory", action="store_true", help="skip the CPU memory subprocesses")
+    rep = sub.add_parser("report", help="re-render Markdown and plots from run JSONs")
+    rep.add_argument("json", nargs="+", type=Path)
+    return p.parse_args(argv)
+
+
+def _settings(args: argparse.Namespace, device: torch.device) -> dict:
+    cuda = device.type == "cuda"
+    return {
+        "warmup": args.warmup if args.warmup is not None else 2,  # Liger's torch.compile recompiles on call 2
+        "repeats": args.repeats if args.repeats is not None else (3 if args.quick or not cuda else 5),
+        "quick": args.quick,
+        "memory": not args.no_memory,
+        "budget_s": args.budget_s,
+    }
+
+
+def _record(suite: str, env: dict, settings: dict, argv: list[str]) -> dict:
+    return {"schema": 1, "suite": suite, "created": datetime.datetime.now(datetime.UTC).isoformat(
+        timespec="seconds"), "command": "python -m benchmarks " + shlex.join(argv), "env": env,
+        "settings": settings, "cases": [], "unavailable": {}, "notes": []}
+
+
+def run_kernels(args, device, env, settings, argv) -> dict:
+    from .kernels import KernelSuite, make_plan
+
+    record = _record("kernels", env, settings, argv)
+    suite = KernelSuite(device, only=_csv(args.only), warmup=settings["warmup"], repeats=settings["repeats"],
+                        memory=settings["memory"], budget_s=args.budget_s)
+    plan = make_plan(device, _csv(args.shapes), _csv(args.ops), _csv(args.modes), args.quick)
+    record["plan"] = [dataclasses.asdict(g) for g in plan]
+    record["unavailable"] = suite.unavailable
+    record["notes"].append("Inputs: random, logits std ~4, equal sequence lengths; reference log-probs are "
+                           "zeros for every contender (Liger cannot take precomputed ones; see contenders.py).")
+    if device.type == "cpu" and settings["memory"]:
+        record["notes"].append("CPU memory: peak RSS growth of one warm run in a fresh subprocess per case.")
+    record["cases"] = suite.run(plan)
+    return record
+
+
+def run_e2e(args, device, env, settings, argv) -> dict:
+    from .e2e import run_suite
+
+    record = _record("e2e", {**env}, settings, argv)
+    cases, notes = run_suite(device, _csv(args.e2e_cases), warmup=settings["warmup"], repeats=settings["repeats"],
+                             budget_s=args.e2e_budget_s, memory=settings["memory"])
+    record["cases"], record["notes"] = cases, notes
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.command == "report":
+        from .report import render
+
+        for path in args.json:
+            for out in render(json.loads(path.read_text()), path.parent):
+                print(out)
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device visible", file=sys.stderr)
+        return 2
+    from .env import environment
+    from .report import write_run
+
+    env = environment(device)
+    settings = _settings(args, device)
+    print(f"[benchmarks] {env['device_name']} ({env['device_slug']}), torch {env['versions']['torch']}, "
+          f"{env['torch_threads']} threads, settings {settings}", flush=True)
+    suites = ("kernels", "e2e") if args.suite == "all" else (args.suite,)
+    for suite in suites:
+        t0 = time.perf_counter()
+        runner = run_kernels if suite == "kernels" else run_e2e
+        record = runner(args, device, env, settings, argv)
+        record["wall_s"] = time.perf_counter() - t0
+        for path in write_run(record, args.out):
+            print(f"[benchmarks] wrote {path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
