@@ -10,9 +10,11 @@ Kernels, by preference (``varlen_backend``):
     * "flash_attn":   flash-attn's ``flash_attn_varlen_func`` (CUDA, fp16/bf16; softcap, sliding window);
     * "torch_varlen": PyTorch's ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16; no softcap,
                       no dropout);
-    * "sdpa_loop":    a loop over sequences with ``scaled_dot_product_attention(is_causal=True)``, or an
-                      explicit masked softmax when softcap / a sliding window / dropout-free eager maths
-                      is needed (CPU, float32/float64, and anything the kernels above cannot do).
+    * "sdpa_loop":    a loop over buckets of sequences of similar length, each a right-padded batch
+                      through ``scaled_dot_product_attention(is_causal=True)`` (or an explicit masked
+                      softmax when softcap / a sliding window is needed); causal attention makes the
+                      right padding invisible to real rows (CPU, float32/float64, and anything the
+                      kernels above cannot do).
 
 Outside packed training (``generate`` with padding, decoding with a cache), transformers' own
 SDPA mask is used and the same maths runs on it, so a prepared model still generates correctly.
@@ -134,12 +136,38 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_se
                                enable_gqa=q.shape[1] != k.shape[1])
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
-    for start, end in itertools.pairwise(bounds):
-        if end > start:
-            piece = [t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
-            out[start:end] = _attend(*piece, scale=scale, window=window, softcap=softcap,
-                                     dropout=dropout)[0].transpose(0, 1)
+    for starts, lengths in _length_buckets(bounds):
+        # Sequences of similar length run as one right-padded batch: causal attention never lets a
+        # real query see a key past its own position, so the padding is invisible to real rows.
+        longest = lengths[0]
+        offsets = torch.arange(longest, device=q.device)
+        start_t = torch.tensor(starts, device=q.device)[:, None]
+        length_t = torch.tensor(lengths, device=q.device)[:, None]
+        index = start_t + torch.minimum(offsets[None, :], length_t - 1)  # [B, L], padding repeats the last row
+        valid = offsets[None, :] < length_t
+        piece = [t[index].transpose(1, 2) for t in (q, k, v)]  # [B, H, L, D]
+        result = _attend(*piece, scale=scale, window=window, softcap=softcap, dropout=dropout).transpose(1, 2)
+        out[index[valid]] = result[valid]
     return out
+
+
+def _length_buckets(bounds: list[int], max_waste: float = 0.25) -> list[tuple[list[int], list[int]]]:
+    """Group the non-empty sequences of ``cu_seqlens`` (host list) by length, longest first, so that
+    padding each group to its longest member wastes at most ``max_waste`` of its tokens.
+
+    Returns [(starts, lengths)] with lengths descending inside each group.
+    """
+    seqs = sorted(((end - start, start) for start, end in itertools.pairwise(bounds) if end > start), reverse=True)
+    buckets: list[tuple[list[int], list[int]]] = []
+    for length, start in seqs:
+        if buckets:
+            starts, lengths = buckets[-1]
+            if (len(lengths) + 1) * lengths[0] <= (1 + max_waste) * (sum(lengths) + length):
+                starts.append(start)
+                lengths.append(length)
+                continue
+        buckets.append(([start], [length]))
+    return buckets
 
 
 def cu_seqlens_from_position_ids(position_ids: Tensor) -> tuple[Tensor, int]:
