@@ -4,6 +4,7 @@
     spin-kernels reference --model SFT --input generated.jsonl --output pairs.jsonl
     spin-kernels train     --model SFT --input pairs.jsonl --output-dir out
     spin-kernels iterate   --model SFT --data data.jsonl --output-dir run --iterations 3
+    torchrun --nproc_per_node 8 -m spin_kernels.cli iterate ...   (FSDP2 over 8 processes)
     spin-kernels demo      (tiny CPU SPIN run on a known distribution, nothing to download)
     spin-kernels ops-demo  (the fused loss alone on a realistic shape)
     spin-kernels plan      (per-GPU memory of a SPIN iteration and what fits; spin_kernels.planner)
@@ -25,15 +26,17 @@ PAPER = ("Defaults are the paper's (Chen et al. 2024, arXiv 2401.01335, released
 LENGTHS = ("max_length", "max_prompt_length")
 COMMANDS: dict[str, dict] = {
     "generate": {"help": "(1) sample one synthetic response per prompt with the model (resumable JSONL)",
-                 "sections": {"model": None, "data": None, "generation": None}},
+                 "sections": {"model": None, "data": None, "generation": None, "distributed": None}},
     "reference": {"help": "(2) add the model's log-probs of real and synthetic responses (ref_logps)",
                   "sections": {"model": None, "data": LENGTHS,
-                               "training": ("token_budget", "impl", "average_log_prob", "bf16")}},
+                               "training": ("token_budget", "impl", "average_log_prob", "bf16"),
+                               "distributed": None}},
     "train": {"help": "(3) train the main player on pairs with ref_logps (resumable)",
               "sections": {"model": None, "data": LENGTHS, "training": None,
-                           "loop": ("output_dir", "tensorboard", "resume")}},
+                           "loop": ("output_dir", "tensorboard", "resume"), "distributed": None}},
     "iterate": {"help": "the whole SPIN loop: generate, reference, train, repeat for --iterations",
-                "sections": {"model": None, "data": None, "generation": None, "training": None, "loop": None}},
+                "sections": {"model": None, "data": None, "generation": None, "training": None, "loop": None,
+                             "distributed": None}},
 }
 
 

@@ -12,6 +12,10 @@
 
 The fused loss, reference log-probs and generation run inside the FSDP root's forward
 (``sharded(fn, ...)``), where the lm_head weight is unsharded.
+
+The SPIN trainer and loop run on these pieces under torchrun (spin_kernels.training.parallel):
+
+    torchrun --nproc_per_node 8 -m spin_kernels.cli iterate --model SFT --data d.jsonl --output-dir run
 """
 
 from .checkpoint import export_hf, full_state_dict, latest_checkpoint, load_checkpoint, save_checkpoint

@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from .env import barrier, rank
 from .fsdp import ShardedModel
+from .init import tied_aliases
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -81,9 +82,17 @@ def latest_checkpoint(root: str, prefix: str = "step-") -> str | None:
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded state dict on rank 0's CPU (empty on other ranks); a collective."""
+    """The unsharded state dict on rank 0's CPU (empty on other ranks); a collective.
+
+    A tied weight appears once, under its first name (the embeddings, not lm_head), as in a
+    Hugging Face checkpoint; ``load_full_weights`` fills the aliases back in.
+    """
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(_inner(model), options=opts)
+    sd = get_model_state_dict(_inner(model), options=opts)
+    for names in tied_aliases(_inner(model)):
+        for alias in names[1:]:
+            sd.pop(alias, None)
+    return sd
 
 
 def export_hf(path: str, model: nn.Module, *, tokenizer: Any = None, dtype: torch.dtype | None = None,

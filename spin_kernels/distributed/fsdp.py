@@ -28,6 +28,8 @@ class ShardedModel(nn.Module):
 
     Everything that touches root-owned parameters (the embeddings, the lm_head used by the fused
     loss) must go through ``__call__`` so that those parameters are unsharded while it runs.
+    Without ``fully_shard`` it is a plain pass-through: the one-process "runner" of the SPIN
+    trainer (spin_kernels.training.parallel), so one code path serves both.
     """
 
     def __init__(self, model: nn.Module):

@@ -57,6 +57,14 @@ def read_safetensors(path: str, dtype: torch.dtype | None = None) -> dict[str, t
     return out
 
 
+def tied_aliases(model: nn.Module) -> list[list[str]]:
+    """Names sharing one parameter (e.g. tied embeddings and lm_head), as state-dict keys."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name.replace("_checkpoint_wrapped_module.", ""))
+    return [names for names in groups.values() if len(names) > 1]
+
+
 def load_full_weights(model: ShardedModel, weights: str | dict[str, torch.Tensor] | None, *,
                       device: torch.device | str, dtype: torch.dtype = torch.float32) -> None:
     """Allocate the shards of a model built under ``empty_parameters`` and fill them; a collective.
@@ -69,6 +77,7 @@ def load_full_weights(model: ShardedModel, weights: str | dict[str, torch.Tensor
         dtype: dtype of the stored (master) parameters.
     """
     inner = model.model
+    aliases = tied_aliases(inner)
     # to_empty() replaces buffers too: keep the constructors' values and put them back.
     buffers = {n: b.detach().clone() for n, b in inner.named_buffers() if b.device.type != "meta"}
     model.to_empty(device=device)
@@ -79,4 +88,9 @@ def load_full_weights(model: ShardedModel, weights: str | dict[str, torch.Tensor
     if rank() == 0:
         full = read_safetensors(weights, dtype) if isinstance(weights, str) else \
             {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+        for names in aliases:  # a tied weight is stored once (HF drops lm_head.weight): name every alias
+            present = [n for n in names if n in full]
+            for n in names:
+                if present and n not in full:
+                    full[n] = full[present[0]]
     set_model_state_dict(inner, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

@@ -34,9 +34,12 @@ def _fsync_dir(path: str) -> None:
 
 
 def save_model_dir(model, tokenizer, path: str, *, extra: dict[str, Any] | None = None,
-                   state: dict[str, Any] | None = None) -> str:
+                   state: dict[str, Any] | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> str:
     """Atomically write ``path``: weights (safetensors), config, tokenizer, optional trainer state
-    and ``spin_info.json`` (``extra``). Replaces an existing ``path``."""
+    and ``spin_info.json`` (``extra``). Replaces an existing ``path``.
+
+    ``state_dict``: the weights to save instead of ``model``'s own (an FSDP model's full state
+    dict, gathered on rank 0 by ``spin_kernels.distributed.full_state_dict``)."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".tmp-{os.path.basename(path)}")
@@ -49,7 +52,7 @@ def save_model_dir(model, tokenizer, path: str, *, extra: dict[str, Any] | None 
         # use (generate with a KV cache), and prepare_model turns it off again when reloaded.
         config.use_cache = True
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     finally:
         if config is not None and use_cache is not None:
             config.use_cache = use_cache

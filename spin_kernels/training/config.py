@@ -1,10 +1,11 @@
 """Configuration of a SPIN run: dataclasses, YAML loading and command-line flags.
 
 One run is described by ``SpinConfig`` with four sections (``model``, ``data``,
-``generation``, ``training``) plus the loop options. Values come, in increasing priority, from
-the dataclass defaults (the paper's, ../shared/docs/spin-math.md), a YAML file (nested
-sections, e.g. ``training: {beta: 0.1}``) and command-line flags (``--beta 0.1``: every field
-name is unique across sections so that a flag needs no section prefix).
+``generation``, ``training``) plus the loop and the multi-process (``distributed``) options.
+Values come, in increasing priority, from the dataclass defaults (the paper's,
+../shared/docs/spin-math.md), a YAML file (nested sections, e.g. ``training: {beta: 0.1}``)
+and command-line flags (``--beta 0.1``: every field name is unique across sections so that a
+flag needs no section prefix).
 
 Errors name the offending field (``training.beta``) and say what was expected; unknown fields
 get a "did you mean" hint.
@@ -85,7 +86,8 @@ class TrainingConfig:
                              "over as many micro-batches as it needs")
     max_grad_norm: float | None = _opt(1.0, "gradient clipping norm (none to disable)")
     bf16: bool = _opt(True, "bf16 autocast on GPU (ignored on CPU)")
-    gradient_checkpointing: bool = _opt(False, "recompute decoder activations in the backward")
+    gradient_checkpointing: bool = _opt(False, "recompute decoder activations in the backward (under FSDP: "
+                                        "torch's checkpoint_wrapper around each sharded decoder layer)")
     average_log_prob: bool = _opt(False, "per-token mean log-probs instead of sums (paper: sums)")
     impl: Literal["auto", "torch", "triton", "cpu"] = _opt("auto", "fused loss implementation")
     seed: int = _opt(42, "seed of the data order and the model's RNG")
@@ -103,12 +105,28 @@ class LoopConfig:
     resume: bool = _opt(False, "continue an interrupted run found in --output-dir")
 
 
+@dataclass
+class DistributedConfig:
+    fsdp: bool | None = _opt(None, "shard the model with PyTorch FSDP2 over the processes started by torchrun "
+                             "(torchrun --nproc_per_node K -m spin_kernels.cli ...): each rank generates and scores "
+                             "its share of the prompts and trains on its share of every global batch; unset: on "
+                             "exactly when WORLD_SIZE > 1")
+    mixed_precision: Literal["auto", "bf16", "fp16", "none"] = _opt(
+        "auto", "FSDP compute dtype (parameters all-gathered in it, fp32 master weights and gradient reduction); "
+                "auto: bf16 on GPU when --bf16, else none (the weights' own dtype)")
+    cpu_offload: bool = _opt(False, "FSDP: keep sharded parameters, gradients and optimizer states in host memory "
+                             "(CPUOffloadPolicy; the optimizer step runs on the CPU)")
+    reshard_after_forward: bool = _opt(True, "FSDP: free each layer's gathered parameters after its forward "
+                                       "(ZeRO-3); no: keep them until the backward (more memory, less traffic)")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
     "generation": GenerationConfig,
     "training": TrainingConfig,
     "loop": LoopConfig,
+    "distributed": DistributedConfig,
 }
 
 
@@ -119,6 +137,7 @@ class SpinConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -332,7 +351,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, prefix: str, cls: type,
             shown = f"default: {default}"
         kw: dict[str, Any] = {"dest": f"{prefix}.{f.name}", "default": argparse.SUPPRESS,
                               "help": f"{f.metadata.get('help', '')} ({shown})"}
-        if tp is bool:
+        if tp is bool or tp == (bool | None):  # --x / --no-x; an optional bool stays none when absent
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             continue
         kw["metavar"] = f.metadata.get("metavar") or _metavar(tp)

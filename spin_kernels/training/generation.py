@@ -8,19 +8,25 @@ transformers default of top_k=50 would silently truncate the distribution).
 Resumability: rows are appended to a JSONL file after every batch. Batches are fixed slices of
 the prompt list and each is seeded from (seed, batch number), so regenerating a missing batch
 after a crash gives exactly the rows an uninterrupted run would have written.
+
+Several processes (FSDP): the batches still to do are dealt round-robin to the ranks; in each
+round every rank samples its own batch (the same seed as in one process, so the same rows), the
+rows are gathered by example index and rank 0 appends them. A rank without a batch in the last
+round samples a repeat that is discarded: every rank must run the same decode steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .config import ConfigError
 from .config import GenerationConfig as SamplingOptions
 from .data import JsonlAppender, Record, read_jsonl
+from .parallel import is_main, progress, rank, world_size
 
 
 def batch_seed(seed: int, batch_number: int) -> int:
@@ -43,7 +49,8 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
 def sample_responses(model, tokenizer, prompt_ids: list[list[int]], cfg: SamplingOptions, seed: int) -> list[dict]:
     """One sampled response per prompt: ``[{synthetic: str, synthetic_tokens: int, finished: bool}]``.
 
-    ``finished`` is False when max_new_tokens ran out before the EOS token.
+    ``model``: a causal LM or a runner (spin_kernels.training.parallel). ``finished`` is False
+    when max_new_tokens ran out before the EOS token.
     """
     from transformers import GenerationConfig
 
@@ -105,6 +112,7 @@ def generate_synthetic(
     Returns:
         the records with ``synthetic``, ``synthetic_tokens`` and ``finished``, in input order.
     """
+    from spin_kernels.distributed import gather_by_index, shard_indices
     from spin_kernels.packing import tokenize_prompt
 
     seed = cfg.generation_seed if seed is None else seed
@@ -115,19 +123,28 @@ def generate_synthetic(
     bs = cfg.generation_batch_size
     batches = [records[i:i + bs] for i in range(0, len(records), bs)]
     todo = [b for b in range(len(batches)) if any(r["index"] not in done for r in batches[b])]
-    bar = tqdm(total=len(records), initial=len(records) - sum(len(batches[b]) for b in todo), desc=desc,
-               unit="prompt", dynamic_ncols=True)
-    with JsonlAppender(out_path) as sink:
-        for b in todo:
+    if world_size() > 1 and cfg.backend == "vllm":
+        raise ConfigError("generation.backend: 'vllm' runs in one process; use 'hf' with several ranks")
+    # Round j: rank r samples batch todo[j * W + r]; slots past num_real are padding repeats.
+    slots, num_real = shard_indices(len(todo), rank(), world_size())
+    bar = progress(total=len(records), initial=len(records) - sum(len(batches[b]) for b in todo), desc=desc,
+                   unit="prompt")
+    sink = JsonlAppender(out_path) if is_main() else contextlib.nullcontext()
+    with sink:
+        for j, slot in enumerate(slots):
+            b = todo[slot]
             batch = batches[b]
             prompt_ids = [tokenize_prompt(tokenizer, r["prompt"], max_prompt_length=max_prompt_length) for r in batch]
             if cfg.backend == "vllm":
                 samples = _vllm_sample(model_path, prompt_ids, cfg, batch_seed(seed, b))
             else:
                 samples = sample_responses(model, tokenizer, prompt_ids, cfg, batch_seed(seed, b))
-            new = [{**r, **s} for r, s in zip(batch, samples) if r["index"] not in done]
-            sink.write(new)
+            mine = [{**r, **s} for r, s in zip(batch, samples) if r["index"] not in done] if j < num_real else []
+            new = gather_by_index(mine)  # this round's rows of every rank, each once, by index
+            if is_main():
+                sink.write(new)
             done.update((row["index"], row) for row in new)
-            bar.update(len(batch))
+            bar.update(sum(len(batches[todo[k]]) for k in range(j * world_size(), (j + 1) * world_size())
+                           if k < len(todo)))
     bar.close()
     return [done[r["index"]] for r in records]

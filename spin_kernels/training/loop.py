@@ -11,6 +11,12 @@ A run directory holds::
 
 Each stage is skipped when its output is complete, so ``resume`` just runs the loop again:
 generation continues from its JSONL, training from its latest checkpoint.
+
+Launched with torchrun (``torchrun --nproc_per_node K -m spin_kernels.cli iterate ...``) every
+stage runs on all K processes with the model sharded by FSDP2 (spin_kernels.training.parallel):
+each rank generates and scores its share of the prompts, trains on its share of every global
+batch, and rank 0 writes the files; each iteration's final model is one Hugging Face checkpoint,
+loaded (sharded) as the next opponent.
 """
 
 from __future__ import annotations
@@ -24,24 +30,27 @@ from typing import Any
 from .config import ConfigError, SpinConfig, config_from_dict, save_config
 from .data import Record, load_sft_data, read_jsonl, write_jsonl_atomic
 from .generation import generate_synthetic
-from .loading import check_model_dir, load_model, load_tokenizer, resolve_device
+from .loading import check_model_dir, load_tokenizer
 from .metrics import format_table, read_metrics, summarise_iteration
+from .parallel import Session, barrier, is_main, load_runner, session
 from .reference import reference_logps_for, to_examples
 from .trainer import train_spin
 
 IterationHook = Callable[[int, str, dict[str, Any]], dict[str, Any] | None]
 
 
-def _load(cfg: SpinConfig, path: str):
-    device = resolve_device(cfg.model.device)
+def _load(cfg: SpinConfig, path: str, sess: Session):
+    """(runner, tokenizer) for the model directory ``path``: see parallel.load_runner."""
     tokenizer = load_tokenizer(cfg.model.tokenizer or path)
-    return load_model(path, cfg.model, device), tokenizer
+    return load_runner(path, cfg, sess), tokenizer
 
 
-def _prepared(model):
+def _prepared(runner):
+    """The runner, its model switched to packed (varlen) batches for reference and training."""
     from spin_kernels.models import prepare_model
 
-    return prepare_model(model)
+    prepare_model(runner.model)
+    return runner
 
 
 # --------------------------------------------------------------------------- single stages
@@ -64,7 +73,9 @@ def stage_reference(model, tokenizer, rows: list[Record], cfg: SpinConfig, out_p
     refs = reference_logps_for(model, examples, token_budget=t.token_budget, impl=t.impl, average=t.average_log_prob,
                                bf16=t.bf16, desc=desc)
     out = [{**row, "ref_logps": list(ref)} for row, ref in zip(rows, refs)]
-    write_jsonl_atomic(out_path, out)
+    if is_main():
+        write_jsonl_atomic(out_path, out)
+    barrier()
     return out
 
 
@@ -84,19 +95,21 @@ def read_rows(path: str, need: tuple[str, ...], what: str) -> list[Record]:
 def run_generate(cfg: SpinConfig, output: str) -> list[Record]:
     """``spin-kernels generate``: sample synthetic responses for the data's prompts with ``model``."""
     cfg.validate(need=("model.model", "data.data"))
-    model, tokenizer = _load(cfg, check_model_dir(cfg.model.model))
-    records = load_sft_data(cfg.data)
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    return stage_generate(model, tokenizer, records, cfg, output, seed=cfg.generation.generation_seed,
-                          model_path=cfg.model.model)
+    with session(cfg) as sess:
+        model, tokenizer = _load(cfg, check_model_dir(cfg.model.model), sess)
+        records = load_sft_data(cfg.data)
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        return stage_generate(model, tokenizer, records, cfg, output, seed=cfg.generation.generation_seed,
+                              model_path=cfg.model.model)
 
 
 def run_reference(cfg: SpinConfig, inp: str, output: str) -> list[Record]:
     """``spin-kernels reference``: add the model's ref_logps to generated rows."""
     cfg.validate(need=("model.model",))
     rows = read_rows(inp, ("prompt", "real", "synthetic"), "--input")
-    model, tokenizer = _load(cfg, check_model_dir(cfg.model.model))
-    return stage_reference(_prepared(model), tokenizer, rows, cfg, output)
+    with session(cfg) as sess:
+        model, tokenizer = _load(cfg, check_model_dir(cfg.model.model), sess)
+        return stage_reference(_prepared(model), tokenizer, rows, cfg, output)
 
 
 def run_train(cfg: SpinConfig, inp: str, out_dir: str) -> str:
@@ -106,22 +119,27 @@ def run_train(cfg: SpinConfig, inp: str, out_dir: str) -> str:
     if not cfg.loop.resume and any(os.path.exists(os.path.join(out_dir, d)) for d in ("model", "checkpoints")):
         raise ConfigError(f"loop.output_dir: {out_dir!r} already holds a training run; pass --resume to continue "
                           f"it or choose another --output-dir")
-    model, tokenizer = _load(cfg, check_model_dir(cfg.model.model))
-    t = cfg.training
-    examples = to_examples(tokenizer, rows, max_length=cfg.data.max_length,
-                           max_prompt_length=cfg.data.max_prompt_length)
-    res = train_spin(_prepared(model), tokenizer, examples, t, out_dir, resume=cfg.loop.resume,
-                     tensorboard=cfg.loop.tensorboard, info={"start_model": cfg.model.model})
-    return res.model_dir
+    with session(cfg) as sess:
+        model, tokenizer = _load(cfg, check_model_dir(cfg.model.model), sess)
+        t = cfg.training
+        examples = to_examples(tokenizer, rows, max_length=cfg.data.max_length,
+                               max_prompt_length=cfg.data.max_prompt_length)
+        res = train_spin(_prepared(model), tokenizer, examples, t, out_dir, resume=cfg.loop.resume,
+                         tensorboard=cfg.loop.tensorboard, info={"start_model": cfg.model.model})
+        return res.model_dir
 
 
 # --------------------------------------------------------------------------- the loop
 
 
 def _check_run_dir(cfg: SpinConfig) -> None:
+    """Refuse to overwrite a run / to resume one with another configuration; record the config.
+    Every rank checks (so all raise alike) before rank 0 writes."""
     run_dir = cfg.loop.output_dir
     saved = os.path.join(run_dir, "config.yaml")
-    if os.path.exists(saved):
+    existed = os.path.exists(saved)
+    barrier()
+    if existed:
         if not cfg.loop.resume:
             raise ConfigError(f"loop.output_dir: {run_dir!r} already holds a run; pass --resume to continue it "
                               f"or choose another --output-dir")
@@ -131,13 +149,16 @@ def _check_run_dir(cfg: SpinConfig) -> None:
             old = config_from_dict(yaml.safe_load(f)).to_dict()
         new = cfg.to_dict()
         # These may change between an interrupted run and its continuation without changing results.
-        free = {("loop", "resume"), ("loop", "iterations"), ("loop", "tensorboard"), ("model", "device")}
-        diff = [f"{s}.{k}" for s in new for k in new[s] if (s, k) not in free and new[s][k] != old[s][k]]
+        free = {("loop", "resume"), ("loop", "iterations"), ("loop", "tensorboard"), ("model", "device"),
+                ("distributed", "fsdp"), ("distributed", "cpu_offload"), ("distributed", "reshard_after_forward")}
+        diff = [f"{s}.{k}" for s in new for k in new[s]
+                if (s, k) not in free and new[s][k] != old[s][k]]
         if diff:
             raise ConfigError(f"--resume: the configuration differs from the run's config.yaml in {diff}")
-    else:
+    elif is_main():
         os.makedirs(run_dir, exist_ok=True)
         save_config(cfg, saved)
+    barrier()
 
 
 def iteration_model_dir(run_dir: str, t: int) -> str:
@@ -153,10 +174,17 @@ def run_iterations(cfg: SpinConfig, *, on_iteration_end: IterationHook | None = 
             returns is merged into the iteration's summary row (the demo adds its KL there).
         records: the ``{index, prompt, real}`` rows, instead of reading ``cfg.data``.
     Returns:
-        one summary row per iteration (also in ``summary.json`` / ``summary.md``).
+        one summary row per iteration (also in ``summary.json`` / ``summary.md``). Under torchrun
+        every rank runs this; rank 0 alone calls the hook and writes the summaries.
     """
     cfg.validate(need=("model.model",) if records is not None else ("model.model", "data.data"))
     check_model_dir(cfg.model.model)
+    with session(cfg) as sess:
+        return _iterate(cfg, sess, on_iteration_end, records)
+
+
+def _iterate(cfg: SpinConfig, sess: Session, on_iteration_end: IterationHook | None,
+             records: list[Record] | None) -> list[dict[str, Any]]:
     run_dir = cfg.loop.output_dir
     _check_run_dir(cfg)
     if records is None:
@@ -170,7 +198,7 @@ def run_iterations(cfg: SpinConfig, *, on_iteration_end: IterationHook | None = 
         final = iteration_model_dir(run_dir, t)
         start = time.perf_counter()
         if not os.path.isdir(final):
-            model, tokenizer = _load(cfg, opponent)
+            model, tokenizer = _load(cfg, opponent, sess)
             gen_path = os.path.join(it_dir, "generated.jsonl")
             generated = stage_generate(model, tokenizer, records, cfg, gen_path,
                                        seed=cfg.generation.generation_seed + t, model_path=opponent,
@@ -197,12 +225,15 @@ def run_iterations(cfg: SpinConfig, *, on_iteration_end: IterationHook | None = 
             "synthetic len": sum(r["synthetic_tokens"] for r in generated) / len(generated),
             "finished": sum(bool(r["finished"]) for r in generated) / len(generated),
             "seconds": round(time.perf_counter() - start, 1)}
-        if on_iteration_end is not None:
-            summary.update(on_iteration_end(t, final, summary) or {})
-        summaries.append(summary)
-        write_summary(run_dir, summaries)
-        print(f"\nSPIN after iteration {t} ({run_dir}):")
-        print(format_table(summaries, list(summaries[-1])))
+        if is_main():  # the hook, the summary files and the table: rank 0 only
+            if on_iteration_end is not None:
+                summary.update(on_iteration_end(t, final, summary) or {})
+            summaries.append(summary)
+            write_summary(run_dir, summaries)
+            print(f"\nSPIN after iteration {t} ({run_dir}):")
+            print(format_table(summaries, list(summaries[-1])))
+        else:
+            summaries.append(summary)
     return summaries
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from tqdm.auto import tqdm
 
 from .data import Record
 from .loading import autocast
+from .parallel import as_runner, is_sharded, progress, rank, world_size
 
 
 def to_examples(tokenizer, rows: list[Record], *, max_length: int, max_prompt_length: int) -> list:
@@ -50,29 +50,35 @@ def reference_logps_for(
 ) -> list[tuple[float, float]]:
     """``[(log p(real|x), log p(synthetic|x))]`` under ``model`` for each example, in order.
 
-    ``model`` must have gone through ``spin_kernels.models.prepare_model``. Micro-batches are
-    planned without shuffling so the values do not depend on anything but the data.
+    ``model``: a causal LM that went through ``spin_kernels.models.prepare_model``, or a runner
+    (spin_kernels.training.parallel) of one. Micro-batches are planned without shuffling so the
+    values do not depend on anything but the data. With several ranks (FSDP) each rank scores
+    its own micro-batches of ``plan_micro_batches(..., num_ranks=W)`` (an empty one still runs a
+    forward, whose result is dropped: FSDP's collectives) and the values are gathered by example.
     """
+    from spin_kernels.distributed import gather_by_index
     from spin_kernels.models import sequence_logps
     from spin_kernels.packing import pack_batch, plan_micro_batches
 
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    plan = plan_micro_batches(examples, token_budget, shuffle=False)
-    out: list[tuple[float, float] | None] = [None] * len(examples)
+    if not examples:
+        return []
+    runner = as_runner(model)
+    device = next(runner.parameters()).device
+    was_training = runner.training
+    runner.eval()
+    plan = plan_micro_batches(examples, token_budget, num_ranks=world_size(), shuffle=False)
+    local = []
     try:
-        for mb in tqdm([m for m in plan.micro_batches[0] if m], desc=desc, unit="batch", dynamic_ncols=True):
-            chosen = [examples[i] for i in mb]
-            batch = pack_batch(chosen).to(device)
-            with autocast(device, bf16):
-                logps = sequence_logps(model, batch, impl=impl, average=average)
+        for mb in progress(iterable=plan.micro_batches[rank()], desc=desc, unit="batch"):
+            batch = pack_batch([examples[i] for i in (mb or [0])]).to(device)
+            with autocast(device, bf16 and not is_sharded(runner)):
+                logps = runner.no_grad(lambda m, b: sequence_logps(m, b, impl=impl, average=average), batch)
             values = logps.float().cpu().tolist()
-            for p, i in enumerate(mb):
-                out[i] = (values[2 * p], values[2 * p + 1])
+            local += [{"index": i, "ref": (values[2 * p], values[2 * p + 1])} for p, i in enumerate(mb)]
     finally:
-        model.train(was_training)
-    missing = [i for i, v in enumerate(out) if v is None]
-    if missing:
-        raise RuntimeError(f"reference pass skipped examples {missing[:5]} (packing plan incomplete)")
-    return out  # type: ignore[return-value]
+        runner.train(was_training)
+    try:
+        gathered = gather_by_index(local, expected=len(examples))
+    except ValueError as exc:
+        raise RuntimeError(f"reference pass skipped examples (packing plan incomplete): {exc}") from exc
+    return [tuple(r["ref"]) for r in gathered]  # type: ignore[misc]

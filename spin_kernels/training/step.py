@@ -4,6 +4,10 @@ A global batch of P pairs is split into micro-batches under a token budget. The 
 must be the mean over all P pairs, so each micro-batch's loss (a mean over its own p_k pairs)
 is weighted by p_k / P before its backward; the summed gradients are then exactly those of
 one big batch, and the metrics are pair-weighted the same way.
+
+The trainer itself takes whole optimizer steps with ``spin_kernels.distributed.train_step``
+(the same weighting, over every rank's micro-batches, plus clipping and the optimizer);
+``spin_step`` is the gradient-only building block for one process.
 """
 
 from __future__ import annotations
@@ -52,9 +56,3 @@ def spin_step(
         for k, v in metrics.items():
             metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().double() * weight
     return float(loss_sum), {k: float(v) for k, v in metric_sums.items()}
-
-
-def grad_norm(parameters) -> float:
-    """The global L2 norm of the gradients (0 when none)."""
-    norms = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0

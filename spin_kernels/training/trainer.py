@@ -11,6 +11,14 @@ Determinism: the data order of epoch e is a permutation seeded by (seed, e), and
 k is a fixed slice of it, so "the data position" is just the optimizer step. A resumed run
 reloads weights, optimizer, scheduler and RNG states of the latest checkpoint and replays the
 same batches, reaching the same final weights as an uninterrupted run.
+
+Under FSDP (a sharded runner, spin_kernels.training.parallel) the same global batch is planned
+with ``num_ranks=W`` and each rank accumulates its own micro-batches (the same number on every
+rank; an empty one runs a zero-weight forward/backward); ``spin_kernels.distributed.train_step``
+weights them so the loss is the mean over the global batch, and clips by the global gradient
+norm. ``checkpoints/step-N`` is then a sharded torch.distributed.checkpoint (model, optimizer,
+scheduler; loadable on another number of ranks) and ``model/`` one Hugging Face checkpoint
+gathered on rank 0.
 """
 
 from __future__ import annotations
@@ -22,13 +30,12 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
-from .checkpoint import latest_step_checkpoint, load_weights_into, prune_step_checkpoints, save_model_dir
-from .config import TrainingConfig
-from .loading import rng_state, seed_everything, set_rng_state
+from .checkpoint import STATE_FILE, latest_step_checkpoint, load_weights_into, prune_step_checkpoints, save_model_dir
+from .config import ConfigError, TrainingConfig
+from .loading import autocast, rng_state, seed_everything, set_rng_state
 from .metrics import MetricsLogger, plot_metrics, read_metrics
-from .step import grad_norm, spin_step
+from .parallel import as_runner, barrier, is_main, is_sharded, progress, rank, world_size
 
 
 @dataclass
@@ -77,12 +84,53 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _micro_batches(examples: list, idx: list[int], token_budget: int, device: torch.device) -> list:
+def rank_micro_batches(examples: list, idx: list[int], token_budget: int, device: torch.device) -> list:
+    """This rank's micro-batches of the global batch ``idx``: ``[(PackedBatch, pairs)]``.
+
+    Planned with ``num_ranks = world_size()`` so every rank gets the same number; an empty
+    micro-batch becomes one pair of the global batch with weight (pairs) 0, so that the rank
+    still runs the forward/backward whose FSDP collectives the others wait for.
+    """
     from spin_kernels.packing import pack_batch, plan_micro_batches
 
     chunk = [examples[i] for i in idx]
-    plan = plan_micro_batches(chunk, token_budget, shuffle=False)
-    return [pack_batch([chunk[j] for j in mb]).to(device) for mb in plan.micro_batches[0] if mb]
+    plan = plan_micro_batches(chunk, token_budget, num_ranks=world_size(), shuffle=False)
+    return [(pack_batch([chunk[j] for j in (mb or [0])]).to(device), len(mb)) for mb in plan.micro_batches[rank()]]
+
+
+def _micro_batches(examples: list, idx: list[int], token_budget: int, device: torch.device) -> list:
+    """The packed micro-batches of ``idx`` in one process (``spin_step``'s input)."""
+    return [b for b, pairs in rank_micro_batches(examples, idx, token_budget, device) if pairs]
+
+
+def _loss_fn(cfg: TrainingConfig, device: torch.device, use_autocast: bool):
+    """``(model, (batch, pairs)) -> (mean loss over the batch's pairs, metrics)`` for train_step."""
+    from spin_kernels.models import packed_spin_loss
+
+    def fn(model, item):
+        with autocast(device, use_autocast):
+            return packed_spin_loss(model, item[0], beta=cfg.beta, loss_type=cfg.loss_type, impl=cfg.impl,
+                                    average=cfg.average_log_prob)
+
+    return fn
+
+
+def _find_checkpoint(ckpt_root: str, sharded: bool) -> tuple[int, str] | None:
+    """The latest resumable checkpoint of this kind (HF + trainer_state.pt, or sharded DCP)."""
+    from spin_kernels.distributed import latest_checkpoint
+
+    if sharded:
+        path = latest_checkpoint(ckpt_root)
+        found = None if path is None else (int(os.path.basename(path)[len("step-"):]), path)
+        other = latest_step_checkpoint(ckpt_root)
+    else:
+        found, path = latest_step_checkpoint(ckpt_root), latest_checkpoint(ckpt_root)
+        other = None if path is None else (0, path)
+    if found is None and other is not None:
+        kinds = ("a single-process", "an FSDP") if sharded else ("an FSDP (sharded)", "a single-process")
+        raise ConfigError(f"--resume: {other[1]} is {kinds[0]} checkpoint and this is {kinds[1]} run; resume it "
+                          f"the way it was started (distributed.fsdp)")
+    return found
 
 
 def train_spin(
@@ -98,81 +146,100 @@ def train_spin(
     info: dict | None = None,
 ) -> TrainResult:
     """Train ``model`` (already initialised from the opponent and passed through
-    ``prepare_model``) on ``examples`` (``SpinExample`` s with ``ref_logps``); write ``out_dir``.
+    ``prepare_model``; or a runner of it, sharded under FSDP) on ``examples`` (``SpinExample`` s
+    with ``ref_logps``); write ``out_dir`` (rank 0 writes the files).
 
     Returns the final model directory and the metrics file. With ``resume`` the latest
     checkpoint in ``out_dir/checkpoints`` (if any) is continued.
     """
+    from spin_kernels.distributed import full_state_dict, load_checkpoint, save_checkpoint, train_step
+
     if not examples:
         raise ValueError("train_spin: no training pairs")
     if any(ex.ref_logps is None for ex in examples):
         raise ValueError("train_spin: every example needs ref_logps (run the reference pass first)")
-    device = next(model.parameters()).device
+    runner = as_runner(model)
+    sharded = is_sharded(runner)
+    if world_size() > 1 and not sharded:
+        raise ValueError("train_spin: several processes need an FSDP-sharded model (parallel.load_runner); "
+                         "an unsharded copy per rank would not synchronise its gradients")
+    device = next(runner.parameters()).device
     ckpt_root = os.path.join(out_dir, "checkpoints")
-    os.makedirs(out_dir, exist_ok=True)
+    main = is_main()
+    if main:
+        os.makedirs(out_dir, exist_ok=True)
     seed_everything(cfg.seed)
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(model)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.gradient_checkpointing and not sharded:  # FSDP: apply_fsdp2 wraps the layers itself
+        enable_checkpointing(runner.model)
+    runner.train()
+    params = [p for p in runner.parameters() if p.requires_grad]
     schedule = global_batches(len(examples), cfg.global_batch_pairs, cfg.epochs, cfg.seed)
     steps_per_epoch = math.ceil(len(examples) / cfg.global_batch_pairs)
     optimizer = build_optimizer(params, cfg)
     scheduler = build_scheduler(optimizer, cfg, len(schedule))
 
     start = 0
-    found = latest_step_checkpoint(ckpt_root) if resume else None
+    found = _find_checkpoint(ckpt_root, sharded) if resume else None
     if found is not None:
         start, path = found
-        load_weights_into(model, path)
-        state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:
+            state = load_checkpoint(path, runner, optimizer)["extra"]
+        else:
+            load_weights_into(runner.model, path)
+            state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+            optimizer.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
         if state["num_steps"] != len(schedule):
             raise RuntimeError(f"cannot resume from {path}: it planned {state['num_steps']} steps, this run "
                                f"{len(schedule)} (data or batch settings changed)")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    logger = MetricsLogger(metrics_path, tensorboard=tensorboard, resume_from_step=start if resume else None)
+    logger = MetricsLogger(metrics_path, tensorboard=tensorboard, resume_from_step=start if resume else None) \
+        if main else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    bar = tqdm(total=len(schedule), initial=start, desc=desc, unit="step", dynamic_ncols=True)
+    loss_fn = _loss_fn(cfg, device, cfg.bf16 and not sharded)
+    bar = progress(total=len(schedule), initial=start, desc=desc, unit="step")
     for step in range(start, len(schedule)):
         t0 = time.perf_counter()
-        mbs = _micro_batches(examples, schedule[step], cfg.token_budget, device)
-        loss, metrics = spin_step(model, mbs, beta=cfg.beta, loss_type=cfg.loss_type, average=cfg.average_log_prob,
-                                  impl=cfg.impl, bf16=cfg.bf16)
-        if cfg.max_grad_norm is not None:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-        else:
-            gnorm = grad_norm(params)
+        mbs = rank_micro_batches(examples, schedule[step], cfg.token_budget, device)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        res = train_step(runner, optimizer, mbs, loss_fn=loss_fn, max_grad_norm=cfg.max_grad_norm,
+                         scheduler=scheduler, num_pairs=lambda item: item[1])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
         done = step + 1
-        if done % cfg.log_every == 0 or done == len(schedule):
-            tokens = sum(mb.num_tokens for mb in mbs)
-            row = {"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": loss, **metrics, "lr": lr,
-                   "grad_norm": gnorm, "pairs": sum(mb.num_pairs for mb in mbs), "micro_batches": len(mbs),
+        if main and (done % cfg.log_every == 0 or done == len(schedule)):
+            tokens = sum(examples[i].num_tokens for i in schedule[step])  # the global batch, all ranks
+            row = {"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": res.loss, **res.metrics,
+                   "lr": lr, "grad_norm": res.grad_norm, "pairs": res.num_pairs, "micro_batches": len(mbs),
                    "tokens": tokens, "tokens_per_s": tokens / dt, "peak_mem_mib": peak_memory_mib(device)}
             logger.log(row)
-            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{metrics['rewards/accuracy']:.2f}",
-                            margin=f"{metrics['rewards/margin']:.3f}")
+            bar.set_postfix(loss=f"{res.loss:.4f}", acc=f"{res.metrics['rewards/accuracy']:.2f}",
+                            margin=f"{res.metrics['rewards/margin']:.3f}")
         bar.update(1)
         if cfg.save_every and done % cfg.save_every == 0 and done < len(schedule):
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                     "step": done, "num_steps": len(schedule)}
-            save_model_dir(model, tokenizer, os.path.join(ckpt_root, f"step-{done}"), state=state)
-            prune_step_checkpoints(ckpt_root, keep=done)
+            path = os.path.join(ckpt_root, f"step-{done}")
+            state = {"scheduler": scheduler.state_dict(), "num_steps": len(schedule)}
+            if sharded:
+                save_checkpoint(path, runner, optimizer, step=done, extra=state)
+            else:
+                state.update(optimizer=optimizer.state_dict(), rng=rng_state(), step=done)
+                save_model_dir(runner.model, tokenizer, path, state=state)
+            if main:
+                prune_step_checkpoints(ckpt_root, keep=done)
     bar.close()
-    logger.close()
-    model_dir = save_model_dir(model, tokenizer, os.path.join(out_dir, "model"),
-                               extra={**(info or {}), "steps": len(schedule)})
-    prune_step_checkpoints(ckpt_root)
-    plot = plot_metrics(read_metrics(metrics_path), os.path.join(out_dir, "metrics.png"), title=desc)
+    if logger is not None:
+        logger.close()
+    model_dir = os.path.join(out_dir, "model")
+    full = full_state_dict(runner) if sharded else None  # a collective: the weights on rank 0
+    plot = None
+    if main:
+        save_model_dir(runner.model, tokenizer, model_dir, extra={**(info or {}), "steps": len(schedule)},
+                       state_dict=full)
+        prune_step_checkpoints(ckpt_root)
+        plot = plot_metrics(read_metrics(metrics_path), os.path.join(out_dir, "metrics.png"), title=desc)
+    barrier()  # the final model exists before any rank goes on (the next iteration loads it)
     return TrainResult(model_dir, metrics_path, plot, len(schedule))

@@ -1,0 +1,144 @@
+"""One process or FSDP2 over torchrun's processes: the few places where the SPIN stages differ.
+
+Every stage computes with a *runner*, a ``spin_kernels.distributed.ShardedModel``:
+``runner(fn, *args)`` runs ``fn(model, *args)``, ``runner.no_grad(fn, ...)`` the same without
+autograd, ``runner.generate(...)`` is ``model.generate``. In one process it is a plain wrapper
+around the model (``as_runner``); under FSDP it is the sharded root built by ``load_runner``, so
+the fused loss, reference log-probs and generation run inside the root's forward, where the
+embeddings and the lm_head are unsharded. The stages themselves only ask ``rank()`` /
+``world_size()`` (1 process: 0 / 1) for their share of the work, ``is_main()`` for who writes
+files, and ``barrier()`` before others read them.
+
+    torchrun --nproc_per_node 2 -m spin_kernels.cli iterate --model SFT --data d.jsonl --output-dir run
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+from spin_kernels.distributed import DistEnv, ShardedModel, init_distributed
+from spin_kernels.distributed.env import barrier, rank, world_size
+
+from .config import ConfigError, SpinConfig
+from .loading import DTYPES, load_model, resolve_device
+
+__all__ = ["Session", "as_runner", "barrier", "is_main", "is_sharded", "load_runner", "progress", "rank",
+           "session", "world_size"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Session:
+    """How this process runs: ``fsdp`` (sharded runners) or not, its device and ``env``."""
+
+    fsdp: bool
+    device: torch.device
+    env: DistEnv
+    mixed_precision: str | None = None
+
+
+def _torchrun_world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_fsdp(cfg: SpinConfig) -> bool:
+    """Whether this run shards with FSDP (``distributed.fsdp``; none: when WORLD_SIZE > 1)."""
+    d = cfg.distributed
+    multi = _torchrun_world() > 1 or (dist.is_initialized() and dist.get_world_size() > 1)
+    fsdp = multi if d.fsdp is None else d.fsdp
+    if multi and not fsdp:
+        raise ConfigError("distributed.fsdp: false, but this process is one of several (WORLD_SIZE > 1); "
+                          "multi-process runs shard the model with FSDP (drop --no-fsdp)")
+    if fsdp and cfg.generation.backend == "vllm":
+        raise ConfigError("generation.backend: 'vllm' runs in one process; use 'hf' with FSDP")
+    return fsdp
+
+
+@contextlib.contextmanager
+def session(cfg: SpinConfig) -> Iterator[Session]:
+    """Set up this process for ``cfg``: FSDP (process group from torchrun's environment) or not.
+
+    A process group this call creates is destroyed on exit; one that already exists (set up by the
+    caller) is used and kept. ``distributed.fsdp: true`` in a single process shards over a
+    1-rank group (useful to check the FSDP path without torchrun).
+    """
+    if not resolve_fsdp(cfg):
+        device = resolve_device(cfg.model.device)
+        yield Session(False, device, DistEnv(0, 1, 0, device))
+        return
+    created = not dist.is_initialized()
+    name = cfg.model.device
+    device = None if name == "auto" else ("cuda" if name.startswith("cuda") else name)
+    env = init_distributed(device=device)
+    if not dist.is_initialized():  # fsdp asked for in a single process: a 1-rank group
+        dist.init_process_group("nccl" if env.device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)
+        env = init_distributed(device=device)
+    mp = cfg.distributed.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if env.device.type == "cuda" and cfg.training.bf16 else "none"
+    try:
+        yield Session(True, env.device, env, None if mp == "none" else mp)
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def as_runner(model) -> ShardedModel:
+    """``model`` as a runner: itself if it is one (sharded or not), else a plain wrapper of it."""
+    return model if isinstance(model, ShardedModel) else ShardedModel(model)
+
+
+def is_sharded(runner) -> bool:
+    """True for an FSDP root (then mixed precision comes from FSDP, not from autocast)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(runner, FSDPModule)
+
+
+def load_runner(path: str, cfg: SpinConfig, sess: Session) -> ShardedModel:
+    """The causal LM of the model directory ``path`` as a runner for ``sess``.
+
+    One process: ``from_pretrained`` on the device. FSDP: every rank builds the model with empty
+    (meta) parameters, shards it (``apply_fsdp2``: each decoder layer, then the root; activation
+    checkpointing when ``training.gradient_checkpointing``), and rank 0 reads the weights and
+    broadcasts them into the shards (``load_full_weights``): no full copy per rank.
+    """
+    if not sess.fsdp:
+        return ShardedModel(load_model(path, cfg.model, sess.device))
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from spin_kernels.distributed import apply_fsdp2, empty_parameters, load_full_weights
+
+    from .loading import check_model_dir
+
+    check_model_dir(path)
+    dtype = DTYPES[cfg.model.dtype]
+    with empty_parameters():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    d = cfg.distributed
+    runner = apply_fsdp2(model, mixed_precision=sess.mixed_precision, cpu_offload=d.cpu_offload,
+                         activation_checkpointing=cfg.training.gradient_checkpointing,
+                         reshard_after_forward=d.reshard_after_forward)
+    load_full_weights(runner, path if sess.env.is_main else None, device=sess.device, dtype=dtype)
+    runner.train()
+    return runner
+
+
+def is_main() -> bool:
+    """Rank 0 (or the only process): the one that writes files and logs."""
+    return rank() == 0
+
+
+def progress(**kwargs):
+    """A tqdm bar on rank 0; silent on the other ranks."""
+    from tqdm.auto import tqdm
+
+    if not is_main():
+        kwargs["disable"] = True
+    return tqdm(dynamic_ncols=True, **kwargs)
