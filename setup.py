@@ -45,10 +45,14 @@ def _extensions():
                 print(f"spin_kernels: C++ extension not built ({exc}); impl='cpu' will be unavailable",
                       file=sys.stderr)
 
-    flags = ["-O3", "-fopenmp", "-march=native" if os.environ.get("SPIN_KERNELS_NATIVE") == "1" else "-mavx2",
-             "-mfma", "-std=c++17"]
-    if os.uname().machine not in ("x86_64", "AMD64"):
-        flags = ["-O3", "-fopenmp", "-std=c++17"]
+    # Threads come from ATen's at::parallel_for, a header template whose `omp parallel` is compiled
+    # into this extension: without -fopenmp it silently runs serially. The libgomp it links is
+    # the one torch already loaded (same soname), so MKL and ATen share one thread pool. Hot loops
+    # are compiled for several x86-64 levels (target_clones in csrc/), so no -march flag is
+    # needed; SPIN_KERNELS_NATIVE=1 tunes everything for the build machine.
+    flags = ["-O3", "-fopenmp"]
+    if os.environ.get("SPIN_KERNELS_NATIVE") == "1":
+        flags.append("-march=native")
     ext = CppExtension(
         "spin_kernels._C",
         sources,

@@ -25,6 +25,15 @@ def _scatter_rows(rows: CountedRows, grad_rows: Tensor, shape: torch.Size, dtype
     return out
 
 
+def _unless_one(grad_loss: Tensor) -> Tensor | None:
+    """None when the upstream gradient is exactly 1 (``loss.backward()``) on CPU, so that the
+    gradients saved by the forward are handed over as they are instead of as scaled copies (one
+    [V, H] dweight at the peak instead of two). On other devices reading it would synchronise."""
+    if grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and grad_loss.item() == 1.0:
+        return None
+    return grad_loss
+
+
 def _cast(grad: Tensor | None, like: Tensor | None, scale: Tensor | None = None) -> Tensor | None:
     if grad is None or like is None:
         return None
@@ -60,14 +69,15 @@ class LinearSPINLossFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, cu_seqlens, ref_logps, ignore_index: int, spec: HeadSpec,
                 average: bool, beta: float, loss_type: str, backend: Backend):
         rows = CountedRows.build(targets, cu_seqlens, ignore_index)
-        h = hidden[rows.index]
         ref = ref_logps.detach()
         needs = Needs(*ctx.needs_input_grad[:3])
         if needs.hidden or needs.weight or needs.bias:
+            # A backend that reads the counted rows itself gets all of hidden: no [M, H] copy.
+            h = hidden if getattr(backend, "takes_all_rows", False) else hidden[rows.index]
             seq, loss, dh, dw, db = backend.spin_forward_backward(
                 h, weight, bias, rows, ref, beta, loss_type, average, spec, needs)
         else:
-            logp, _ = backend.rows_forward(h, weight, bias, rows.targets, spec)
+            logp, _ = backend.rows_forward(hidden[rows.index], weight, bias, rows.targets, spec)
             seq = rows.seq_logps(logp, average)
             loss, _ = spin_terms(seq, ref, beta, loss_type, max(rows.num_seqs // 2, 1))
             dh = dw = db = None
@@ -80,6 +90,7 @@ class LinearSPINLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_seq):
         dh, dw, db = ctx.saved_tensors
+        scale = _unless_one(grad_loss)
         if dh is not None:
-            dh = _scatter_rows(ctx.rows, dh, ctx.hidden_shape, ctx.hidden_dtype, scale=grad_loss)
-        return (dh, _cast(dw, dw, grad_loss), _cast(db, db, grad_loss)) + (None,) * 9
+            dh = _scatter_rows(ctx.rows, dh, ctx.hidden_shape, ctx.hidden_dtype, scale=scale)
+        return (dh, _cast(dw, dw, scale), _cast(db, db, scale)) + (None,) * 9

@@ -1,0 +1,169 @@
+"""impl="cpu": the fused C++ kernels of csrc/ (ATen + OpenMP threads through at::parallel_for).
+
+The kernels (``torch.ops.spin_kernels_cpu.rows_forward`` / ``rows_backward``) never hold more
+than a fixed workspace of logits: per thread one [row_tile, vocab_tile] fp32 tile (plus a
+[row_tile, H] partial of dhidden and, for bf16/fp16 inputs, fp32 copies of one weight tile),
+independent of N and V. The SPIN path adds one caller-sized ``store`` (``store_bytes``) that
+keeps a tile of whole pairs' logits from the forward to the gradient pass: pairs that fit cost
+6·N·H·V flops, a pair larger than the store keeps what fits and recomputes the rest.
+
+Importing this module raises ImportError when the extension was not built, which the registry
+records as the reason impl="cpu" is unavailable.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from ..layout import CountedRows, row_grads, seq_logps
+from ..objective import spin_terms
+from .base import Backend, HeadSpec, Needs, acc_dtype
+from .torch_chunked import TorchChunked
+
+try:  # loading the library registers torch.ops.spin_kernels_cpu
+    importlib.import_module("spin_kernels._C")
+except ImportError as exc:
+    raise ImportError(f"spin_kernels._C is not importable ({exc}); reinstall spin_kernels with a C++ compiler "
+                      f"available (pip install --no-build-isolation -e .)") from exc
+
+_OPS = torch.ops.spin_kernels_cpu
+
+DEFAULT_VOCAB_TILE = 256
+DEFAULT_MAX_ROW_TILE = 1024
+DEFAULT_STORE_BYTES = 64 * 2**20
+
+
+def default_row_tile(hidden_size: int) -> int:
+    """Rows per block: large enough that the weight is streamed rarely (it is read once per
+    block), small enough that the per-thread [rows, H] dhidden partial stays ~4 MiB."""
+    return max(64, min(DEFAULT_MAX_ROW_TILE, (1 << 20) // max(hidden_size, 1)))
+
+
+class CpuFused(Backend):
+    """The C++ kernels. ``store_bytes`` bounds the SPIN path's kept logits; ``parts`` (threads
+    sharing the vocabulary; default torch.get_num_threads()), ``row_tile`` and ``vocab_tile``
+    shape the tiling (tests use tiny tiles to exercise every boundary on small shapes)."""
+
+    name = "cpu"
+    # spin_forward_backward accepts hidden as all N rows (it reads the counted ones through
+    # rows.index inside the kernel) as well as the gathered [M, H]: no [M, H] copy at the peak.
+    takes_all_rows = True
+
+    def __init__(self, store_bytes: int = DEFAULT_STORE_BYTES, parts: int | None = None,
+                 row_tile: int | None = None, vocab_tile: int = DEFAULT_VOCAB_TILE):
+        if store_bytes < 0 or (parts is not None and parts < 1) or (row_tile is not None and row_tile < 1) \
+                or vocab_tile < 1:
+            raise ValueError("store_bytes must be >= 0; parts, row_tile and vocab_tile >= 1")
+        self.store_bytes = int(store_bytes)
+        self.parts, self.row_tile, self.vocab_tile = parts, row_tile, int(vocab_tile)
+        self._reference = TorchChunked()  # float64 (gradcheck precision) is the torch path's job
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _tiling(self, hidden_size: int) -> tuple[int, int, int]:
+        parts = self.parts or torch.get_num_threads()
+        return parts, self.row_tile or default_row_tile(hidden_size), self.vocab_tile
+
+    @staticmethod
+    def _kernel_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor):
+        return hidden.contiguous(), weight.contiguous(), bias, targets.long().contiguous()
+
+    @staticmethod
+    def _softcap(spec: HeadSpec) -> float:
+        return 0.0 if spec.softcap is None else spec.softcap
+
+    def _forward(self, h, w, b, y, spec, store=None, index=None):
+        return _OPS.rows_forward(h, w, b, y, spec.temperature, self._softcap(spec), store, *self._tiling(h.shape[1]),
+                                 index)
+
+    def _backward(self, h, w, b, y, lse, grad, spec, dh, dw, db, store=None, index=None):
+        _OPS.rows_backward(h, w, b, y, lse.float().contiguous(), grad.float().contiguous(), spec.temperature,
+                           self._softcap(spec), store, *self._tiling(h.shape[1]), dh, dw, db, index)
+
+    @staticmethod
+    def _alloc_grads(num_rows, weight, bias, needs):
+        f32 = torch.float32
+        dh = weight.new_empty((num_rows, weight.shape[1]), dtype=f32) if needs.hidden else None
+        dw = weight.new_zeros(weight.shape, dtype=f32) if needs.weight else None
+        db = weight.new_zeros(weight.shape[0], dtype=f32) if (bias is not None and needs.bias) else None
+        return dh, dw, db
+
+    # -- Backend API ------------------------------------------------------------------------
+
+    def rows_forward(self, hidden, weight, bias, targets, spec):
+        if acc_dtype(hidden, weight, bias) == torch.float64:
+            return self._reference.rows_forward(hidden, weight, bias, targets, spec)
+        h, w, b, y = self._kernel_inputs(hidden, weight, bias, targets)
+        return self._forward(h, w, b, y, spec)
+
+    def rows_backward(self, hidden, weight, bias, targets, lse, grad, spec, needs):
+        if acc_dtype(hidden, weight, bias) == torch.float64:
+            return self._reference.rows_backward(hidden, weight, bias, targets, lse, grad, spec, needs)
+        h, w, b, y = self._kernel_inputs(hidden, weight, bias, targets)
+        dh, dw, db = self._alloc_grads(h.shape[0], w, bias, needs)
+        self._backward(h, w, b, y, lse, grad, spec, dh, dw, db)
+        return dh, dw, db
+
+    def pair_groups(self, pair_offsets: list[int], vocab: int) -> list[tuple[int, int]]:
+        """Consecutive whole pairs [p, q) whose logits fit the store together; a pair that
+        alone exceeds it is a group of its own (the kernel keeps what fits of it)."""
+        fit_rows = self.store_bytes // (4 * vocab)
+        groups, p, num_pairs = [], 0, len(pair_offsets) - 1
+        while p < num_pairs:
+            q = p + 1
+            while q < num_pairs and pair_offsets[q + 1] - pair_offsets[p] <= fit_rows:
+                q += 1
+            groups.append((p, q))
+            p = q
+        return groups
+
+    def spin_forward_backward(self, hidden, weight, bias, rows: CountedRows, ref_logps, beta, loss_type,
+                              average, spec, needs):
+        """Per group of whole pairs: forward (logits kept in the store), the SPIN epilogue on
+        the group's sequences, then the gradients from the kept logits.
+
+        ``hidden`` is the counted rows [M, H], or all rows [N, H] (see ``takes_all_rows``).
+        """
+        all_rows = hidden.shape[0] != rows.num_rows  # if N == M, all rows are counted: the same
+        if acc_dtype(hidden, weight, bias) == torch.float64:
+            return self._reference.spin_forward_backward(hidden[rows.index] if all_rows else hidden, weight, bias,
+                                                         rows, ref_logps, beta, loss_type, average, spec, needs)
+        h, w, b, y = self._kernel_inputs(hidden, weight, bias, rows.targets)
+        index = rows.index if all_rows else None
+        vocab = w.shape[0]
+        dh, dw, db = self._alloc_grads(rows.num_rows, w, bias, needs)
+        f32 = torch.float32
+        seq_out = h.new_zeros(rows.num_seqs, dtype=f32)
+        loss = h.new_zeros((), dtype=f32)
+        ref = ref_logps.to(f32)
+        num_pairs = max(rows.num_seqs // 2, 1)
+        pair_offsets = rows.offsets[::2].tolist()  # host copy: the tiling is decided on the host
+        groups = self.pair_groups(pair_offsets, vocab)
+        largest = max((pair_offsets[q] - pair_offsets[p] for p, q in groups), default=0)
+        store = h.new_empty(min(self.store_bytes // 4, largest * vocab), dtype=f32)
+        for p, q in groups:
+            lo, hi = pair_offsets[p], pair_offsets[q]
+            offsets = rows.offsets[2 * p:2 * q + 1]
+            h_group, index_group = (h, index[lo:hi]) if all_rows else (h[lo:hi], None)
+            logp, lse = self._forward(h_group, w, b, y[lo:hi], spec, store, index_group)
+            seq = seq_logps(logp, offsets, average)
+            group_loss, seq_grad = spin_terms(seq, ref[2 * p:2 * q], beta, loss_type, num_pairs)
+            seq_out[2 * p:2 * q] = seq
+            loss += group_loss
+            g = row_grads(seq_grad, offsets, rows.seq[lo:hi] - 2 * p, average)
+            if hi > lo and bool(g.ne(0).any()):  # hinge pairs past the margin have no gradient
+                self._backward(h_group, w, b, y[lo:hi], lse, g, spec, None if dh is None else dh[lo:hi], dw, db,
+                               store, index_group)
+            elif dh is not None:
+                dh[lo:hi].zero_()
+        return seq_out, loss, dh, dw, db
+
+
+def make_backend() -> Backend:
+    return CpuFused()
+
+
+__all__ = ["CpuFused", "make_backend", "default_row_tile"]

@@ -1,0 +1,326 @@
+"""The C++ kernels of csrc/ (impl="cpu") beyond the generic op tests of test_ops_reference.py.
+
+Tiny tiles (a few rows, 8-16 vocabulary columns, several parts) make small shapes cross every
+boundary the real tiling has: parts of the vocabulary, partial last tiles, row blocks, logits
+kept in the store or recomputed. Runs in ~15 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cases import IGNORE, assert_close, grads, make_case, random_lengths
+from spin_kernels.ops.autograd import LinearLogprobsFunction, LinearSPINLossFunction
+from spin_kernels.ops.backends import HeadSpec, Needs
+from spin_kernels.ops.naive import naive_linear_logprobs, naive_linear_spin_loss
+
+cpu_backend = pytest.importorskip("spin_kernels.ops.backends.cpu_backend",
+                                  reason="the C++ extension spin_kernels._C is not built")
+CpuFused = cpu_backend.CpuFused
+OPS = torch.ops.spin_kernels_cpu
+
+# (parts, row_tile, vocab_tile): one tile; several parts with ragged last tiles and row blocks.
+TILINGS = [(1, 1024, 256), (3, 5, 8), (2, 7, 16)]
+HEADS = [{}, {"bias": True, "temperature": 0.7}, {"bias": True, "temperature": 1.3, "softcap": 4.0, "average": True}]
+
+
+def _ids(options):
+    return "-".join(options) or "plain"
+
+
+def _spec(options):
+    return HeadSpec(options.get("temperature", 1.0), options.get("softcap"))
+
+
+def _naive_kwargs(case, options):
+    return dict(bias=case.bias, **{k: v for k, v in options.items() if k != "bias"})
+
+
+def _logprobs(case, backend, options):
+    return LinearLogprobsFunction.apply(case.hidden, case.weight, case.bias, case.targets, case.cu_seqlens, IGNORE,
+                                        _spec(options), options.get("average", False), backend)
+
+
+def _spin_loss(case, backend, options, beta=0.3, loss_type="sigmoid"):
+    return LinearSPINLossFunction.apply(case.hidden, case.weight, case.bias, case.targets, case.cu_seqlens,
+                                        case.ref_logps, IGNORE, _spec(options), options.get("average", False), beta,
+                                        loss_type, backend)[0]
+
+
+def _check_against_reference(case, out, ref_case, ref, rtol_out, rtol_grad):
+    assert_close(out, ref, rtol_out, "output")
+    upstream = torch.randn(out.shape, dtype=torch.float64)
+    got = grads((out.double() * upstream).sum(), [case.hidden, case.weight, case.bias])
+    want = grads((ref * upstream).sum(), [ref_case.hidden, ref_case.weight, ref_case.bias])
+    for name, g, w, x in zip(("hidden", "weight", "bias"), got, want, (case.hidden, case.weight, case.bias)):
+        if x is not None:
+            assert g.dtype == x.dtype, f"d{name} dtype"
+            assert_close(g, w, rtol_grad, f"d{name}")
+
+
+@pytest.mark.parametrize("options", HEADS, ids=_ids)
+@pytest.mark.parametrize("tiling", TILINGS, ids=str)
+def test_logprobs_with_any_tiling_match_float64_reference(tiling, options):
+    parts, row_tile, vocab_tile = tiling
+    lengths = random_lengths(4, 21, seed=5) + [0, 1, 2]
+    case = make_case(lengths, 13, 61, bias=options.get("bias", False), seed=6)
+    backend = CpuFused(parts=parts, row_tile=row_tile, vocab_tile=vocab_tile)
+    ref_case = case.float64()
+    ref = naive_linear_logprobs(ref_case.hidden, ref_case.weight, case.targets, case.cu_seqlens,
+                                **_naive_kwargs(ref_case, options))
+    _check_against_reference(case, _logprobs(case, backend, options), ref_case, ref, 2e-5, 2e-5)
+
+
+# store_bytes: nothing kept (two passes); some tiles of a pair's logits; several pairs per group.
+@pytest.mark.parametrize("store_bytes", [0, 4000, 1 << 20])
+@pytest.mark.parametrize("options", HEADS, ids=_ids)
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge"])
+def test_spin_loss_with_any_store_matches_float64_reference(store_bytes, options, loss_type):
+    lengths = random_lengths(5, 25, seed=7) + [1, 0]
+    case = make_case(lengths, 11, 53, bias=options.get("bias", False), seed=8)
+    backend = CpuFused(store_bytes=store_bytes, parts=3, row_tile=6, vocab_tile=8)
+    beta = 0.3 if loss_type == "sigmoid" else 0.01
+    ref_case = case.float64()
+    ref, _ = naive_linear_spin_loss(ref_case.hidden, ref_case.weight, case.targets, case.cu_seqlens,
+                                    ref_case.ref_logps, beta=beta, loss_type=loss_type,
+                                    **_naive_kwargs(ref_case, options))
+    out = _spin_loss(case, backend, options, beta, loss_type)
+    _check_against_reference(case, out, ref_case, ref, 2e-5, 6e-5)
+
+
+@pytest.mark.parametrize("store_floats", [2 * 10 * 16, 2 * 10 * 32 + 7])  # half of each part's tiles; all
+def test_backward_from_stored_logits_matches_recomputation(store_floats):
+    g = torch.Generator().manual_seed(1)
+    h, w, b = torch.randn(10, 12, generator=g), torch.randn(64, 12, generator=g), torch.randn(64, generator=g)
+    y = torch.randint(0, 64, (10,), generator=g)
+    tiles = (2, 4, 8)  # two parts of 32 columns = 4 tiles each; row blocks of 4
+    store = torch.full((store_floats,), float("nan"))
+    logp, lse = OPS.rows_forward(h, w, b, y, 0.8, 3.0, store, *tiles)
+    assert_close(logp, OPS.rows_forward(h, w, b, y, 0.8, 3.0, None, *tiles)[0], 1e-6)  # BLAS blocks differ
+    kept = 10 * (16 if store_floats < 2 * 10 * 32 else 32)  # per part: its first tiles, all rows
+    for part in range(2):
+        start = part * (store_floats // 2)
+        assert not store[start:start + kept].isnan().any()
+    assert int((~store.isnan()).sum()) == 2 * kept
+    grad = torch.randn(10, generator=g)
+    results = []
+    for s in (store, None):
+        out = (torch.empty(10, 12), torch.zeros(64, 12), torch.zeros(64))
+        OPS.rows_backward(h, w, b, y, lse, grad, 0.8, 3.0, s, *tiles, *out)
+        results.append(out)
+    for a, c in zip(*results):
+        assert_close(a, c, 1e-6)
+
+
+def test_spin_path_takes_all_rows_or_the_gathered_counted_rows():
+    from spin_kernels.ops.layout import CountedRows
+
+    case = make_case(random_lengths(3, 20, seed=15), 10, 40, dtype=torch.bfloat16, bias=True, seed=16)
+    rows = CountedRows.build(case.targets, case.cu_seqlens, IGNORE)
+    backend = CpuFused(parts=2, row_tile=5, vocab_tile=8, store_bytes=2000)
+    h, w, b = case.hidden.detach(), case.weight.detach(), case.bias.detach()
+    args = (w, b, rows, case.ref_logps, 0.2, "sigmoid", True, HeadSpec(softcap=2.0), Needs())
+    assert h.shape[0] > rows.num_rows
+    for a, c in zip(backend.spin_forward_backward(h, *args), backend.spin_forward_backward(h[rows.index], *args)):
+        assert torch.equal(a, c)
+
+
+def test_pair_groups_hold_whole_pairs_within_the_store():
+    backend = CpuFused(store_bytes=4 * 10 * 100)  # 10 rows of V = 100
+    offsets = [0, 3, 9, 9, 25, 30, 31]  # pairs of 3, 6, 0, 16, 5, 1 rows
+    groups = backend.pair_groups(offsets, 100)
+    assert groups == [(0, 3), (3, 4), (4, 6)]  # 3 + 6 + 0 rows; 16 (too big: alone); 5 + 1
+    assert CpuFused(store_bytes=0).pair_groups(offsets, 100) == [(i, i + 1) for i in range(6)]
+
+
+def test_hinge_pairs_past_the_margin_get_zero_gradient():
+    case = make_case([9, 8, 7, 10, 6, 9], 12, 40, seed=9)
+    case.ref_logps = torch.tensor([-500.0, 0.0, -20.0, -20.0, 0.0, -500.0])  # margins +inf-ish, ~0, -inf-ish
+    backend = CpuFused(parts=2, row_tile=4, vocab_tile=8, store_bytes=600)
+    out = _spin_loss(case, backend, {}, beta=0.1, loss_type="hinge")
+    ref_case = case.float64()
+    ref, _ = naive_linear_spin_loss(ref_case.hidden, ref_case.weight, case.targets, case.cu_seqlens,
+                                    ref_case.ref_logps, beta=0.1, loss_type="hinge")
+    _check_against_reference(case, out, ref_case, ref, 2e-5, 6e-5)
+    (dh,) = grads(_spin_loss(case, backend, {}, beta=0.1, loss_type="hinge"), [case.hidden])
+    first_pair = slice(0, 17)
+    assert torch.equal(dh[first_pair], torch.zeros_like(dh[first_pair]))
+    assert dh[17:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_accumulate_in_fp32(dtype):
+    case = make_case(random_lengths(4, 19, seed=10), 24, 67, dtype=dtype, bias=True, seed=11)
+    backend = CpuFused(parts=2, row_tile=9, vocab_tile=16, store_bytes=3000)
+    ref_case = case.float64()
+    options = {"bias": True, "softcap": 5.0}
+    ref = naive_linear_logprobs(ref_case.hidden, ref_case.weight, case.targets, case.cu_seqlens,
+                                **_naive_kwargs(ref_case, options))
+    out = _logprobs(case, backend, options)
+    assert out.dtype == torch.float32
+    # Output from the rounded inputs, accumulated in fp32: as tight as fp32; gradients carry
+    # the rounding to the input dtype.
+    _check_against_reference(case, out, ref_case, ref, 2e-5, 1e-2)
+    ref_loss, _ = naive_linear_spin_loss(ref_case.hidden, ref_case.weight, case.targets, case.cu_seqlens,
+                                         ref_case.ref_logps, **_naive_kwargs(ref_case, options))
+    _check_against_reference(case, _spin_loss(case, backend, options, beta=0.1), ref_case, ref_loss, 2e-5, 3e-2)
+
+
+def test_mixed_input_dtypes_compute_in_fp32():
+    case = make_case([12, 9, 14, 7], 16, 45, seed=12)
+    hidden = case.hidden.detach().bfloat16().requires_grad_()
+    backend = CpuFused(parts=2, vocab_tile=8)
+    out = LinearLogprobsFunction.apply(hidden, case.weight, None, case.targets, case.cu_seqlens, IGNORE, HeadSpec(),
+                                       False, backend)
+    ref = naive_linear_logprobs(hidden.double(), case.weight.double(), case.targets, case.cu_seqlens)
+    assert_close(out, ref, 2e-5, "logps")
+    dh, dw = grads(out.sum(), [hidden, case.weight])
+    assert dh.dtype == torch.bfloat16 and dw.dtype == torch.float32
+
+
+def _run_kernels(case, parts):
+    backend = CpuFused(parts=parts, row_tile=8, vocab_tile=16, store_bytes=2000)
+    loss = _spin_loss(case, backend, {"bias": True, "softcap": 3.0})
+    return [loss.detach()] + grads(loss, [case.hidden, case.weight, case.bias])
+
+
+def test_results_are_bitwise_repeatable_and_independent_of_the_thread_count():
+    case = make_case(random_lengths(4, 30, seed=13), 20, 150, bias=True, seed=14)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        first, again = _run_kernels(case, parts=3), _run_kernels(case, parts=3)
+        torch.set_num_threads(1)
+        serial = _run_kernels(case, parts=3)  # same parts, one thread: the same sums in the same order
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(first, again, serial):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    for a, b in zip(first, _run_kernels(case, parts=1)):  # another split: the same up to rounding
+        assert_close(a, b, 1e-5)
+
+
+def _op_allocations(fn) -> int:
+    """Bytes allocated by ATen while fn runs (the kernels' outputs and workspace)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(e.cpu_memory_usage for e in prof.events() if e.name.startswith("aten::empty") and e.cpu_memory_usage > 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_workspace_is_independent_of_rows_and_vocabulary(dtype):
+    hidden_size, tiles = 24, (2, 16, 32)
+
+    def workspace(rows, vocab):
+        g = torch.Generator().manual_seed(0)
+        h = torch.randn(rows, hidden_size, generator=g).to(dtype)
+        w = torch.randn(vocab, hidden_size, generator=g).to(dtype)
+        y = torch.randint(0, vocab, (rows,), generator=g)
+        lse, grad = torch.randn(rows), torch.randn(rows)
+        dh, dw, db = torch.empty(rows, hidden_size), torch.zeros(vocab, hidden_size), torch.zeros(vocab)
+        fwd = _op_allocations(lambda: OPS.rows_forward(h, w, None, y, 1.0, 0.0, None, *tiles))
+        bwd = _op_allocations(lambda: OPS.rows_backward(h, w, None, y, lse, grad, 1.0, 0.0, None, *tiles, dh, dw, db))
+        return fwd - 2 * 4 * rows, bwd  # the forward's own outputs: logp and lse, fp32 [rows]
+
+    small = workspace(40, 300)
+    assert small[0] > 0 and small[1] > 0
+    assert workspace(400, 300) == small
+    assert workspace(40, 3000) == small
+
+
+def _kernel_args(**override):
+    g = torch.Generator().manual_seed(0)
+    args = dict(hidden=torch.randn(6, 8, generator=g), weight=torch.randn(20, 8, generator=g), bias=None,
+                targets=torch.randint(0, 20, (6,), generator=g), temperature=1.0, softcap=0.0, store=None, parts=2,
+                row_tile=4, vocab_tile=8, row_index=None)
+    args.update(override)
+    return args
+
+
+def _backward_args(**override):
+    args = _kernel_args()
+    args.update(lse=torch.zeros(6), grad=torch.ones(6), dhidden=torch.empty(6, 8), dweight=torch.zeros(20, 8),
+                dbias=None)
+    args.update(override)
+    return args
+
+
+def _call_backward(a):
+    OPS.rows_backward(a["hidden"], a["weight"], a["bias"], a["targets"], a["lse"], a["grad"], a["temperature"],
+                      a["softcap"], a["store"], a["parts"], a["row_tile"], a["vocab_tile"], a["dhidden"],
+                      a["dweight"], a["dbias"], a.get("row_index"))
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(targets=torch.tensor([0, 1, 2, 3, 4, 20])), r"targets must be in \[0, V=20\), got 20 at row 5"),
+    (dict(targets=torch.tensor([0, 1, 2, 3, 4, -100])), r"targets must be in \[0, V=20\), got -100"),
+    (dict(targets=torch.zeros(6, dtype=torch.int32)), "targets must be int64"),
+    (dict(targets=torch.zeros(5, dtype=torch.int64)), r"targets must have shape \[M\] = \[hidden.size\(0\)\] = \[6\]"),
+    (dict(weight=torch.randn(20, 9)), "weight must be \\[V, H\\] with H = hidden.size\\(1\\) = 8"),
+    (dict(weight=torch.randn(8, 20).t()), "weight must be contiguous"),
+    (dict(hidden=torch.randn(8, 6).t()), "hidden must be contiguous"),
+    (dict(hidden=torch.randn(6, 8, dtype=torch.float64)), "hidden must be float32/bfloat16/float16"),
+    (dict(bias=torch.randn(21)), r"bias must have shape \[V\] = \[20\]"),
+    (dict(temperature=0.0), "temperature must be finite and > 0"),
+    (dict(softcap=-1.0), "softcap must be finite and >= 0"),
+    (dict(parts=0), "parts must be >= 1"),
+    (dict(vocab_tile=0), "vocab_tile must be >= 1"),
+    (dict(store=torch.zeros(100, dtype=torch.float64)), "store must be a contiguous 1-D float32"),
+    (dict(row_index=torch.tensor([0, 1, 2, 3, 4, 6])), r"row_index must be in \[0, hidden.size\(0\)=6\), got 6"),
+    (dict(row_index=torch.tensor([0, 1, 2])), r"row_index must be a contiguous int64 CPU tensor of shape \[M\] = \[6\]"),
+])
+def test_kernel_checks_name_the_bad_argument(override, message):
+    a = _kernel_args(**override)
+    with pytest.raises(RuntimeError, match=message):
+        OPS.rows_forward(*a.values())
+    with pytest.raises(RuntimeError, match=message):
+        _call_backward(_backward_args(**override))
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(lse=torch.zeros(5)), r"lse must have shape \[6\]"),
+    (dict(grad=torch.ones(6, dtype=torch.float64)), "grad must be float32"),
+    (dict(dhidden=torch.empty(6, 9)), r"dhidden must have shape \[6, 8\]"),
+    (dict(dweight=torch.zeros(20, 8, dtype=torch.bfloat16)), "dweight must be a float32 CPU tensor"),
+    (dict(dweight=torch.zeros(8, 20).t()), "dweight must be contiguous"),
+    (dict(dbias=torch.zeros(19)), r"dbias must have shape \[20\]"),
+])
+def test_backward_checks_its_gradient_buffers(override, message):
+    with pytest.raises(RuntimeError, match=message):
+        _call_backward(_backward_args(**override))
+
+
+def test_without_the_extension_cpu_is_a_clear_error_and_auto_falls_back():
+    """A process where spin_kernels._C cannot be imported (as after an install without a compiler)."""
+    code = """
+import sys, warnings, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "spin_kernels._C":
+            raise ImportError("simulated: not built")
+sys.meta_path.insert(0, Block())
+import torch
+from spin_kernels import linear_logprobs
+h, w = torch.randn(4, 3), torch.randn(5, 3)
+y, cu = torch.tensor([1, 2, 3, -100]), torch.tensor([0, 4])
+try:
+    linear_logprobs(h, w, y, cu, impl="cpu")
+except RuntimeError as exc:
+    print("ERROR:", exc)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    linear_logprobs(h, w, y, cu, impl="auto")
+print("WARNINGS:", len(caught), caught[0].message if caught else "")
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "ERROR: impl='cpu' is not available" in out.stdout and "spin_kernels._C" in out.stdout
+    assert "WARNINGS: 1" in out.stdout and "falls back to impl='torch'" in out.stdout
