@@ -45,6 +45,21 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss() -> None:
+    """Reset the process's high-water mark (VmHWM) to its current RSS (Linux: clear_refs 5), so
+    that a peak reached before the baseline (imports, the warm-up) cannot mask the step's own."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def measure(spec: dict, optimizer: str, ac: bool, budgets: tuple[int, ...], sharded: bool = False) -> dict:
     """Run in a fresh process: peak RSS growth (bytes) of one step of 2 micro-batches, after
     the optimizer states exist, for each token budget in increasing order (the peak of a larger
@@ -52,7 +67,6 @@ def measure(spec: dict, optimizer: str, ac: bool, budgets: tuple[int, ...], shar
 
     ``sharded``: this process is one of 2 gloo ranks and the model is sharded with apply_fsdp2
     (fp32, no mixed precision); each rank runs the same micro-batches."""
-    import resource
 
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -107,6 +121,7 @@ def measure(spec: dict, optimizer: str, ac: bool, budgets: tuple[int, ...], shar
     opt.step()
     del model, opt
     base = _rss()
+    _reset_peak_rss()
     model, opt = build(cfg)
     for p in model.parameters():  # the optimizer's states, as after a first step, without one
         p.grad = torch.zeros_like(p)
@@ -118,7 +133,7 @@ def measure(spec: dict, optimizer: str, ac: bool, budgets: tuple[int, ...], shar
             loss, _ = loss_of(model, b)
             (loss / 2).backward()
         opt.step()
-        peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+        peaks.append(_peak_rss() - base)
     return {"peaks": dict(zip(sorted(budgets), peaks)), "counted_fraction": counted}
 
 
