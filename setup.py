@@ -87,8 +87,10 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn"],
-        "bench": ["pytest-benchmark", "liger-kernel", "cut-cross-entropy", "matplotlib"],
-        "dev": ["pytest", "hypothesis", "ruff", "pytest-benchmark", "matplotlib"],
+        "bench": ["pytest-benchmark", "liger-kernel", "cut-cross-entropy", "trl", "matplotlib"],
+        # datasets (Parquet / `datasets` input of the trainer) and peft (the LoRA reference mode)
+        # are exercised by the tests.
+        "dev": ["pytest", "hypothesis", "ruff", "pytest-benchmark", "matplotlib", "datasets", "peft"],
         "lora": ["peft"],
         "vllm": ["vllm"],
     },
