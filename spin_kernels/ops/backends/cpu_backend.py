@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..layout import CountedRows, row_grads, seq_logps
 from ..objective import spin_terms
-from .base import Backend, HeadSpec, Needs, acc_dtype
+from .base import Backend, HeadSpec, acc_dtype
 from .torch_chunked import TorchChunked
 
 try:  # loading the library registers torch.ops.spin_kernels_cpu

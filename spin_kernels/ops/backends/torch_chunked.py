@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..layout import CountedRows, row_grads, seq_logps
 from ..objective import spin_terms
-from .base import Backend, HeadSpec, Needs, acc_dtype
+from .base import Backend, HeadSpec, acc_dtype
 
 DEFAULT_LOGITS_BUDGET = 256 * 2**20  # bytes of one chunk of logits
 
