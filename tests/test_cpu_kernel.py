@@ -17,6 +17,7 @@ import torch
 from cases import IGNORE, assert_close, grads, make_case, random_lengths
 from spin_kernels.ops.autograd import LinearLogprobsFunction, LinearSPINLossFunction
 from spin_kernels.ops.backends import HeadSpec, Needs
+from spin_kernels.ops.layout import pair_groups
 from spin_kernels.ops.naive import naive_linear_logprobs, naive_linear_spin_loss
 
 cpu_backend = pytest.importorskip("spin_kernels.ops.backends.cpu_backend",
@@ -131,11 +132,10 @@ def test_spin_path_takes_all_rows_or_the_gathered_counted_rows():
 
 
 def test_pair_groups_hold_whole_pairs_within_the_store():
-    backend = CpuFused(store_bytes=4 * 10 * 100)  # 10 rows of V = 100
     offsets = [0, 3, 9, 9, 25, 30, 31]  # pairs of 3, 6, 0, 16, 5, 1 rows
-    groups = backend.pair_groups(offsets, 100)
+    groups = pair_groups(offsets, 10)  # a store of 10 rows
     assert groups == [(0, 3), (3, 4), (4, 6)]  # 3 + 6 + 0 rows; 16 (too big: alone); 5 + 1
-    assert CpuFused(store_bytes=0).pair_groups(offsets, 100) == [(i, i + 1) for i in range(6)]
+    assert pair_groups(offsets, 0) == [(i, i + 1) for i in range(6)]
 
 
 def test_hinge_pairs_past_the_margin_get_zero_gradient():

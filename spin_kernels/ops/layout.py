@@ -91,3 +91,19 @@ def row_grads(seq_grads: Tensor, offsets: Tensor, row_seq: Tensor, average: bool
     if average:
         g = g / (offsets[1:] - offsets[:-1]).clamp(min=1).to(g.dtype)
     return g[row_seq]
+
+
+def pair_groups(pair_offsets: list[int], max_rows: int) -> list[tuple[int, int]]:
+    """Consecutive whole pairs [p, q) whose counted rows fit ``max_rows`` together.
+
+    ``pair_offsets`` (host list, [P+1]) are the counted-row offsets of the pairs; a pair that
+    alone exceeds ``max_rows`` forms a group of its own (the backend then handles it in parts).
+    """
+    groups, p, num_pairs = [], 0, len(pair_offsets) - 1
+    while p < num_pairs:
+        q = p + 1
+        while q < num_pairs and pair_offsets[q + 1] - pair_offsets[p] <= max_rows:
+            q += 1
+        groups.append((p, q))
+        p = q
+    return groups

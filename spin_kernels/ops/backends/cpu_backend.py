@@ -18,7 +18,7 @@ import importlib
 import torch
 from torch import Tensor
 
-from ..layout import CountedRows, row_grads, seq_logps
+from ..layout import CountedRows, pair_groups, row_grads, seq_logps
 from ..objective import spin_terms
 from .base import Backend, HeadSpec, acc_dtype
 from .torch_chunked import TorchChunked
@@ -107,19 +107,6 @@ class CpuFused(Backend):
         self._backward(h, w, b, y, lse, grad, spec, dh, dw, db)
         return dh, dw, db
 
-    def pair_groups(self, pair_offsets: list[int], vocab: int) -> list[tuple[int, int]]:
-        """Consecutive whole pairs [p, q) whose logits fit the store together; a pair that
-        alone exceeds it is a group of its own (the kernel keeps what fits of it)."""
-        fit_rows = self.store_bytes // (4 * vocab)
-        groups, p, num_pairs = [], 0, len(pair_offsets) - 1
-        while p < num_pairs:
-            q = p + 1
-            while q < num_pairs and pair_offsets[q + 1] - pair_offsets[p] <= fit_rows:
-                q += 1
-            groups.append((p, q))
-            p = q
-        return groups
-
     def spin_forward_backward(self, hidden, weight, bias, rows: CountedRows, ref_logps, beta, loss_type,
                               average, spec, needs):
         """Per group of whole pairs: forward (logits kept in the store), the SPIN epilogue on
@@ -141,7 +128,7 @@ class CpuFused(Backend):
         ref = ref_logps.to(f32)
         num_pairs = max(rows.num_seqs // 2, 1)
         pair_offsets = rows.offsets[::2].tolist()  # host copy: the tiling is decided on the host
-        groups = self.pair_groups(pair_offsets, vocab)
+        groups = pair_groups(pair_offsets, self.store_bytes // (4 * vocab))
         largest = max((pair_offsets[q] - pair_offsets[p] for p, q in groups), default=0)
         store = h.new_empty(min(self.store_bytes // 4, largest * vocab), dtype=f32)
         for p, q in groups:

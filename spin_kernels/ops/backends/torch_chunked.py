@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..layout import CountedRows, row_grads, seq_logps
+from ..layout import CountedRows, pair_groups, row_grads, seq_logps
 from ..objective import spin_terms
 from .base import Backend, HeadSpec, acc_dtype
 
@@ -133,11 +133,7 @@ class TorchChunked(Backend):
         ref = ref_logps.to(acc)
         step = self.chunk_rows(weight.shape[0], acc)
         pair_offsets = rows.offsets[::2].tolist()  # host copy: tiling is decided on the host
-        p = 0
-        while p < len(pair_offsets) - 1:
-            q = p + 1  # tile = pairs [p, q): as many whole pairs as fit one chunk
-            while q < len(pair_offsets) - 1 and pair_offsets[q + 1] - pair_offsets[p] <= step:
-                q += 1
+        for p, q in pair_groups(pair_offsets, step):  # tiles of whole pairs that fit one chunk
             lo, hi = pair_offsets[p], pair_offsets[q]
             offsets = rows.offsets[2 * p:2 * q + 1]
             local_seq = rows.seq[lo:hi] - 2 * p
@@ -157,5 +153,4 @@ class TorchChunked(Backend):
                 self._backward_into(hidden, w, b, rows.targets, lse, g, spec, dh, dw, db, lo, hi)
             seq_out[2 * p:2 * q] = seq
             loss += tile_loss
-            p = q
         return seq_out, loss, dh, dw, db
