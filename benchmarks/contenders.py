@@ -328,12 +328,38 @@ class Gemm(Contender):
         return Runner(inp, op, "fwd", forward)
 
 
+class GemmOneDnn(Gemm):
+    """The same product through oneDNN, the engine impl="cpu" uses (CPU only): not the floor of
+    the tables (that is torch.mm), shown next to it so that the kernel's own rate is visible."""
+
+    name = "gemm:onednn"
+
+    def unavailable(self, device):
+        if device.type != "cpu":
+            return "CPU only"
+        try:
+            from spin_kernels.ops.backends.cpu_backend import default_gemm
+        except ImportError as exc:
+            return f"the C++ extension is not built ({exc})"
+        return None if default_gemm() == "onednn" else "this torch does not export oneDNN's matmul"
+
+    def prepare(self, inp, op, mode):
+        a = inp.hidden.detach()[: self.rows(inp.case)]
+        b = inp.weight.detach()
+
+        def forward(h, w):
+            torch.ops.spin_kernels_cpu.matmul(a, b.t(), "onednn")
+            return a.new_zeros(())
+
+        return Runner(inp, op, "fwd", forward)
+
+
 def all_contenders(device: torch.device) -> list[Contender]:
     """Every contender in table order (ours first, the floor last), available or not."""
     from spin_kernels.ops.backends import _FACTORIES, _UNAVAILABLE
 
     impls = [i for i in ("triton", "cpu", "torch") if i in _FACTORIES or i in _UNAVAILABLE]
-    return [*(Ours(i) for i in impls), Naive(), Liger(), CCE(), TRL(), Gemm()]
+    return [*(Ours(i) for i in impls), Naive(), Liger(), CCE(), TRL(), Gemm(), GemmOneDnn()]
 
 
 def select(device: torch.device, only: list[str] | None = None) -> tuple[list[Contender], dict[str, str]]:

@@ -6,7 +6,7 @@ configuration (store bytes, vocab tile, row tile) it times ``linear_spin_loss`` 
 and, with --memory, the peak RSS growth of one warm run in a fresh process (VmHWM - VmRSS, as
 benchmarks/memprobe.py does).
 
-    python -m benchmarks.cpu_kernel_tuning --threads 2 --configs 72M:256:1024,100M:256:1024 --memory
+    python -m benchmarks.cpu_kernel_tuning --threads 2 --configs 0:512:256,0:512:256:blas,94M:512:256 --memory
 """
 
 from __future__ import annotations
@@ -44,10 +44,11 @@ def make_inputs(pairs=4, seq_len=512, prompt=128, hidden=1024, vocab=32000, seed
 
 
 def parse_config(text: str) -> dict:
-    store, vt, rt = text.split(":")
+    """"store:vocab_tile:row_tile[:gemm]", e.g. "0:512:256" or "94M:512:256:blas"."""
+    store, vt, rt, *gemm = text.split(":")
     mult = {"K": 2**10, "M": 2**20, "G": 2**30}
     store_bytes = int(float(store[:-1]) * mult[store[-1]]) if store[-1] in mult else int(store)
-    return {"store_bytes": store_bytes, "vocab_tile": int(vt), "row_tile": int(rt)}
+    return {"store_bytes": store_bytes, "vocab_tile": int(vt), "row_tile": int(rt), "gemm": gemm[0] if gemm else "auto"}
 
 
 def step(inputs, backend) -> None:
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--configs", default="64M:256:1024", help="store:vocab_tile:row_tile, comma-separated")
+    ap.add_argument("--configs", default="0:512:256", help="store:vocab_tile:row_tile[:gemm], comma-separated")
     ap.add_argument("--memory", action="store_true", help="also measure peak RSS growth (fresh process each)")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time with the process CPU clock: on a machine shared with other jobs this "

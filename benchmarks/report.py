@@ -96,7 +96,8 @@ def kernels_markdown(record: dict) -> str:
                 continue
             if r["kind"] == "floor":
                 gemm = f"[{r['gemm_rows']}×{head['hidden']}]·[{head['hidden']}×{head['vocab']}]"
-                lines.append(f"| GEMM floor {gemm} | {fmt_time(r['median_s'])} |"
+                label = "GEMM floor" if r["contender"] == "gemm" else f"GEMM, {r['contender'].split(':')[-1]} engine"
+                lines.append(f"| {label} {gemm} | {fmt_time(r['median_s'])} |"
                              + " |" * len(present) + f" {r.get('tflops', 0):.3g} | | | | |")
                 continue
             speed = [fmt_ratio(base[b]["median_s"] / r["median_s"]) for b in present]

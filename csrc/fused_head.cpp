@@ -4,17 +4,19 @@
 // Work split: the vocabulary is cut into `parts` contiguous ranges (one per thread); each part
 // walks its range in tiles of `vocab_tile` columns, for a block of at most `row_tile` rows at a
 // time. Owning a vocabulary range makes dweight/dbias writes race-free without per-thread
-// [V, H] copies; per-row results are merged across parts in a fixed order, so a run is
-// bit-for-bit repeatable for a given number of parts. Matrix products go to BLAS through ATen
-// (single-threaded inside the parallel region); the exp / log-sum-exp / softmax-gradient work
-// is in row_math.h.
+// [V, H] copies; per-row results (log-sum-exp pieces, dhidden partials) are merged across parts
+// in a fixed order, so a run is bit-for-bit repeatable for a given number of parts. Matrix
+// products go to oneDNN or BLAS one tile at a time (tile_gemm.h); the exp / log-sum-exp /
+// softmax-gradient work is in row_math.h.
 //
-// Optional `store`: a caller-owned fp32 buffer that keeps the transformed logits of the
-// first columns of every part (as many whole tiles as fit) between the forward and the
-// backward of the same rows, so the backward recomputes only the rest. The SPIN path uses it
-// to compute the gradients of a tile of whole pairs from one logits computation (6·N·H·V).
+// Optional `store`: a caller-owned fp32 buffer of at least M x V floats. The forward leaves the
+// transformed logits of every row there and the backward of the same rows reads them instead of
+// recomputing them: the SPIN path uses it for tiles of whole pairs that fit a memory budget
+// (6·N·H·V flops instead of 8). Its layout, row block by row block and tile by tile, depends
+// on row_tile and vocab_tile, so forward and backward must use the same ones.
 // Optional `row_index`: hidden is then all N rows and the counted ones are read through it,
-// block by block, so the caller needs no gathered [M, H] copy.
+// block by block, so the caller needs no gathered [M, H] copy; dhidden then has hidden's shape
+// too and the counted rows' gradients are written at the same positions.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -24,39 +26,16 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "row_math.h"
-
-// MKL (what the x86 torch wheels use for fp32 matmuls) is told by torch not to adapt its thread
-// count, so a matmul issued inside our parallel region would start a nested team of its own:
-// oversubscription, and on a busy machine a 4x slowdown. Each part therefore runs its matmuls
-// single-threaded. The Fortran-convention entry point (argument by pointer) is the one the wheels
-// export. Weak: absent when torch uses another BLAS, which then runs as it would anyway.
-extern "C" int mkl_set_num_threads_local_(const int*) __attribute__((weak));
+#include "tile_gemm.h"
 
 namespace spin_kernels {
 namespace {
 
 using at::Tensor;
-
-// Single-threaded BLAS on this thread while alive (see mkl_set_num_threads_local_ above).
-class SerialBlas {
- public:
-  SerialBlas() : active_(mkl_set_num_threads_local_ != nullptr) {
-    const int one = 1;
-    if (active_) previous_ = mkl_set_num_threads_local_(&one);
-  }
-  ~SerialBlas() {
-    if (active_) mkl_set_num_threads_local_(&previous_);
-  }
-  SerialBlas(const SerialBlas&) = delete;
-  SerialBlas& operator=(const SerialBlas&) = delete;
-
- private:
-  bool active_;
-  int previous_ = 0;
-};
 
 bool is_kernel_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
@@ -126,30 +105,19 @@ std::optional<Tensor> check_inputs(const Tensor& hidden, const Tensor& weight, c
   return bias->to(at::kFloat).contiguous();
 }
 
-// The vocabulary partition and the stored-column layout, identical for forward and backward.
+// The vocabulary partition, identical for forward and backward.
 struct Plan {
   int64_t rows, vocab, hidden, row_tile, vocab_tile, parts;
-  std::vector<int64_t> begin, end, stored;  // per part: columns [begin, end), first `stored` kept
-  int64_t store_stride = 0;                 // floats per part in the store
+  std::vector<int64_t> begin, end;  // per part: columns [begin, end), whole tiles but the last
 
-  Plan(int64_t rows_, int64_t vocab_, int64_t hidden_, int64_t parts_, int64_t row_tile_, int64_t vocab_tile_,
-       int64_t store_floats)
+  Plan(int64_t rows_, int64_t vocab_, int64_t hidden_, int64_t parts_, int64_t row_tile_, int64_t vocab_tile_)
       : rows(rows_), vocab(vocab_), hidden(hidden_), row_tile(std::min(row_tile_, std::max<int64_t>(rows_, 1))),
         vocab_tile(std::min(vocab_tile_, vocab_)) {
     const int64_t tiles = (vocab + vocab_tile - 1) / vocab_tile;
     parts = std::min(parts_, tiles);  // every part gets at least one tile
-    store_stride = parts > 0 ? store_floats / parts : 0;
     for (int64_t p = 0; p < parts; ++p) {
-      const int64_t b = tiles * p / parts * vocab_tile;
-      const int64_t e = std::min(tiles * (p + 1) / parts * vocab_tile, vocab);
-      begin.push_back(b);
-      end.push_back(e);
-      int64_t keep = 0;
-      if (rows > 0 && store_stride > 0) {
-        const int64_t fit = store_stride / rows;  // columns of all rows that fit in this part's share
-        keep = fit >= e - b ? e - b : fit / vocab_tile * vocab_tile;
-      }
-      stored.push_back(keep);
+      begin.push_back(tiles * p / parts * vocab_tile);
+      end.push_back(std::min(tiles * (p + 1) / parts * vocab_tile, vocab));
     }
   }
 };
@@ -182,35 +150,24 @@ Tensor fp32_rows(const Tensor& src, int64_t r0, int64_t n, Tensor& scratch) {
 class RowSource {
  public:
   RowSource(const Tensor& hidden, const std::optional<Tensor>& row_index, int64_t row_tile)
-      : hidden_(hidden), index_(row_index) {
-    if (index_.has_value() || hidden.scalar_type() != at::kFloat)
+      : hidden_(hidden), index_(row_index.has_value() ? row_index->const_data_ptr<int64_t>() : nullptr) {
+    if (index_ != nullptr || hidden.scalar_type() != at::kFloat)
       scratch_ = at::empty({row_tile, hidden.size(1)}, hidden.options().dtype(at::kFloat));
   }
 
   Tensor block(int64_t r0, int64_t n) {
-    if (!index_.has_value()) return fp32_rows(hidden_, r0, n, scratch_);
-    return rows_to_fp32(hidden_, index_->const_data_ptr<int64_t>() + r0, 0, n, scratch_);
+    if (index_ == nullptr) return fp32_rows(hidden_, r0, n, scratch_);
+    return rows_to_fp32(hidden_, index_ + r0, 0, n, scratch_);
   }
+
+  // The row of hidden (and of a dhidden shaped like it) that counted row i is.
+  int64_t position(int64_t i) const { return index_ != nullptr ? index_[i] : i; }
 
  private:
   const Tensor& hidden_;
-  const std::optional<Tensor>& index_;
+  const int64_t* index_;
   Tensor scratch_;
 };
-
-// [n, cols] fp32 view of part p's stored logits for rows [r0, r0 + n), columns starting at
-// `col` (relative to the part's first column).
-Tensor stored_tile(Tensor& store, const Plan& plan, int64_t p, int64_t r0, int64_t n, int64_t col, int64_t cols) {
-  const int64_t ld = plan.stored[p];
-  return store.as_strided({n, cols}, {ld, 1}, store.storage_offset() + p * plan.store_stride + r0 * ld + col);
-}
-
-// With an fp32 weight (a view, no conversion buffer) the kept columns of a part go through
-// BLAS as one product each instead of one per tile: large products run nearer the machine's
-// matmul rate and read the hidden rows once.
-bool kept_in_one_product(const Plan& plan, int64_t p, const Tensor& weight) {
-  return plan.stored[p] > 0 && weight.scalar_type() == at::kFloat;
-}
 
 HeadOptions head_options(const std::optional<Tensor>& bias32, double temperature, double softcap) {
   HeadOptions o;
@@ -220,50 +177,75 @@ HeadOptions head_options(const std::optional<Tensor>& bias32, double temperature
   return o;
 }
 
-Tensor check_store(const std::optional<Tensor>& store) {
+Tensor check_store(const std::optional<Tensor>& store, int64_t rows, int64_t vocab) {
   if (!store.has_value()) return Tensor();
   TORCH_CHECK(store->device().is_cpu() && store->scalar_type() == at::kFloat && store->dim() == 1 &&
                   store->is_contiguous(),
               "store must be a contiguous 1-D float32 CPU tensor");
+  TORCH_CHECK(store->numel() >= rows * vocab, "store must hold the logits of all rows: M x V = ", rows, " x ",
+              vocab, " floats, got ", store->numel());
   return *store;
 }
 
-// Per-part scratch that outlives one row block: the logits tile and converted weight tile.
+// Per-part workspace that outlives one row block.
 struct PartScratch {
-  Tensor logits;  // [row_tile, vocab_tile]
-  Tensor weight;  // [vocab_tile, H] when weight is not fp32
+  Tensor logits;  // [row_tile * vocab_tile]: one logits tile (unused with a store)
+  Tensor weight;  // [vocab_tile, H] fp32 copy of a weight tile when weight is not fp32
+  Tensor dh;      // [row_tile * H]: this part's share of the block's dhidden (backward)
 };
 
-std::vector<PartScratch> make_scratch(const Plan& plan, const Tensor& weight, bool need_logits) {
+std::vector<PartScratch> make_scratch(const Plan& plan, const Tensor& weight, bool need_logits, bool need_dh) {
   std::vector<PartScratch> s(plan.parts);
   const auto f32 = weight.options().dtype(at::kFloat);
   for (auto& part : s) {
-    if (need_logits) part.logits = at::empty({plan.row_tile, plan.vocab_tile}, f32);
+    if (need_logits) part.logits = at::empty({plan.row_tile * plan.vocab_tile}, f32);
     if (weight.scalar_type() != at::kFloat) part.weight = at::empty({plan.vocab_tile, plan.hidden}, f32);
+    if (need_dh) part.dh = at::empty({plan.row_tile * plan.hidden}, f32);
   }
   return s;
+}
+
+// The [n, cols] contiguous logits tile of rows [r0, r0 + n) and columns [v0, v0 + cols): its
+// place in the store, or the part's scratch.
+Tensor logits_tile(const Tensor& store, PartScratch& s, const Plan& plan, int64_t r0, int64_t n, int64_t v0,
+                   int64_t cols) {
+  if (store.defined()) return store.as_strided({n, cols}, {cols, 1}, store.storage_offset() + r0 * plan.vocab + n * v0);
+  return s.logits.narrow(0, 0, n * cols).view({n, cols});
 }
 
 Tensor weight_tile(const Tensor& weight, int64_t v0, int64_t n, PartScratch& s) {
   return fp32_rows(weight, v0, n, s.weight);
 }
 
+// Runs body(p) for every part on the ATen thread pool, each thread with autograd out of the way
+// and its BLAS single-threaded.
+template <typename F>
+void for_each_part(const Plan& plan, const F& body) {
+  at::parallel_for(0, plan.parts, 1, [&](int64_t pb, int64_t pe) {
+    // OpenMP workers do not inherit the caller's dispatch state: keep autograd out of the
+    // products (weight may require grad; these are plain computations on views).
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const SerialBlas serial_blas;
+    for (int64_t p = pb; p < pe; ++p) body(p);
+  });
+}
+
 std::tuple<Tensor, Tensor> rows_forward(const Tensor& hidden, const Tensor& weight, const std::optional<Tensor>& bias,
                                         const Tensor& targets, double temperature, double softcap,
                                         const std::optional<Tensor>& store_opt, int64_t parts, int64_t row_tile,
-                                        int64_t vocab_tile, const std::optional<Tensor>& row_index) {
+                                        int64_t vocab_tile, const std::optional<Tensor>& row_index,
+                                        c10::string_view gemm_name) {
   const auto bias32 =
       check_inputs(hidden, weight, bias, targets, row_index, temperature, softcap, parts, row_tile, vocab_tile);
-  Tensor store = check_store(store_opt);
+  const Gemm gemm = resolve_gemm(std::string(gemm_name.data(), gemm_name.size()));
   const int64_t m = targets.size(0), h = hidden.size(1), v = weight.size(0);
+  const Tensor store = check_store(store_opt, m, v);
   const auto f32 = hidden.options().dtype(at::kFloat);
   Tensor logp = at::empty({m}, f32), lse = at::empty({m}, f32);
   if (m == 0) return {logp, lse};
-  const Plan plan(m, v, h, parts, row_tile, vocab_tile, store.defined() ? store.numel() : 0);
+  const Plan plan(m, v, h, parts, row_tile, vocab_tile);
   const HeadOptions opts = head_options(bias32, temperature, softcap);
-  bool all_stored = true;
-  for (int64_t p = 0; p < plan.parts; ++p) all_stored &= plan.stored[p] == plan.end[p] - plan.begin[p];
-  auto scratch = make_scratch(plan, weight, !all_stored);
+  auto scratch = make_scratch(plan, weight, !store.defined(), false);
   RowSource rows(hidden, row_index, plan.row_tile);
   // Running (max, sum) per part and row of the block; z[target] written by the owning part.
   Tensor run_max = at::empty({plan.parts, plan.row_tile}, f32), run_sum = at::empty({plan.parts, plan.row_tile}, f32);
@@ -275,29 +257,15 @@ std::tuple<Tensor, Tensor> rows_forward(const Tensor& hidden, const Tensor& weig
     const Tensor h_rows = rows.block(r0, n);
     run_max.fill_(-std::numeric_limits<float>::infinity());
     run_sum.zero_();
-    at::parallel_for(0, plan.parts, 1, [&](int64_t pb, int64_t pe) {
-      // OpenMP workers do not inherit the caller's dispatch state: keep autograd out of the
-      // matmuls (weight may require grad; these are plain computations on views).
-      const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      const SerialBlas serial_blas;
-      for (int64_t p = pb; p < pe; ++p) {
-        PartScratch& s = scratch[p];
-        const int64_t kept = plan.stored[p];
-        const bool one_product = kept_in_one_product(plan, p, weight);
-        if (one_product) {
-          Tensor logits = stored_tile(store, plan, p, r0, n, 0, kept);
-          at::mm_out(logits, h_rows, weight.narrow(0, plan.begin[p], kept).t());
-        }
-        for (int64_t v0 = plan.begin[p]; v0 < plan.end[p]; v0 += plan.vocab_tile) {
-          const int64_t cols = std::min(plan.vocab_tile, plan.end[p] - v0);
-          const int64_t col = v0 - plan.begin[p];
-          Tensor tile = col < kept ? stored_tile(store, plan, p, r0, n, col, cols)
-                                   : s.logits.narrow(0, 0, n).narrow(1, 0, cols);
-          if (!(one_product && col < kept)) at::mm_out(tile, h_rows, weight_tile(weight, v0, cols, s).t());
-          forward_tile(tile.data_ptr<float>(), tile.stride(0), n, cols, v0, opts, y + r0,
-                       run_max.data_ptr<float>() + p * plan.row_tile, run_sum.data_ptr<float>() + p * plan.row_tile,
-                       target_logit.data_ptr<float>());
-        }
+    for_each_part(plan, [&](int64_t p) {
+      PartScratch& s = scratch[p];
+      for (int64_t v0 = plan.begin[p]; v0 < plan.end[p]; v0 += plan.vocab_tile) {
+        const int64_t cols = std::min(plan.vocab_tile, plan.end[p] - v0);
+        Tensor tile = logits_tile(store, s, plan, r0, n, v0, cols);
+        tile_mm(h_rows, weight_tile(weight, v0, cols, s).t(), tile, false, gemm);
+        forward_tile(tile.data_ptr<float>(), cols, n, cols, v0, opts, y + r0,
+                     run_max.data_ptr<float>() + p * plan.row_tile, run_sum.data_ptr<float>() + p * plan.row_tile,
+                     target_logit.data_ptr<float>());
       }
     });
     // Merge the parts' (max, sum) in part order: the same result for the same `parts`.
@@ -331,87 +299,81 @@ void check_grad_output(const std::optional<Tensor>& t, const char* name, int64_t
   }
 }
 
-// dhidden is overwritten; dweight and dbias are accumulated into (the caller zeroes them once),
-// so that tiles of rows can be added up call after call.
+// dhidden (shaped like hidden) has its counted rows overwritten; dweight and dbias are
+// accumulated into (the caller zeroes them once), so that tiles of rows can be added up call
+// after call.
 void rows_backward(const Tensor& hidden, const Tensor& weight, const std::optional<Tensor>& bias,
                    const Tensor& targets, const Tensor& lse, const Tensor& grad, double temperature, double softcap,
                    const std::optional<Tensor>& store_opt, int64_t parts, int64_t row_tile, int64_t vocab_tile,
                    const std::optional<Tensor>& dhidden, const std::optional<Tensor>& dweight,
-                   const std::optional<Tensor>& dbias, const std::optional<Tensor>& row_index) {
+                   const std::optional<Tensor>& dbias, const std::optional<Tensor>& row_index,
+                   c10::string_view gemm_name) {
   const auto bias32 =
       check_inputs(hidden, weight, bias, targets, row_index, temperature, softcap, parts, row_tile, vocab_tile);
-  Tensor store = check_store(store_opt);
+  const Gemm gemm = resolve_gemm(std::string(gemm_name.data(), gemm_name.size()));
   const int64_t m = targets.size(0), h = hidden.size(1), v = weight.size(0);
+  const Tensor store = check_store(store_opt, m, v);
   check_fp32_vector(lse, "lse", m);
   check_fp32_vector(grad, "grad", m);
-  check_grad_output(dhidden, "dhidden", m, h);
+  check_grad_output(dhidden, "dhidden", hidden.size(0), h);
   check_grad_output(dweight, "dweight", v, h);
   check_grad_output(dbias, "dbias", v, -1);
-  if (m == 0 || !(dhidden.has_value() || dweight.has_value() || dbias.has_value())) {
-    if (dhidden.has_value()) dhidden->zero_();
-    return;
-  }
-  const Plan plan(m, v, h, parts, row_tile, vocab_tile, store.defined() ? store.numel() : 0);
+  if (m == 0 || !(dhidden.has_value() || dweight.has_value() || dbias.has_value())) return;
+  const Plan plan(m, v, h, parts, row_tile, vocab_tile);
   const HeadOptions opts = head_options(bias32, temperature, softcap);
-  auto scratch = make_scratch(plan, weight, true);
-  const auto f32 = hidden.options().dtype(at::kFloat);
+  auto scratch = make_scratch(plan, weight, !store.defined(), dhidden.has_value());
   RowSource rows(hidden, row_index, plan.row_tile);
-  // Parts other than the first add their dhidden into their own buffer; summed in part order.
-  std::vector<Tensor> dh_partial(plan.parts);
-  if (dhidden.has_value())
-    for (int64_t p = 1; p < plan.parts; ++p) dh_partial[p] = at::empty({plan.row_tile, h}, f32);
   const int64_t* y = targets.const_data_ptr<int64_t>();
 
   for (int64_t r0 = 0; r0 < m; r0 += plan.row_tile) {
     const int64_t n = std::min(plan.row_tile, m - r0);
     const Tensor h_rows = rows.block(r0, n);
-    at::parallel_for(0, plan.parts, 1, [&](int64_t pb, int64_t pe) {
-      // OpenMP workers do not inherit the caller's dispatch state: keep autograd out of the
-      // matmuls (weight may require grad; these are plain computations on views).
-      const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      const SerialBlas serial_blas;
-      for (int64_t p = pb; p < pe; ++p) {
-        PartScratch& s = scratch[p];
-        Tensor dh;
-        if (dhidden.has_value()) {
-          dh = p == 0 ? dhidden->narrow(0, r0, n) : dh_partial[p].narrow(0, 0, n);
-          std::fill_n(dh.data_ptr<float>(), dh.numel(), 0.0f);  // rows of a contiguous buffer
+    for_each_part(plan, [&](int64_t p) {
+      PartScratch& s = scratch[p];
+      const Tensor dh = dhidden.has_value() ? s.dh.narrow(0, 0, n * h).view({n, h}) : Tensor();
+      for (int64_t v0 = plan.begin[p]; v0 < plan.end[p]; v0 += plan.vocab_tile) {
+        const int64_t cols = std::min(plan.vocab_tile, plan.end[p] - v0);
+        const Tensor w = weight_tile(weight, v0, cols, s);
+        Tensor tile = logits_tile(store, s, plan, r0, n, v0, cols);
+        if (!store.defined()) {
+          tile_mm(h_rows, w.t(), tile, false, gemm);
+          transform_tile(tile.data_ptr<float>(), cols, n, cols, v0, opts);
         }
-        const int64_t kept = plan.stored[p];
-        const bool one_product = kept_in_one_product(plan, p, weight);
-        for (int64_t v0 = plan.begin[p]; v0 < plan.end[p]; v0 += plan.vocab_tile) {
-          const int64_t cols = std::min(plan.vocab_tile, plan.end[p] - v0);
-          const int64_t col = v0 - plan.begin[p];
-          const bool deferred = one_product && col < kept;  // its products come after the loop
-          const Tensor w = deferred ? Tensor() : weight_tile(weight, v0, cols, s);
-          Tensor tile;
-          if (col < kept) {
-            tile = stored_tile(store, plan, p, r0, n, col, cols);
-          } else {
-            tile = s.logits.narrow(0, 0, n).narrow(1, 0, cols);
-            at::mm_out(tile, h_rows, w.t());
-            transform_tile(tile.data_ptr<float>(), tile.stride(0), n, cols, v0, opts);
-          }
-          backward_tile(tile.data_ptr<float>(), tile.stride(0), n, cols, v0, opts, y + r0,
-                        lse.const_data_ptr<float>() + r0, grad.const_data_ptr<float>() + r0);
-          if (dbias.has_value())
-            add_column_sums(tile.data_ptr<float>(), tile.stride(0), n, cols, dbias->data_ptr<float>() + v0);
-          if (deferred) continue;
-          if (dh.defined()) dh.addmm_(tile, w);
-          if (dweight.has_value()) dweight->narrow(0, v0, cols).addmm_(tile.t(), h_rows);
-        }
-        if (one_product) {
-          const Tensor grads = stored_tile(store, plan, p, r0, n, 0, kept);
-          if (dh.defined()) dh.addmm_(grads, weight.narrow(0, plan.begin[p], kept));
-          if (dweight.has_value()) dweight->narrow(0, plan.begin[p], kept).addmm_(grads.t(), h_rows);
+        backward_tile(tile.data_ptr<float>(), cols, n, cols, v0, opts, y + r0, lse.const_data_ptr<float>() + r0,
+                      grad.const_data_ptr<float>() + r0);  // tile = dL/du
+        if (dbias.has_value()) add_column_sums(tile.data_ptr<float>(), cols, n, cols, dbias->data_ptr<float>() + v0);
+        if (dh.defined()) tile_mm(tile, w, dh, v0 != plan.begin[p], gemm);
+        if (dweight.has_value()) tile_mm(tile.t(), h_rows, dweight->narrow(0, v0, cols), true, gemm);
+      }
+    });
+    if (!dhidden.has_value()) continue;
+    // dhidden rows = the parts' partials summed in part order (repeatable for a given `parts`).
+    float* out = dhidden->data_ptr<float>();
+    at::parallel_for(0, n, 16, [&](int64_t ib, int64_t ie) {
+      for (int64_t i = ib; i < ie; ++i) {
+        float* dst = out + rows.position(r0 + i) * h;
+        std::copy_n(scratch[0].dh.const_data_ptr<float>() + i * h, h, dst);
+        for (int64_t p = 1; p < plan.parts; ++p) {
+          const float* src = scratch[p].dh.const_data_ptr<float>() + i * h;
+          for (int64_t j = 0; j < h; ++j) dst[j] += src[j];
         }
       }
     });
-    if (dhidden.has_value()) {
-      Tensor dh = dhidden->narrow(0, r0, n);
-      for (int64_t p = 1; p < plan.parts; ++p) dh.add_(dh_partial[p].narrow(0, 0, n));
-    }
   }
+}
+
+// a [M, K] @ b [K, N] -> fp32 [M, N] with the kernels' engine, on all threads: what the
+// benchmarks time as the matrix-product rate that engine reaches on this machine.
+Tensor matmul(const Tensor& a, const Tensor& b, c10::string_view gemm_name) {
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), "a and b must be CPU tensors");
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat, "a and b must be float32");
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "a [M, K] and b [K, N] expected, got ",
+              a.sizes(), " and ", b.sizes());
+  const Gemm gemm = resolve_gemm(std::string(gemm_name.data(), gemm_name.size()));
+  Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  tile_mm(a, b, out, false, gemm);
+  return out;
 }
 
 }  // namespace
@@ -420,14 +382,20 @@ void rows_backward(const Tensor& hidden, const Tensor& weight, const std::option
 TORCH_LIBRARY(spin_kernels_cpu, m) {
   m.def(
       "rows_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float temperature, float softcap, "
-      "Tensor(a!)? store, int parts, int row_tile, int vocab_tile, Tensor? row_index=None) -> (Tensor logp, Tensor lse)");
+      "Tensor(a!)? store, int parts, int row_tile, int vocab_tile, Tensor? row_index=None, str gemm=\"auto\") "
+      "-> (Tensor logp, Tensor lse)");
   m.def(
       "rows_backward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor lse, Tensor grad, "
       "float temperature, float softcap, Tensor(a!)? store, int parts, int row_tile, int vocab_tile, "
-      "Tensor(b!)? dhidden, Tensor(c!)? dweight, Tensor(d!)? dbias, Tensor? row_index=None) -> ()");
+      "Tensor(b!)? dhidden, Tensor(c!)? dweight, Tensor(d!)? dbias, Tensor? row_index=None, str gemm=\"auto\") -> ()");
+  m.def("matmul(Tensor a, Tensor b, str gemm=\"auto\") -> Tensor");
+  // Which matrix-product engine the kernels use for gemm="auto": "onednn" or "blas".
+  m.def("default_gemm() -> str", [] { return std::string(spin_kernels::onednn_available() ? "onednn" : "blas"); });
 }
 
 TORCH_LIBRARY_IMPL(spin_kernels_cpu, CPU, m) {
   m.impl("rows_forward", &spin_kernels::rows_forward);
   m.impl("rows_backward", &spin_kernels::rows_backward);
+  m.impl("matmul", &spin_kernels::matmul);
 }
+

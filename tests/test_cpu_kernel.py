@@ -2,7 +2,7 @@
 
 Tiny tiles (a few rows, 8-16 vocabulary columns, several parts) make small shapes cross every
 boundary the real tiling has: parts of the vocabulary, partial last tiles, row blocks, logits
-kept in the store or recomputed. Runs in ~15 s on 2 cores.
+kept in the store or recomputed, both matrix-product engines. Runs in ~15 s on 2 cores.
 """
 
 from __future__ import annotations
@@ -94,28 +94,66 @@ def test_spin_loss_with_any_store_matches_float64_reference(store_bytes, options
     _check_against_reference(case, out, ref_case, ref, 2e-5, 6e-5)
 
 
-@pytest.mark.parametrize("store_floats", [2 * 10 * 16, 2 * 10 * 32 + 7])  # half of each part's tiles; all
-def test_backward_from_stored_logits_matches_recomputation(store_floats):
+@pytest.mark.parametrize("gemm", ["onednn", "blas"])
+def test_backward_from_stored_logits_matches_recomputation(gemm):
+    if gemm == "onednn" and cpu_backend.default_gemm() != "onednn":
+        pytest.skip("this torch does not export oneDNN's matmul")
     g = torch.Generator().manual_seed(1)
     h, w, b = torch.randn(10, 12, generator=g), torch.randn(64, 12, generator=g), torch.randn(64, generator=g)
     y = torch.randint(0, 64, (10,), generator=g)
     tiles = (2, 4, 8)  # two parts of 32 columns = 4 tiles each; row blocks of 4
-    store = torch.full((store_floats,), float("nan"))
-    logp, lse = OPS.rows_forward(h, w, b, y, 0.8, 3.0, store, *tiles)
-    assert_close(logp, OPS.rows_forward(h, w, b, y, 0.8, 3.0, None, *tiles)[0], 1e-6)  # BLAS blocks differ
-    kept = 10 * (16 if store_floats < 2 * 10 * 32 else 32)  # per part: its first tiles, all rows
-    for part in range(2):
-        start = part * (store_floats // 2)
-        assert not store[start:start + kept].isnan().any()
-    assert int((~store.isnan()).sum()) == 2 * kept
+    store = torch.full((10 * 64 + 7,), float("nan"))
+    logp, lse = OPS.rows_forward(h, w, b, y, 0.8, 3.0, store, *tiles, None, gemm)
+    assert torch.equal(logp, OPS.rows_forward(h, w, b, y, 0.8, 3.0, None, *tiles, None, gemm)[0])
+    assert not store[:640].isnan().any() and store[640:].isnan().all()  # every logit kept, nothing past M x V
     grad = torch.randn(10, generator=g)
     results = []
     for s in (store, None):
         out = (torch.empty(10, 12), torch.zeros(64, 12), torch.zeros(64))
-        OPS.rows_backward(h, w, b, y, lse, grad, 0.8, 3.0, s, *tiles, *out)
+        OPS.rows_backward(h, w, b, y, lse, grad, 0.8, 3.0, s, *tiles, *out, None, gemm)
         results.append(out)
     for a, c in zip(*results):
-        assert_close(a, c, 1e-6)
+        assert torch.equal(a, c)
+
+
+def test_both_matrix_product_engines_match_the_float64_reference():
+    """gemm="onednn" (the default where torch exports it) and gemm="blas" compute the same function."""
+    lengths = random_lengths(4, 23, seed=17) + [0, 1]
+    case = make_case(lengths, 19, 83, bias=True, seed=18)
+    options = {"bias": True, "temperature": 0.9}
+    engines = ["blas"] + (["onednn"] if cpu_backend.default_gemm() == "onednn" else [])
+    for gemm in engines:
+        ref_case = case.float64()
+        ref, _ = naive_linear_spin_loss(ref_case.hidden, ref_case.weight, case.targets, case.cu_seqlens,
+                                        ref_case.ref_logps, beta=0.3, **_naive_kwargs(ref_case, options))
+        backend = CpuFused(parts=2, row_tile=7, vocab_tile=16, gemm=gemm)
+        _check_against_reference(case, _spin_loss(case, backend, options), ref_case, ref, 2e-5, 6e-5)
+
+
+def test_gemm_names_are_checked():
+    assert cpu_backend.default_gemm() in ("onednn", "blas")
+    with pytest.raises(ValueError, match="gemm must be one of"):
+        CpuFused(gemm="mkl")
+    with pytest.raises(RuntimeError, match="gemm must be 'auto', 'onednn' or 'blas', got 'mkl'"):
+        OPS.rows_forward(*_kernel_args().values(), "mkl")
+
+
+def test_dhidden_through_row_index_writes_only_the_counted_rows():
+    g = torch.Generator().manual_seed(3)
+    h, w = torch.randn(9, 8, generator=g), torch.randn(30, 8, generator=g)
+    index = torch.tensor([0, 2, 3, 7, 8])
+    y = torch.randint(0, 30, (5,), generator=g)
+    tiles = (2, 2, 8)
+    logp, lse = OPS.rows_forward(h, w, None, y, 1.0, 0.0, None, *tiles, index)
+    assert torch.equal(logp, OPS.rows_forward(h[index], w, None, y, 1.0, 0.0, None, *tiles)[0])
+    grad = torch.randn(5, generator=g)
+    dh = torch.full((9, 8), 7.0)
+    OPS.rows_backward(h, w, None, y, lse, grad, 1.0, 0.0, None, *tiles, dh, None, None, index)
+    gathered = torch.empty(5, 8)
+    OPS.rows_backward(h[index], w, None, y, lse, grad, 1.0, 0.0, None, *tiles, gathered, None, None)
+    assert torch.equal(dh[index], gathered)
+    others = torch.tensor([1, 4, 5, 6])
+    assert torch.equal(dh[others], torch.full((4, 8), 7.0))
 
 
 def test_spin_path_takes_all_rows_or_the_gathered_counted_rows():
@@ -127,8 +165,12 @@ def test_spin_path_takes_all_rows_or_the_gathered_counted_rows():
     h, w, b = case.hidden.detach(), case.weight.detach(), case.bias.detach()
     args = (w, b, rows, case.ref_logps, 0.2, "sigmoid", True, HeadSpec(softcap=2.0), Needs())
     assert h.shape[0] > rows.num_rows
-    for a, c in zip(backend.spin_forward_backward(h, *args), backend.spin_forward_backward(h[rows.index], *args)):
+    seq, loss, dh, dw, db = backend.spin_forward_backward(h, *args)
+    seq_g, loss_g, dh_g, dw_g, db_g = backend.spin_forward_backward(h[rows.index], *args)
+    for a, c in [(seq, seq_g), (loss, loss_g), (dw, dw_g), (db, db_g), (dh[rows.index], dh_g)]:
         assert torch.equal(a, c)
+    assert dh.shape == h.shape  # dhidden shaped like the hidden it was given, zero on ignored rows
+    assert dh.abs().sum(1).ne(0).sum() == rows.num_rows
 
 
 def test_pair_groups_hold_whole_pairs_within_the_store():
@@ -272,7 +314,8 @@ def _call_backward(a):
     (dict(softcap=-1.0), "softcap must be finite and >= 0"),
     (dict(parts=0), "parts must be >= 1"),
     (dict(vocab_tile=0), "vocab_tile must be >= 1"),
-    (dict(store=torch.zeros(100, dtype=torch.float64)), "store must be a contiguous 1-D float32"),
+    (dict(store=torch.zeros(120, dtype=torch.float64)), "store must be a contiguous 1-D float32"),
+    (dict(store=torch.zeros(119)), r"store must hold the logits of all rows: M x V = 6 x 20 floats, got 119"),
     (dict(row_index=torch.tensor([0, 1, 2, 3, 4, 6])), r"row_index must be in \[0, hidden.size\(0\)=6\), got 6"),
     (dict(row_index=torch.tensor([0, 1, 2])), r"row_index must be a contiguous int64 CPU tensor of shape \[M\] = \[6\]"),
 ])

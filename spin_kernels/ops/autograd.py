@@ -71,9 +71,11 @@ class LinearSPINLossFunction(torch.autograd.Function):
         rows = CountedRows.build(targets, cu_seqlens, ignore_index)
         ref = ref_logps.detach()
         needs = Needs(*ctx.needs_input_grad[:3])
+        all_rows = getattr(backend, "takes_all_rows", False)
         if needs.hidden or needs.weight or needs.bias:
-            # A backend that reads the counted rows itself gets all of hidden: no [M, H] copy.
-            h = hidden if getattr(backend, "takes_all_rows", False) else hidden[rows.index]
+            # A backend that reads the counted rows itself gets all of hidden (no [M, H] copy) and
+            # returns dhidden shaped like it (no scatter).
+            h = hidden if all_rows else hidden[rows.index]
             seq, loss, dh, dw, db = backend.spin_forward_backward(
                 h, weight, bias, rows, ref, beta, loss_type, average, spec, needs)
         else:
@@ -84,6 +86,7 @@ class LinearSPINLossFunction(torch.autograd.Function):
         # Stored in the parameters' dtypes: they are the gradients, only rescaled in backward.
         ctx.save_for_backward(_cast(dh, hidden), _cast(dw, weight), _cast(db, bias))
         ctx.rows, ctx.hidden_shape, ctx.hidden_dtype = rows, hidden.shape, hidden.dtype
+        ctx.dh_all_rows = all_rows
         ctx.mark_non_differentiable(seq)
         return loss, seq
 
@@ -91,6 +94,8 @@ class LinearSPINLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_seq):
         dh, dw, db = ctx.saved_tensors
         scale = _unless_one(grad_loss)
-        if dh is not None:
+        if dh is not None and ctx.dh_all_rows:
+            dh = _cast(dh, dh, scale)
+        elif dh is not None:
             dh = _scatter_rows(ctx.rows, dh, ctx.hidden_shape, ctx.hidden_dtype, scale=scale)
         return (dh, _cast(dw, dw, scale), _cast(db, db, scale)) + (None,) * 9
