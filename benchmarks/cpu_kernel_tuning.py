@@ -48,7 +48,8 @@ def parse_config(text: str) -> dict:
     store, vt, rt, *gemm = text.split(":")
     mult = {"K": 2**10, "M": 2**20, "G": 2**30}
     store_bytes = int(float(store[:-1]) * mult[store[-1]]) if store[-1] in mult else int(store)
-    return {"store_bytes": store_bytes, "vocab_tile": int(vt), "row_tile": int(rt), "gemm": gemm[0] if gemm else "auto"}
+    return {"store_bytes": store_bytes, "vocab_tile": int(vt), "row_tile": int(rt),
+            "gemm": gemm[0] if gemm else "auto"}
 
 
 def step(inputs, backend) -> None:

@@ -10,7 +10,7 @@
 # their wheels (pure Python: liger-kernel, cut-cross-entropy, trl) in a folder and set
 # SPIN_BENCH_WHEELS=that/folder: they are installed with --no-deps into a private folder.
 #
-# Environment: PYTHON (default python3), SPIN_BENCH_KERNEL_BUDGET_S (default 390: no new kernel
+# Environment: PYTHON (default python3), SPIN_GPU_LOG_APPEND=1 (append to run_gpu.log), SPIN_BENCH_KERNEL_BUDGET_S (default 390: no new kernel
 # group starts after this), SPIN_BENCH_E2E_BUDGET_S (default 60), SPIN_BENCH_ARGS (extra
 # arguments for the kernel suite, e.g. "--quick").
 set -uo pipefail
@@ -38,5 +38,5 @@ cd "$ROOT"
   e=$?
   echo "== done $(date -u +%FT%TZ): kernels rc=$k, e2e rc=$e"
   exit $(( k | e ))
-} 2>&1 | tee "$LOG"
+} 2>&1 | tee ${SPIN_GPU_LOG_APPEND:+-a} "$LOG"
 exit "${PIPESTATUS[0]}"

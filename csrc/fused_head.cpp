@@ -209,7 +209,8 @@ std::vector<PartScratch> make_scratch(const Plan& plan, const Tensor& weight, bo
 // place in the store, or the part's scratch.
 Tensor logits_tile(const Tensor& store, PartScratch& s, const Plan& plan, int64_t r0, int64_t n, int64_t v0,
                    int64_t cols) {
-  if (store.defined()) return store.as_strided({n, cols}, {cols, 1}, store.storage_offset() + r0 * plan.vocab + n * v0);
+  if (store.defined())
+    return store.as_strided({n, cols}, {cols, 1}, store.storage_offset() + r0 * plan.vocab + n * v0);
   return s.logits.narrow(0, 0, n * cols).view({n, cols});
 }
 
@@ -279,7 +280,8 @@ std::tuple<Tensor, Tensor> rows_forward(const Tensor& hidden, const Tensor& weig
       for (int64_t p = 0; p < plan.parts; ++p) top = std::max(top, mx[p * plan.row_tile + i]);
       double total = 0.0;
       for (int64_t p = 0; p < plan.parts; ++p)
-        total += static_cast<double>(sm[p * plan.row_tile + i]) * std::exp(static_cast<double>(mx[p * plan.row_tile + i]) - top);
+        total += static_cast<double>(sm[p * plan.row_tile + i]) *
+                 std::exp(static_cast<double>(mx[p * plan.row_tile + i]) - top);
       lse_out[i] = top + static_cast<float>(std::log(total));
       logp_out[i] = zt[i] - lse_out[i];
     }
