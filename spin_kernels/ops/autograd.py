@@ -15,16 +15,6 @@ from .layout import CountedRows
 from .objective import spin_terms
 
 
-def _scatter_rows(rows: CountedRows, grad_rows: Tensor, shape: torch.Size, dtype: torch.dtype,
-                  scale: Tensor | None = None) -> Tensor:
-    """[M, H] gradients of the counted rows -> [N, H] of ``dtype`` (zeros on ignored rows)."""
-    if scale is not None:
-        grad_rows = grad_rows * scale.to(grad_rows.dtype)
-    out = grad_rows.new_zeros(shape, dtype=dtype)
-    out.index_copy_(0, rows.index, grad_rows.to(dtype))
-    return out
-
-
 def _unless_one(grad_loss: Tensor) -> Tensor | None:
     """None when the upstream gradient is exactly 1 (``loss.backward()``) on CPU, so that the
     gradients saved by the forward are handed over as they are instead of as scaled copies (one
@@ -47,7 +37,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, cu_seqlens, ignore_index: int, spec: HeadSpec,
                 average: bool, backend: Backend):
         rows = CountedRows.build(targets, cu_seqlens, ignore_index)
-        logp, lse = backend.rows_forward(hidden[rows.index], weight, bias, rows.targets, spec)
+        logp, lse = backend.rows_forward(hidden, weight, bias, rows.targets, spec, rows.index)
         ctx.save_for_backward(hidden, weight, bias, lse)
         ctx.rows, ctx.spec, ctx.average, ctx.backend = rows, spec, average, backend
         return rows.seq_logps(logp, average)
@@ -59,9 +49,8 @@ class LinearLogprobsFunction(torch.autograd.Function):
         needs = Needs(*ctx.needs_input_grad[:3])
         grad = rows.row_grads(grad_seq.to(lse.dtype), ctx.average)
         dh, dw, db = ctx.backend.rows_backward(
-            hidden[rows.index], weight, bias, rows.targets, lse, grad, ctx.spec, needs)
-        dh = _scatter_rows(rows, dh, hidden.shape, hidden.dtype) if dh is not None else None
-        return dh, _cast(dw, weight), _cast(db, bias), None, None, None, None, None, None
+            hidden, weight, bias, rows.targets, lse, grad, ctx.spec, needs, rows.index)
+        return _cast(dh, hidden), _cast(dw, weight), _cast(db, bias), None, None, None, None, None, None
 
 
 class LinearSPINLossFunction(torch.autograd.Function):
@@ -71,22 +60,16 @@ class LinearSPINLossFunction(torch.autograd.Function):
         rows = CountedRows.build(targets, cu_seqlens, ignore_index)
         ref = ref_logps.detach()
         needs = Needs(*ctx.needs_input_grad[:3])
-        all_rows = getattr(backend, "takes_all_rows", False)
         if needs.hidden or needs.weight or needs.bias:
-            # A backend that reads the counted rows itself gets all of hidden (no [M, H] copy) and
-            # returns dhidden shaped like it (no scatter).
-            h = hidden if all_rows else hidden[rows.index]
             seq, loss, dh, dw, db = backend.spin_forward_backward(
-                h, weight, bias, rows, ref, beta, loss_type, average, spec, needs)
+                hidden, weight, bias, rows, ref, beta, loss_type, average, spec, needs)
         else:
-            logp, _ = backend.rows_forward(hidden[rows.index], weight, bias, rows.targets, spec)
+            logp, _ = backend.rows_forward(hidden, weight, bias, rows.targets, spec, rows.index)
             seq = rows.seq_logps(logp, average)
             loss, _ = spin_terms(seq, ref, beta, loss_type, max(rows.num_seqs // 2, 1))
             dh = dw = db = None
         # Stored in the parameters' dtypes: they are the gradients, only rescaled in backward.
         ctx.save_for_backward(_cast(dh, hidden), _cast(dw, weight), _cast(db, bias))
-        ctx.rows, ctx.hidden_shape, ctx.hidden_dtype = rows, hidden.shape, hidden.dtype
-        ctx.dh_all_rows = all_rows
         ctx.mark_non_differentiable(seq)
         return loss, seq
 
@@ -94,8 +77,4 @@ class LinearSPINLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_seq):
         dh, dw, db = ctx.saved_tensors
         scale = _unless_one(grad_loss)
-        if dh is not None and ctx.dh_all_rows:
-            dh = _cast(dh, dh, scale)
-        elif dh is not None:
-            dh = _scatter_rows(ctx.rows, dh, ctx.hidden_shape, ctx.hidden_dtype, scale=scale)
-        return (dh, _cast(dw, dw, scale), _cast(db, db, scale)) + (None,) * 9
+        return (_cast(dh, dh, scale), _cast(dw, dw, scale), _cast(db, db, scale)) + (None,) * 9

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .autograd import _cast, _scatter_rows
+from .autograd import _cast
 from .backends import HeadSpec, Needs, resolve_backend
 from .backends.base import acc_dtype
 from .layout import CountedRows
@@ -44,7 +44,7 @@ def linear_logprobs_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targ
     check_linear_inputs(hidden, weight, targets, cu_seqlens, bias, ignore_index)
     backend = resolve_backend(impl, hidden.device)
     rows = CountedRows.build(targets, cu_seqlens, ignore_index)
-    logp, lse = backend.rows_forward(hidden[rows.index], weight, bias, rows.targets, _spec(temperature, softcap))
+    logp, lse = backend.rows_forward(hidden, weight, bias, rows.targets, _spec(temperature, softcap), rows.index)
     lse_tokens = lse.new_zeros(hidden.shape[0]).index_copy_(0, rows.index, lse)
     return rows.seq_logps(logp, average), lse_tokens
 
@@ -66,9 +66,9 @@ def linear_logprobs_backward_op(grad_seq: Tensor, hidden: Tensor, weight: Tensor
     lse = lse_tokens[rows.index]
     grad = rows.row_grads(grad_seq.to(lse.dtype), average)
     needs = Needs(need_hidden, need_weight, need_bias and bias is not None)
-    dh, dw, db = backend.rows_backward(hidden[rows.index], weight, bias, rows.targets, lse, grad,
-                                       _spec(temperature, softcap), needs)
-    dh = _scatter_rows(rows, dh, hidden.shape, hidden.dtype) if dh is not None else _empty(hidden)
+    dh, dw, db = backend.rows_backward(hidden, weight, bias, rows.targets, lse, grad, _spec(temperature, softcap),
+                                       needs, rows.index)
+    dh = _cast(dh, hidden) if dh is not None else _empty(hidden)
     dw = _cast(dw, weight) if dw is not None else _empty(weight)
     db = _cast(db, bias) if db is not None else _empty(weight)
     return dh, dw, db
@@ -113,18 +113,17 @@ def linear_spin_loss_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, tar
     check_ref_logps(ref_logps, cu_seqlens, hidden.device)
     backend = resolve_backend(impl, hidden.device)
     rows = CountedRows.build(targets, cu_seqlens, ignore_index)
-    h = hidden[rows.index]
     spec = _spec(temperature, softcap)
     needs = Needs(need_hidden, need_weight, need_bias and bias is not None)
     if needs.hidden or needs.weight or needs.bias:
         seq, loss, dh, dw, db = backend.spin_forward_backward(
-            h, weight, bias, rows, ref_logps, beta, loss_type, average, spec, needs)
+            hidden, weight, bias, rows, ref_logps, beta, loss_type, average, spec, needs)
     else:
-        logp, _ = backend.rows_forward(h, weight, bias, rows.targets, spec)
+        logp, _ = backend.rows_forward(hidden, weight, bias, rows.targets, spec, rows.index)
         seq = rows.seq_logps(logp, average)
         loss, _ = spin_terms(seq, ref_logps, beta, loss_type, max(rows.num_seqs // 2, 1))
         dh = dw = db = None
-    dh = _scatter_rows(rows, dh, hidden.shape, hidden.dtype) if dh is not None else _empty(hidden)
+    dh = _cast(dh, hidden) if dh is not None else _empty(hidden)
     dw = _cast(dw, weight) if dw is not None else _empty(weight)
     db = _cast(db, bias) if db is not None else _empty(weight)
     return loss, seq, dh, dw, db

@@ -10,8 +10,12 @@ vocabulary-sized work on counted rows:
   default here chains the two above with the shared epilogue (8·M·H·V, no host sync); a
   backend that can hold whole pairs in a tile overrides it with the 6·M·H·V path.
 
-All row tensors are the *counted* rows only: ``hidden [M, H]``, ``targets [M]`` int64.
-Results are in the accumulation dtype (float32, or float64 for float64 inputs).
+Rows: ``hidden [N, H]`` is every row of the batch and ``index [M]`` (ascending) names the
+counted ones, whose targets are ``targets [M]`` int64 (``index=None``: hidden is the counted
+rows themselves). Gradients for hidden come back shaped like ``hidden``, zero on the rows that
+are not counted. A backend that cannot read rows through an index gathers them first
+(``counted_rows``) and scatters the gradients back (``to_all_rows``); the C++ kernels read and
+write through it. Results are in the accumulation dtype (float32, or float64 for float64 inputs).
 """
 
 from __future__ import annotations
@@ -42,6 +46,18 @@ class Needs:
     bias: bool = True
 
 
+def counted_rows(hidden: Tensor, index: Tensor | None) -> Tensor:
+    """hidden [N, H] -> the counted rows [M, H] (a gathered copy), or hidden itself if no index."""
+    return hidden if index is None else hidden[index]
+
+
+def to_all_rows(grad_rows: Tensor | None, index: Tensor | None, num_rows: int) -> Tensor | None:
+    """Gradients of the counted rows [M, H] -> [num_rows, H], zero on the other rows."""
+    if grad_rows is None or index is None:
+        return grad_rows
+    return grad_rows.new_zeros(num_rows, grad_rows.shape[1]).index_copy_(0, index, grad_rows)
+
+
 def acc_dtype(*tensors: Tensor | None) -> torch.dtype:
     """float64 if any input is float64 (gradcheck), else float32."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -53,9 +69,11 @@ class Backend:
     name = "base"
 
     def rows_forward(
-        self, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, spec: HeadSpec
+        self, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, spec: HeadSpec,
+        index: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """hidden [M, H], weight [V, H], bias [V] | None, targets [M] -> (logp [M], lse [M])."""
+        """hidden [N, H] with index [M] (or [M, H]), weight [V, H], bias [V] | None, targets [M]
+        -> (logp [M], lse [M])."""
         raise NotImplementedError
 
     def rows_backward(
@@ -68,8 +86,10 @@ class Backend:
         grad: Tensor,
         spec: HeadSpec,
         needs: Needs,
+        index: Tensor | None = None,
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """grad [M] = dL/dlogp per row -> (dhidden [M, H], dweight [V, H], dbias [V]) in acc dtype."""
+        """grad [M] = dL/dlogp per counted row -> (dhidden shaped like hidden, dweight [V, H],
+        dbias [V]) in the accumulation dtype."""
         raise NotImplementedError
 
     def spin_forward_backward(
@@ -87,12 +107,13 @@ class Backend:
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
         """SPIN loss and its gradients (for d loss = 1) over whole pairs.
 
-        hidden [M, H] are the counted rows; ref_logps [S]. Returns (seq_logps [S], loss [],
-        dhidden [M, H] | None, dweight [V, H] | None, dbias [V] | None).
+        hidden [N, H] are all rows (``rows.index`` names the counted ones); ref_logps [S].
+        Returns (seq_logps [S], loss [], dhidden [N, H] | None, dweight [V, H] | None,
+        dbias [V] | None).
         """
-        logp, lse = self.rows_forward(hidden, weight, bias, rows.targets, spec)
+        logp, lse = self.rows_forward(hidden, weight, bias, rows.targets, spec, rows.index)
         seq = rows.seq_logps(logp, average)
         loss, seq_grad = spin_terms(seq, ref_logps, beta, loss_type, max(rows.num_seqs // 2, 1))
         dh, dw, db = self.rows_backward(
-            hidden, weight, bias, rows.targets, lse, rows.row_grads(seq_grad, average), spec, needs)
+            hidden, weight, bias, rows.targets, lse, rows.row_grads(seq_grad, average), spec, needs, rows.index)
         return seq, loss, dh, dw, db

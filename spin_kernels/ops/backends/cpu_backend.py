@@ -60,9 +60,6 @@ class CpuFused(Backend):
     shapes); ``gemm`` picks the matrix-product engine: "auto", "onednn" or "blas"."""
 
     name = "cpu"
-    # spin_forward_backward accepts hidden as all N rows (it reads the counted ones through
-    # rows.index inside the kernel) as well as the gathered [M, H]: no [M, H] copy at the peak.
-    takes_all_rows = True
 
     def __init__(self, store_bytes: int = DEFAULT_STORE_BYTES, parts: int | None = None,
                  row_tile: int | None = None, vocab_tile: int = DEFAULT_VOCAB_TILE, gemm: str = "auto"):
@@ -99,7 +96,7 @@ class CpuFused(Backend):
 
     @staticmethod
     def _alloc_grads(hidden, weight, bias, needs):
-        """dhidden shaped like ``hidden`` (zeros: rows the kernel does not write are not counted),
+        """dhidden shaped like ``hidden`` (zeros: the kernels write the counted rows only),
         dweight and dbias zeroed for accumulation; fp32."""
         f32 = torch.float32
         dh = hidden.new_zeros(hidden.shape, dtype=f32) if needs.hidden else None
@@ -109,39 +106,31 @@ class CpuFused(Backend):
 
     # -- Backend API ------------------------------------------------------------------------
 
-    def rows_forward(self, hidden, weight, bias, targets, spec):
+    def rows_forward(self, hidden, weight, bias, targets, spec, index=None):
         if acc_dtype(hidden, weight, bias) == torch.float64:
-            return self._reference.rows_forward(hidden, weight, bias, targets, spec)
+            return self._reference.rows_forward(hidden, weight, bias, targets, spec, index)
         h, w, b, y = self._kernel_inputs(hidden, weight, bias, targets)
-        return self._forward(h, w, b, y, spec)
+        return self._forward(h, w, b, y, spec, index=index)
 
-    def rows_backward(self, hidden, weight, bias, targets, lse, grad, spec, needs):
+    def rows_backward(self, hidden, weight, bias, targets, lse, grad, spec, needs, index=None):
         if acc_dtype(hidden, weight, bias) == torch.float64:
-            return self._reference.rows_backward(hidden, weight, bias, targets, lse, grad, spec, needs)
+            return self._reference.rows_backward(hidden, weight, bias, targets, lse, grad, spec, needs, index)
         h, w, b, y = self._kernel_inputs(hidden, weight, bias, targets)
         dh, dw, db = self._alloc_grads(h, w, bias, needs)
-        self._backward(h, w, b, y, lse, grad, spec, dh, dw, db)
+        self._backward(h, w, b, y, lse, grad, spec, dh, dw, db, index=index)
         return dh, dw, db
 
     def spin_forward_backward(self, hidden, weight, bias, rows: CountedRows, ref_logps, beta, loss_type,
                               average, spec, needs):
         """Forward, the SPIN epilogue, then the gradients, per group of whole pairs: one group of
         all pairs without a store; with one, groups whose logits fit it (a pair alone too large
-        for it is recomputed).
-
-        ``hidden`` is the counted rows [M, H], or all rows [N, H] (see ``takes_all_rows``); the
-        returned dhidden has the same shape (zero on rows that are not counted).
+        for it is recomputed). The kernels read the counted rows of hidden [N, H] through
+        rows.index and write dhidden [N, H] through it.
         """
-        all_rows = hidden.shape[0] != rows.num_rows  # if N == M, all rows are counted: the same
         if acc_dtype(hidden, weight, bias) == torch.float64:
-            h = hidden[rows.index] if all_rows else hidden
-            seq, loss, dh, dw, db = self._reference.spin_forward_backward(
-                h, weight, bias, rows, ref_logps, beta, loss_type, average, spec, needs)
-            if dh is not None and all_rows:
-                dh = dh.new_zeros(hidden.shape).index_copy_(0, rows.index, dh)
-            return seq, loss, dh, dw, db
+            return self._reference.spin_forward_backward(hidden, weight, bias, rows, ref_logps, beta, loss_type,
+                                                         average, spec, needs)
         h, w, b, y = self._kernel_inputs(hidden, weight, bias, rows.targets)
-        index = rows.index if all_rows else None
         vocab = w.shape[0]
         dh, dw, db = self._alloc_grads(h, w, bias, needs)
         f32 = torch.float32
@@ -152,23 +141,21 @@ class CpuFused(Backend):
         pair_offsets = rows.offsets[::2].tolist()  # host copy: the tiling is decided on the host
         store_rows = self.store_bytes // (4 * vocab)
         groups = pair_groups(pair_offsets, store_rows) if store_rows else [(0, len(pair_offsets) - 1)]
-        kept = [pair_offsets[q] - pair_offsets[p] for p, q in groups]
-        kept = [n for n in kept if n <= store_rows]
-        store = h.new_empty(max(kept, default=0) * vocab, dtype=f32) if kept else None
+        kept = [n for n in (pair_offsets[q] - pair_offsets[p] for p, q in groups) if n <= store_rows]
+        store = h.new_empty(max(kept) * vocab, dtype=f32) if kept else None
         for p, q in groups:
             lo, hi = pair_offsets[p], pair_offsets[q]
             group_store = store if hi - lo <= store_rows else None
             offsets = rows.offsets[2 * p:2 * q + 1]
-            h_group, index_group = (h, index[lo:hi]) if all_rows else (h[lo:hi], None)
-            logp, lse = self._forward(h_group, w, b, y[lo:hi], spec, group_store, index_group)
+            index = rows.index[lo:hi]
+            logp, lse = self._forward(h, w, b, y[lo:hi], spec, group_store, index)
             seq = seq_logps(logp, offsets, average)
             group_loss, seq_grad = spin_terms(seq, ref[2 * p:2 * q], beta, loss_type, num_pairs)
             seq_out[2 * p:2 * q] = seq
             loss += group_loss
             g = row_grads(seq_grad, offsets, rows.seq[lo:hi] - 2 * p, average)
             if hi > lo and bool(g.ne(0).any()):  # hinge pairs past the margin have no gradient
-                dh_group = None if dh is None else dh if all_rows else dh[lo:hi]
-                self._backward(h_group, w, b, y[lo:hi], lse, g, spec, dh_group, dw, db, group_store, index_group)
+                self._backward(h, w, b, y[lo:hi], lse, g, spec, dh, dw, db, group_store, index)
         return seq_out, loss, dh, dw, db
 
 

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..layout import CountedRows, pair_groups, row_grads, seq_logps
 from ..objective import spin_terms
-from .base import Backend, HeadSpec, acc_dtype
+from .base import Backend, HeadSpec, acc_dtype, counted_rows, to_all_rows
 
 DEFAULT_LOGITS_BUDGET = 256 * 2**20  # bytes of one chunk of logits
 
@@ -80,7 +80,8 @@ class TorchChunked(Backend):
 
     # -- Backend API ----------------------------------------------------------------------------
 
-    def rows_forward(self, hidden, weight, bias, targets, spec):
+    def rows_forward(self, hidden, weight, bias, targets, spec, index=None):
+        hidden = counted_rows(hidden, index)
         acc = acc_dtype(hidden, weight)
         w = weight.to(acc)
         b = bias.to(acc) if bias is not None else None
@@ -109,13 +110,14 @@ class TorchChunked(Backend):
             self._backward_from_probs(probs, t, targets[s:e], grad[s - lo:e - lo], hidden[s:e], w, spec,
                                       None if dh is None else dh[s:e], dw, db)
 
-    def rows_backward(self, hidden, weight, bias, targets, lse, grad, spec, needs):
-        acc = acc_dtype(hidden, weight)
-        dh, dw, db = self._alloc_grads(hidden, weight, bias, needs, acc)
+    def rows_backward(self, hidden, weight, bias, targets, lse, grad, spec, needs, index=None):
+        h = counted_rows(hidden, index)
+        acc = acc_dtype(h, weight)
+        dh, dw, db = self._alloc_grads(h, weight, bias, needs, acc)
         w = weight.to(acc)
-        self._backward_into(hidden, w, bias.to(acc) if bias is not None else None, targets, lse, grad.to(acc),
+        self._backward_into(h, w, bias.to(acc) if bias is not None else None, targets, lse, grad.to(acc),
                             spec, dh, dw, db)
-        return dh, dw, db
+        return to_all_rows(dh, index, hidden.shape[0]), dw, db
 
     def spin_forward_backward(self, hidden, weight, bias, rows: CountedRows, ref_logps, beta, loss_type,
                               average, spec, needs):
@@ -123,6 +125,7 @@ class TorchChunked(Backend):
 
         A pair larger than one chunk is done in two passes over its own rows (8·M·H·V for it).
         """
+        all_rows, hidden = hidden, counted_rows(hidden, rows.index)
         acc = acc_dtype(hidden, weight)
         w = weight.to(acc)
         b = bias.to(acc) if bias is not None else None
@@ -153,4 +156,4 @@ class TorchChunked(Backend):
                 self._backward_into(hidden, w, b, rows.targets, lse, g, spec, dh, dw, db, lo, hi)
             seq_out[2 * p:2 * q] = seq
             loss += tile_loss
-        return seq_out, loss, dh, dw, db
+        return seq_out, loss, to_all_rows(dh, rows.index, all_rows.shape[0]), dw, db

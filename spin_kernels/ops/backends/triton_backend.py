@@ -14,7 +14,7 @@ import os
 import torch
 import triton  # noqa: F401  (ImportError here = the backend is unavailable, see backends/__init__)
 
-from .base import Backend, HeadSpec, Needs
+from .base import Backend, HeadSpec, Needs, counted_rows, to_all_rows
 from .torch_chunked import TorchChunked
 
 GRAD_FILTER_ENV = "SPIN_KERNELS_GRAD_FILTER"
@@ -53,21 +53,22 @@ class TritonBackend(Backend):
     def _is_f64(*tensors) -> bool:
         return any(t is not None and t.dtype == torch.float64 for t in tensors)
 
-    def rows_forward(self, hidden, weight, bias, targets, spec: HeadSpec):
+    def rows_forward(self, hidden, weight, bias, targets, spec: HeadSpec, index=None):
         if self._is_f64(hidden, weight, bias):
-            return self._fallback.rows_forward(hidden, weight, bias, targets, spec)
+            return self._fallback.rows_forward(hidden, weight, bias, targets, spec, index)
         from ...triton.forward import rows_logprobs
 
-        return rows_logprobs(hidden, weight, bias, targets, spec.temperature, spec.softcap)
+        return rows_logprobs(counted_rows(hidden, index), weight, bias, targets, spec.temperature, spec.softcap)
 
-    def rows_backward(self, hidden, weight, bias, targets, lse, grad, spec: HeadSpec, needs: Needs):
+    def rows_backward(self, hidden, weight, bias, targets, lse, grad, spec: HeadSpec, needs: Needs, index=None):
         if self._is_f64(hidden, weight, bias):
-            return self._fallback.rows_backward(hidden, weight, bias, targets, lse, grad, spec, needs)
+            return self._fallback.rows_backward(hidden, weight, bias, targets, lse, grad, spec, needs, index)
         from ...triton.backward import rows_grads
 
-        return rows_grads(hidden, weight, bias, targets, lse, grad, spec.temperature, spec.softcap,
-                          needs.hidden, needs.weight, needs.bias,
-                          filter_eps=filter_eps_for(weight.dtype, self.grad_filter))
+        dh, dw, db = rows_grads(counted_rows(hidden, index), weight, bias, targets, lse, grad, spec.temperature,
+                                spec.softcap, needs.hidden, needs.weight, needs.bias,
+                                filter_eps=filter_eps_for(weight.dtype, self.grad_filter))
+        return to_all_rows(dh, index, hidden.shape[0]), dw, db
 
 
 def make_backend() -> Backend:
