@@ -4,19 +4,27 @@ For a counted row n with upstream scale g_n (= ∂L/∂logp_n) and saved log-sum
 ∂L/∂z = g_n (onehot − softmax); chained through softcap and temperature into ∂u, then
 ∂h = ∂u W, ∂W = ∂uᵀ h, ∂b = Σ_n ∂u (../shared/docs/spin-math.md).
 
-Two kernels, each the single owner of the memory it writes, so that no atomics are needed
-and repeated runs are bitwise identical:
+The vocabulary is walked in chunks of ``chunk`` columns (sized from a memory budget). Per chunk,
+three kernels, each the single owner of what it writes (no atomics: repeated runs are bitwise
+identical):
 
-* ``grad_hidden_kernel``: one program per row tile walks the whole vocabulary and
-  accumulates its ∂h rows (fp32, read-modify-write of its own rows only);
-* ``grad_weight_kernel``: one program per vocabulary tile walks all counted rows and
-  accumulates its ∂W rows and ∂b entries.
+* ``logit_grads_kernel`` recomputes the chunk's logit tiles on chip (one program per
+  row tile × vocabulary tile), forms ∂u and writes it, in the weight's dtype, into a
+  [M, chunk] buffer G; with it, the tile's column sums of ∂u (for ∂b, fp32) and, when the
+  gradient filter is on, whether the tile matters at all;
+* ``grad_hidden_kernel``: ∂h[rows, cols] += G[rows, chunk] · W[chunk, cols], an fp32
+  accumulator read and written once per chunk;
+* ``grad_weight_kernel``: ∂W[chunk, cols] = G[:, chunk]ᵀ · h[:, cols], the whole reduction over
+  the M rows in one fp32 accumulator, written once in the weight's dtype: no [V, H] fp32 buffer.
 
-Each kernel recomputes the logit tiles, so the backward costs 8·M·H·V flops (the forward 2).
+So the backward costs 6·M·H·V flops (the forward 2), two of its three products are plain
+GEMMs that read G, and its extra memory is G (the budget) plus the fp32 ∂h accumulator
+(4·M·H bytes).
 
 Gradient filtering (``filter_eps > 0``): a tile whose |onehot − softmax| is below
 ``filter_eps`` everywhere contributes less than the input dtype can represent next to the
-target's own gradient; its two matmuls are skipped (its logits are still recomputed).
+target's own gradient; both products skip it (its logits are still recomputed; ∂b is never
+filtered).
 """
 
 from __future__ import annotations
@@ -26,140 +34,190 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .config import dot_precision, launch
-from .tiles import logit_grad_tile, logit_tile
+from .config import backward_tiles, dot_precision, launch
+from .tiles import logit_grad_tile, logit_tile, row_positions
+
+DEFAULT_CHUNK_BYTES = 64 * 2**20  # bytes of the [M, chunk] gradient buffer G
+
+
+@triton.jit
+def logit_grads_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr, idx_ptr, lse_ptr, g_ptr, du_ptr, dbp_ptr, keep_ptr,
+    M, V, H, v_lo, v_hi,
+    stride_hm, stride_hk, stride_wv, stride_wk, stride_b, stride_du, stride_dbp, stride_keep,
+    inv_temp, softcap, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_INDEX: tl.constexpr, FILTER: tl.constexpr,
+    COMPUTE_DB: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TILE_M: tl.constexpr, TILE_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_m * TILE_M + tl.arange(0, TILE_M)
+    row_mask = rows < M
+    local = pid_v * TILE_V + tl.arange(0, TILE_V)  # columns within the chunk
+    cols = v_lo + local
+    # Chunks start at multiples of TILE_V and only the last one is ragged, so a column past
+    # v_hi is past V too: no target can name it.
+    col_mask = cols < v_hi
+    y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
+    # Padding rows: softmax exp(z − inf) = 0 and g = 0, so they add nothing and never keep a
+    # tile alive in the filter.
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=float("inf"))
+    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
+    z, t = logit_tile(h_ptr, w_ptr, b_ptr, row_positions(idx_ptr, rows, row_mask, HAS_INDEX), cols, row_mask,
+                      col_mask, H, stride_hm, stride_hk, stride_wv, stride_wk, stride_b, inv_temp, softcap,
+                      HAS_BIAS, HAS_SOFTCAP, TILE_M, TILE_V, BLOCK_K, DOT_PRECISION)
+    du, dz_unscaled = logit_grad_tile(z, t, y, cols, col_mask, lse, g, inv_temp, HAS_SOFTCAP)
+    du = tl.where(row_mask[:, None] & col_mask[None, :], du, 0.0)
+    out = du_ptr + rows.to(tl.int64)[:, None] * stride_du + local[None, :]
+    tl.store(out, du.to(du_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+    if COMPUTE_DB:
+        tl.store(dbp_ptr + pid_m.to(tl.int64) * stride_dbp + local, tl.sum(du, axis=0), mask=col_mask)
+    if FILTER:
+        live = tl.max(tl.max(tl.abs(dz_unscaled), axis=1), axis=0) >= filter_eps
+        tl.store(keep_ptr + pid_m * stride_keep + pid_v, live.to(tl.int32))
 
 
 @triton.jit
 def grad_hidden_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, dh_ptr,
-    M, V, H,
-    stride_hm, stride_hk, stride_wv, stride_wk, stride_b, stride_dm,
-    inv_temp, softcap, filter_eps,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    du_ptr, w_ptr, idx_ptr, keep_ptr, dh_ptr,
+    M, V, H, v_lo, v_hi, n_vtiles,
+    stride_du, stride_wv, stride_wk, stride_keep, stride_dm,
+    HAS_INDEX: tl.constexpr, FILTER: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TILE_M: tl.constexpr, TILE_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    """dh[rows, ks] += Σ over the chunk's vocabulary tiles of G[rows, tile] · W[tile, ks]."""
+    pid_m = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    rows = pid_m * TILE_M + tl.arange(0, TILE_M)
     row_mask = rows < M
-    y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
-    # Padding rows: softmax exp(z − inf) = 0 and g = 0, so they neither add to the sums nor
-    # keep a tile alive in the gradient filter.
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=float("inf"))
-    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
-    dh_rows = dh_ptr + rows.to(tl.int64)[:, None] * stride_dm
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
-        z, t = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H,
-                          stride_hm, stride_hk, stride_wv, stride_wk, stride_b, inv_temp, softcap,
-                          HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
-        du, dz_unscaled = logit_grad_tile(z, t, y, cols, col_mask, lse, g, inv_temp, HAS_SOFTCAP)
-        keep = True
+    ks = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    k_mask = ks < H
+    at = row_positions(idx_ptr, rows, row_mask, HAS_INDEX)
+    dh_tile = dh_ptr + at.to(tl.int64)[:, None] * stride_dm + ks[None, :]
+    acc = tl.load(dh_tile, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+    du_rows = du_ptr + rows.to(tl.int64)[:, None] * stride_du
+    for vt in range(0, n_vtiles):
+        live = True
         if FILTER:
-            keep = tl.max(tl.max(tl.abs(dz_unscaled), axis=1), axis=0) >= filter_eps
-        if keep:
-            du_in = du.to(w_ptr.dtype.element_ty)  # the dot's operand dtype (a new name: scf.if keeps types)
-            w_cols = w_ptr + cols.to(tl.int64)[:, None] * stride_wv
-            for k0 in range(0, H, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_mask = ks < H
-                w = tl.load(w_cols + ks[None, :] * stride_wk, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-                mask = row_mask[:, None] & k_mask[None, :]
-                acc = tl.load(dh_rows + ks[None, :], mask=mask, other=0.0)
-                acc = tl.dot(du_in, w, acc, input_precision=DOT_PRECISION)
-                tl.store(dh_rows + ks[None, :], acc, mask=mask)
+            live = tl.load(keep_ptr + pid_m * stride_keep + vt) != 0
+        if live:
+            local = vt * TILE_V + tl.arange(0, TILE_V)
+            cols = v_lo + local
+            col_mask = cols < v_hi
+            du = tl.load(du_rows + local[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+            w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_wv + ks[None, :] * stride_wk,
+                        mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            acc = tl.dot(du, w, acc, input_precision=DOT_PRECISION)
+    tl.store(dh_tile, acc, mask=row_mask[:, None] & k_mask[None, :])
 
 
 @triton.jit
 def grad_weight_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, dw_ptr, db_ptr,
-    M, V, H,
-    stride_hm, stride_hk, stride_wv, stride_wk, stride_b, stride_dv,
-    inv_temp, softcap, filter_eps,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    du_ptr, h_ptr, idx_ptr, keep_ptr, dw_ptr,
+    M, V, H, v_lo, v_hi, n_mtiles,
+    stride_du, stride_hm, stride_hk, stride_keep, stride_dv,
+    HAS_INDEX: tl.constexpr, FILTER: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TILE_M: tl.constexpr, TILE_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    cols = pid * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_mask = cols < V
-    db = tl.zeros((BLOCK_V,), dtype=tl.float32)
-    dw_cols = dw_ptr + cols.to(tl.int64)[:, None] * stride_dv
-    for m0 in range(0, M, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_mask = rows < M
-        y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
-        lse = tl.load(lse_ptr + rows, mask=row_mask, other=float("inf"))  # padding rows: softmax 0
-        g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
-        z, t = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H,
-                          stride_hm, stride_hk, stride_wv, stride_wk, stride_b, inv_temp, softcap,
-                          HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
-        du, dz_unscaled = logit_grad_tile(z, t, y, cols, col_mask, lse, g, inv_temp, HAS_SOFTCAP)
-        if COMPUTE_DB:
-            db += tl.sum(du, axis=0)  # cheap: never filtered
-        if COMPUTE_DW:
-            keep = True
-            if FILTER:
-                keep = tl.max(tl.max(tl.abs(dz_unscaled), axis=1), axis=0) >= filter_eps
-            if keep:
-                du_t = tl.trans(du.to(w_ptr.dtype.element_ty))
-                h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hm
-                for k0 in range(0, H, BLOCK_K):
-                    ks = k0 + tl.arange(0, BLOCK_K)
-                    k_mask = ks < H
-                    h = tl.load(h_rows + ks[None, :] * stride_hk, mask=row_mask[:, None] & k_mask[None, :],
-                                other=0.0)
-                    mask = col_mask[:, None] & k_mask[None, :]
-                    acc = tl.load(dw_cols + ks[None, :], mask=mask, other=0.0)
-                    acc = tl.dot(du_t, h, acc, input_precision=DOT_PRECISION)
-                    tl.store(dw_cols + ks[None, :], acc, mask=mask)
-    if COMPUTE_DB:
-        tl.store(db_ptr + cols, db, mask=col_mask)
+    """dW[tile, ks] = Σ over all row tiles of G[rows, tile]ᵀ · h[rows, ks], written once."""
+    pid_v = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    local = pid_v * TILE_V + tl.arange(0, TILE_V)
+    cols = v_lo + local
+    col_mask = cols < v_hi
+    ks = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    k_mask = ks < H
+    acc = tl.zeros((TILE_V, BLOCK_H), dtype=tl.float32)
+    for mt in range(0, n_mtiles):
+        live = True
+        if FILTER:
+            live = tl.load(keep_ptr + mt * stride_keep + pid_v) != 0
+        if live:
+            rows = mt * TILE_M + tl.arange(0, TILE_M)
+            row_mask = rows < M
+            du = tl.load(du_ptr + rows.to(tl.int64)[:, None] * stride_du + local[None, :],
+                         mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+            at = row_positions(idx_ptr, rows, row_mask, HAS_INDEX)
+            h = tl.load(h_ptr + at.to(tl.int64)[:, None] * stride_hm + ks[None, :] * stride_hk,
+                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            acc = tl.dot(tl.trans(du), h, acc, input_precision=DOT_PRECISION)
+    out = dw_ptr + cols.to(tl.int64)[:, None] * stride_dv + ks[None, :]
+    tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=col_mask[:, None] & k_mask[None, :])
+
+
+def chunk_columns(rows: int, vocab: int, elem_bytes: int, tile_v: int, budget_bytes: int) -> int:
+    """Vocabulary columns per chunk: a multiple of ``tile_v`` whose [rows, chunk] buffer of
+    ``elem_bytes`` fits ``budget_bytes`` (at least one tile, at most the whole vocabulary)."""
+    fit = budget_bytes // max(1, rows * elem_bytes) // tile_v * tile_v
+    return max(tile_v, min(fit, triton.cdiv(vocab, tile_v) * tile_v))
 
 
 def rows_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, lse: Tensor, grad: Tensor,
                temperature: float, softcap: float | None, need_hidden: bool, need_weight: bool, need_bias: bool,
-               filter_eps: float = 0.0) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+               filter_eps: float = 0.0, chunk_bytes: int = DEFAULT_CHUNK_BYTES, index: Tensor | None = None
+               ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of Σ_n grad[n]·logp[n] over the counted rows.
 
     Args:
-        hidden [M, H], weight [V, H], bias [V] | None, targets [M] int64: as in ``rows_logprobs``.
+        hidden [M, H] (or every row [N, H] with ``index`` [M]), weight [V, H], bias [V] | None,
+            targets [M] int64: as in ``rows_logprobs``.
         lse: [M] float32 from the forward. grad: [M] float32, ∂L/∂logp per row.
         need_*: which gradients to compute (the others are returned as None).
-        filter_eps: 0 = exact; > 0 skips the matmuls of tiles with |onehot − softmax| < filter_eps.
+        filter_eps: 0 = exact; > 0 skips the products of tiles with |onehot − softmax| < filter_eps.
+        chunk_bytes: budget of the [M, chunk] buffer of ∂logits (in the weight's dtype).
 
     Returns:
-        (dhidden [M, H], dweight [V, H], dbias [V]) in float32, or None where not needed.
+        (dhidden float32 shaped like hidden (zero on rows not in ``index``), dweight [V, H] in
+        weight's dtype (accumulated in fp32, rounded once), dbias [V] float32), or None where
+        not needed.
     """
-    m, h = hidden.shape
+    m, h = targets.shape[0], hidden.shape[1]
     v = weight.shape[0]
     if hidden.dtype != weight.dtype:
         hidden = hidden.to(weight.dtype)
     need_bias = need_bias and bias is not None
-    dh = hidden.new_zeros(m, h, dtype=torch.float32) if need_hidden else None
-    dw = weight.new_zeros(v, h, dtype=torch.float32) if need_weight else None
+    dh = hidden.new_zeros(hidden.shape, dtype=torch.float32) if need_hidden else None
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight else None  # all written
     db = weight.new_zeros(v, dtype=torch.float32) if need_bias else None
-    if m == 0:
-        return dh, dw, db
+    if m == 0 or not (need_hidden or need_weight or need_bias):
+        return dh, None if dw is None else dw.zero_(), db
+    device = hidden.device
+    tile_m, tile_v = backward_tiles(device)
+    chunk = chunk_columns(m, v, weight.element_size(), tile_v, chunk_bytes)
+    m_tiles, v_tiles = triton.cdiv(m, tile_m), chunk // tile_v
     targets, lse, grad = targets.contiguous(), lse.float().contiguous(), grad.float().contiguous()
-    common = (v, h, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-              bias.stride(0) if bias is not None else 0)
-    scalars = (1.0 / temperature, 1.0 if softcap is None else softcap, float(filter_eps))
-    flags = {"HAS_BIAS": bias is not None, "HAS_SOFTCAP": softcap is not None, "FILTER": filter_eps > 0,
-             "DOT_PRECISION": dot_precision(weight.dtype)}
+    du = weight.new_empty(m, chunk)
+    dbp = weight.new_empty(m_tiles, chunk, dtype=torch.float32) if need_bias else lse
+    filtering = filter_eps > 0
+    keep = torch.empty(m_tiles, v_tiles, dtype=torch.int32, device=device) if filtering else lse
+    stride_keep = keep.stride(0) if filtering else 0
     b = bias if bias is not None else weight
-    if need_hidden:
-        launch(grad_hidden_kernel, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),),
-               hidden, weight, b, targets, lse, grad, dh, m, *common, dh.stride(0), *scalars,
-               **flags, device=hidden.device, reset_to_zero=("dh_ptr",))
-    if need_weight or need_bias:
-        dw_arg = dw if dw is not None else hidden  # placeholders: never touched when not computed
-        db_arg = db if db is not None else lse
-        launch(grad_weight_kernel, lambda meta: (triton.cdiv(v, meta["BLOCK_V"]),),
-               hidden, weight, b, targets, lse, grad, dw_arg, db_arg, m, *common,
-               dw.stride(0) if dw is not None else 0, *scalars,
-               **flags, COMPUTE_DW=need_weight, COMPUTE_DB=need_bias, device=hidden.device,
-               # only real outputs: a placeholder (lse, hidden) must survive the autotuner's trials
-               reset_to_zero=tuple(name for name, real in (("dw_ptr", need_weight), ("db_ptr", need_bias)) if real))
+    tiles = {"TILE_M": tile_m, "TILE_V": tile_v}
+    idx = index if index is not None else targets  # a placeholder the kernels never read
+    precision = dot_precision(weight.dtype)
+    for v_lo in range(0, v, chunk):
+        v_hi = min(v_lo + chunk, v)
+        used_tiles = triton.cdiv(v_hi - v_lo, tile_v)
+        launch(logit_grads_kernel, lambda meta, n=used_tiles: (m_tiles, n),
+               hidden, weight, b, targets, idx, lse, grad, du, dbp, keep, m, v, h, v_lo, v_hi,
+               hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+               bias.stride(0) if bias is not None else 0, du.stride(0), dbp.stride(0) if need_bias else 0,
+               stride_keep, 1.0 / temperature, 1.0 if softcap is None else softcap, float(filter_eps),
+               HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_INDEX=index is not None,
+               FILTER=filtering,
+               COMPUTE_DB=need_bias, DOT_PRECISION=precision, **tiles, device=device, family="producer")
+        if need_bias:
+            db[v_lo:v_hi] = dbp[:, :v_hi - v_lo].sum(0)  # fixed-order reduction over row tiles
+        if need_hidden:
+            launch(grad_hidden_kernel, lambda meta: (m_tiles, triton.cdiv(h, meta["BLOCK_H"])),
+                   du, weight, idx, keep, dh, m, v, h, v_lo, v_hi, used_tiles,
+                   du.stride(0), weight.stride(0), weight.stride(1), stride_keep, dh.stride(0),
+                   HAS_INDEX=index is not None, FILTER=filtering, DOT_PRECISION=precision, **tiles, device=device, family="gemm",
+                   restore_value=("dh_ptr",))
+        if need_weight:
+            launch(grad_weight_kernel, lambda meta, n=used_tiles: (n, triton.cdiv(h, meta["BLOCK_H"])),
+                   du, hidden, idx, keep, dw, m, v, h, v_lo, v_hi, m_tiles,
+                   du.stride(0), hidden.stride(0), hidden.stride(1), stride_keep, dw.stride(0),
+                   HAS_INDEX=index is not None, FILTER=filtering, DOT_PRECISION=precision, **tiles, device=device, family="gemm")
     return dh, dw, db

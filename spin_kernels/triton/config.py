@@ -2,8 +2,14 @@
 
 The kernels take their block sizes as constexprs. Under ``TRITON_INTERPRET=1`` they run with
 ``INTERPRETER_BLOCKS`` (tiny tiles: the interpreter executes every tile in numpy). On CUDA
-``tuned(kernel, ...)`` wraps a kernel in ``triton.autotune`` with the configurations of the
-device's architecture, once per (kernel, architecture).
+``launch`` wraps a kernel in ``triton.autotune`` with the configurations of its family and the
+device's architecture, once per (kernel, architecture):
+
+* "head": the logit-tile kernels of the forward (BLOCK_M rows × BLOCK_V vocab × BLOCK_K hidden);
+* "producer": the backward's gradient-tile kernel: its row × vocab tile is the backward's tile
+  grid (``backward_tiles``), fixed per architecture, so only BLOCK_K and the pipeline are tuned;
+* "gemm": the backward's two products, whose reduction steps are that tile grid: BLOCK_H (the
+  hidden columns of a program) and the pipeline are tuned.
 """
 
 from __future__ import annotations
@@ -50,30 +56,65 @@ _CONFIGS = {
 }
 
 
-def configs_for(device: torch.device) -> list[triton.Config]:
+def _meta(warps: int, stages: int, **blocks: int) -> triton.Config:
+    return triton.Config(blocks, num_warps=warps, num_stages=stages)
+
+
+# The backward's tile grid (rows × vocabulary): the producer's tiles and the products' reduction
+# steps; 128 × 128 suits both sm80 and sm90 (a [128, 128] bf16 operand is 32 KB of shared memory).
+_BACKWARD_TILES = {9: (128, 128), 8: (128, 128)}
+_PRODUCER_CONFIGS = {
+    9: [_meta(8, 3, BLOCK_K=64), _meta(8, 4, BLOCK_K=64), _meta(8, 3, BLOCK_K=128), _meta(4, 4, BLOCK_K=64)],
+    8: [_meta(8, 3, BLOCK_K=32), _meta(8, 3, BLOCK_K=64), _meta(4, 4, BLOCK_K=64)],
+}
+# The last of each set is for fp32 inputs: a [128, 128] fp32 operand is 64 KB, so the pipelined
+# configurations overflow shared memory (checked by compiling every set for sm80 and sm90).
+_GEMM_CONFIGS = {
+    9: [_meta(8, 3, BLOCK_H=128), _meta(8, 2, BLOCK_H=256), _meta(4, 4, BLOCK_H=128), _meta(8, 4, BLOCK_H=64),
+        _meta(4, 2, BLOCK_H=64)],
+    8: [_meta(8, 3, BLOCK_H=128), _meta(4, 3, BLOCK_H=128), _meta(4, 4, BLOCK_H=64), _meta(4, 2, BLOCK_H=32)],
+}
+_FAMILIES = {"head": _CONFIGS, "producer": _PRODUCER_CONFIGS, "gemm": _GEMM_CONFIGS}
+_INTERPRETER_META = {"head": INTERPRETER_BLOCKS, "producer": {"BLOCK_K": INTERPRETER_BLOCKS["BLOCK_K"]},
+                     "gemm": {"BLOCK_H": 16}}
+
+
+def backward_tiles(device: torch.device) -> tuple[int, int]:
+    """(TILE_M, TILE_V) of the backward's tile grid on ``device``."""
+    if interpreting() or device.type != "cuda":
+        return INTERPRETER_BLOCKS["BLOCK_M"], INTERPRETER_BLOCKS["BLOCK_V"]
+    major, _ = torch.cuda.get_device_capability(device)
+    return _BACKWARD_TILES[9 if major >= 9 else 8]
+
+
+def configs_for(device: torch.device, family: str = "head") -> list[triton.Config]:
     """Autotuning candidates for ``device`` (sm90 set for Hopper and newer, sm80 set otherwise)."""
     major, _ = torch.cuda.get_device_capability(device)
-    return _CONFIGS[9] if major >= 9 else _CONFIGS[8]
+    return _FAMILIES[family][9 if major >= 9 else 8]
 
 
 @functools.cache
-def _tuned(kernel, major: int, reset_to_zero: tuple[str, ...]):
-    configs = _CONFIGS[9] if major >= 9 else _CONFIGS[8]
+def _tuned(kernel, family: str, major: int, reset_to_zero: tuple[str, ...], restore_value: tuple[str, ...]):
+    configs = _FAMILIES[family][9 if major >= 9 else 8]
     # H and V decide the best tile; M varies every step and is left out of the key so that
-    # a training run tunes once. Outputs accumulated in place are zeroed between trials.
-    return triton.autotune(configs=configs, key=["H", "V"], reset_to_zero=list(reset_to_zero) or None)(kernel)
+    # a training run tunes once. Outputs written by zeroing first are zeroed between trials;
+    # outputs accumulated into across launches are restored.
+    return triton.autotune(configs=configs, key=["H", "V"], reset_to_zero=list(reset_to_zero) or None,
+                           restore_value=list(restore_value) or None)(kernel)
 
 
-def launch(kernel, grid, *args, device: torch.device, reset_to_zero: tuple[str, ...] = (), **kwargs) -> None:
-    """Run ``kernel[grid](*args, **kwargs)`` with the right block configuration.
+def launch(kernel, grid, *args, device: torch.device, family: str = "head", reset_to_zero: tuple[str, ...] = (),
+           restore_value: tuple[str, ...] = (), **kwargs) -> None:
+    """Run ``kernel[grid](*args, **kwargs)`` with the block configuration of its ``family``.
 
-    ``grid`` is a function of the block sizes (a dict with BLOCK_M, BLOCK_V, BLOCK_K).
+    ``grid`` is a function of the block sizes (a dict of the family's BLOCK_* names).
     """
     if interpreting() or device.type != "cuda":
-        kernel[grid(INTERPRETER_BLOCKS)](*args, **kwargs, **INTERPRETER_BLOCKS)
+        meta = _INTERPRETER_META[family]
+        kernel[grid(meta)](*args, **kwargs, **meta)
         return
     major, _ = torch.cuda.get_device_capability(device)
-    _tuned(kernel, major, reset_to_zero)[grid](*args, **kwargs)
+    _tuned(kernel, family, major, reset_to_zero, restore_value)[grid](*args, **kwargs)
 
 
 def split_align() -> int:

@@ -15,22 +15,23 @@ import triton.language as tl
 from torch import Tensor
 
 from .config import dot_precision, launch, split_align
-from .tiles import logit_tile
+from .tiles import logit_tile, row_positions
 
 
 @triton.jit
 def lse_partials_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, l_ptr, zy_ptr,
+    h_ptr, w_ptr, b_ptr, y_ptr, idx_ptr, m_ptr, l_ptr, zy_ptr,
     M, V, H, split_size,
     stride_hm, stride_hk, stride_wv, stride_wk, stride_b,
     inv_temp, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
+    h_rows_at = row_positions(idx_ptr, rows, row_mask, HAS_INDEX)
     y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
     v_lo = split * split_size
     v_hi = tl.minimum(v_lo + split_size, V)
@@ -40,7 +41,7 @@ def lse_partials_kernel(
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_hi
-        z, _ = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H,
+        z, _ = logit_tile(h_ptr, w_ptr, b_ptr, h_rows_at, cols, row_mask, col_mask, H,
                           stride_hm, stride_hk, stride_wv, stride_wk, stride_b, inv_temp, softcap,
                           HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
         z = tl.where(col_mask[None, :], z, float("-inf"))
@@ -68,11 +69,13 @@ def num_splits(rows: int, vocab: int, device: torch.device, block_m: int = 128) 
 
 
 def rows_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                  temperature: float, softcap: float | None, splits: int | None = None) -> tuple[Tensor, Tensor]:
+                  temperature: float, softcap: float | None, splits: int | None = None,
+                  index: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-row log-probs and log-sum-exps of the counted rows.
 
     Args:
         hidden: [M, H] float16/bfloat16/float32, any strides; cast to weight's dtype if it differs.
+            With ``index`` [M] (int64), hidden is every row [N, H] and row i is hidden[index[i]].
         weight: [V, H] of the same family, any strides (a tied-embedding view is fine).
         bias: [V] or None. targets: [M] int64 in [0, V).
         splits: vocabulary splits of the grid (None: sized from the device).
@@ -80,7 +83,7 @@ def rows_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: 
     Returns:
         (logp [M] float32, lse [M] float32).
     """
-    m, h = hidden.shape
+    m, h = targets.shape[0], hidden.shape[1]
     v = weight.shape[0]
     if hidden.dtype != weight.dtype:
         hidden = hidden.to(weight.dtype)
@@ -97,12 +100,14 @@ def rows_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: 
     launch(
         lse_partials_kernel,
         lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), splits),
-        hidden, weight, bias if bias is not None else weight, targets, parts[0], parts[1], parts[2],
+        hidden, weight, bias if bias is not None else weight, targets, index if index is not None else targets,
+        parts[0], parts[1], parts[2],
         m, v, h, split_size,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         bias.stride(0) if bias is not None else 0,
         1.0 / temperature, 1.0 if softcap is None else softcap,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, DOT_PRECISION=dot_precision(weight.dtype),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_INDEX=index is not None,
+        DOT_PRECISION=dot_precision(weight.dtype),
         device=hidden.device,
     )
     row_max, row_sum, target_logit = parts

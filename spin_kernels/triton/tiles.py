@@ -20,18 +20,29 @@ def tanh_via_exp(x):
 
 
 @triton.jit
-def logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H,
+def row_positions(idx_ptr, rows, row_mask, HAS_INDEX: tl.constexpr):
+    """Where counted rows ``rows`` sit in hidden (and in a dhidden shaped like it): idx[rows]
+    when hidden holds every row of the batch, else the rows themselves."""
+    at = rows.to(tl.int64)
+    if HAS_INDEX:
+        at = tl.load(idx_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    return at
+
+
+@triton.jit
+def logit_tile(h_ptr, w_ptr, b_ptr, h_rows_at, cols, row_mask, col_mask, H,
                stride_hm, stride_hk, stride_wv, stride_wk, stride_b, inv_temp, softcap,
                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """(z, t) for the tile rows × cols: z the logits (fp32, [BLOCK_M, BLOCK_V]); t = tanh(u/c),
-    needed by the softcap chain rule (equal to z when there is no softcap).
+    needed by the softcap chain rule (equal to z when there is no softcap). ``h_rows_at`` are
+    the tile's rows' positions in hidden (see ``row_positions``).
 
     Row and column offsets are widened to int64 before they meet a stride: N·V and V·H can
     exceed 2³¹.
     """
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
-    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hm
+    h_rows = h_ptr + h_rows_at.to(tl.int64)[:, None] * stride_hm
     w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wv
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)

@@ -89,7 +89,8 @@ class Backend:
         index: Tensor | None = None,
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """grad [M] = dL/dlogp per counted row -> (dhidden shaped like hidden, dweight [V, H],
-        dbias [V]) in the accumulation dtype."""
+        dbias [V]) in the accumulation dtype (a backend may return dweight in the weight's dtype
+        when each of its entries is accumulated in fp32 and rounded once, as Triton's is)."""
         raise NotImplementedError
 
     def spin_forward_backward(

@@ -5,6 +5,8 @@ compiles nothing. On CPU tensors the kernels need ``TRITON_INTERPRET=1`` set bef
 first imported (tests/conftest.py does it for the test session).
 
 float64 inputs (gradcheck precision) have no tensor-core path: they go to the torch backend.
+The kernels read the counted rows of hidden through the row index and write dhidden through it:
+no gathered [M, H] copy, no scatter.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import torch
 import triton  # noqa: F401  (ImportError here = the backend is unavailable, see backends/__init__)
 
-from .base import Backend, HeadSpec, Needs, counted_rows, to_all_rows
+from .base import Backend, HeadSpec, Needs
 from .torch_chunked import TorchChunked
 
 GRAD_FILTER_ENV = "SPIN_KERNELS_GRAD_FILTER"
@@ -38,15 +40,23 @@ def filter_eps_for(dtype: torch.dtype, setting: str | float | None) -> float:
 AUTO_FILTER = {torch.bfloat16: 2.0**-12, torch.float16: 2.0**-15, torch.float32: 2.0**-28}
 
 
+def _long(index: torch.Tensor | None) -> torch.Tensor | None:
+    return None if index is None else index.long().contiguous()
+
+
 class TritonBackend(Backend):
     """Fused kernels; ``grad_filter`` ("off" default, "auto", or a threshold) controls gradient
-    filtering in the backward (default read from $SPIN_KERNELS_GRAD_FILTER)."""
+    filtering in the backward (default read from $SPIN_KERNELS_GRAD_FILTER); ``chunk_bytes``
+    bounds the backward's [M, chunk] buffer of logit gradients (None: the kernels' default)."""
 
     name = "triton"
 
-    def __init__(self, grad_filter: str | float | None = None):
+    def __init__(self, grad_filter: str | float | None = None, chunk_bytes: int | None = None):
         self.grad_filter = os.environ.get(GRAD_FILTER_ENV, "off") if grad_filter is None else grad_filter
         filter_eps_for(torch.float32, self.grad_filter)  # fail early on a bad setting
+        if chunk_bytes is not None and chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+        self.chunk_bytes = chunk_bytes
         self._fallback = TorchChunked()
 
     @staticmethod
@@ -58,17 +68,17 @@ class TritonBackend(Backend):
             return self._fallback.rows_forward(hidden, weight, bias, targets, spec, index)
         from ...triton.forward import rows_logprobs
 
-        return rows_logprobs(counted_rows(hidden, index), weight, bias, targets, spec.temperature, spec.softcap)
+        return rows_logprobs(hidden, weight, bias, targets, spec.temperature, spec.softcap, index=_long(index))
 
     def rows_backward(self, hidden, weight, bias, targets, lse, grad, spec: HeadSpec, needs: Needs, index=None):
         if self._is_f64(hidden, weight, bias):
             return self._fallback.rows_backward(hidden, weight, bias, targets, lse, grad, spec, needs, index)
         from ...triton.backward import rows_grads
 
-        dh, dw, db = rows_grads(counted_rows(hidden, index), weight, bias, targets, lse, grad, spec.temperature,
-                                spec.softcap, needs.hidden, needs.weight, needs.bias,
-                                filter_eps=filter_eps_for(weight.dtype, self.grad_filter))
-        return to_all_rows(dh, index, hidden.shape[0]), dw, db
+        chunk = {} if self.chunk_bytes is None else {"chunk_bytes": self.chunk_bytes}
+        return rows_grads(hidden, weight, bias, targets, lse, grad, spec.temperature, spec.softcap,
+                          needs.hidden, needs.weight, needs.bias, index=_long(index),
+                          filter_eps=filter_eps_for(weight.dtype, self.grad_filter), **chunk)
 
 
 def make_backend() -> Backend:
