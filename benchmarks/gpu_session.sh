@@ -7,7 +7,7 @@
 #   bash benchmarks/fetch_gpu_wheels.sh     # once, where a registry is reachable: baselines' wheels
 #   bash benchmarks/gpu_session.sh OUT_DIR  # on the GPU machine (offline is fine)
 #
-# Environment: SPIN_GPU_TEST_TIMEOUT_S (default 120), SPIN_BENCH_KERNEL_BUDGET_S (default 270
+# Environment: SPIN_GPU_TEST_TIMEOUT_S (default 150), SPIN_BENCH_KERNEL_BUDGET_S (default 270
 # here), SPIN_BENCH_E2E_BUDGET_S (60); the rest as in run_gpu.sh.
 set -uo pipefail
 OUT="${1:?usage: bash benchmarks/gpu_session.sh OUT_DIR}"
@@ -21,7 +21,8 @@ fi
 cd "$ROOT"
 {
   echo "== gpu_session.sh $(date -u +%FT%TZ): CUDA tests of the Triton kernels"
-  PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" timeout "${SPIN_GPU_TEST_TIMEOUT_S:-120}" \
+  # First autotune candidate only: the tests check results, and compile far fewer variants.
+  SPIN_KERNELS_AUTOTUNE=0 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" timeout "${SPIN_GPU_TEST_TIMEOUT_S:-150}" \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py
   echo "== tests rc=$?"
 } 2>&1 | tee "$OUT/run_gpu.log"

@@ -331,3 +331,39 @@ def test_kernels_compile_for_hopper_without_a_gpu():
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "0 failed, 0 variants with no configuration that fits" in out.stdout
+
+
+@needs_cuda
+def test_cuda_backward_memory_is_its_outputs_plus_the_chunk_budget():
+    """The backward holds its outputs (dh fp32 [M, H], dW in the weight's dtype) and one
+    [M, chunk] buffer of logit gradients; nothing of size [M, V] or [V, H] in fp32."""
+    from spin_kernels.triton.backward import rows_grads
+
+    m, h, v, budget = 8192, 1024, 32_000, 16 * 2**20
+    g = torch.Generator(device="cuda").manual_seed(20)
+    hidden = torch.randn(m, h, device="cuda", generator=g, dtype=torch.bfloat16)
+    weight = (torch.randn(v, h, device="cuda", generator=g) / 8).to(torch.bfloat16)
+    targets = torch.randint(0, v, (m,), device="cuda", generator=g)
+    lse, grad = torch.full((m,), 12.0, device="cuda"), torch.ones(m, device="cuda")
+    # Warm-up: the autotuner's trials (which save and restore dh) happen on the first call.
+    rows_grads(hidden, weight, None, targets, lse, grad, 1.0, None, True, True, False, chunk_bytes=budget)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    rows_grads(hidden, weight, None, targets, lse, grad, 1.0, None, True, True, False, chunk_bytes=budget)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    outputs = 4 * m * h + 2 * v * h
+    assert extra <= outputs + budget + 4 * 2**20, (extra, outputs)
+
+
+def test_autotune_can_be_cut_to_two_candidates(monkeypatch):
+    from spin_kernels.triton.config import _FAMILIES, candidates
+
+    for family in _FAMILIES:
+        assert candidates(family, 9) == _FAMILIES[family][9]
+    monkeypatch.setenv("SPIN_KERNELS_AUTOTUNE", "0")
+    for family in _FAMILIES:
+        for major in (8, 9):
+            full = _FAMILIES[family][major]
+            assert candidates(family, major) == [full[0], full[-1]]
