@@ -238,7 +238,7 @@ std::tuple<Tensor, Tensor> rows_forward(const Tensor& hidden, const Tensor& weig
                                         c10::string_view gemm_name) {
   const auto bias32 =
       check_inputs(hidden, weight, bias, targets, row_index, temperature, softcap, parts, row_tile, vocab_tile);
-  const Gemm gemm = resolve_gemm(std::string(gemm_name.data(), gemm_name.size()));
+  const Gemm gemm = resolve_gemm(gemm_name);
   const int64_t m = targets.size(0), h = hidden.size(1), v = weight.size(0);
   const Tensor store = check_store(store_opt, m, v);
   const auto f32 = hidden.options().dtype(at::kFloat);
@@ -312,7 +312,7 @@ void rows_backward(const Tensor& hidden, const Tensor& weight, const std::option
                    c10::string_view gemm_name) {
   const auto bias32 =
       check_inputs(hidden, weight, bias, targets, row_index, temperature, softcap, parts, row_tile, vocab_tile);
-  const Gemm gemm = resolve_gemm(std::string(gemm_name.data(), gemm_name.size()));
+  const Gemm gemm = resolve_gemm(gemm_name);
   const int64_t m = targets.size(0), h = hidden.size(1), v = weight.size(0);
   const Tensor store = check_store(store_opt, m, v);
   check_fp32_vector(lse, "lse", m);
@@ -371,7 +371,7 @@ Tensor matmul(const Tensor& a, const Tensor& b, c10::string_view gemm_name) {
   TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat, "a and b must be float32");
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "a [M, K] and b [K, N] expected, got ",
               a.sizes(), " and ", b.sizes());
-  const Gemm gemm = resolve_gemm(std::string(gemm_name.data(), gemm_name.size()));
+  const Gemm gemm = resolve_gemm(gemm_name);
   Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   tile_mm(a, b, out, false, gemm);

@@ -14,6 +14,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <string>
 #include <string_view>
 
 namespace at {
@@ -40,7 +41,8 @@ enum class Gemm { kBlas, kOneDnn };
 inline bool onednn_available() { return at::native::mkldnn_matmul != nullptr; }
 
 // "auto" (oneDNN when available, else BLAS), "onednn" (an error when unavailable) or "blas".
-inline Gemm resolve_gemm(std::string_view name) {
+inline Gemm resolve_gemm(c10::string_view requested) {
+  const std::string_view name(requested.data(), requested.size());
   if (name == "blas") return Gemm::kBlas;
   if (name == "onednn") {
     TORCH_CHECK(onednn_available(), "gemm='onednn' is not available: this torch does not export "

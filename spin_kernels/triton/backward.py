@@ -79,6 +79,16 @@ def logit_grads_kernel(
 
 
 @triton.jit
+def tile_is_live(keep_ptr, at, FILTER: tl.constexpr):
+    """Whether a (row tile, vocabulary tile) of G enters the products: always, unless the
+    gradient filter marked it negligible."""
+    live = True
+    if FILTER:
+        live = tl.load(keep_ptr + at) != 0
+    return live
+
+
+@triton.jit
 def grad_hidden_kernel(
     du_ptr, w_ptr, idx_ptr, keep_ptr, dh_ptr,
     M, V, H, v_lo, v_hi, n_vtiles,
@@ -98,10 +108,7 @@ def grad_hidden_kernel(
     acc = tl.load(dh_tile, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
     du_rows = du_ptr + rows.to(tl.int64)[:, None] * stride_du
     for vt in range(0, n_vtiles):
-        live = True
-        if FILTER:
-            live = tl.load(keep_ptr + pid_m * stride_keep + vt) != 0
-        if live:
+        if tile_is_live(keep_ptr, pid_m * stride_keep + vt, FILTER):
             local = vt * TILE_V + tl.arange(0, TILE_V)
             cols = v_lo + local
             col_mask = cols < v_hi
@@ -130,10 +137,7 @@ def grad_weight_kernel(
     k_mask = ks < H
     acc = tl.zeros((TILE_V, BLOCK_H), dtype=tl.float32)
     for mt in range(0, n_mtiles):
-        live = True
-        if FILTER:
-            live = tl.load(keep_ptr + mt * stride_keep + pid_v) != 0
-        if live:
+        if tile_is_live(keep_ptr, mt * stride_keep + pid_v, FILTER):
             rows = mt * TILE_M + tl.arange(0, TILE_M)
             row_mask = rows < M
             du = tl.load(du_ptr + rows.to(tl.int64)[:, None] * stride_du + local[None, :],

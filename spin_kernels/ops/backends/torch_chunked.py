@@ -125,7 +125,7 @@ class TorchChunked(Backend):
 
         A pair larger than one chunk is done in two passes over its own rows (8·M·H·V for it).
         """
-        all_rows, hidden = hidden, counted_rows(hidden, rows.index)
+        num_rows, hidden = hidden.shape[0], counted_rows(hidden, rows.index)
         acc = acc_dtype(hidden, weight)
         w = weight.to(acc)
         b = bias.to(acc) if bias is not None else None
@@ -156,4 +156,4 @@ class TorchChunked(Backend):
                 self._backward_into(hidden, w, b, rows.targets, lse, g, spec, dh, dw, db, lo, hi)
             seq_out[2 * p:2 * q] = seq
             loss += tile_loss
-        return seq_out, loss, to_all_rows(dh, rows.index, all_rows.shape[0]), dw, db
+        return seq_out, loss, to_all_rows(dh, rows.index, num_rows), dw, db
