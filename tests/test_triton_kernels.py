@@ -257,8 +257,9 @@ def test_custom_ops_pass_opcheck():
     head = (case.hidden, case.weight, case.bias, case.targets, case.cu_seqlens)
     options = (IGNORE, 0.9, 3.0, False)
     checks = [
-        (library.linear_logprobs_op, head + options + ("triton",)),
-        (library.linear_spin_loss_op, head + (case.ref_logps,) + options + (0.1, "sigmoid", "triton", True, True, True)),
+        (library.linear_logprobs_op, head + options + ("triton", True)),
+        (library.linear_spin_loss_op,
+         head + (case.ref_logps,) + options + (0.1, "sigmoid", "triton", True, True, True, True)),
     ]
     _, lse_tokens = library.linear_logprobs_op(*checks[0][1])
     grad_seq = torch.randn(4, device=DEVICE)

@@ -29,6 +29,7 @@ def linear_logprobs(
     softcap: float | None = None,
     average: bool = False,
     impl: str = "auto",
+    check_values: bool = True,
 ) -> Tensor:
     """Per-sequence log-probabilities straight from hidden states, without [N, V] logits.
 
@@ -42,6 +43,9 @@ def linear_logprobs(
         softcap: if set, z = softcap * tanh(u / softcap) (Gemma-2 style).
         average: mean over counted tokens instead of the sum (0 for a sequence with none).
         impl: "auto" | "torch" | "triton" | "cpu".
+        check_values: check the values of targets and cu_seqlens (one host synchronisation on a
+            GPU). False skips it, for inputs known to be good: on the Triton path the call then
+            never waits for the GPU; a bad value gives wrong numbers, never a memory error.
 
     Returns:
         [S] float32 (float64 for float64 inputs): sum over counted rows of log softmax(z)[target].
@@ -50,9 +54,9 @@ def linear_logprobs(
         from .library import linear_logprobs_via_library
 
         return linear_logprobs_via_library(hidden, weight, targets, cu_seqlens, bias, ignore_index, temperature,
-                                           softcap, average, impl)
+                                           softcap, average, impl, check_values)
     check_head_options(ignore_index, temperature, softcap, average, impl)
-    check_linear_inputs(hidden, weight, targets, cu_seqlens, bias, ignore_index)
+    check_linear_inputs(hidden, weight, targets, cu_seqlens, bias, ignore_index, check_values)
     backend = resolve_backend(impl, hidden.device)
     spec = HeadSpec(float(temperature), None if softcap is None else float(softcap))
     return LinearLogprobsFunction.apply(hidden, weight, bias, targets, cu_seqlens, ignore_index, spec, average, backend)
@@ -73,6 +77,7 @@ def linear_spin_loss(
     softcap: float | None = None,
     average: bool = False,
     impl: str = "auto",
+    check_values: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The SPIN loss of a packed batch of (real, synthetic) pairs, fused with the lm_head.
 
@@ -83,6 +88,8 @@ def linear_spin_loss(
         ref_logps: [S] floating, the opponent's per-sequence log-probs in the same order
             (no gradient flows into it).
         beta: > 0; loss_type: "sigmoid" (default, the paper's) or "hinge".
+        check_values: as in ``linear_logprobs``; with False and impl="triton" the whole call
+            (loss, metrics and the gradients it computes) runs without a host synchronisation.
 
     Returns:
         (loss, metrics): loss a float32 scalar (mean over pairs); metrics a dict of detached
@@ -93,11 +100,12 @@ def linear_spin_loss(
         from .library import linear_spin_loss_via_library
 
         loss, seq = linear_spin_loss_via_library(hidden, weight, targets, cu_seqlens, ref_logps, bias, ignore_index,
-                                                 temperature, softcap, average, beta, loss_type, impl)
+                                                 temperature, softcap, average, beta, loss_type, impl,
+                                                 check_values)
     else:
         check_loss_options(beta, loss_type)
         check_head_options(ignore_index, temperature, softcap, average, impl)
-        check_linear_inputs(hidden, weight, targets, cu_seqlens, bias, ignore_index)
+        check_linear_inputs(hidden, weight, targets, cu_seqlens, bias, ignore_index, check_values)
         check_ref_logps(ref_logps, cu_seqlens, hidden.device)
         backend = resolve_backend(impl, hidden.device)
         spec = HeadSpec(float(temperature), None if softcap is None else float(softcap))
@@ -125,19 +133,21 @@ class LinearSPINLoss(nn.Module):
         softcap: float | None = None,
         average: bool = False,
         impl: str = "auto",
+        check_values: bool = True,
     ):
         super().__init__()
         check_loss_options(beta, loss_type)
         check_head_options(ignore_index, temperature, softcap, average, impl)
         self.beta, self.loss_type, self.ignore_index = beta, loss_type, ignore_index
         self.temperature, self.softcap, self.average, self.impl = temperature, softcap, average, impl
+        self.check_values = check_values
 
     def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor, cu_seqlens: Tensor, ref_logps: Tensor,
                 bias: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         return linear_spin_loss(
             hidden, weight, targets, cu_seqlens, ref_logps, beta=self.beta, loss_type=self.loss_type, bias=bias,
             ignore_index=self.ignore_index, temperature=self.temperature, softcap=self.softcap,
-            average=self.average, impl=self.impl)
+            average=self.average, impl=self.impl, check_values=self.check_values)
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, loss_type={self.loss_type!r}, temperature={self.temperature}, "

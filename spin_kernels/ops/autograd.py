@@ -36,8 +36,8 @@ class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, cu_seqlens, ignore_index: int, spec: HeadSpec,
                 average: bool, backend: Backend):
-        rows = CountedRows.build(targets, cu_seqlens, ignore_index)
-        logp, lse = backend.rows_forward(hidden, weight, bias, rows.targets, spec, rows.index)
+        rows = CountedRows.build(targets, cu_seqlens, ignore_index, backend.pads_rows(hidden, weight, bias))
+        logp, lse = backend.rows_forward(hidden, weight, bias, rows.targets, spec, rows.index, rows.count)
         ctx.save_for_backward(hidden, weight, bias, lse)
         ctx.rows, ctx.spec, ctx.average, ctx.backend = rows, spec, average, backend
         return rows.seq_logps(logp, average)
@@ -49,7 +49,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         needs = Needs(*ctx.needs_input_grad[:3])
         grad = rows.row_grads(grad_seq.to(lse.dtype), ctx.average)
         dh, dw, db = ctx.backend.rows_backward(
-            hidden, weight, bias, rows.targets, lse, grad, ctx.spec, needs, rows.index)
+            hidden, weight, bias, rows.targets, lse, grad, ctx.spec, needs, rows.index, rows.count)
         return _cast(dh, hidden), _cast(dw, weight), _cast(db, bias), None, None, None, None, None, None
 
 
@@ -57,14 +57,14 @@ class LinearSPINLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, cu_seqlens, ref_logps, ignore_index: int, spec: HeadSpec,
                 average: bool, beta: float, loss_type: str, backend: Backend):
-        rows = CountedRows.build(targets, cu_seqlens, ignore_index)
+        rows = CountedRows.build(targets, cu_seqlens, ignore_index, backend.pads_rows(hidden, weight, bias))
         ref = ref_logps.detach()
         needs = Needs(*ctx.needs_input_grad[:3])
         if needs.hidden or needs.weight or needs.bias:
             seq, loss, dh, dw, db = backend.spin_forward_backward(
                 hidden, weight, bias, rows, ref, beta, loss_type, average, spec, needs)
         else:
-            logp, _ = backend.rows_forward(hidden, weight, bias, rows.targets, spec, rows.index)
+            logp, _ = backend.rows_forward(hidden, weight, bias, rows.targets, spec, rows.index, rows.count)
             seq = rows.seq_logps(logp, average)
             loss, _ = spin_terms(seq, ref, beta, loss_type, max(rows.num_seqs // 2, 1))
             dh = dw = db = None

@@ -1,8 +1,14 @@
 """Counted-row compaction and segment reductions shared by every backend.
 
-Only rows whose target is not ``ignore_index`` need vocabulary work. ``CountedRows`` gathers
+Only rows whose target is not ``ignore_index`` need vocabulary work. ``CountedRows`` names
 them once (order preserved, so the counted rows of sequence i stay contiguous) and carries the
 per-sequence bookkeeping every backend needs.
+
+Two layouts. *Exact*: the M counted rows and nothing else; M is data, so finding them reads it
+back to the host (one synchronisation on a GPU). *Padded*: a permutation of all N rows with the
+counted ones first, in order, and ``count`` = M kept on the device; every shape is known from
+the input shapes, so nothing waits for the GPU. Backends whose kernels read ``count`` on the
+device (``Backend.pads_rows``) get the padded layout and skip the rows past it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ class CountedRows:
         seq: int64 [M], the sequence each counted row belongs to.
         offsets: int64 [S+1], counted rows of sequence i are ``offsets[i]:offsets[i+1]``.
         counts: int64 [S], counted rows per sequence.
+        count: None for the exact layout; for the padded one int32 [1] on the device, the number
+            of counted rows: index, targets and seq are then [N], their entries past count
+            are the ignored rows (padding).
     """
 
     index: Tensor
@@ -30,9 +39,11 @@ class CountedRows:
     seq: Tensor
     offsets: Tensor
     counts: Tensor
+    count: Tensor | None = None
 
     @property
     def num_rows(self) -> int:
+        """M for the exact layout; N, an upper bound of M, for the padded one."""
         return self.index.shape[0]
 
     @property
@@ -40,20 +51,33 @@ class CountedRows:
         return self.counts.shape[0]
 
     @staticmethod
-    def build(targets: Tensor, cu_seqlens: Tensor, ignore_index: int) -> "CountedRows":
-        """targets [N] int, cu_seqlens [S+1] int (validated) -> CountedRows."""
-        cu = cu_seqlens.long()
+    def build(targets: Tensor, cu_seqlens: Tensor, ignore_index: int, padded: bool = False) -> "CountedRows":
+        """targets [N] int, cu_seqlens [S+1] int -> CountedRows (``padded``: that layout).
+
+        Values are clamped into range, so unvalidated input (``check_values=False``) can give
+        wrong results but never an out-of-bounds index.
+        """
+        n, s = targets.shape[0], cu_seqlens.shape[0] - 1
+        cu = cu_seqlens.long().clamp(0, n)
         mask = targets != ignore_index
-        index = mask.nonzero().squeeze(1)  # one host sync: M is data-dependent
-        seq_of_token = torch.bucketize(torch.arange(targets.shape[0], device=targets.device), cu[1:], right=True)
+        seq_of_token = torch.bucketize(torch.arange(n, device=targets.device), cu[1:], right=True)
+        seq_of_token.clamp_(max=max(s - 1, 0))
         cum = torch.cat([cu.new_zeros(1), mask.long().cumsum(0)])
         offsets = cum[cu]
+        if padded:
+            # A stable sort puts the counted rows first, in order, with no data-dependent shape.
+            index = torch.argsort((~mask).to(torch.uint8), stable=True)
+            count = cum[-1:].to(torch.int32)
+        else:
+            index = mask.nonzero().squeeze(1)  # one host sync: M is data-dependent
+            count = None
         return CountedRows(
             index=index,
             targets=targets[index].long(),
             seq=seq_of_token[index],
             offsets=offsets,
             counts=offsets[1:] - offsets[:-1],
+            count=count,
         )
 
     def segment_sum(self, row_values: Tensor) -> Tensor:

@@ -39,18 +39,19 @@ def _empty(like: Tensor) -> Tensor:
 @torch.library.custom_op("spin_kernels::linear_logprobs", mutates_args=())
 def linear_logprobs_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, cu_seqlens: Tensor,
                        ignore_index: int, temperature: float, softcap: float | None, average: bool,
-                       impl: str) -> tuple[Tensor, Tensor]:
+                       impl: str, check_values: bool) -> tuple[Tensor, Tensor]:
     check_head_options(ignore_index, temperature, softcap, average, impl)
-    check_linear_inputs(hidden, weight, targets, cu_seqlens, bias, ignore_index)
+    check_linear_inputs(hidden, weight, targets, cu_seqlens, bias, ignore_index, check_values)
     backend = resolve_backend(impl, hidden.device)
-    rows = CountedRows.build(targets, cu_seqlens, ignore_index)
-    logp, lse = backend.rows_forward(hidden, weight, bias, rows.targets, _spec(temperature, softcap), rows.index)
+    rows = CountedRows.build(targets, cu_seqlens, ignore_index, backend.pads_rows(hidden, weight, bias))
+    logp, lse = backend.rows_forward(hidden, weight, bias, rows.targets, _spec(temperature, softcap), rows.index,
+                                     rows.count)
     lse_tokens = lse.new_zeros(hidden.shape[0]).index_copy_(0, rows.index, lse)
     return rows.seq_logps(logp, average), lse_tokens
 
 
 @linear_logprobs_op.register_fake
-def _(hidden, weight, bias, targets, cu_seqlens, ignore_index, temperature, softcap, average, impl):
+def _(hidden, weight, bias, targets, cu_seqlens, ignore_index, temperature, softcap, average, impl, check_values):
     acc = acc_dtype(hidden, weight)
     return hidden.new_empty(cu_seqlens.shape[0] - 1, dtype=acc), hidden.new_empty(hidden.shape[0], dtype=acc)
 
@@ -62,12 +63,12 @@ def linear_logprobs_backward_op(grad_seq: Tensor, hidden: Tensor, weight: Tensor
                                 need_hidden: bool, need_weight: bool, need_bias: bool
                                 ) -> tuple[Tensor, Tensor, Tensor]:
     backend = resolve_backend(impl, hidden.device)
-    rows = CountedRows.build(targets, cu_seqlens, ignore_index)
+    rows = CountedRows.build(targets, cu_seqlens, ignore_index, backend.pads_rows(hidden, weight, bias))
     lse = lse_tokens[rows.index]
     grad = rows.row_grads(grad_seq.to(lse.dtype), average)
     needs = Needs(need_hidden, need_weight, need_bias and bias is not None)
     dh, dw, db = backend.rows_backward(hidden, weight, bias, rows.targets, lse, grad, _spec(temperature, softcap),
-                                       needs, rows.index)
+                                       needs, rows.index, rows.count)
     dh = _cast(dh, hidden) if dh is not None else _empty(hidden)
     dw = _cast(dw, weight) if dw is not None else _empty(weight)
     db = _cast(db, bias) if db is not None else _empty(weight)
@@ -84,7 +85,7 @@ def _(grad_seq, hidden, weight, bias, targets, cu_seqlens, lse_tokens, ignore_in
 
 
 def _logprobs_setup(ctx, inputs, output):
-    hidden, weight, bias, targets, cu_seqlens, ignore_index, temperature, softcap, average, impl = inputs
+    hidden, weight, bias, targets, cu_seqlens, ignore_index, temperature, softcap, average, impl, _ = inputs
     ctx.save_for_backward(hidden, weight, bias, targets, cu_seqlens, output[1])
     ctx.options = (ignore_index, temperature, softcap, average, impl)
     ctx.mark_non_differentiable(output[1])
@@ -95,7 +96,7 @@ def _logprobs_backward(ctx, grad_seq, _grad_lse):
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     dh, dw, db = linear_logprobs_backward_op(grad_seq, hidden, weight, bias, targets, cu_seqlens, lse_tokens,
                                              *ctx.options, need_h, need_w, need_b)
-    return (dh if need_h else None, dw if need_w else None, db if need_b else None) + (None,) * 7
+    return (dh if need_h else None, dw if need_w else None, db if need_b else None) + (None,) * 8
 
 
 torch.library.register_autograd("spin_kernels::linear_logprobs", _logprobs_backward, setup_context=_logprobs_setup)
@@ -105,21 +106,21 @@ torch.library.register_autograd("spin_kernels::linear_logprobs", _logprobs_backw
 def linear_spin_loss_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                         cu_seqlens: Tensor, ref_logps: Tensor, ignore_index: int, temperature: float,
                         softcap: float | None, average: bool, beta: float, loss_type: str, impl: str,
-                        need_hidden: bool, need_weight: bool, need_bias: bool
+                        check_values: bool, need_hidden: bool, need_weight: bool, need_bias: bool
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     check_loss_options(beta, loss_type)
     check_head_options(ignore_index, temperature, softcap, average, impl)
-    check_linear_inputs(hidden, weight, targets, cu_seqlens, bias, ignore_index)
+    check_linear_inputs(hidden, weight, targets, cu_seqlens, bias, ignore_index, check_values)
     check_ref_logps(ref_logps, cu_seqlens, hidden.device)
     backend = resolve_backend(impl, hidden.device)
-    rows = CountedRows.build(targets, cu_seqlens, ignore_index)
+    rows = CountedRows.build(targets, cu_seqlens, ignore_index, backend.pads_rows(hidden, weight, bias))
     spec = _spec(temperature, softcap)
     needs = Needs(need_hidden, need_weight, need_bias and bias is not None)
     if needs.hidden or needs.weight or needs.bias:
         seq, loss, dh, dw, db = backend.spin_forward_backward(
             hidden, weight, bias, rows, ref_logps, beta, loss_type, average, spec, needs)
     else:
-        logp, _ = backend.rows_forward(hidden, weight, bias, rows.targets, spec, rows.index)
+        logp, _ = backend.rows_forward(hidden, weight, bias, rows.targets, spec, rows.index, rows.count)
         seq = rows.seq_logps(logp, average)
         loss, _ = spin_terms(seq, ref_logps, beta, loss_type, max(rows.num_seqs // 2, 1))
         dh = dw = db = None
@@ -131,7 +132,7 @@ def linear_spin_loss_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, tar
 
 @linear_spin_loss_op.register_fake
 def _(hidden, weight, bias, targets, cu_seqlens, ref_logps, ignore_index, temperature, softcap, average, beta,
-      loss_type, impl, need_hidden, need_weight, need_bias):
+      loss_type, impl, check_values, need_hidden, need_weight, need_bias):
     acc = acc_dtype(hidden, weight)
     dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else _empty(hidden)
     dw = weight.new_empty(weight.shape) if need_weight else _empty(weight)
@@ -153,7 +154,7 @@ def _spin_backward(ctx, grad_loss, *_unused):
     def scaled(g: Tensor, needed: bool) -> Tensor | None:
         return (g * scale.to(g.dtype)).to(g.dtype) if needed and g.numel() else None
 
-    return (scaled(dh, need_h), scaled(dw, need_w), scaled(db, need_b)) + (None,) * 13
+    return (scaled(dh, need_h), scaled(dw, need_w), scaled(db, need_b)) + (None,) * 14
 
 
 torch.library.register_autograd("spin_kernels::linear_spin_loss", _spin_backward, setup_context=_spin_setup)
@@ -164,18 +165,18 @@ def _wants_grad(t: Tensor | None) -> bool:
 
 
 def linear_logprobs_via_library(hidden, weight, targets, cu_seqlens, bias, ignore_index, temperature, softcap,
-                                average, impl) -> Tensor:
+                                average, impl, check_values=True) -> Tensor:
     """``linear_logprobs`` through the custom op (same arguments and result)."""
     seq, _ = linear_logprobs_op(hidden, weight, bias, targets, cu_seqlens, ignore_index, float(temperature),
-                                None if softcap is None else float(softcap), average, impl)
+                                None if softcap is None else float(softcap), average, impl, check_values)
     return seq
 
 
 def linear_spin_loss_via_library(hidden, weight, targets, cu_seqlens, ref_logps, bias, ignore_index, temperature,
-                                 softcap, average, beta, loss_type, impl) -> tuple[Tensor, Tensor]:
+                                 softcap, average, beta, loss_type, impl, check_values=True) -> tuple[Tensor, Tensor]:
     """``linear_spin_loss`` through the custom op: (loss, seq_logps [S]); the caller builds metrics."""
     loss, seq, _, _, _ = linear_spin_loss_op(
         hidden, weight, bias, targets, cu_seqlens, ref_logps.detach(), ignore_index, float(temperature),
-        None if softcap is None else float(softcap), average, float(beta), loss_type, impl,
+        None if softcap is None else float(softcap), average, float(beta), loss_type, impl, check_values,
         _wants_grad(hidden), _wants_grad(weight), _wants_grad(bias))
     return loss, seq

@@ -35,14 +35,14 @@ import triton.language as tl
 from torch import Tensor
 
 from .config import backward_tiles, dot_precision, launch
-from .tiles import logit_grad_tile, logit_tile, row_positions
+from .tiles import live_count, logit_grad_tile, logit_tile, row_positions
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20  # bytes of the [M, chunk] gradient buffer G
 
 
 @triton.jit
 def logit_grads_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, idx_ptr, lse_ptr, g_ptr, du_ptr, dbp_ptr, keep_ptr,
+    h_ptr, w_ptr, b_ptr, y_ptr, idx_ptr, count_ptr, lse_ptr, g_ptr, du_ptr, dbp_ptr, keep_ptr,
     M, V, H, v_lo, v_hi,
     stride_hm, stride_hk, stride_wv, stride_wk, stride_b, stride_du, stride_dbp, stride_keep,
     inv_temp, softcap, filter_eps,
@@ -52,8 +52,11 @@ def logit_grads_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
+    count = tl.load(count_ptr)
+    if pid_m * TILE_M >= count:  # padding rows only: ∂b's partial sums stay the zeros they start as
+        return
     rows = pid_m * TILE_M + tl.arange(0, TILE_M)
-    row_mask = rows < M
+    row_mask = rows < count
     local = pid_v * TILE_V + tl.arange(0, TILE_V)  # columns within the chunk
     cols = v_lo + local
     # Chunks start at multiples of TILE_V and only the last one is ragged, so a column past
@@ -90,7 +93,7 @@ def tile_is_live(keep_ptr, at, FILTER: tl.constexpr):
 
 @triton.jit
 def grad_hidden_kernel(
-    du_ptr, w_ptr, idx_ptr, keep_ptr, dh_ptr,
+    du_ptr, w_ptr, idx_ptr, count_ptr, keep_ptr, dh_ptr,
     M, V, H, v_lo, v_hi, n_vtiles,
     stride_du, stride_wv, stride_wk, stride_keep, stride_dm,
     HAS_INDEX: tl.constexpr, FILTER: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -99,8 +102,11 @@ def grad_hidden_kernel(
     """dh[rows, ks] += Σ over the chunk's vocabulary tiles of G[rows, tile] · W[tile, ks]."""
     pid_m = tl.program_id(0)
     pid_h = tl.program_id(1)
+    count = tl.load(count_ptr)
+    if pid_m * TILE_M >= count:
+        return
     rows = pid_m * TILE_M + tl.arange(0, TILE_M)
-    row_mask = rows < M
+    row_mask = rows < count
     ks = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     k_mask = ks < H
     at = row_positions(idx_ptr, rows, row_mask, HAS_INDEX)
@@ -121,8 +127,8 @@ def grad_hidden_kernel(
 
 @triton.jit
 def grad_weight_kernel(
-    du_ptr, h_ptr, idx_ptr, keep_ptr, dw_ptr,
-    M, V, H, v_lo, v_hi, n_mtiles,
+    du_ptr, h_ptr, idx_ptr, count_ptr, keep_ptr, dw_ptr,
+    M, V, H, v_lo, v_hi,
     stride_du, stride_hm, stride_hk, stride_keep, stride_dv,
     HAS_INDEX: tl.constexpr, FILTER: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TILE_M: tl.constexpr, TILE_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -136,10 +142,11 @@ def grad_weight_kernel(
     ks = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     k_mask = ks < H
     acc = tl.zeros((TILE_V, BLOCK_H), dtype=tl.float32)
-    for mt in range(0, n_mtiles):
+    count = tl.load(count_ptr)
+    for mt in range(0, tl.cdiv(count, TILE_M)):
         if tile_is_live(keep_ptr, mt * stride_keep + pid_v, FILTER):
             rows = mt * TILE_M + tl.arange(0, TILE_M)
-            row_mask = rows < M
+            row_mask = rows < count
             du = tl.load(du_ptr + rows.to(tl.int64)[:, None] * stride_du + local[None, :],
                          mask=row_mask[:, None] & col_mask[None, :], other=0.0)
             at = row_positions(idx_ptr, rows, row_mask, HAS_INDEX)
@@ -159,8 +166,8 @@ def chunk_columns(rows: int, vocab: int, elem_bytes: int, tile_v: int, budget_by
 
 def rows_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, lse: Tensor, grad: Tensor,
                temperature: float, softcap: float | None, need_hidden: bool, need_weight: bool, need_bias: bool,
-               filter_eps: float = 0.0, chunk_bytes: int = DEFAULT_CHUNK_BYTES, index: Tensor | None = None
-               ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+               filter_eps: float = 0.0, chunk_bytes: int = DEFAULT_CHUNK_BYTES, index: Tensor | None = None,
+               count: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of Σ_n grad[n]·logp[n] over the counted rows.
 
     Args:
@@ -170,6 +177,8 @@ def rows_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Ten
         need_*: which gradients to compute (the others are returned as None).
         filter_eps: 0 = exact; > 0 skips the products of tiles with |onehot − softmax| < filter_eps.
         chunk_bytes: budget of the [M, chunk] buffer of ∂logits (in the weight's dtype).
+        count: int32 [1] on the device, or None (= M): rows i >= count are padding, skipped
+            (see ``rows_logprobs``); no host synchronisation either way.
 
     Returns:
         (dhidden float32 shaped like hidden (zero on rows not in ``index``), dweight [V, H] in
@@ -192,19 +201,20 @@ def rows_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Ten
     m_tiles, v_tiles = triton.cdiv(m, tile_m), chunk // tile_v
     targets, lse, grad = targets.contiguous(), lse.float().contiguous(), grad.float().contiguous()
     du = weight.new_empty(m, chunk)
-    dbp = weight.new_empty(m_tiles, chunk, dtype=torch.float32) if need_bias else lse
+    dbp = weight.new_zeros(m_tiles, chunk, dtype=torch.float32) if need_bias else lse
     filtering = filter_eps > 0
     keep = torch.empty(m_tiles, v_tiles, dtype=torch.int32, device=device) if filtering else lse
     stride_keep = keep.stride(0) if filtering else 0
     b = bias if bias is not None else weight
     tiles = {"TILE_M": tile_m, "TILE_V": tile_v}
     idx = index if index is not None else targets  # a placeholder the kernels never read
+    live = count if count is not None else live_count(m, device)
     precision = dot_precision(weight.dtype)
     for v_lo in range(0, v, chunk):
         v_hi = min(v_lo + chunk, v)
         used_tiles = triton.cdiv(v_hi - v_lo, tile_v)
         launch(logit_grads_kernel, lambda meta, n=used_tiles: (m_tiles, n),
-               hidden, weight, b, targets, idx, lse, grad, du, dbp, keep, m, v, h, v_lo, v_hi,
+               hidden, weight, b, targets, idx, live, lse, grad, du, dbp, keep, m, v, h, v_lo, v_hi,
                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
                bias.stride(0) if bias is not None else 0, du.stride(0), dbp.stride(0) if need_bias else 0,
                stride_keep, 1.0 / temperature, 1.0 if softcap is None else softcap, float(filter_eps),
@@ -215,13 +225,13 @@ def rows_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Ten
             db[v_lo:v_hi] = dbp[:, :v_hi - v_lo].sum(0)  # fixed-order reduction over row tiles
         if need_hidden:
             launch(grad_hidden_kernel, lambda meta: (m_tiles, triton.cdiv(h, meta["BLOCK_H"])),
-                   du, weight, idx, keep, dh, m, v, h, v_lo, v_hi, used_tiles,
+                   du, weight, idx, live, keep, dh, m, v, h, v_lo, v_hi, used_tiles,
                    du.stride(0), weight.stride(0), weight.stride(1), stride_keep, dh.stride(0),
                    HAS_INDEX=index is not None, FILTER=filtering, DOT_PRECISION=precision, **tiles, device=device, family="gemm",
                    restore_value=("dh_ptr",))
         if need_weight:
             launch(grad_weight_kernel, lambda meta, n=used_tiles: (n, triton.cdiv(h, meta["BLOCK_H"])),
-                   du, hidden, idx, keep, dw, m, v, h, v_lo, v_hi, m_tiles,
+                   du, hidden, idx, live, keep, dw, m, v, h, v_lo, v_hi,
                    du.stride(0), hidden.stride(0), hidden.stride(1), stride_keep, dw.stride(0),
                    HAS_INDEX=index is not None, FILTER=filtering, DOT_PRECISION=precision, **tiles, device=device, family="gemm")
     return dh, dw, db

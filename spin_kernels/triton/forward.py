@@ -15,12 +15,12 @@ import triton.language as tl
 from torch import Tensor
 
 from .config import dot_precision, launch, split_align
-from .tiles import logit_tile, row_positions
+from .tiles import live_count, logit_tile, row_positions
 
 
 @triton.jit
 def lse_partials_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, idx_ptr, m_ptr, l_ptr, zy_ptr,
+    h_ptr, w_ptr, b_ptr, y_ptr, idx_ptr, count_ptr, m_ptr, l_ptr, zy_ptr,
     M, V, H, split_size,
     stride_hm, stride_hk, stride_wv, stride_wk, stride_b,
     inv_temp, softcap,
@@ -29,8 +29,12 @@ def lse_partials_kernel(
 ):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
+    # Rows past count (read on device: no host sync) are padding and get no work at all.
+    count = tl.load(count_ptr)
+    if pid_m * BLOCK_M >= count:
+        return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < M
+    row_mask = rows < count
     h_rows_at = row_positions(idx_ptr, rows, row_mask, HAS_INDEX)
     y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
     v_lo = split * split_size
@@ -70,7 +74,7 @@ def num_splits(rows: int, vocab: int, device: torch.device, block_m: int = 128) 
 
 def rows_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                   temperature: float, softcap: float | None, splits: int | None = None,
-                  index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  index: Tensor | None = None, count: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-row log-probs and log-sum-exps of the counted rows.
 
     Args:
@@ -79,9 +83,12 @@ def rows_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: 
         weight: [V, H] of the same family, any strides (a tied-embedding view is fine).
         bias: [V] or None. targets: [M] int64 in [0, V).
         splits: vocabulary splits of the grid (None: sized from the device).
+        count: int32 [1] on the device, or None (= M): only rows i < count are live, the rest
+            are padding that costs no vocabulary work (the sync-free layout of ``CountedRows``,
+            where M is an upper bound known without reading the data).
 
     Returns:
-        (logp [M] float32, lse [M] float32).
+        (logp [M] float32, lse [M] float32), 0 on padding rows.
     """
     m, h = targets.shape[0], hidden.shape[1]
     v = weight.shape[0]
@@ -97,10 +104,11 @@ def rows_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: 
     splits = triton.cdiv(v, split_size)
     parts = torch.empty(3, splits, m, dtype=torch.float32, device=hidden.device)
     targets = targets.contiguous()
+    live = count if count is not None else live_count(m, hidden.device)
     launch(
         lse_partials_kernel,
         lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), splits),
-        hidden, weight, bias if bias is not None else weight, targets, index if index is not None else targets,
+        hidden, weight, bias if bias is not None else weight, targets, index if index is not None else targets, live,
         parts[0], parts[1], parts[2],
         m, v, h, split_size,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
@@ -114,4 +122,7 @@ def rows_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: 
     peak = row_max.max(0).values
     lse = peak + torch.log((row_sum * torch.exp(row_max - peak)).sum(0))
     logp = target_logit.sum(0) - lse
+    if count is not None:  # padding rows were never written
+        padding = torch.arange(m, device=hidden.device) >= count
+        logp, lse = logp.masked_fill(padding, 0.0), lse.masked_fill(padding, 0.0)
     return logp, lse

@@ -16,6 +16,11 @@ rows themselves). Gradients for hidden come back shaped like ``hidden``, zero on
 are not counted. A backend that cannot read rows through an index gathers them first
 (``counted_rows``) and scatters the gradients back (``to_all_rows``); the C++ kernels read and
 write through it. Results are in the accumulation dtype (float32, or float64 for float64 inputs).
+
+Padded rows: a backend whose ``pads_rows(hidden, weight, bias)`` is true is given the padded layout of ``CountedRows``
+(``index`` [N], every row, counted ones first) and ``count``, int32 [1] on the device: rows at
+positions >= count are padding, to be skipped without reading count on the host (the GPU path
+with no host synchronisation). Other backends are always given ``count=None``.
 """
 
 from __future__ import annotations
@@ -68,12 +73,16 @@ class Backend:
 
     name = "base"
 
+    def pads_rows(self, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+        """Whether the op layer should hand this backend the padded row layout for these inputs."""
+        return False
+
     def rows_forward(
         self, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, spec: HeadSpec,
-        index: Tensor | None = None,
+        index: Tensor | None = None, count: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """hidden [N, H] with index [M] (or [M, H]), weight [V, H], bias [V] | None, targets [M]
-        -> (logp [M], lse [M])."""
+        -> (logp [M], lse [M]) (0 on padding rows)."""
         raise NotImplementedError
 
     def rows_backward(
@@ -87,6 +96,7 @@ class Backend:
         spec: HeadSpec,
         needs: Needs,
         index: Tensor | None = None,
+        count: Tensor | None = None,
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """grad [M] = dL/dlogp per counted row -> (dhidden shaped like hidden, dweight [V, H],
         dbias [V]) in the accumulation dtype (a backend may return dweight in the weight's dtype
@@ -112,9 +122,9 @@ class Backend:
         Returns (seq_logps [S], loss [], dhidden [N, H] | None, dweight [V, H] | None,
         dbias [V] | None).
         """
-        logp, lse = self.rows_forward(hidden, weight, bias, rows.targets, spec, rows.index)
+        logp, lse = self.rows_forward(hidden, weight, bias, rows.targets, spec, rows.index, rows.count)
         seq = rows.seq_logps(logp, average)
         loss, seq_grad = spin_terms(seq, ref_logps, beta, loss_type, max(rows.num_seqs // 2, 1))
-        dh, dw, db = self.rows_backward(
-            hidden, weight, bias, rows.targets, lse, rows.row_grads(seq_grad, average), spec, needs, rows.index)
+        dh, dw, db = self.rows_backward(hidden, weight, bias, rows.targets, lse, rows.row_grads(seq_grad, average),
+                                        spec, needs, rows.index, rows.count)
         return seq, loss, dh, dw, db

@@ -106,13 +106,13 @@ class CpuFused(Backend):
 
     # -- Backend API ------------------------------------------------------------------------
 
-    def rows_forward(self, hidden, weight, bias, targets, spec, index=None):
+    def rows_forward(self, hidden, weight, bias, targets, spec, index=None, count=None):
         if acc_dtype(hidden, weight, bias) == torch.float64:
             return self._reference.rows_forward(hidden, weight, bias, targets, spec, index)
         h, w, b, y = self._kernel_inputs(hidden, weight, bias, targets)
         return self._forward(h, w, b, y, spec, index=index)
 
-    def rows_backward(self, hidden, weight, bias, targets, lse, grad, spec, needs, index=None):
+    def rows_backward(self, hidden, weight, bias, targets, lse, grad, spec, needs, index=None, count=None):
         if acc_dtype(hidden, weight, bias) == torch.float64:
             return self._reference.rows_backward(hidden, weight, bias, targets, lse, grad, spec, needs, index)
         h, w, b, y = self._kernel_inputs(hidden, weight, bias, targets)

@@ -80,7 +80,7 @@ class TorchChunked(Backend):
 
     # -- Backend API ----------------------------------------------------------------------------
 
-    def rows_forward(self, hidden, weight, bias, targets, spec, index=None):
+    def rows_forward(self, hidden, weight, bias, targets, spec, index=None, count=None):
         hidden = counted_rows(hidden, index)
         acc = acc_dtype(hidden, weight)
         w = weight.to(acc)
@@ -110,7 +110,7 @@ class TorchChunked(Backend):
             self._backward_from_probs(probs, t, targets[s:e], grad[s - lo:e - lo], hidden[s:e], w, spec,
                                       None if dh is None else dh[s:e], dw, db)
 
-    def rows_backward(self, hidden, weight, bias, targets, lse, grad, spec, needs, index=None):
+    def rows_backward(self, hidden, weight, bias, targets, lse, grad, spec, needs, index=None, count=None):
         h = counted_rows(hidden, index)
         acc = acc_dtype(h, weight)
         dh, dw, db = self._alloc_grads(h, weight, bias, needs, acc)

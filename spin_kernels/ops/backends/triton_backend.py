@@ -6,7 +6,8 @@ first imported (tests/conftest.py does it for the test session).
 
 float64 inputs (gradcheck precision) have no tensor-core path: they go to the torch backend.
 The kernels read the counted rows of hidden through the row index and write dhidden through it:
-no gathered [M, H] copy, no scatter.
+no gathered [M, H] copy, no scatter. They take the padded row layout (``pads_rows``): the number
+of counted rows stays on the device, so no call of this backend waits for the GPU.
 """
 
 from __future__ import annotations
@@ -63,14 +64,19 @@ class TritonBackend(Backend):
     def _is_f64(*tensors) -> bool:
         return any(t is not None and t.dtype == torch.float64 for t in tensors)
 
-    def rows_forward(self, hidden, weight, bias, targets, spec: HeadSpec, index=None):
+    def rows_forward(self, hidden, weight, bias, targets, spec: HeadSpec, index=None, count=None):
         if self._is_f64(hidden, weight, bias):
             return self._fallback.rows_forward(hidden, weight, bias, targets, spec, index)
         from ...triton.forward import rows_logprobs
 
-        return rows_logprobs(hidden, weight, bias, targets, spec.temperature, spec.softcap, index=_long(index))
+        return rows_logprobs(hidden, weight, bias, targets, spec.temperature, spec.softcap, index=_long(index),
+                             count=count)
 
-    def rows_backward(self, hidden, weight, bias, targets, lse, grad, spec: HeadSpec, needs: Needs, index=None):
+    def pads_rows(self, *tensors) -> bool:
+        return not self._is_f64(*tensors)  # float64 goes to the torch backend, which needs exact rows
+
+    def rows_backward(self, hidden, weight, bias, targets, lse, grad, spec: HeadSpec, needs: Needs, index=None,
+                      count=None):
         if self._is_f64(hidden, weight, bias):
             return self._fallback.rows_backward(hidden, weight, bias, targets, lse, grad, spec, needs, index)
         from ...triton.backward import rows_grads
@@ -78,7 +84,7 @@ class TritonBackend(Backend):
         chunk = {} if self.chunk_bytes is None else {"chunk_bytes": self.chunk_bytes}
         return rows_grads(hidden, weight, bias, targets, lse, grad, spec.temperature, spec.softcap,
                           needs.hidden, needs.weight, needs.bias, index=_long(index),
-                          filter_eps=filter_eps_for(weight.dtype, self.grad_filter), **chunk)
+                          filter_eps=filter_eps_for(weight.dtype, self.grad_filter), count=count, **chunk)
 
 
 def make_backend() -> Backend:
