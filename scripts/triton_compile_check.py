@@ -27,7 +27,7 @@ FLOAT_ARGS = ("inv_temp", "softcap", "filter_eps")
 
 def pointer_types(dtype: str) -> dict[str, str]:
     """Element type of every pointer argument, by name, for inputs of ``dtype``."""
-    return {"h_ptr": dtype, "w_ptr": dtype, "b_ptr": dtype, "du_ptr": dtype, "dw_ptr": dtype, "y_ptr": "i64",
+    return {"h_ptr": dtype, "w_ptr": dtype, "b_ptr": dtype, "du_ptr": dtype, "dw_ptr": dtype, "dh_ptr": dtype, "y_ptr": "i64",
             "idx_ptr": "i64", "keep_ptr": "i32", "count_ptr": "i32"}
 
 

@@ -197,3 +197,16 @@ def test_no_grad_forward_matches_grad_forward(impl):
     b, mb = linear_spin_loss(case.hidden, case.weight, case.targets, case.cu_seqlens, case.ref_logps, impl=impl)
     assert b.requires_grad and not a.requires_grad
     assert_close(a, b, 1e-6, "loss")
+
+
+def test_spin_backward_hands_over_its_gradients_scaled_in_place(impl):
+    """The SPIN op's gradients, computed in the forward, reach .grad scaled in place (no second
+    [V, H] copy); a second backward through the same graph is refused, not scaled twice."""
+    case = make_case([5, 6, 7, 3], 9, 30, seed=13)
+    loss, _ = linear_spin_loss(case.hidden, case.weight, case.targets, case.cu_seqlens, case.ref_logps, impl=impl)
+    (want,) = grads(loss, [case.weight])
+    loss, _ = linear_spin_loss(case.hidden, case.weight, case.targets, case.cu_seqlens, case.ref_logps, impl=impl)
+    (loss * 2.5).backward(retain_graph=True)
+    assert_close(case.weight.grad, want * 2.5, 1e-6, "dweight")
+    with pytest.raises(RuntimeError, match="inplace"):
+        (loss * 2.5).backward()

@@ -47,7 +47,10 @@ def test_padded_layout_of_unchecked_garbage_stays_in_range():
 
 
 @pytest.mark.skipif(CUDA, reason="the interpreter's comparison; CUDA runs the test below")
-def test_triton_kernels_padded_equal_exact_in_the_interpreter():
+@pytest.mark.parametrize("workspace", [2**20, 1], ids=["one-block", "16-row-blocks"])
+def test_triton_kernels_padded_equal_exact_in_the_interpreter(workspace):
+    """Padded and exact layouts through the kernels; with 16-row blocks the padded layout has
+    blocks with no live row at all (30 counted rows of 71)."""
     from spin_kernels.triton.backward import rows_grads
     from spin_kernels.triton.forward import rows_logprobs
 
@@ -56,15 +59,17 @@ def test_triton_kernels_padded_equal_exact_in_the_interpreter():
     padded = CountedRows.build(case.targets, case.cu_seqlens, IGNORE, padded=True)
     h, w, b = case.hidden.detach(), case.weight.detach(), case.bias.detach()
     m = exact.num_rows
+    assert 16 < m < h.shape[0] - 32
     logp_e, lse_e = rows_logprobs(h, w, b, exact.targets, 1.3, 4.0, index=exact.index)
     logp_p, lse_p = rows_logprobs(h, w, b, padded.targets, 1.3, 4.0, index=padded.index, count=padded.count)
     # Same row tiles over the counted rows: bitwise equal; padding rows are exactly 0.
     assert torch.equal(logp_p[:m], logp_e) and torch.equal(lse_p[:m], lse_e)
     assert torch.equal(logp_p[m:], torch.zeros(h.shape[0] - m)) and torch.equal(lse_p[m:], lse_p[m:] * 0)
     g = torch.randn(h.shape[0])
-    grads_e = rows_grads(h, w, b, exact.targets, lse_e, g[:m], 1.3, 4.0, True, True, True, index=exact.index)
+    grads_e = rows_grads(h, w, b, exact.targets, lse_e, g[:m], 1.3, 4.0, True, True, True, index=exact.index,
+                         workspace_bytes=workspace)
     grads_p = rows_grads(h, w, b, padded.targets, lse_p, g, 1.3, 4.0, True, True, True, index=padded.index,
-                         count=padded.count)
+                         count=padded.count, workspace_bytes=workspace)
     for name, got, want in zip(("dhidden", "dweight", "dbias"), grads_p, grads_e):
         assert_close(got, want, 1e-6, name)
     ignored = case.targets == IGNORE

@@ -168,20 +168,24 @@ def test_repeated_runs_are_bitwise_identical():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, 20_000])  # one 32-column tile per chunk; two tiles per chunk
-def test_backward_in_vocabulary_chunks_matches_float64_reference(chunk_bytes):
-    """The backward walks the vocabulary in chunks (the [M, chunk] gradient buffer's budget):
-    small budgets cross chunk edges, a ragged last chunk included (V = 131)."""
-    from spin_kernels.triton.backward import chunk_columns
+# Workspaces (interpreter tiles 16 rows × 32 columns, H = 24, fp32, 53 counted rows): 1 byte =
+# one tile of rows and of columns per step; 6,000 = 16-row blocks with 64-column chunks; 30,000 =
+# one block of every row, 96-column chunks (ragged last chunk, V = 131); 1 MiB = all at once.
+@pytest.mark.parametrize("workspace", [1, 6_000, 30_000, 2**20])
+def test_backward_in_row_blocks_and_vocabulary_chunks_matches_float64_reference(workspace):
+    """The backward walks row blocks × vocabulary chunks (its workspace budget): small budgets
+    cross block and chunk edges, ∂W is summed across blocks, ∂b across both."""
+    from spin_kernels.triton.backward import workspace_shape
     from spin_kernels.triton.config import backward_tiles
 
     case = on_device(make_case(random_lengths(4, 19, seed=21) + [0, 1], 24, 131, bias=True, seed=22))
     counted = int((case.targets != IGNORE).sum())
-    assert chunk_columns(counted, 131, 4, backward_tiles(DEVICE)[1], chunk_bytes) < 131  # several chunks
+    block, chunk = workspace_shape(counted, 131, 24, 4, *backward_tiles(DEVICE), workspace)
+    assert counted > 16 and (block < counted) == (workspace < 30_000) and (chunk < 131) == (workspace < 2**20)
     r = case.float64()
     ref = naive_linear_logprobs(r.hidden, r.weight, case.targets, case.cu_seqlens, bias=r.bias, softcap=4.0)
     out = LinearLogprobsFunction.apply(case.hidden, case.weight, case.bias, case.targets, case.cu_seqlens, IGNORE,
-                                       HeadSpec(softcap=4.0), False, TritonBackend(chunk_bytes=chunk_bytes))
+                                       HeadSpec(softcap=4.0), False, TritonBackend(workspace_bytes=workspace))
     upstream = torch.randn(out.shape, dtype=torch.float64, device=out.device)
     got = grads((out.double() * upstream).sum(), [case.hidden, case.weight, case.bias])
     want = grads((ref * upstream.to(ref.device)).sum(), [r.hidden, r.weight, r.bias])
@@ -189,12 +193,21 @@ def test_backward_in_vocabulary_chunks_matches_float64_reference(chunk_bytes):
         assert_close(g, w, 2e-5, f"d{name}")
 
 
-def test_chunk_columns_fit_the_budget():
-    from spin_kernels.triton.backward import chunk_columns
+def test_workspace_shape_fits_the_budget():
+    from spin_kernels.triton.backward import workspace_shape
 
-    assert chunk_columns(rows=1000, vocab=50_000, elem_bytes=2, tile_v=128, budget_bytes=1 << 20) == 512
-    assert chunk_columns(rows=1000, vocab=50_000, elem_bytes=2, tile_v=128, budget_bytes=1) == 128  # >= a tile
-    assert chunk_columns(rows=10, vocab=300, elem_bytes=4, tile_v=128, budget_bytes=1 << 30) == 384  # <= V
+    mib = 2**20
+    # llama3-8b, 16k rows, bf16, the default 56 MiB: 1,792-row blocks (28 MiB of fp32 ∂h), 8,192 columns.
+    assert workspace_shape(16384, 128256, 4096, 2, 128, 128, 56 * mib) == (1792, 8192)
+    block, chunk = workspace_shape(16384, 128256, 4096, 2, 128, 128, 56 * mib)
+    assert block * (4 * 4096 + 2 * chunk) <= 56 * mib
+    # A batch whose ∂h fits half the budget is one block; the chunk takes the rest, <= V.
+    assert workspace_shape(1000, 50_000, 64, 2, 128, 128, mib) == (1000, 384)
+    assert workspace_shape(10, 300, 8, 4, 16, 128, 1 << 30) == (10, 384)
+    # Nothing fits: one tile of rows and one of columns.
+    assert workspace_shape(1000, 50_000, 4096, 2, 128, 128, 1) == (128, 128)
+    # Without ∂h there are no blocks: G alone takes the budget.
+    assert workspace_shape(1000, 50_000, 4096, 2, 128, 128, mib, need_hidden=False) == (1000, 512)
 
 
 def _grads_with_filter(case, setting):
@@ -335,9 +348,10 @@ def test_kernels_compile_for_hopper_without_a_gpu():
 
 
 @needs_cuda
-def test_cuda_backward_memory_is_its_outputs_plus_the_chunk_budget():
-    """The backward holds its outputs (dh fp32 [M, H], dW in the weight's dtype) and one
-    [M, chunk] buffer of logit gradients; nothing of size [M, V] or [V, H] in fp32."""
+def test_cuda_backward_memory_is_its_outputs_plus_the_workspace():
+    """The backward holds its outputs (dh, dW in the inputs' dtype) and its workspace; nothing
+    of size [M, V], [M, H] in fp32 or [V, H] in fp32. 8k rows of H = 1024 need 32 MiB of fp32
+    ∂h: a 16 MiB budget makes row blocks."""
     from spin_kernels.triton.backward import rows_grads
 
     m, h, v, budget = 8192, 1024, 32_000, 16 * 2**20
@@ -346,16 +360,16 @@ def test_cuda_backward_memory_is_its_outputs_plus_the_chunk_budget():
     weight = (torch.randn(v, h, device="cuda", generator=g) / 8).to(torch.bfloat16)
     targets = torch.randint(0, v, (m,), device="cuda", generator=g)
     lse, grad = torch.full((m,), 12.0, device="cuda"), torch.ones(m, device="cuda")
-    # Warm-up: the autotuner's trials (which save and restore dh) happen on the first call.
-    rows_grads(hidden, weight, None, targets, lse, grad, 1.0, None, True, True, False, chunk_bytes=budget)
+    # Warm-up: the autotuner's trials happen on the first call.
+    rows_grads(hidden, weight, None, targets, lse, grad, 1.0, None, True, True, False, workspace_bytes=budget)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    rows_grads(hidden, weight, None, targets, lse, grad, 1.0, None, True, True, False, chunk_bytes=budget)
+    rows_grads(hidden, weight, None, targets, lse, grad, 1.0, None, True, True, False, workspace_bytes=budget)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
-    outputs = 4 * m * h + 2 * v * h
-    assert extra <= outputs + budget + 4 * 2**20, (extra, outputs)
+    outputs = 2 * m * h + 2 * v * h
+    assert extra <= outputs + budget + 2**20, (extra, outputs)
 
 
 def test_autotune_can_be_cut_to_two_candidates(monkeypatch):

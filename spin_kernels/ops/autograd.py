@@ -16,19 +16,26 @@ from .objective import spin_terms
 
 
 def _unless_one(grad_loss: Tensor) -> Tensor | None:
-    """None when the upstream gradient is exactly 1 (``loss.backward()``) on CPU, so that the
-    gradients saved by the forward are handed over as they are instead of as scaled copies (one
-    [V, H] dweight at the peak instead of two). On other devices reading it would synchronise."""
+    """None when the upstream gradient is exactly 1 (``loss.backward()``) on CPU, where reading
+    it is free; on other devices reading it would synchronise, so the scale is always applied."""
     if grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and grad_loss.item() == 1.0:
         return None
     return grad_loss
 
 
-def _cast(grad: Tensor | None, like: Tensor | None, scale: Tensor | None = None) -> Tensor | None:
+def _scaled_(grad: Tensor | None, scale: Tensor | None) -> Tensor | None:
+    """A gradient saved by the forward, handed over scaled in place: one [V, H] dweight at the
+    peak, not two. A second backward through the same graph (retain_graph) then stops at torch's
+    saved-tensor version check instead of scaling twice."""
+    if grad is None or scale is None:
+        return grad
+    return grad.mul_(scale.to(grad.dtype))
+
+
+def _cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
+    """grad in like's dtype (the same tensor when it already is); None if either is None."""
     if grad is None or like is None:
         return None
-    if scale is not None:
-        grad = grad * scale.to(grad.dtype)
     return grad.to(like.dtype)
 
 
@@ -77,4 +84,4 @@ class LinearSPINLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_seq):
         dh, dw, db = ctx.saved_tensors
         scale = _unless_one(grad_loss)
-        return (_cast(dh, dh, scale), _cast(dw, dw, scale), _cast(db, db, scale)) + (None,) * 9
+        return (_scaled_(dh, scale), _scaled_(dw, scale), _scaled_(db, scale)) + (None,) * 9

@@ -37,7 +37,9 @@ from torch import Tensor
 from .config import backward_tiles, dot_precision, launch
 from .tiles import live_count, logit_grad_tile, logit_tile, row_positions
 
-DEFAULT_CHUNK_BYTES = 64 * 2**20  # bytes of the [M, chunk] gradient buffer G
+# The backward's scratch memory: G and the fp32 ∂h accumulator of a row block. Under 64 MiB with
+# room for the small per-row buffers (lse, row indices, bias partial sums).
+DEFAULT_WORKSPACE_BYTES = 56 * 2**20
 
 
 @triton.jit
@@ -93,13 +95,18 @@ def tile_is_live(keep_ptr, at, FILTER: tl.constexpr):
 
 @triton.jit
 def grad_hidden_kernel(
-    du_ptr, w_ptr, idx_ptr, count_ptr, keep_ptr, dh_ptr,
-    M, V, H, v_lo, v_hi, n_vtiles,
-    stride_du, stride_wv, stride_wk, stride_keep, stride_dm,
+    du_ptr, w_ptr, idx_ptr, count_ptr, keep_ptr, acc_ptr, dh_ptr,
+    M, V, H, v_lo, v_hi, n_vtiles, first, last,
+    stride_du, stride_wv, stride_wk, stride_keep, stride_acc, stride_dm,
     HAS_INDEX: tl.constexpr, FILTER: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TILE_M: tl.constexpr, TILE_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """dh[rows, ks] += Σ over the chunk's vocabulary tiles of G[rows, tile] · W[tile, ks]."""
+    """acc[rows, ks] (+)= Σ over the chunk's vocabulary tiles of G[rows, tile] · W[tile, ks];
+    on the last chunk the sum goes, rounded once, to dh at the rows' positions instead.
+
+    ``first``/``last`` are runtime flags (not constexprs) so that every chunk shares one
+    autotuned configuration, tuned on the first launch, which writes without reading and so can
+    be re-run by the autotuner."""
     pid_m = tl.program_id(0)
     pid_h = tl.program_id(1)
     count = tl.load(count_ptr)
@@ -109,9 +116,11 @@ def grad_hidden_kernel(
     row_mask = rows < count
     ks = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     k_mask = ks < H
-    at = row_positions(idx_ptr, rows, row_mask, HAS_INDEX)
-    dh_tile = dh_ptr + at.to(tl.int64)[:, None] * stride_dm + ks[None, :]
-    acc = tl.load(dh_tile, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+    tile_mask = row_mask[:, None] & k_mask[None, :]
+    acc_tile = acc_ptr + rows.to(tl.int64)[:, None] * stride_acc + ks[None, :]
+    acc = tl.zeros((TILE_M, BLOCK_H), dtype=tl.float32)
+    if first == 0:
+        acc = tl.load(acc_tile, mask=tile_mask, other=0.0)
     du_rows = du_ptr + rows.to(tl.int64)[:, None] * stride_du
     for vt in range(0, n_vtiles):
         if tile_is_live(keep_ptr, pid_m * stride_keep + vt, FILTER):
@@ -122,18 +131,25 @@ def grad_hidden_kernel(
             w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_wv + ks[None, :] * stride_wk,
                         mask=col_mask[:, None] & k_mask[None, :], other=0.0)
             acc = tl.dot(du, w, acc, input_precision=DOT_PRECISION)
-    tl.store(dh_tile, acc, mask=row_mask[:, None] & k_mask[None, :])
+    if last != 0:
+        at = row_positions(idx_ptr, rows, row_mask, HAS_INDEX)
+        dh_tile = dh_ptr + at.to(tl.int64)[:, None] * stride_dm + ks[None, :]
+        tl.store(dh_tile, acc.to(dh_ptr.dtype.element_ty), mask=tile_mask)
+    else:
+        tl.store(acc_tile, acc, mask=tile_mask)
 
 
 @triton.jit
 def grad_weight_kernel(
     du_ptr, h_ptr, idx_ptr, count_ptr, keep_ptr, dw_ptr,
-    M, V, H, v_lo, v_hi,
+    M, V, H, v_lo, v_hi, accumulate,
     stride_du, stride_hm, stride_hk, stride_keep, stride_dv,
     HAS_INDEX: tl.constexpr, FILTER: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TILE_M: tl.constexpr, TILE_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """dW[tile, ks] = Σ over all row tiles of G[rows, tile]ᵀ · h[rows, ks], written once."""
+    """dW[tile, ks] (+)= Σ over the row tiles of G[rows, tile]ᵀ · h[rows, ks]: the block's
+    whole reduction in one fp32 accumulator, added to dW (``accumulate``, a runtime flag as in
+    ``grad_hidden_kernel``) and rounded to its dtype once per row block."""
     pid_v = tl.program_id(0)
     pid_h = tl.program_id(1)
     local = pid_v * TILE_V + tl.arange(0, TILE_V)
@@ -154,20 +170,42 @@ def grad_weight_kernel(
                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             acc = tl.dot(tl.trans(du), h, acc, input_precision=DOT_PRECISION)
     out = dw_ptr + cols.to(tl.int64)[:, None] * stride_dv + ks[None, :]
-    tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=col_mask[:, None] & k_mask[None, :])
+    out_mask = col_mask[:, None] & k_mask[None, :]
+    if accumulate != 0:
+        acc += tl.load(out, mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=out_mask)
 
 
-def chunk_columns(rows: int, vocab: int, elem_bytes: int, tile_v: int, budget_bytes: int) -> int:
-    """Vocabulary columns per chunk: a multiple of ``tile_v`` whose [rows, chunk] buffer of
-    ``elem_bytes`` fits ``budget_bytes`` (at least one tile, at most the whole vocabulary)."""
-    fit = budget_bytes // max(1, rows * elem_bytes) // tile_v * tile_v
-    return max(tile_v, min(fit, triton.cdiv(vocab, tile_v) * tile_v))
+def workspace_shape(rows: int, vocab: int, hidden: int, elem_bytes: int, tile_m: int, tile_v: int,
+                    budget_bytes: int, need_hidden: bool = True) -> tuple[int, int]:
+    """(rows per block, vocabulary columns per chunk) of the backward's workspace.
+
+    The workspace is the fp32 ∂h accumulator of a row block (4·hidden bytes a row, when ∂h is
+    needed) plus G, [block rows, chunk] of ``elem_bytes``. The whole batch is one block when its
+    accumulator fits half the budget; else blocks of whole ``tile_m`` tiles take half. The chunk
+    is a multiple of ``tile_v`` filling the rest (at least one tile, at most the vocabulary).
+    """
+    dh_row = 4 * hidden if need_hidden else 0
+    block = rows
+    if rows * dh_row > budget_bytes // 2:
+        block = max(tile_m, budget_bytes // 2 // dh_row // tile_m * tile_m)
+    block = max(1, min(block, rows))
+    fit = (budget_bytes - block * dh_row) // max(1, block * elem_bytes) // tile_v * tile_v
+    return block, max(tile_v, min(fit, triton.cdiv(vocab, tile_v) * tile_v))
+
+
+def block_count(count: Tensor | None, lo: int, hi: int, device: torch.device) -> Tensor:
+    """The live rows of the block [lo, hi) as the kernels read them: int32 [1] on the device."""
+    if count is None:
+        return live_count(hi - lo, device)
+    return (count - lo).clamp_(0, hi - lo)
 
 
 def rows_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, lse: Tensor, grad: Tensor,
                temperature: float, softcap: float | None, need_hidden: bool, need_weight: bool, need_bias: bool,
-               filter_eps: float = 0.0, chunk_bytes: int = DEFAULT_CHUNK_BYTES, index: Tensor | None = None,
-               count: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+               filter_eps: float = 0.0, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+               index: Tensor | None = None, count: Tensor | None = None
+               ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of Σ_n grad[n]·logp[n] over the counted rows.
 
     Args:
@@ -176,62 +214,71 @@ def rows_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Ten
         lse: [M] float32 from the forward. grad: [M] float32, ∂L/∂logp per row.
         need_*: which gradients to compute (the others are returned as None).
         filter_eps: 0 = exact; > 0 skips the products of tiles with |onehot − softmax| < filter_eps.
-        chunk_bytes: budget of the [M, chunk] buffer of ∂logits (in the weight's dtype).
+        workspace_bytes: budget of the backward's scratch memory (``workspace_shape``).
         count: int32 [1] on the device, or None (= M): rows i >= count are padding, skipped
             (see ``rows_logprobs``); no host synchronisation either way.
 
     Returns:
-        (dhidden float32 shaped like hidden (zero on rows not in ``index``), dweight [V, H] in
-        weight's dtype (accumulated in fp32, rounded once), dbias [V] float32), or None where
-        not needed.
+        (dhidden shaped like hidden in hidden's dtype (zero on rows not in ``index``), dweight
+        [V, H] in weight's dtype, dbias [V] float32), or None where not needed. dhidden is
+        accumulated in fp32 and rounded once; dweight in fp32 within a row block, rounded once
+        per block (once in all when the batch fits one block).
     """
     m, h = targets.shape[0], hidden.shape[1]
     v = weight.shape[0]
+    dh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
     if hidden.dtype != weight.dtype:
         hidden = hidden.to(weight.dtype)
     need_bias = need_bias and bias is not None
-    dh = hidden.new_zeros(hidden.shape, dtype=torch.float32) if need_hidden else None
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight else None  # all written
     db = weight.new_zeros(v, dtype=torch.float32) if need_bias else None
     if m == 0 or not (need_hidden or need_weight or need_bias):
         return dh, None if dw is None else dw.zero_(), db
     device = hidden.device
     tile_m, tile_v = backward_tiles(device)
-    chunk = chunk_columns(m, v, weight.element_size(), tile_v, chunk_bytes)
-    m_tiles, v_tiles = triton.cdiv(m, tile_m), chunk // tile_v
+    block, chunk = workspace_shape(m, v, h, weight.element_size(), tile_m, tile_v, workspace_bytes, need_hidden)
+    m_tiles, v_tiles = triton.cdiv(block, tile_m), chunk // tile_v
     targets, lse, grad = targets.contiguous(), lse.float().contiguous(), grad.float().contiguous()
-    du = weight.new_empty(m, chunk)
-    dbp = weight.new_zeros(m_tiles, chunk, dtype=torch.float32) if need_bias else lse
+    du = weight.new_empty(block, chunk)
+    acc = weight.new_empty(block, h, dtype=torch.float32) if need_hidden else lse
+    dbp = weight.new_empty(m_tiles, chunk, dtype=torch.float32) if need_bias else lse
     filtering = filter_eps > 0
     keep = torch.empty(m_tiles, v_tiles, dtype=torch.int32, device=device) if filtering else lse
     stride_keep = keep.stride(0) if filtering else 0
     b = bias if bias is not None else weight
     tiles = {"TILE_M": tile_m, "TILE_V": tile_v}
-    idx = index if index is not None else targets  # a placeholder the kernels never read
-    live = count if count is not None else live_count(m, device)
+    idx = index if index is not None else torch.arange(m, device=device)
     precision = dot_precision(weight.dtype)
-    for v_lo in range(0, v, chunk):
-        v_hi = min(v_lo + chunk, v)
-        used_tiles = triton.cdiv(v_hi - v_lo, tile_v)
-        launch(logit_grads_kernel, lambda meta, n=used_tiles: (m_tiles, n),
-               hidden, weight, b, targets, idx, live, lse, grad, du, dbp, keep, m, v, h, v_lo, v_hi,
-               hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-               bias.stride(0) if bias is not None else 0, du.stride(0), dbp.stride(0) if need_bias else 0,
-               stride_keep, 1.0 / temperature, 1.0 if softcap is None else softcap, float(filter_eps),
-               HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_INDEX=index is not None,
-               FILTER=filtering,
-               COMPUTE_DB=need_bias, DOT_PRECISION=precision, **tiles, device=device, family="producer")
+    for r_lo in range(0, m, block):
+        r_hi = min(r_lo + block, m)
+        rows = slice(r_lo, r_hi)
+        live = block_count(count, r_lo, r_hi, device)
         if need_bias:
-            db[v_lo:v_hi] = dbp[:, :v_hi - v_lo].sum(0)  # fixed-order reduction over row tiles
-        if need_hidden:
-            launch(grad_hidden_kernel, lambda meta: (m_tiles, triton.cdiv(h, meta["BLOCK_H"])),
-                   du, weight, idx, live, keep, dh, m, v, h, v_lo, v_hi, used_tiles,
-                   du.stride(0), weight.stride(0), weight.stride(1), stride_keep, dh.stride(0),
-                   HAS_INDEX=index is not None, FILTER=filtering, DOT_PRECISION=precision, **tiles, device=device, family="gemm",
-                   restore_value=("dh_ptr",))
-        if need_weight:
-            launch(grad_weight_kernel, lambda meta, n=used_tiles: (n, triton.cdiv(h, meta["BLOCK_H"])),
-                   du, hidden, idx, live, keep, dw, m, v, h, v_lo, v_hi,
-                   du.stride(0), hidden.stride(0), hidden.stride(1), stride_keep, dw.stride(0),
-                   HAS_INDEX=index is not None, FILTER=filtering, DOT_PRECISION=precision, **tiles, device=device, family="gemm")
+            dbp.zero_()  # tiles past the live rows are skipped, and must add nothing
+        for v_lo in range(0, v, chunk):
+            v_hi = min(v_lo + chunk, v)
+            used_tiles = triton.cdiv(v_hi - v_lo, tile_v)
+            launch(logit_grads_kernel, lambda meta, n=used_tiles: (m_tiles, n),
+                   hidden, weight, b, targets[rows], idx[rows], live, lse[rows], grad[rows], du, dbp, keep,
+                   r_hi - r_lo, v, h, v_lo, v_hi,
+                   hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+                   bias.stride(0) if bias is not None else 0, du.stride(0), dbp.stride(0) if need_bias else 0,
+                   stride_keep, 1.0 / temperature, 1.0 if softcap is None else softcap, float(filter_eps),
+                   HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_INDEX=True, FILTER=filtering,
+                   COMPUTE_DB=need_bias, DOT_PRECISION=precision, **tiles, device=device, family="producer")
+            if need_bias:
+                db[v_lo:v_hi] += dbp[:, :v_hi - v_lo].sum(0)  # fixed-order reduction over row tiles
+            if need_hidden:
+                launch(grad_hidden_kernel, lambda meta: (m_tiles, triton.cdiv(h, meta["BLOCK_H"])),
+                       du, weight, idx[rows], live, keep, acc, dh, r_hi - r_lo, v, h, v_lo, v_hi, used_tiles,
+                       int(v_lo == 0), int(v_hi == v),
+                       du.stride(0), weight.stride(0), weight.stride(1), stride_keep, acc.stride(0), dh.stride(0),
+                       HAS_INDEX=True, FILTER=filtering, DOT_PRECISION=precision, **tiles, device=device,
+                       family="gemm")
+            if need_weight:
+                launch(grad_weight_kernel, lambda meta, n=used_tiles: (n, triton.cdiv(h, meta["BLOCK_H"])),
+                       du, hidden, idx[rows], live, keep, dw, r_hi - r_lo, v, h, v_lo, v_hi, int(r_lo > 0),
+                       du.stride(0), hidden.stride(0), hidden.stride(1), stride_keep, dw.stride(0),
+                       HAS_INDEX=True, FILTER=filtering, DOT_PRECISION=precision, **tiles, device=device,
+                       family="gemm")
     return dh, dw, db

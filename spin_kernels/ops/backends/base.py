@@ -99,8 +99,8 @@ class Backend:
         count: Tensor | None = None,
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """grad [M] = dL/dlogp per counted row -> (dhidden shaped like hidden, dweight [V, H],
-        dbias [V]) in the accumulation dtype (a backend may return dweight in the weight's dtype
-        when each of its entries is accumulated in fp32 and rounded once, as Triton's is)."""
+        dbias [V]) in the accumulation dtype (a backend may return dhidden and dweight in the
+        inputs' dtypes when it accumulates in fp32 and rounds at the end, as Triton's does)."""
         raise NotImplementedError
 
     def spin_forward_backward(

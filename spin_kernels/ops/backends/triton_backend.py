@@ -47,17 +47,18 @@ def _long(index: torch.Tensor | None) -> torch.Tensor | None:
 
 class TritonBackend(Backend):
     """Fused kernels; ``grad_filter`` ("off" default, "auto", or a threshold) controls gradient
-    filtering in the backward (default read from $SPIN_KERNELS_GRAD_FILTER); ``chunk_bytes``
-    bounds the backward's [M, chunk] buffer of logit gradients (None: the kernels' default)."""
+    filtering in the backward (default read from $SPIN_KERNELS_GRAD_FILTER); ``workspace_bytes``
+    bounds the backward's scratch memory, its buffer of logit gradients and the fp32 ∂hidden of a
+    row block (None: the kernels' default, 56 MiB; see ``spin_kernels.triton.backward``)."""
 
     name = "triton"
 
-    def __init__(self, grad_filter: str | float | None = None, chunk_bytes: int | None = None):
+    def __init__(self, grad_filter: str | float | None = None, workspace_bytes: int | None = None):
         self.grad_filter = os.environ.get(GRAD_FILTER_ENV, "off") if grad_filter is None else grad_filter
         filter_eps_for(torch.float32, self.grad_filter)  # fail early on a bad setting
-        if chunk_bytes is not None and chunk_bytes < 1:
-            raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
-        self.chunk_bytes = chunk_bytes
+        if workspace_bytes is not None and workspace_bytes < 1:
+            raise ValueError(f"workspace_bytes must be >= 1, got {workspace_bytes}")
+        self.workspace_bytes = workspace_bytes
         self._fallback = TorchChunked()
 
     @staticmethod
@@ -81,10 +82,10 @@ class TritonBackend(Backend):
             return self._fallback.rows_backward(hidden, weight, bias, targets, lse, grad, spec, needs, index)
         from ...triton.backward import rows_grads
 
-        chunk = {} if self.chunk_bytes is None else {"chunk_bytes": self.chunk_bytes}
+        budget = {} if self.workspace_bytes is None else {"workspace_bytes": self.workspace_bytes}
         return rows_grads(hidden, weight, bias, targets, lse, grad, spec.temperature, spec.softcap,
                           needs.hidden, needs.weight, needs.bias, index=_long(index),
-                          filter_eps=filter_eps_for(weight.dtype, self.grad_filter), count=count, **chunk)
+                          filter_eps=filter_eps_for(weight.dtype, self.grad_filter), count=count, **budget)
 
 
 def make_backend() -> Backend:
