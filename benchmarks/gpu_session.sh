@@ -23,7 +23,7 @@ cd "$ROOT"
   echo "== gpu_session.sh $(date -u +%FT%TZ): CUDA tests of the Triton kernels"
   # First autotune candidate only: the tests check results, and compile far fewer variants.
   SPIN_KERNELS_AUTOTUNE=0 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" timeout "${SPIN_GPU_TEST_TIMEOUT_S:-150}" \
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_padded_rows.py
   echo "== tests rc=$?"
 } 2>&1 | tee "$OUT/run_gpu.log"
 SPIN_BENCH_KERNEL_BUDGET_S="${SPIN_BENCH_KERNEL_BUDGET_S:-270}" SPIN_GPU_LOG_APPEND=1 bash benchmarks/run_gpu.sh "$OUT"

@@ -382,3 +382,10 @@ def test_autotune_can_be_cut_to_two_candidates(monkeypatch):
         for major in (8, 9):
             full = _FAMILIES[family][major]
             assert candidates(family, major) == [full[0], full[-1]]
+
+
+def test_planner_knows_the_backward_workspace():
+    from spin_kernels.planner.memory import TRITON_WORKSPACE_BYTES
+    from spin_kernels.triton.backward import DEFAULT_WORKSPACE_BYTES
+
+    assert TRITON_WORKSPACE_BYTES == DEFAULT_WORKSPACE_BYTES

@@ -28,6 +28,9 @@ OPTIMIZER_STATES = {"sgd": 0, "rmsprop": 1, "adamw": 2, "adam": 2}
 REFERENCE_MODES = ("precomputed", "frozen-model", "lora-disabled")
 ATTENTION = ("flash", "sdpa_loop", "eager")
 LOSS_IMPLS = ("fused", "torch", "naive")
+# spin_kernels.triton.backward.DEFAULT_WORKSPACE_BYTES, restated (the planner runs where Triton
+# is not installed); tests/test_triton_kernels.py keeps the two equal.
+TRITON_WORKSPACE_BYTES = 56 * 2**20
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,8 @@ class PlanOptions:
         gen_batch, prompt_len, max_new_tokens: one ``generate`` call on one GPU.
         attention: "flash" (varlen flash attention, GPU), "sdpa_loop" (the CPU path: a loop
             of fused SDPA calls, one extra output copy), "eager" (scores materialised).
-        loss_impl: "fused" (Triton: fp32 dW and dh, no logits), "torch" (the chunked torch path:
+        loss_impl: "fused" (Triton: dW and dh in the compute dtype, a fixed workspace, no logits),
+            "torch" (the chunked torch path:
             + an fp32 copy of a low-precision head and one logits chunk), "naive" (full logits).
         loss_chunk_bytes: the torch path's logits chunk (its DEFAULT_LOGITS_BUDGET).
         fsdp: shard with FSDP2 (default: num_gpus > 1 or mixed precision).
@@ -195,10 +199,11 @@ def _step_memory(m: ModelSpec, o: PlanOptions) -> _StepMemory:
 
     With checkpointing only each layer's input survives the forward; in backward one layer is
     recomputed at a time. The backward workspace is one layer's gradients of the residual
-    stream and of the MLP. The loss (ours) computes the head's gradients in its forward: dW in
-    fp32 ([V, H]; none when the head is frozen under LoRA) and dh [rows, H] fp32 live until the
-    backward starts; the torch path adds one logits chunk and an fp32 copy of a low-precision
-    head during the loss forward only. The naive loss (logits + log_softmax) keeps [rows, V]
+    stream and of the MLP. The loss (ours) computes the head's gradients in its forward; they
+    live until the backward starts. Triton ("fused"): dW [V, H] (none when the head is frozen
+    under LoRA) and dh [tokens, H] in the compute dtype, plus its fixed workspace during the
+    loss; the torch path: both in fp32, dh over the counted rows, plus one logits chunk and an
+    fp32 copy of a low-precision head during the loss forward only. The naive loss (logits + log_softmax) keeps [rows, V]
     fp32 log-probabilities for backward, where their gradient of the same size appears; its dW
     is an ordinary gradient, made in backward.
     """
@@ -216,7 +221,11 @@ def _step_memory(m: ModelSpec, o: PlanOptions) -> _StepMemory:
     if o.loss_impl == "naive":
         logits = 4 * m.vocab * rows
         return _StepMemory(saved, backward, scores, logits, 0.0, logits)
-    persist = 4 * rows * m.hidden + 8 * rows + (4 * m.vocab * m.hidden if o.finetune == "full" else 0)
+    head_grad = m.vocab * m.hidden if o.finetune == "full" else 0
+    if o.loss_impl == "fused":
+        persist = b * (t * m.hidden + head_grad) + 8 * rows
+        return _StepMemory(saved, backward, scores, persist, float(TRITON_WORKSPACE_BYTES))
+    persist = 4 * rows * m.hidden + 8 * rows + 4 * head_grad
     transient = 0.0
     if o.loss_impl == "torch":
         transient = min(o.loss_chunk_bytes, 4 * m.vocab * rows)
@@ -297,7 +306,7 @@ def plan(model: str | ModelSpec | dict, options: PlanOptions | None = None, **ov
         "activations in backward (recompute, workspace)": step.backward,
         f"attention scores ({o.attention})": step.scores,
         f"loss workspace, fwd->bwd ({o.loss_impl})": step.loss_persist,
-        "loss workspace, forward only (logits chunk)": step.loss_transient,
+        "loss workspace, during the loss (chunk, kernels)": step.loss_transient,
         "loss workspace, backward (logits grad)": step.loss_backward,
         "generation KV cache": kv_cache,
         "generation transients (prefill, logits)": gen_transient,

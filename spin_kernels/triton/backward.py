@@ -4,22 +4,25 @@ For a counted row n with upstream scale g_n (= ∂L/∂logp_n) and saved log-sum
 ∂L/∂z = g_n (onehot − softmax); chained through softcap and temperature into ∂u, then
 ∂h = ∂u W, ∂W = ∂uᵀ h, ∂b = Σ_n ∂u (../shared/docs/spin-math.md).
 
-The vocabulary is walked in chunks of ``chunk`` columns (sized from a memory budget). Per chunk,
-three kernels, each the single owner of what it writes (no atomics: repeated runs are bitwise
-identical):
+Everything runs inside one workspace of ``workspace_bytes`` (``workspace_shape``): the rows in
+blocks (all of them in one block when their fp32 ∂h fits half the budget) and, per block, the
+vocabulary in chunks. Per (block, chunk), three kernels, each the single owner of what it writes
+(no atomics: repeated runs are bitwise identical):
 
 * ``logit_grads_kernel`` recomputes the chunk's logit tiles on chip (one program per
   row tile × vocabulary tile), forms ∂u and writes it, in the weight's dtype, into a
-  [M, chunk] buffer G; with it, the tile's column sums of ∂u (for ∂b, fp32) and, when the
+  [block, chunk] buffer G; with it, the tile's column sums of ∂u (for ∂b, fp32) and, when the
   gradient filter is on, whether the tile matters at all;
-* ``grad_hidden_kernel``: ∂h[rows, cols] += G[rows, chunk] · W[chunk, cols], an fp32
-  accumulator read and written once per chunk;
-* ``grad_weight_kernel``: ∂W[chunk, cols] = G[:, chunk]ᵀ · h[:, cols], the whole reduction over
-  the M rows in one fp32 accumulator, written once in the weight's dtype: no [V, H] fp32 buffer.
+* ``grad_hidden_kernel``: acc[rows, cols] += G[rows, chunk] · W[chunk, cols] into the block's
+  fp32 accumulator (read and written once per chunk); the last chunk writes the sum, rounded
+  once, into ∂h in hidden's dtype, at the rows' positions;
+* ``grad_weight_kernel``: ∂W[chunk, cols] += G[:, chunk]ᵀ · h[block, cols], the block's whole
+  reduction in one fp32 accumulator, added to ∂W in the weight's dtype: no [V, H] fp32 buffer,
+  one rounding per block.
 
-So the backward costs 6·M·H·V flops (the forward 2), two of its three products are plain
-GEMMs that read G, and its extra memory is G (the budget) plus the fp32 ∂h accumulator
-(4·M·H bytes).
+So the backward costs 6·M·H·V flops (the forward 2), two of its three products are plain GEMMs
+that read G, and its extra memory is the workspace (G + the block's fp32 ∂h), whatever M and V.
+The trade: with several blocks ∂W is rounded to its dtype once per block instead of once.
 
 Gradient filtering (``filter_eps > 0``): a tile whose |onehot − softmax| is below
 ``filter_eps`` everywhere contributes less than the input dtype can represent next to the
