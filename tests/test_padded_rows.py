@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cases import IGNORE, assert_close, grads, make_case
+from cases import IGNORE, assert_close, grads, make_case, random_lengths
 from test_triton_kernels import CUDA, DEVICE, needs_cuda, on_device
 
 from spin_kernels import linear_logprobs, linear_spin_loss
@@ -20,8 +20,10 @@ from spin_kernels.ops.layout import CountedRows
 from spin_kernels.ops.naive import naive_linear_spin_loss
 
 
-def test_padded_layout_is_a_permutation_with_counted_rows_first():
-    case = make_case([9, 0, 13, 1, 7, 6], 4, 10, seed=1)
+@pytest.mark.parametrize("seed", range(5))
+def test_padded_layout_is_a_permutation_with_counted_rows_first(seed):
+    lengths = [9, 0, 13, 1, 7, 6] if seed == 0 else random_lengths(4, 17, seed=seed)
+    case = make_case(lengths, 4, 10, seed=seed, prompt_frac=0.2 * seed)
     exact = CountedRows.build(case.targets, case.cu_seqlens, IGNORE)
     padded = CountedRows.build(case.targets, case.cu_seqlens, IGNORE, padded=True)
     m, n = exact.num_rows, case.targets.shape[0]

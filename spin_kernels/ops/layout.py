@@ -65,8 +65,12 @@ class CountedRows:
         cum = torch.cat([cu.new_zeros(1), mask.long().cumsum(0)])
         offsets = cum[cu]
         if padded:
-            # A stable sort puts the counted rows first, in order, with no data-dependent shape.
-            index = torch.argsort((~mask).to(torch.uint8), stable=True)
+            # Counted rows first, then the ignored ones, each in order: every row's place comes
+            # from running counts (no sort, no data-dependent shape).
+            counted = cum[1:] - 1
+            ignored = torch.arange(n, device=targets.device) - counted - 1
+            place = torch.where(mask, counted, cum[-1] + ignored)
+            index = torch.empty_like(place).scatter_(0, place, torch.arange(n, device=targets.device))
             count = cum[-1:].to(torch.int32)
         else:
             index = mask.nonzero().squeeze(1)  # one host sync: M is data-dependent
