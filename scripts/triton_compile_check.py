@@ -38,11 +38,18 @@ def kernels():
 
     head = {"HAS_BIAS": [False, True], "HAS_SOFTCAP": [False, True], "HAS_INDEX": [True]}
     gemm = {"FILTER": [False, True], "HAS_INDEX": [True]}
+    # Triton specialises an int argument equal to 1 into a constant: the runtime flags of the
+    # backward's products compile once more in that form, with their constant branches.
+    flags_at_one = {"FILTER": [False], "HAS_INDEX": [True]}
     return [
         (lse_partials_kernel, "head", {}, head),
         (logit_grads_kernel, "producer", {}, {**head, "FILTER": [False, True], "COMPUTE_DB": [True]}),
         (grad_hidden_kernel, "gemm", {}, gemm),
         (grad_weight_kernel, "gemm", {}, gemm),
+        (grad_hidden_kernel, "gemm", {"first": 1, "last": 1}, flags_at_one),
+        (grad_hidden_kernel, "gemm", {"first": 1}, flags_at_one),
+        (grad_hidden_kernel, "gemm", {"last": 1}, flags_at_one),
+        (grad_weight_kernel, "gemm", {"accumulate": 1}, flags_at_one),
     ]
 
 
@@ -76,7 +83,7 @@ def main(argv=None) -> int:
                     signature = {name: "constexpr" if name in consts else
                                  f"*{types.get(name, 'fp32')}" if name.endswith("_ptr") else
                                  "fp32" if name in FLOAT_ARGS else "i32" for name in kernel.arg_names}
-                    name = f"{kernel.fn.__name__} sm{major}0 {dtype} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"
+                    name = f"{kernel.fn.__name__}{fixed or ''} sm{major}0 {dtype} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"
                     try:
                         out = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts),
                                              target=GPUTarget("cuda", major * 10, 32),
@@ -85,7 +92,7 @@ def main(argv=None) -> int:
                         failures.append(f"{name} {dict(zip(flags, values))}: {str(exc).strip()[-300:]}")
                         continue
                     compiled += 1
-                    key = (kernel.fn.__name__, major, dtype, values)
+                    key = (kernel.fn.__name__, major, dtype, values, tuple(sorted(fixed.items())))
                     fits[key] = fits.get(key, 0) + (out.metadata.shared <= SHARED_LIMIT[major])
     nothing_fits = [key for key, n in fits.items() if n == 0]
     print(f"triton {triton.__version__}: {compiled} compiled in {time.time() - started:.0f} s, "
