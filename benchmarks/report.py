@@ -67,13 +67,22 @@ def _max_err(r: dict) -> str:
     return "ref" if r["contender"] == r.get("check_ref") else f"{worst:.1e}"
 
 
+def _gradient_bytes(info: dict, mode: str) -> int:
+    """Bytes of the gradients a forward+backward must return: hidden's and weight's, in their dtype."""
+    if mode != "fwd+bwd":
+        return 0
+    itemsize = {"float32": 4, "float64": 8}.get(info["dtype"], 2)
+    return (info["rows"] + info["head"]["vocab"]) * info["head"]["hidden"] * itemsize
+
+
 def kernels_markdown(record: dict) -> str:
     lines = header(record)
     lines += [
         ("Columns: median time; vs X = X's median / this median (> 1: faster than X); "
          "TFLOP/s = minimal lm-head work (2·N·H·V fwd, 6·N·H·V fwd+bwd, N counted rows) / median; "
          "of floor = that work at the GEMM rate measured in the same rounds / median; peak extra = memory "
-         "beyond the inputs (MiB); max rel err = worst of output, |dhidden| rows, |dweight| rows against the "
+         "beyond the inputs (MiB); beyond grads = peak extra less the gradients of hidden and weight in "
+         "their dtype (fwd+bwd), what a fused op adds to what any backward must return; max rel err = worst of output, |dhidden| rows, |dweight| rows against the "
          "reference."),
         "",
     ]
@@ -88,25 +97,28 @@ def kernels_markdown(record: dict) -> str:
         base = {r["contender"]: r for r in rows if r["status"] == "ok"}
         present = [b for b in BASELINES if b in base]
         lines.append("| contender | median | " + " | ".join(f"vs {b}" for b in present)
-                     + " | TFLOP/s | of floor | peak extra MiB | mem vs naive | max rel err |")
-        lines.append("|---" * (7 + len(present)) + "|")
+                     + " | TFLOP/s | of floor | peak extra MiB | beyond grads MiB | mem vs naive | max rel err |")
+        lines.append("|---" * (8 + len(present)) + "|")
+        grads = _gradient_bytes(info, mode)
         for r in rows:
             if r["status"] != "ok":
-                lines.append(f"| {r['contender']} | {r['status']}: {r['note']} |" + " |" * (5 + len(present)))
+                lines.append(f"| {r['contender']} | {r['status']}: {r['note']} |" + " |" * (6 + len(present)))
                 continue
             if r["kind"] == "floor":
                 gemm = f"[{r['gemm_rows']}×{head['hidden']}]·[{head['hidden']}×{head['vocab']}]"
                 label = "GEMM floor" if r["contender"] == "gemm" else f"GEMM, {r['contender'].split(':')[-1]} engine"
                 lines.append(f"| {label} {gemm} | {fmt_time(r['median_s'])} |"
-                             + " |" * len(present) + f" {r.get('tflops', 0):.3g} | | | | |")
+                             + " |" * len(present) + f" {r.get('tflops', 0):.3g} | | | | | |")
                 continue
             speed = [fmt_ratio(base[b]["median_s"] / r["median_s"]) for b in present]
             mem_naive = base.get("naive", {}).get("peak_extra_bytes")
             mem_ratio = mem_naive / r["peak_extra_bytes"] if mem_naive and r.get("peak_extra_bytes") else None
             name = f"**{r['contender']}**" if r["kind"] == "ours" else r["contender"]
             of_floor = f"{100 * r['of_floor']:.0f}%" if r.get("of_floor") else "–"
+            peak = r.get("peak_extra_bytes")
             lines.append(f"| {name} | {fmt_time(r['median_s'])} | " + " | ".join(speed)
-                         + f" | {r.get('tflops', 0):.3g} | {of_floor} | {fmt_mib(r.get('peak_extra_bytes'))}"
+                         + f" | {r.get('tflops', 0):.3g} | {of_floor} | {fmt_mib(peak)}"
+                         f" | {fmt_mib(None if peak is None else peak - grads)}"
                          f" | {fmt_ratio(mem_ratio)} | {_max_err(r)} |")
         lines.append("")
     return "\n".join(lines)
