@@ -13,12 +13,14 @@ unreliable).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 
 import torch
+
+try:  # run as a script (python benchmarks/block_rounding_error.py) or as a module
+    from kernel_study import study_device, study_parser, write_study
+except ImportError:
+    from .kernel_study import study_device, study_parser, write_study
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -26,22 +28,17 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, default=512)
-    p.add_argument("--hidden", type=int, default=32)
-    p.add_argument("--vocab", type=int, default=256)
+    p = study_parser(__doc__, rows=512, hidden=32, vocab=256)
     p.add_argument("--blocks", default="1,2,4,8,16,32", help="numbers of row blocks to compare")
-    p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        print("block_rounding_error: set TRITON_INTERPRET=1 to run on CPU", file=sys.stderr)
+    device = study_device("block_rounding_error")
+    if device is None:
         return 2
+    cuda = device.type == "cuda"
     from spin_kernels.triton.backward import rows_grads, workspace_shape
     from spin_kernels.triton.config import backward_tiles
     from spin_kernels.triton.forward import rows_logprobs
 
-    device = torch.device("cuda" if cuda else "cpu")
     m, h, v = args.rows, args.hidden, args.vocab
     tile_m, tile_v = backward_tiles(device)
     g = torch.Generator().manual_seed(0)
@@ -72,14 +69,7 @@ def main(argv=None) -> int:
                    "floor_dweight": floor["dweight"], "floor_dhidden": floor["dhidden"]}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"block-rounding-error-{'cuda' if cuda else 'cpu-interpreter'}.json")
-        with open(path, "w") as f:
-            json.dump({"shape": {"M": m, "H": h, "V": v}, "device": str(device),
-                       "command": "TRITON_INTERPRET=1 python benchmarks/block_rounding_error.py " + " ".join(
-                           argv if argv is not None else sys.argv[1:]), "rows": rows}, f, indent=2)
-        print(f"wrote {path}")
+    write_study(args.out, "block_rounding_error", device, {"shape": {"M": m, "H": h, "V": v}, "rows": rows}, argv)
     return 0
 
 

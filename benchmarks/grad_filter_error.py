@@ -14,32 +14,29 @@ fp32 inputs there).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 
 import torch
 
+try:  # run as a script (python benchmarks/grad_filter_error.py) or as a module
+    from kernel_study import study_device, study_parser, write_study
+except ImportError:
+    from .kernel_study import study_device, study_parser, write_study
+
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, default=96)
-    p.add_argument("--hidden", type=int, default=32)
-    p.add_argument("--vocab", type=int, default=1024)
+    p = study_parser(__doc__, rows=96, hidden=32, vocab=1024)
     p.add_argument("--scales", default="1,4,8,16", help="logit standard deviations to sweep")
     p.add_argument("--thresholds", default="bf16:0.000244140625,fp16:0.000030517578125")
-    p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        print("grad_filter_error: set TRITON_INTERPRET=1 to run on CPU", file=sys.stderr)
+    device = study_device("grad_filter_error")
+    if device is None:
         return 2
+    cuda = device.type == "cuda"
     from spin_kernels.triton.backward import rows_grads
     from spin_kernels.triton.config import INTERPRETER_BLOCKS
     from spin_kernels.triton.forward import rows_logprobs
 
-    device = torch.device("cuda" if cuda else "cpu")
     g = torch.Generator().manual_seed(0)
     m, h, v = args.rows, args.hidden, args.vocab
     block_v = INTERPRETER_BLOCKS["BLOCK_V"]
@@ -64,15 +61,9 @@ def main(argv=None) -> int:
                    "rel_err_dweight": err[1], "row_blocks_below": below, "mean_mass_below": mass}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"grad-filter-error-{'cuda' if cuda else 'cpu-interpreter'}.json")
-        with open(path, "w") as f:
-            json.dump({"shape": {"M": m, "H": h, "V": v}, "dtype": "float32", "device": str(device),
-                       "blocks": INTERPRETER_BLOCKS if not cuda else "autotuned",
-                       "command": "TRITON_INTERPRET=1 python benchmarks/grad_filter_error.py " + " ".join(
-                           argv if argv is not None else sys.argv[1:]), "rows": rows}, f, indent=2)
-        print(f"wrote {path}")
+    write_study(args.out, "grad_filter_error", device,
+                {"shape": {"M": m, "H": h, "V": v}, "dtype": "float32",
+                 "blocks": INTERPRETER_BLOCKS if not cuda else "autotuned", "rows": rows}, argv)
     return 0
 
 
