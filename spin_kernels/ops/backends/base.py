@@ -17,10 +17,11 @@ are not counted. A backend that cannot read rows through an index gathers them f
 (``counted_rows``) and scatters the gradients back (``to_all_rows``); the C++ kernels read and
 write through it. Results are in the accumulation dtype (float32, or float64 for float64 inputs).
 
-Padded rows: a backend whose ``pads_rows(hidden, weight, bias)`` is true is given the padded layout of ``CountedRows``
-(``index`` [N], every row, counted ones first) and ``count``, int32 [1] on the device: rows at
-positions >= count are padding, to be skipped without reading count on the host (the GPU path
-with no host synchronisation). Other backends are always given ``count=None``.
+Padded rows: a backend whose ``pads_rows(hidden, weight, bias)`` is true is given the padded
+layout of ``CountedRows`` (``index`` [N], every row, counted ones first) and ``count``, int32 [1]
+on the device: rows at positions >= count are padding, to be skipped without reading count on
+the host (the GPU path with no host synchronisation). Other backends are always given
+``count=None``.
 """
 
 from __future__ import annotations

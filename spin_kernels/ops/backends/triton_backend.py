@@ -73,8 +73,8 @@ class TritonBackend(Backend):
         return rows_logprobs(hidden, weight, bias, targets, spec.temperature, spec.softcap, index=_long(index),
                              count=count)
 
-    def pads_rows(self, *tensors) -> bool:
-        return not self._is_f64(*tensors)  # float64 goes to the torch backend, which needs exact rows
+    def pads_rows(self, hidden, weight, bias) -> bool:
+        return not self._is_f64(hidden, weight, bias)  # float64 goes to the torch path: exact rows
 
     def rows_backward(self, hidden, weight, bias, targets, lse, grad, spec: HeadSpec, needs: Needs, index=None,
                       count=None):
