@@ -83,6 +83,7 @@ setup(
         "tokenizers",
         "pyyaml",
         "tqdm",
+        "xxhash",  # digests of model weights (provenance of a run's rows)
     ],
     extras_require={
         "gpu": ["flash-attn"],

@@ -16,14 +16,16 @@ and flags; flags win. Bad values name the field that holds them.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
 PAPER = ("Defaults are the paper's (Chen et al. 2024, arXiv 2401.01335, released configs): beta 0.1, lr 5e-7, "
          "RMSprop, linear schedule with warm-up ratio 0.1, global batch 64 pairs, 2 epochs, max length 1024 / "
          "prompt 512, sampling at temperature 1.0 / top_p 1.0 with 256 new tokens.")
 
 # Which config fields each subcommand uses (None: the whole section).
-LENGTHS = ("max_length", "max_prompt_length")
+LENGTHS = ("max_length", "max_prompt_length", "on_stale")
 COMMANDS: dict[str, dict] = {
     "generate": {"help": "(1) sample one synthetic response per prompt with the model (resumable JSONL)",
                  "sections": {"model": None, "data": None, "generation": None, "distributed": None}},
@@ -117,13 +119,43 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from .training.config import ConfigError
+    from .training.trainer import TrainingError
 
     _quiet_transformers()
     try:
         return _run(args)
-    except (ConfigError, FileNotFoundError, FileExistsError) as exc:
-        print(f"spin-kernels {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except (ConfigError, FileNotFoundError, FileExistsError, TrainingError) as exc:
+        code = 1 if isinstance(exc, TrainingError) else 2
+        report_error(f"spin-kernels {args.command}: error: {exc}")
+        return code
+    except BaseException as exc:
+        if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            _torchelastic_error_file(f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        raise
+
+
+def report_error(text: str) -> None:
+    """Print an error once (rank 0 of a multi-process job) and, under torchrun, also give it to
+    the launcher (its error file), whose failure summary then shows it as the root cause instead
+    of a bare exit code."""
+    if os.environ.get("RANK", "0") == "0":
+        print(text, file=sys.stderr)
+    _torchelastic_error_file(text, text)
+
+
+def _torchelastic_error_file(message: str, callstack: str) -> None:
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import json
+    import time
+
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"message": {"message": message, "extraInfo": {"py_callstack": callstack,
+                                                                      "timestamp": str(int(time.time()))}}}, f)
+    except OSError:
+        pass
 
 
 def _quiet_transformers() -> None:

@@ -169,7 +169,8 @@ def test_generation_is_seeded_batched_and_resumable(tmp_path):
     model, tok = AutoModelForCausalLM.from_pretrained(path), demo_tokenizer()
     records = [dict(r, index=i) for i, r in enumerate(MarkovTask().sample(10, seed=1))]
     cfg = GenerationConfig(max_new_tokens=6, generation_batch_size=4)
-    full = generate_synthetic(model, tok, records, cfg, str(tmp_path / "a.jsonl"), max_prompt_length=8, seed=7)
+    full = generate_synthetic(model, tok, records, cfg, str(tmp_path / "a.jsonl"), max_prompt_length=8, seed=7,
+                              model_path=path)
     assert [r["index"] for r in full] == list(range(10))
     assert all(r["synthetic_tokens"] <= 6 and r["finished"] == (r["synthetic_tokens"] < 6 or r["finished"])
                for r in full)
@@ -177,10 +178,12 @@ def test_generation_is_seeded_batched_and_resumable(tmp_path):
     # An interrupted file: one complete batch, half of the next, and a torn line.
     lines = (tmp_path / "a.jsonl").read_text().splitlines(keepends=True)
     (tmp_path / "b.jsonl").write_text("".join(lines[:6]) + lines[6][:5])
-    resumed = generate_synthetic(model, tok, records, cfg, str(tmp_path / "b.jsonl"), max_prompt_length=8, seed=7)
+    resumed = generate_synthetic(model, tok, records, cfg, str(tmp_path / "b.jsonl"), max_prompt_length=8, seed=7,
+                                 model_path=path)
     assert resumed == full
     assert len((tmp_path / "b.jsonl").read_text().splitlines()) == 10
-    other = generate_synthetic(model, tok, records, cfg, str(tmp_path / "c.jsonl"), max_prompt_length=8, seed=8)
+    other = generate_synthetic(model, tok, records, cfg, str(tmp_path / "c.jsonl"), max_prompt_length=8, seed=8,
+                               model_path=path)
     assert [r["synthetic"] for r in other] != [r["synthetic"] for r in full]
 
 

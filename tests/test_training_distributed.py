@@ -198,3 +198,53 @@ def test_single_process_fsdp_matches_plain(runs, setup):
     assert main([*args, "--output-dir", str(tmp / "fsdp1"), "--fsdp"]) == 0
     assert not torch.distributed.is_initialized()  # the group it created is gone
     assert _max_rel(_weights(tmp / "fsdp1"), _weights(single)) <= RTOL
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped by its new parent, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return False
+
+
+def test_ranks_end_with_their_launcher(setup):
+    """kill -9 of the torchrun launcher alone: its ranks must not live on (and keep writing the run)."""
+    from spin_kernels.training.loop import LOCK_FILE
+
+    tmp, args, env = setup
+    run = tmp / "orphaned"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+           "-m", "spin_kernels.cli", *args, "--output-dir", str(run)]
+    launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        lock = run / LOCK_FILE
+        deadline = time.monotonic() + 240
+        while not (lock.exists() and lock.stat().st_size > 0):
+            assert launcher.poll() is None and time.monotonic() < deadline, "the run never took its lock"
+            time.sleep(0.01)
+        rank0 = json.loads(lock.read_text())["pid"]
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        deadline = time.monotonic() + 15
+        while _alive(rank0):
+            assert time.monotonic() < deadline, "rank 0 outlived its launcher by 15 s"
+            time.sleep(0.05)
+    finally:
+        try:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_failing_rank_is_the_root_cause_of_torchrun_summary(setup, tmp_path):
+    tmp, args, env = setup
+    bad = [a if not a.endswith("data.jsonl") else str(tmp_path / "missing.jsonl") for a in args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+           "-m", "spin_kernels.cli", *bad, "--output-dir", str(tmp_path / "r")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    summary = res.stderr[res.stderr.index("Root Cause"):]
+    assert "traceback : spin-kernels iterate: error: data.data:" in summary and "missing.jsonl" in summary

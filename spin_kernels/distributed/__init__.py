@@ -23,11 +23,19 @@ from .env import DistEnv, init_distributed, shutdown
 from .fsdp import ShardedModel, apply_fsdp2, decoder_layers
 from .gather import gather_by_index, shard_indices
 from .init import empty_parameters, load_full_weights, read_safetensors
-from .step import StepResult, default_loss_fn, grad_norm_and_clip_, train_step
+from .step import (
+    NonFiniteError,
+    StepResult,
+    default_loss_fn,
+    global_grad_norm,
+    grad_norm_and_clip_,
+    nonfinite_names,
+    train_step,
+)
 
 __all__ = [
-    "DistEnv", "ShardedModel", "StepResult", "apply_fsdp2", "decoder_layers", "default_loss_fn",
-    "empty_parameters", "export_hf", "full_state_dict", "gather_by_index", "grad_norm_and_clip_",
-    "init_distributed", "latest_checkpoint", "load_checkpoint", "load_full_weights", "read_safetensors",
-    "save_checkpoint", "shard_indices", "shutdown", "train_step",
+    "DistEnv", "NonFiniteError", "ShardedModel", "StepResult", "apply_fsdp2", "decoder_layers", "default_loss_fn",
+    "empty_parameters", "export_hf", "full_state_dict", "gather_by_index", "global_grad_norm", "grad_norm_and_clip_",
+    "init_distributed", "latest_checkpoint", "load_checkpoint", "load_full_weights", "nonfinite_names",
+    "read_safetensors", "save_checkpoint", "shard_indices", "shutdown", "train_step",
 ]

@@ -9,6 +9,7 @@ back into the sum the global mean needs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .env import all_reduce_sum, world_size
+from .fsdp import ShardedModel
 
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
@@ -34,6 +36,53 @@ class StepResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+class NonFiniteError(FloatingPointError):
+    """A training step produced NaN/inf; raised before the step is applied (loss, gradient norm)
+    or right after it (parameters), identically on every rank.
+
+    Attributes:
+        quantity: "loss", "gradient norm" or "parameters".
+        examples: ids of the examples involved (``example_ids`` of the micro-batches whose loss was
+            non-finite; all of the step's for the gradient norm and the parameters), every rank's.
+    """
+
+    def __init__(self, quantity: str, examples: list[int], detail: str = ""):
+        self.quantity, self.examples, self.detail = quantity, sorted(set(examples)), detail
+        super().__init__(f"non-finite {quantity}{': ' + detail if detail else ''} (examples {self.examples[:20]})")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def nonfinite_names(named: Any) -> list[str]:
+    """Names of the tensors of ``named`` ((name, tensor) pairs; DTensors: this rank's shard) that
+    hold a NaN or inf. One fused max-abs reduction and one host synchronisation for all of them."""
+    named = [(n, _local(t).detach()) for n, t in named if t is not None and t.is_floating_point()]
+    named = [(n, t) for n, t in named if t.numel()]
+    if not named:
+        return []
+    # The inf-norm (max |x|) is inf for an inf and NaN for a NaN, and cannot overflow.
+    norms = torch._foreach_norm([t for _, t in named], float("inf"))
+    finite = torch.isfinite(torch.stack([v.float().to(norms[0].device) for v in norms])).tolist()
+    return [n for (n, _), ok in zip(named, finite) if not ok]
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    t = torch.tensor([float(flag)], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _gather_ids(ids: list[int]) -> list[int]:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return list(ids)
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(ids))
+    return [i for part in parts for i in part]
+
+
 def default_loss_fn(**loss_kwargs: Any) -> LossFn:
     """``packed_spin_loss(model, batch, **loss_kwargs)`` from spin_kernels.models."""
     from ..models import packed_spin_loss
@@ -44,18 +93,22 @@ def default_loss_fn(**loss_kwargs: Any) -> LossFn:
     return fn
 
 
-def grad_norm_and_clip_(params: Sequence[nn.Parameter], max_norm: float | None) -> float:
-    """Global L2 norm of the gradients (over all ranks' shards); clip in place to ``max_norm``.
+def global_grad_norm(params: Sequence[nn.Parameter]) -> torch.Tensor:
+    """Global L2 norm of the gradients (over all ranks' shards), a plain scalar tensor.
 
     With FSDP2 the gradients are DTensors: their norm is a partial DTensor whose
-    ``full_tensor()`` all-reduces the squared sums, so every rank clips by the same global norm.
+    ``full_tensor()`` all-reduces the squared sums, so every rank gets the same global norm.
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return 0.0
+        return torch.zeros(())
     total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
+    return total.full_tensor() if isinstance(total, DTensor) else total
+
+
+def grad_norm_and_clip_(params: Sequence[nn.Parameter], max_norm: float | None) -> float:
+    """Global L2 norm of the gradients (``global_grad_norm``); clip in place to ``max_norm``."""
+    total = global_grad_norm(params)
     if max_norm is not None:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return float(total)
@@ -82,6 +135,7 @@ def train_step(
     scheduler: Any = None,
     num_pairs: Callable[[Any], int] = lambda b: b.num_pairs,
     keep_grads: bool = False,
+    example_ids: Callable[[Any], list[int]] = lambda b: b.example_index.tolist(),
 ) -> StepResult:
     """Forward/backward this rank's micro-batches, clip, and take one optimizer step.
 
@@ -97,9 +151,15 @@ def train_step(
         num_pairs: pairs in a micro-batch (the weight of its mean loss).
         keep_grads: leave the (clipped) gradients on the parameters after the step; by default
             they are freed (set to None) so that generation between steps has that memory.
+        example_ids: the example ids of a micro-batch (named when the step is non-finite).
 
     Returns:
         StepResult, identical on all ranks.
+
+    Raises:
+        NonFiniteError: on every rank alike, when the global loss or gradient norm is NaN/inf
+            (before clipping and the optimizer step: nothing is applied) or when the update
+            made a parameter NaN/inf (the model must then not be saved or used).
     """
     if not micro_batches:
         raise ValueError("train_step needs at least one micro-batch")
@@ -110,25 +170,44 @@ def train_step(
     scale = world_size() / global_pairs
 
     optimizer.zero_grad(set_to_none=True)
-    # Sums stay on the device (no host sync per micro-batch); one all-reduce at the end.
+    # Sums stay on the device (no host sync per micro-batch); one all-reduce, before the update,
+    # so that every rank sees the same global loss and decides alike whether to apply it.
     sums: dict[str, torch.Tensor] = {}
+    losses = []
     for batch, pairs in zip(micro_batches, local_pairs):
         loss, metrics = model(loss_fn, batch)
         (loss * (pairs * scale)).backward()
+        losses.append(loss.detach().to(device=device, dtype=torch.float64))
         for k, v in {"loss": loss, **metrics}.items():
             v = v.detach().to(device=device, dtype=torch.float64) * pairs
             sums[k] = sums[k] + v if k in sums else v
-    norm = grad_norm_and_clip_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    keys = sorted(sums)
+    local_bad = ~torch.isfinite(torch.stack(losses))
+    totals = torch.cat([torch.stack([sums[k] for k in keys]), local_bad.any().to(torch.float64).reshape(1)])
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    values = totals.tolist()
+    means = dict(zip(keys, (v / global_pairs for v in values[:-1])))
+    params = [p for p in model.parameters() if p.requires_grad]
+    total_norm = global_grad_norm(params)
+    norm = float(total_norm)
+    if values[-1] > 0 or not math.isfinite(means["loss"]):
+        bad = [i for b, flag in zip(micro_batches, local_bad.tolist()) if flag for i in example_ids(b)]
+        raise NonFiniteError("loss", _gather_ids(bad), f"{means['loss']}")
+    if not math.isfinite(norm):
+        raise NonFiniteError("gradient norm", _gather_ids([i for b in micro_batches for i in example_ids(b)]),
+                             f"{norm} (the loss was finite: {means['loss']:.6g})")
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, total_norm)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
     if not keep_grads:
         optimizer.zero_grad(set_to_none=True)
-
-    keys = sorted(sums)
-    totals = torch.stack([sums[k] for k in keys])
-    if dist.is_initialized():
-        dist.all_reduce(totals)
-    means = dict(zip(keys, (totals / global_pairs).tolist()))
+    inner = model.model if isinstance(model, ShardedModel) else model  # names as in the HF checkpoint
+    broken = nonfinite_names(inner.named_parameters())
+    if _any_rank(bool(broken), device):
+        raise NonFiniteError("parameters", _gather_ids([i for b in micro_batches for i in example_ids(b)]),
+                             f"after the optimizer step, e.g. {broken[:3]}")
     loss_mean = means.pop("loss")
     return StepResult(loss=loss_mean, grad_norm=norm, num_pairs=int(global_pairs), metrics=means)

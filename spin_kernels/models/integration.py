@@ -135,8 +135,13 @@ def lm_head_kwargs(model) -> dict:
             "temperature": temperature}
 
 
-def sequence_logps(model, batch: PackedBatch, *, impl: str = "auto", average: bool = False) -> Tensor:
+def sequence_logps(model, batch: PackedBatch, *, impl: str = "auto", average: bool = False,
+                   check_values: bool = True) -> Tensor:
     """Per-sequence log-probabilities of the responses under ``model``.
+
+    ``check_values``: as in ``spin_kernels.ops.linear_logprobs`` (False: the batch comes from
+    ``pack_batch``, so its targets and cu_seqlens are known good; non-finite hidden states then
+    give non-finite log-probs instead of a ValueError, and no host synchronisation).
 
     Returns:
         [S] float32 (float64 for a float64 model), interleaved (real, synthetic) like the batch;
@@ -144,17 +149,18 @@ def sequence_logps(model, batch: PackedBatch, *, impl: str = "auto", average: bo
     """
     hidden = packed_hidden_states(model, batch)
     return linear_logprobs(hidden, targets=batch.targets, cu_seqlens=batch.cu_seqlens, ignore_index=IGNORE_INDEX,
-                           average=average, impl=impl, **lm_head_kwargs(model))
+                           average=average, impl=impl, check_values=check_values, **lm_head_kwargs(model))
 
 
 def packed_spin_loss(model, batch: PackedBatch, *, beta: float = 0.1, loss_type: str = "sigmoid",
-                     impl: str = "auto", average: bool = False,
-                     ref_logps: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                     impl: str = "auto", average: bool = False, ref_logps: Tensor | None = None,
+                     check_values: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
     """The SPIN loss of a packed batch under the policy ``model``.
 
     Args:
         ref_logps: [S] reference log-probs; default ``batch.ref_logps`` (see ``reference_logps``).
-        beta, loss_type, impl, average: as in ``spin_kernels.ops.linear_spin_loss``.
+        beta, loss_type, impl, average, check_values: as in ``spin_kernels.ops.linear_spin_loss``
+            (see ``sequence_logps`` for check_values=False on packed batches).
 
     Returns:
         (loss, metrics) as ``linear_spin_loss``: a scalar mean over pairs, and detached metrics.
@@ -167,7 +173,8 @@ def packed_spin_loss(model, batch: PackedBatch, *, beta: float = 0.1, loss_type:
     head = lm_head_kwargs(model)
     weight = head.pop("weight")
     return linear_spin_loss(hidden, weight, batch.targets, batch.cu_seqlens, ref.to(hidden.device), beta=beta,
-                            loss_type=loss_type, ignore_index=IGNORE_INDEX, average=average, impl=impl, **head)
+                            loss_type=loss_type, ignore_index=IGNORE_INDEX, average=average, impl=impl,
+                            check_values=check_values, **head)
 
 
 @contextmanager

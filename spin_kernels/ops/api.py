@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .autograd import LinearLogprobsFunction, LinearSPINLossFunction
 from .backends import HeadSpec, resolve_backend
 from .objective import check_loss_options, spin_metrics
-from .validation import check_head_options, check_linear_inputs, check_ref_logps
+from .validation import check_head_options, check_linear_inputs
 
 
 def linear_logprobs(
@@ -43,9 +43,10 @@ def linear_logprobs(
         softcap: if set, z = softcap * tanh(u / softcap) (Gemma-2 style).
         average: mean over counted tokens instead of the sum (0 for a sequence with none).
         impl: "auto" | "torch" | "triton" | "cpu".
-        check_values: check the values of targets and cu_seqlens (one host synchronisation on a
-            GPU). False skips it, for inputs known to be good: on the Triton path the call then
-            never waits for the GPU; a bad value gives wrong numbers, never a memory error.
+        check_values: check the values of targets and cu_seqlens, and that the counted rows of
+            hidden are finite (one host synchronisation on a GPU). False skips it, for inputs
+            known to be good: on the Triton path the call then never waits for the GPU; a bad
+            value gives wrong numbers, never a memory error.
 
     Returns:
         [S] float32 (float64 for float64 inputs): sum over counted rows of log softmax(z)[target].
@@ -88,8 +89,9 @@ def linear_spin_loss(
         ref_logps: [S] floating, the opponent's per-sequence log-probs in the same order
             (no gradient flows into it).
         beta: > 0; loss_type: "sigmoid" (default, the paper's) or "hinge".
-        check_values: as in ``linear_logprobs``; with False and impl="triton" the whole call
-            (loss, metrics and the gradients it computes) runs without a host synchronisation.
+        check_values: as in ``linear_logprobs``, and ref_logps must be finite (in the same single
+            synchronisation); with False and impl="triton" the whole call (loss, metrics and the
+            gradients it computes) runs without a host synchronisation.
 
     Returns:
         (loss, metrics): loss a float32 scalar (mean over pairs); metrics a dict of detached
@@ -105,8 +107,8 @@ def linear_spin_loss(
     else:
         check_loss_options(beta, loss_type)
         check_head_options(ignore_index, temperature, softcap, average, impl)
-        check_linear_inputs(hidden, weight, targets, cu_seqlens, bias, ignore_index, check_values)
-        check_ref_logps(ref_logps, cu_seqlens, hidden.device)
+        check_linear_inputs(hidden, weight, targets, cu_seqlens, bias, ignore_index, check_values, ref_logps,
+                            spin=True)
         backend = resolve_backend(impl, hidden.device)
         spec = HeadSpec(float(temperature), None if softcap is None else float(softcap))
         loss, seq = LinearSPINLossFunction.apply(

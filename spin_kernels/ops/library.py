@@ -25,7 +25,7 @@ from .backends import HeadSpec, Needs, resolve_backend
 from .backends.base import acc_dtype
 from .layout import CountedRows
 from .objective import check_loss_options, spin_terms
-from .validation import check_head_options, check_linear_inputs, check_ref_logps
+from .validation import check_head_options, check_linear_inputs
 
 
 def _spec(temperature: float, softcap: float | None) -> HeadSpec:
@@ -110,8 +110,7 @@ def linear_spin_loss_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, tar
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     check_loss_options(beta, loss_type)
     check_head_options(ignore_index, temperature, softcap, average, impl)
-    check_linear_inputs(hidden, weight, targets, cu_seqlens, bias, ignore_index, check_values)
-    check_ref_logps(ref_logps, cu_seqlens, hidden.device)
+    check_linear_inputs(hidden, weight, targets, cu_seqlens, bias, ignore_index, check_values, ref_logps, spin=True)
     backend = resolve_backend(impl, hidden.device)
     rows = CountedRows.build(targets, cu_seqlens, ignore_index, backend.pads_rows(hidden, weight, bias))
     spec = _spec(temperature, softcap)

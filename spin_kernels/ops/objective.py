@@ -41,20 +41,22 @@ def pair_loss_slopes(margin: Tensor, loss_type: str) -> Tensor:
 def spin_metrics(
     policy_real: Tensor, policy_synthetic: Tensor, ref_real: Tensor, ref_synthetic: Tensor, beta: float
 ) -> dict[str, Tensor]:
-    """The SPIN metrics, each a detached scalar tensor (mean over pairs; 0 for no pair)."""
+    """The SPIN metrics, each a detached scalar tensor (mean over pairs; 0 for no pair), float32
+    (float64 when the policy log-probs are float64)."""
+    dtype = torch.promote_types(policy_real.dtype, torch.float32)
     with torch.no_grad():
-        reward_real = beta * (policy_real.detach() - ref_real.detach())
-        reward_syn = beta * (policy_synthetic.detach() - ref_synthetic.detach())
+        reward_real = beta * (policy_real.detach().to(dtype) - ref_real.detach().to(dtype))
+        reward_syn = beta * (policy_synthetic.detach().to(dtype) - ref_synthetic.detach().to(dtype))
         margin = reward_real - reward_syn
 
         def mean(x: Tensor) -> Tensor:
-            return x.float().mean() if x.numel() else x.new_zeros((), dtype=torch.float32)
+            return x.to(dtype).mean() if x.numel() else x.new_zeros((), dtype=dtype)
 
         return {
             "rewards/real": mean(reward_real),
             "rewards/synthetic": mean(reward_syn),
             "rewards/margin": mean(margin),
-            "rewards/accuracy": mean((margin > 0).float()),
+            "rewards/accuracy": mean(margin > 0),
             "logps/real": mean(policy_real.detach()),
             "logps/synthetic": mean(policy_synthetic.detach()),
         }

@@ -52,13 +52,16 @@ def check_linear_inputs(
     bias: Tensor | None,
     ignore_index: int,
     check_values: bool = True,
+    ref_logps: Tensor | None = None,
+    spin: bool = False,
 ) -> None:
     """Shapes, dtypes, devices and values of the packed head inputs (../shared/docs/spin-math.md).
 
-    hidden [N, H] floating; weight [V, H] floating; targets [N] int32/int64 in [0, V) or
-    ignore_index; cu_seqlens [S+1] int32/int64, 0 = cu[0] <= ... <= cu[S] = N; bias [V] or None.
-    Shapes, dtypes and devices are always checked (no synchronisation); values only if
-    ``check_values``.
+    hidden [N, H] floating, finite in the counted rows (target != ignore_index); weight [V, H]
+    floating; targets [N] int32/int64 in [0, V) or ignore_index; cu_seqlens [S+1] int32/int64,
+    0 = cu[0] <= ... <= cu[S] = N; bias [V] or None; with ``spin`` (the SPIN ops) ref_logps as
+    ``check_ref_logps`` says, and finite. Shapes, dtypes and devices are always checked (no
+    synchronisation); values only if ``check_values``, all in one host synchronisation.
     """
     hidden = _require_tensor("hidden", hidden)
     weight = _require_tensor("weight", weight)
@@ -99,6 +102,8 @@ def check_linear_inputs(
             raise ValueError(f"bias must have shape [V] = [{v}], got {tuple(bias.shape)}")
         if bias.device != hidden.device:
             raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+    if spin:
+        check_ref_logps(ref_logps, cu_seqlens, hidden.device)
     if not isinstance(check_values, bool):
         raise TypeError(f"check_values must be a bool, got {type(check_values).__name__}")
     if not check_values:
@@ -110,8 +115,14 @@ def check_linear_inputs(
     bad_target = (counted & ((targets < 0) | (targets >= v))).any()
     bad_start = cu[0] != 0
     bad_end = cu[-1] != n
-    bad_order = (cu[1:] < cu[:-1]).any() if cu.numel() > 1 else torch.zeros((), dtype=torch.bool, device=cu.device)
-    flags = torch.stack([bad_target, bad_start, bad_end, bad_order]).tolist()
+    no = torch.zeros((), dtype=torch.bool, device=cu.device)
+    bad_order = (cu[1:] < cu[:-1]).any() if cu.numel() > 1 else no
+    # A row sum is NaN/inf iff the row holds a NaN/inf (float64 sums of finite fp32/bf16 values
+    # cannot overflow), and costs an [N] vector instead of an [N, H] mask.
+    nonfinite_rows = ~torch.isfinite(hidden.detach().sum(dim=1, dtype=torch.float64))
+    bad_hidden = (counted & nonfinite_rows).any()
+    bad_ref = ~torch.isfinite(ref_logps).all() if spin and ref_logps.numel() else no
+    flags = torch.stack([bad_target, bad_start, bad_end, bad_order, bad_hidden, bad_ref]).tolist()
     if flags[0]:
         bad = targets[counted & ((targets < 0) | (targets >= v))][:5].tolist()
         raise ValueError(f"targets must be in [0, V={v}) or ignore_index={ignore_index}; found {bad}")
@@ -121,6 +132,13 @@ def check_linear_inputs(
         raise ValueError(f"cu_seqlens must end at N = hidden.shape[0] = {n}, got cu_seqlens[-1] = {int(cu[-1])}")
     if flags[3]:
         raise ValueError("cu_seqlens must be non-decreasing (sequence lengths >= 0)")
+    if flags[4]:
+        rows = torch.nonzero(counted & nonfinite_rows).flatten()[:5].tolist()
+        raise ValueError(f"hidden holds NaN/inf in counted rows (rows with a target), e.g. rows {rows}; the model's "
+                         f"activations overflowed or its weights are not finite")
+    if flags[5]:
+        bad = torch.nonzero(~torch.isfinite(ref_logps)).flatten()[:5].tolist()
+        raise ValueError(f"ref_logps must be finite, got NaN/inf at sequences {bad}")
 
 
 def check_ref_logps(ref_logps: Tensor, cu_seqlens: Tensor, device: torch.device) -> None:

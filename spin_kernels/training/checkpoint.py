@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 STATE_FILE = "trainer_state.pt"
+INFO_FILE = "spin_info.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -59,7 +60,7 @@ def save_model_dir(model, tokenizer, path: str, *, extra: dict[str, Any] | None 
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if extra is not None:
-        with open(os.path.join(tmp, "spin_info.json"), "w", encoding="utf-8") as f:
+        with open(os.path.join(tmp, INFO_FILE), "w", encoding="utf-8") as f:
             json.dump(extra, f, indent=1)
     if state is not None:
         torch.save(state, os.path.join(tmp, STATE_FILE))
@@ -75,6 +76,16 @@ def save_model_dir(model, tokenizer, path: str, *, extra: dict[str, Any] | None 
         os.replace(tmp, path)
     _fsync_dir(parent)
     return path
+
+
+def read_info(path: str) -> dict[str, Any]:
+    """The ``spin_info.json`` of a model directory written by ``save_model_dir`` ({} if none)."""
+    try:
+        with open(os.path.join(path, INFO_FILE), encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def latest_step_checkpoint(ckpt_root: str) -> tuple[int, str] | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -60,6 +61,9 @@ class DataConfig:
     max_length: int = _opt(1024, "max tokens of prompt + response; longer responses are cut (and lose "
                            "their EOS) (paper's released configs: 1024)")
     max_prompt_length: int = _opt(512, "max prompt tokens; longer prompts keep their end (released configs: 512)")
+    on_stale: Literal["regenerate", "error"] = _opt(
+        "regenerate", "rows of an existing output or run file made from other inputs (another prompt/response, "
+        "model, sampling settings or length limits): regenerate them, or stop with an error naming them")
 
 
 @dataclass
@@ -92,7 +96,7 @@ class TrainingConfig:
     impl: Literal["auto", "torch", "triton", "cpu"] = _opt("auto", "fused loss implementation")
     seed: int = _opt(42, "seed of the data order and the model's RNG")
     save_every: int = _opt(50, "write a resumable checkpoint every N optimizer steps (0: only at the end)")
-    log_every: int = _opt(1, "log metrics every N optimizer steps")
+    log_every: int = _opt(1, "log metrics every N optimizer steps (>= 1)")
 
 
 @dataclass
@@ -149,26 +153,64 @@ class SpinConfig:
             if getattr(getattr(self, sec), key) in (None, ""):
                 raise ConfigError(f"{name}: required (flag --{key.replace('_', '-')} or '{key}' in "
                                   f"section '{sec}' of the YAML file)")
-        t, g = self.training, self.generation
+        t, g, d = self.training, self.generation, self.data
         positive = {"training.beta": t.beta, "training.learning_rate": t.learning_rate,
                     "training.epochs": t.epochs, "training.global_batch_pairs": t.global_batch_pairs,
-                    "training.token_budget": t.token_budget, "data.max_length": self.data.max_length,
-                    "data.max_prompt_length": self.data.max_prompt_length, "generation.max_new_tokens":
-                    g.max_new_tokens, "generation.generation_batch_size": g.generation_batch_size,
+                    "training.token_budget": t.token_budget, "training.log_every": t.log_every,
+                    "data.max_length": d.max_length, "data.max_prompt_length": d.max_prompt_length,
+                    "generation.max_new_tokens": g.max_new_tokens,
+                    "generation.generation_batch_size": g.generation_batch_size,
                     "generation.temperature": g.temperature, "generation.top_p": g.top_p,
                     "loop.iterations": self.loop.iterations}
         for name, value in positive.items():
             if not value > 0:
                 raise ConfigError(f"{name}: must be > 0, got {value}")
+        for name, value in {"training.save_every": t.save_every, "training.weight_decay": t.weight_decay}.items():
+            if value < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {value}")
+        if d.max_examples is not None and d.max_examples < 1:
+            raise ConfigError(f"data.max_examples: must be >= 1 or none, got {d.max_examples}")
         if not 0 <= t.warmup_ratio < 1:
             raise ConfigError(f"training.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
-        if self.data.max_prompt_length >= self.data.max_length:
-            raise ConfigError(f"data.max_prompt_length ({self.data.max_prompt_length}) must be < "
-                              f"data.max_length ({self.data.max_length})")
+        if d.max_prompt_length >= d.max_length:
+            raise ConfigError(f"data.max_prompt_length ({d.max_prompt_length}) must be < "
+                              f"data.max_length ({d.max_length})")
         if g.top_p > 1:
             raise ConfigError(f"generation.top_p: must be in (0, 1], got {g.top_p}")
         if t.max_grad_norm is not None and t.max_grad_norm <= 0:
             raise ConfigError(f"training.max_grad_norm: must be > 0 or none, got {t.max_grad_norm}")
+        return self
+
+    def check_generation_fits(self) -> SpinConfig:
+        """The sampled responses must fit the training length (the stages that generate call this):
+        a prompt of up to max_prompt_length tokens plus max_new_tokens must not exceed max_length,
+        else long synthetic responses would be cut (and lose their EOS) in training."""
+        d, g = self.data, self.generation
+        if d.max_prompt_length + g.max_new_tokens > d.max_length:
+            raise ConfigError(f"generation.max_new_tokens ({g.max_new_tokens}): a prompt of up to "
+                              f"data.max_prompt_length ({d.max_prompt_length}) tokens leaves "
+                              f"{d.max_length - d.max_prompt_length} tokens of data.max_length ({d.max_length}) for "
+                              f"the response, so longer synthetic responses would be cut in training; lower "
+                              f"--max-new-tokens or raise --max-length")
+        return self
+
+    def check_trainable(self) -> SpinConfig:
+        """Refuse settings that cannot train correctly (the stages that train call this).
+
+        Half-precision *weights* cannot hold SPIN's updates: at lr 5e-7 an RMSprop/AdamW step
+        changes a weight by ~1e-6 of its size, below bf16's resolution (2^-8), so a bf16 model
+        silently stays where it started, and fp16 overflows (NaN from the second step). Half
+        precision compute keeps float32 master weights: bf16 autocast (--bf16, on GPU) or FSDP's
+        bf16 mixed precision. fp16 compute would need loss scaling, which the trainer does not do.
+        """
+        if self.model.dtype in ("float16", "bfloat16"):
+            raise ConfigError(f"model.dtype: {self.model.dtype} weights cannot be trained correctly (updates "
+                              f"below the dtype's resolution are lost; float16 overflows); train with "
+                              f"--dtype float32 (master weights) and --bf16 (bf16 compute on GPU; under FSDP: "
+                              f"--mixed-precision bf16). {self.model.dtype} is fine for generate and reference.")
+        if self.distributed.mixed_precision == "fp16":
+            raise ConfigError("distributed.mixed_precision: fp16 training needs loss scaling, which the trainer does "
+                              "not do (gradients would underflow or overflow); use --mixed-precision bf16")
         return self
 
 
@@ -227,7 +269,16 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
     }.get(tp)
     if not ok:
         raise ConfigError(f"{name}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    return float(value) if tp is float else value
+    if tp is float:
+        return _finite(float(value), name)
+    return value
+
+
+def _finite(value: float, name: str) -> float:
+    """Every float option is a hyper-parameter that must be finite (inf/nan train a NaN model)."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}: must be a finite number, got {value}")
+    return value
 
 
 def parse_flag(text: str, tp: Any, name: str) -> Any:
@@ -245,14 +296,17 @@ def parse_flag(text: str, tp: Any, name: str) -> Any:
                 return parse_flag(text, arg, name)
             except ConfigError as exc:
                 errors.append(exc)
+        if len(errors) == 1 and "must be" in str(errors[0]):  # the value parsed but is out of range
+            raise errors[0]
         raise ConfigError(f"{name}: expected {_type_name(tp)}, got {text!r}")
     if origin is list:
         return [parse_flag(part.strip(), get_args(tp)[0], f"{name}[{i}]") for i, part in enumerate(text.split(","))]
     if tp is int or tp is float:
         try:
-            return tp(text)
+            value = tp(text)
         except ValueError:
             raise ConfigError(f"{name}: expected {_type_name(tp)}, got str {text!r}") from None
+        return _finite(value, name) if tp is float else value
     if tp is bool:
         low = text.strip().lower()
         if low in ("true", "yes", "1", "false", "no", "0"):

@@ -1,6 +1,7 @@
 """Reading the SFT data (prompt, real response) and the JSONL files of a run.
 
-Accepted inputs: a ``.jsonl``/``.json``/``.parquet`` file, a directory written by
+Accepted inputs: a ``.jsonl`` file, a ``.json`` file (one array of rows, or JSON lines), a
+``.parquet`` file, a directory written by
 ``datasets.save_to_disk``, or a ``datasets`` name already in the local cache. Each row has
 either ``{prompt, real}`` fields (names configurable) or a chat ``messages`` list, in which case
 the first user turn is the prompt and the first assistant turn the real response (the
@@ -11,7 +12,10 @@ are and tokenised later (spin_kernels.packing.tokenize_prompt).
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -20,24 +24,33 @@ from .config import ConfigError, DataConfig
 Record = dict[str, Any]
 
 
-def _rows_from_source(cfg: DataConfig) -> Iterable[Record]:
+def _rows_from_source(cfg: DataConfig) -> Iterable[tuple[str, Record]]:
+    """``(where, row)`` for each input row; ``where`` names the file and line (or the row)."""
     path = cfg.data
     if path is None:
         raise ConfigError("data.data: required (a .jsonl/.parquet file or a datasets dataset)")
     if os.path.isfile(path):
         if path.endswith((".jsonl", ".json")):
-            return read_jsonl(path)
+            return read_records(path)
         if path.endswith(".parquet"):
             import pyarrow.parquet as pq
 
-            return pq.read_table(path).to_pylist()
+            try:
+                table = pq.read_table(path)
+            except Exception as exc:  # pyarrow raises its own types for a damaged file
+                raise ConfigError(f"data.data: {path} is not a readable Parquet file ({exc})") from exc
+            return ((f"{path}: row {i}", row) for i, row in enumerate(table.to_pylist()))
         raise ConfigError(f"data.data: unsupported file type {path!r} (expected .jsonl, .json or .parquet)")
     try:
         import datasets
     except ImportError as exc:
         raise ConfigError(f"data.data: {path!r} is not a file and the datasets package is missing") from exc
     if os.path.isdir(path):
-        ds = datasets.load_from_disk(path)
+        try:
+            ds = datasets.load_from_disk(path)
+        except Exception as exc:  # not a save_to_disk directory
+            raise ConfigError(f"data.data: {path!r} is a directory but not one written by datasets.save_to_disk "
+                              f"({type(exc).__name__}: {exc})") from exc
     else:
         try:
             ds = datasets.load_dataset(path, split=cfg.split)
@@ -48,68 +61,204 @@ def _rows_from_source(cfg: DataConfig) -> Iterable[Record]:
         if cfg.split not in ds:
             raise ConfigError(f"data.split: {cfg.split!r} not in {list(ds)}")
         ds = ds[cfg.split]
-    return ds
+    return ((f"{path}: row {i}", row) for i, row in enumerate(ds))
 
 
-def _first_turn(messages: Any, role: str) -> Any:
+def _first_turn(messages: list, role: str) -> Any:
     for m in messages:
-        if isinstance(m, dict) and m.get("role") == role:
+        if m.get("role") == role:
             return m.get("content")
     return None
 
 
-def normalise_row(row: Record, cfg: DataConfig, where: str) -> Record:
+def check_messages(messages: Any, where: str, *, prompt: bool) -> None:
+    """Chat messages: a non-empty list of ``{role, content}`` with string content (a prompt
+    must end before the assistant's turn). Raises ConfigError naming ``where``."""
+    if not isinstance(messages, list) or not messages:
+        raise ConfigError(f"{where}: chat messages must be a non-empty list of {{role, content}} objects, got "
+                          f"{type(messages).__name__}")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ConfigError(f"{where}: message {j} must be an object with 'role' and 'content', got "
+                              f"{type(m).__name__}")
+        missing = [k for k in ("role", "content") if k not in m]
+        if missing:
+            raise ConfigError(f"{where}: message {j} lacks {missing} (has {sorted(m)})")
+        if not isinstance(m["role"], str) or not isinstance(m["content"], str):
+            raise ConfigError(f"{where}: message {j} needs a string 'role' and a string 'content'")
+    if prompt and messages[-1]["role"] == "assistant":
+        raise ConfigError(f"{where}: the prompt's last message is the assistant's; a prompt ends before the "
+                          f"assistant turn (its answer is the response)")
+
+
+def _check_text(value: Any, where: str, what: str, *, empty_ok: bool = False) -> None:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: the {what} must be a string, got {type(value).__name__}")
+    if not empty_ok and not value.strip():
+        raise ConfigError(f"{where}: the {what} is empty")
+
+
+def normalise_row(row: Any, cfg: DataConfig, where: str) -> Record:
     """``{prompt, real}`` from one input row (see the module docstring); raises naming ``where``."""
+    if not isinstance(row, dict):
+        raise ConfigError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
     if cfg.prompt_field in row and cfg.real_field in row:
         prompt, real = row[cfg.prompt_field], row[cfg.real_field]
+        what = (f"field {cfg.prompt_field!r}", f"field {cfg.real_field!r}")
     elif cfg.messages_field in row:
         msgs = row[cfg.messages_field]
-        if not isinstance(msgs, list):
-            raise ConfigError(f"{where}: field {cfg.messages_field!r} must be a list of chat messages")
+        check_messages(msgs, f"{where}: field {cfg.messages_field!r}", prompt=False)
         prompt, real = _first_turn(msgs, "user"), _first_turn(msgs, "assistant")
         if prompt is None or real is None:
             raise ConfigError(f"{where}: {cfg.messages_field!r} needs a user and an assistant turn")
+        what = (f"first user turn of {cfg.messages_field!r}", f"first assistant turn of {cfg.messages_field!r}")
     else:
         raise ConfigError(f"{where}: needs fields {cfg.prompt_field!r} and {cfg.real_field!r}, or "
                           f"{cfg.messages_field!r}; found {sorted(row)}")
-    if not isinstance(real, str):
-        raise ConfigError(f"{where}: the real response must be a string, got {type(real).__name__}")
-    if not isinstance(prompt, (str, list)):
-        raise ConfigError(f"{where}: the prompt must be a string or chat messages, got {type(prompt).__name__}")
+    if isinstance(prompt, list):
+        check_messages(prompt, f"{where}: {what[0]}", prompt=True)
+        if not any(m["content"].strip() for m in prompt):
+            raise ConfigError(f"{where}: the prompt ({what[0]}) is empty")
+    elif isinstance(prompt, str):
+        _check_text(prompt, where, f"prompt ({what[0]})")
+    else:
+        raise ConfigError(f"{where}: the prompt ({what[0]}) must be a string or chat messages, got "
+                          f"{type(prompt).__name__}")
+    _check_text(real, where, f"real response ({what[1]})", empty_ok=True)
     return {"prompt": prompt, "real": real}
 
 
 def load_sft_data(cfg: DataConfig) -> list[Record]:
-    """The run's pairs source: ``[{index, prompt, real}]`` in file order (first ``max_examples``)."""
+    """The run's pairs source: ``[{index, prompt, real}]`` in file order (first ``max_examples``).
+
+    Every row is checked before any work starts (errors name the file, line and field). Two
+    cases are kept, with a warning that counts them: rows whose prompt appears more than once
+    (SPIN samples one response for each), and empty real responses (the response is then EOS
+    alone: the data says "answer nothing", as a toy distribution may; in chat data it is
+    usually a broken row).
+    """
     out: list[Record] = []
-    for i, row in enumerate(_rows_from_source(cfg)):
+    for i, (where, row) in enumerate(_rows_from_source(cfg)):
         if cfg.max_examples is not None and i >= cfg.max_examples:
             break
-        rec = normalise_row(dict(row), cfg, f"{cfg.data}: row {i}")
+        rec = normalise_row(row, cfg, where)
         rec["index"] = i
         out.append(rec)
     if not out:
         raise ConfigError(f"data.data: {cfg.data!r} holds no examples")
+    from .parallel import is_main
+
+    prompts = Counter(json.dumps(r["prompt"], sort_keys=True, ensure_ascii=False) for r in out)
+    repeats = sum(n - 1 for n in prompts.values() if n > 1)
+    empty = [r["index"] for r in out if not r["real"].strip()]
+    if repeats and is_main():
+        print(f"spin-kernels: warning: {cfg.data}: {repeats} row(s) repeat an earlier row's prompt "
+              f"({sum(n > 1 for n in prompts.values())} distinct prompt(s) occur more than once); each row is "
+              f"kept and gets its own synthetic response", file=sys.stderr)
+    if empty and is_main():
+        print(f"spin-kernels: warning: {cfg.data}: {len(empty)} row(s) have an empty real response (e.g. rows "
+              f"{empty[:5]}); each is trained as a response that ends at once (EOS alone)", file=sys.stderr)
     return out
+
+
+def check_ref_logps(value: Any, where: str) -> tuple[float, float]:
+    """``ref_logps`` of a pairs row: two finite log-probabilities (<= 0), real then synthetic."""
+    if not isinstance(value, list) or len(value) != 2:
+        got = f"{len(value)} values" if isinstance(value, list) else f"{type(value).__name__} {value!r}"[:80]
+        raise ConfigError(f"{where}: field 'ref_logps' must be a list of 2 numbers [log p(real), log p(synthetic)], "
+                          f"got {got}")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"{where}: field 'ref_logps' must hold numbers, got {type(v).__name__} {v!r}"[:200])
+        if not math.isfinite(v):
+            raise ConfigError(f"{where}: field 'ref_logps' holds {v}; log-probabilities must be finite (recompute "
+                              f"them with spin-kernels reference)")
+        if v > 0:
+            raise ConfigError(f"{where}: field 'ref_logps' holds {v} > 0; a log-probability is <= 0 (are these "
+                              f"probabilities, losses or negated log-probs?)")
+    return float(value[0]), float(value[1])
+
+
+def read_stage_rows(path: str, need: tuple[str, ...], what: str) -> list[Record]:
+    """The rows of a stage file (``generate``'s output, ``reference``'s pairs), each checked:
+    an object with the ``need`` fields, a prompt (text or chat messages), a real and a synthetic
+    response (text; may be empty, see ``load_sft_data``) and, where needed, valid ``ref_logps``.
+    Errors name ``what`` (the flag), the file and the line."""
+    if os.path.isdir(path) or not os.path.exists(path):
+        raise ConfigError(f"{what}: file not found: {path}")
+    rows = []
+    for where, row in read_records(path):
+        where = f"{what}: {where}"
+        if not isinstance(row, dict):
+            raise ConfigError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+        missing = [k for k in need if k not in row]
+        if missing:
+            raise ConfigError(f"{where}: lacks {missing} (expected fields {list(need)})")
+        prompt = row.get("prompt")
+        if isinstance(prompt, list):
+            check_messages(prompt, f"{where}: field 'prompt'", prompt=True)
+        elif "prompt" in need:
+            _check_text(prompt, where, "prompt (field 'prompt')")
+        if "real" in need:
+            _check_text(row["real"], where, "real response (field 'real')", empty_ok=True)
+        if "synthetic" in need and not isinstance(row["synthetic"], str):
+            raise ConfigError(f"{where}: field 'synthetic' must be a string, got {type(row['synthetic']).__name__}")
+        if "ref_logps" in need:
+            check_ref_logps(row["ref_logps"], where)
+        rows.append(row)
+    if not rows:
+        raise ConfigError(f"{what}: {path} holds no rows")
+    return rows
 
 
 # --------------------------------------------------------------------------- JSONL
 
 
+def _lines(path: str) -> list[str]:
+    """The file's lines, decoded as UTF-8 (an error names the line and the byte)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8").splitlines(keepends=True)
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                          f"convert the file to UTF-8") from None
+
+
 def read_jsonl(path: str, *, tolerate_torn_tail: bool = False) -> Iterator[Record]:
     """Rows of a JSONL file. With ``tolerate_torn_tail`` a last line cut short by a killed
     writer is skipped (it will be rewritten on resume); anywhere else a bad line is an error."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
+    for _, row in _jsonl_rows(path, tolerate_torn_tail=tolerate_torn_tail):
+        yield row
+
+
+def _jsonl_rows(path: str, *, tolerate_torn_tail: bool = False) -> Iterator[tuple[int, Any]]:
+    lines = _lines(path)
     for n, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            yield json.loads(line)
+            yield n + 1, json.loads(line)
         except json.JSONDecodeError as exc:
             if tolerate_torn_tail and n == len(lines) - 1 and not line.endswith("\n"):
                 return
             raise ConfigError(f"{path}:{n + 1}: not valid JSON ({exc})") from exc
+
+
+def read_records(path: str) -> Iterator[tuple[str, Any]]:
+    """``(where, row)`` of a ``.jsonl`` file (one JSON value per line) or a ``.json`` file holding
+    one array of rows (or JSON lines); ``where`` is ``path:line`` for messages."""
+    if path.endswith(".json"):
+        text = "".join(_lines(path))
+        if text.lstrip().startswith("["):
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+            yield from ((f"{path}: row {i}", row) for i, row in enumerate(rows))
+            return
+    yield from ((f"{path}:{n}: row {i}", row) for i, (n, row) in enumerate(_jsonl_rows(path)))
 
 
 def write_jsonl_atomic(path: str, rows: Iterable[Record]) -> None:

@@ -9,8 +9,13 @@ A run directory holds::
                                 the next opponent
     summary.json, summary.md    one row per finished iteration
 
-Each stage is skipped when its output is complete, so ``resume`` just runs the loop again:
-generation continues from its JSONL, training from its latest checkpoint.
+Each stage is skipped when its output is complete *and made from the current inputs*, so
+``resume`` just runs the loop again: generation continues from its JSONL, training from its
+latest checkpoint. Every row records what it was made from and every trained model the key of
+its inputs (spin_kernels.training.provenance): a stage whose output was made from other inputs
+(an edited data file, another opponent, stray files of another run) is run again
+(``--on-stale regenerate``, the default) or refused (``--on-stale error``), never reused. One
+process at a time writes a run directory (spin_kernels.training.runlock).
 
 Launched with torchrun (``torchrun --nproc_per_node K -m spin_kernels.cli iterate ...``) every
 stage runs on all K processes with the model sharded by FSDP2 (spin_kernels.training.parallel):
@@ -21,27 +26,42 @@ loaded (sharded) as the next opponent.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from . import provenance
 from .config import ConfigError, SpinConfig, config_from_dict, save_config
-from .data import Record, load_sft_data, read_jsonl, write_jsonl_atomic
-from .generation import generate_synthetic
-from .loading import check_model_dir, load_tokenizer
+from .data import Record, check_ref_logps, load_sft_data, read_jsonl, read_stage_rows
+from .generation import generate_synthetic, plan_generation
+from .loading import check_impl, check_model_dir, load_tokenizer
 from .metrics import format_table, read_metrics, summarise_iteration
 from .parallel import Session, barrier, is_main, load_runner, session
 from .reference import reference_logps_for, to_examples
-from .trainer import train_spin
+from .runlock import RunLock
+from .trainer import train_spin, trained_model_key
 
 IterationHook = Callable[[int, str, dict[str, Any]], dict[str, Any] | None]
+LOCK_FILE = ".spin-kernels.lock"
+
+
+def _tokenizer(cfg: SpinConfig, model_path: str):
+    """The run's tokenizer (``--tokenizer`` or the model's), checked against the model's vocabulary."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    where = "model.tokenizer" if cfg.model.tokenizer else "model.model"
+    return load_tokenizer(cfg.model.tokenizer or model_path, what=where, vocab_size=getattr(text, "vocab_size", None))
 
 
 def _load(cfg: SpinConfig, path: str, sess: Session):
     """(runner, tokenizer) for the model directory ``path``: see parallel.load_runner."""
-    tokenizer = load_tokenizer(cfg.model.tokenizer or path)
+    tokenizer = _tokenizer(cfg, path)
     return load_runner(path, cfg, sess), tokenizer
 
 
@@ -53,110 +73,325 @@ def _prepared(runner):
     return runner
 
 
+# --------------------------------------------------------------------------- checks before work
+
+
+def check_output_dir(path: str, what: str = "loop.output_dir") -> str:
+    """Create ``path`` if needed; refuse a file or a directory this process cannot write."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{what}: {path!r} is a file, not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot create {path!r} ({exc.strerror})") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what}: {path!r} is not writable")
+    return path
+
+
+def check_output_file(path: str, what: str = "--output") -> str:
+    """The parent of ``path`` is created and writable, and ``path`` is not a directory."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{what}: {path!r} is a directory; give a file name")
+    check_output_dir(os.path.dirname(os.path.abspath(path)), what)
+    return path
+
+
+@contextlib.contextmanager
+def single_writer(lock_path: str, what: str, sess: Session) -> Iterator[None]:
+    """Rank 0 holds ``RunLock(lock_path)`` for the block; every rank raises alike if it cannot."""
+    from spin_kernels.distributed.env import all_reduce_sum
+
+    lock, error = None, None
+    if is_main():
+        try:
+            lock = RunLock(lock_path, what=what).acquire()
+        except ConfigError as exc:
+            error = exc
+    (failed,) = all_reduce_sum([float(error is not None)], sess.device)
+    if error is not None:
+        raise error
+    if failed:
+        raise ConfigError(f"{what}: rank 0 could not lock {os.path.dirname(lock_path)!r} (in use by another run)")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 # --------------------------------------------------------------------------- single stages
 
 
 def stage_generate(model, tokenizer, records: list[Record], cfg: SpinConfig, out_path: str, *, seed: int,
-                   model_path: str | None = None, desc: str = "generate") -> list[Record]:
+                   model_path: str, desc: str = "generate") -> list[Record]:
     return generate_synthetic(model, tokenizer, records, cfg.generation, out_path,
                               max_prompt_length=cfg.data.max_prompt_length, seed=seed, model_path=model_path,
-                              desc=desc)
+                              model_label=_label(cfg, model_path), on_stale=cfg.data.on_stale, desc=desc)
 
 
-def stage_reference(model, tokenizer, rows: list[Record], cfg: SpinConfig, out_path: str,
+def _label(cfg: SpinConfig, model_path: str) -> str | None:
+    """``iter{t}/model`` for a model of this run (its rows then read the same wherever the run
+    directory is), None (the path itself) for any other model."""
+    run = os.path.realpath(cfg.loop.output_dir)
+    full = os.path.realpath(model_path)
+    return os.path.relpath(full, run) if full.startswith(run + os.sep) else None
+
+
+def reference_sources(rows: list[Record], model_path: str, cfg: SpinConfig) -> list[dict[str, Any]]:
+    """The ``reference`` record each pairs row scored by ``model_path`` must carry."""
+    stamp = provenance.model_stamp(model_path, _label(cfg, model_path))
+    return [provenance.reference_source(r, stamp, cfg.data, cfg.training.average_log_prob) for r in rows]
+
+
+def current_pairs(path: str, rows: list[Record], sources: list[dict[str, Any]], on_stale: str) -> list[Record] | None:
+    """The pairs of ``path`` if they are exactly ``rows`` scored as ``sources`` say, else None
+    (with a warning), or a ConfigError with ``on_stale="error"``. No file: None."""
+    if not os.path.exists(path):
+        return None
+    pairs = list(read_jsonl(path, tolerate_torn_tail=True))
+    problem = None
+    if len(pairs) != len(rows):
+        problem = f"it holds {len(pairs)} row(s) for {len(rows)} generated row(s)"
+    for n, (pair, row, src) in enumerate(zip(pairs, rows, sources)):
+        if problem is not None:
+            break
+        if not isinstance(pair, dict) or {k: v for k, v in pair.items() if k not in ("ref_logps", "reference")} != row:
+            problem = f"line {n + 1} is not the generated row {row.get('index')} it should score"
+        elif (why := provenance.differences(pair.get("reference"), src)) is not None:
+            problem = f"line {n + 1}: {why}"
+        else:
+            try:
+                check_ref_logps(pair.get("ref_logps"), f"line {n + 1}")
+            except ConfigError as exc:
+                problem = str(exc)
+    if problem is None:
+        return pairs
+    if on_stale == "error":
+        raise ConfigError(f"{path}: cannot be reused: {problem}; remove it or rerun with --on-stale regenerate")
+    if is_main():
+        print(f"spin-kernels: warning: {path} cannot be reused ({problem}); the reference pass runs again",
+              file=sys.stderr)
+    return None
+
+
+def stage_reference(model, tokenizer, rows: list[Record], cfg: SpinConfig, out_path: str, *, model_path: str,
                     desc: str = "reference") -> list[Record]:
-    """Rows with ``ref_logps = [log p(real), log p(synthetic)]`` under ``model`` (prepared), written
-    atomically to ``out_path``."""
+    """Rows with ``ref_logps = [log p(real), log p(synthetic)]`` under ``model`` (prepared, loaded
+    from ``model_path``) and the ``reference`` record of how they were computed, written
+    atomically to ``out_path``; an up-to-date ``out_path`` is reused as it is."""
+    from .data import write_jsonl_atomic
+
+    sources = reference_sources(rows, model_path, cfg)
+    pairs = current_pairs(out_path, rows, sources, cfg.data.on_stale)
+    if pairs is not None:
+        return pairs
     t = cfg.training
     examples = to_examples(tokenizer, rows, max_length=cfg.data.max_length,
                            max_prompt_length=cfg.data.max_prompt_length)
     refs = reference_logps_for(model, examples, token_budget=t.token_budget, impl=t.impl, average=t.average_log_prob,
                                bf16=t.bf16, desc=desc)
-    out = [{**row, "ref_logps": list(ref)} for row, ref in zip(rows, refs)]
+    out = [{**row, "ref_logps": list(ref), "reference": src} for row, ref, src in zip(rows, refs, sources)]
+    bad = [(i, ref) for i, ref in enumerate(refs) if not all(map(_finite_logp, ref))]
+    if bad:
+        raise ConfigError(f"{desc}: the model {model_path!r} gives non-finite log-probs for {len(bad)} row(s), e.g. "
+                          f"row {bad[0][0]} (index {rows[bad[0][0]].get('index')}): {bad[0][1]}; its weights are "
+                          f"finite, so its activations overflow in --dtype {cfg.model.dtype}")
     if is_main():
         write_jsonl_atomic(out_path, out)
     barrier()
     return out
 
 
-def read_rows(path: str, need: tuple[str, ...], what: str) -> list[Record]:
-    if not os.path.isfile(path):
-        raise ConfigError(f"{what}: file not found: {path}")
-    rows = list(read_jsonl(path))
-    for i, row in enumerate(rows):
-        missing = [k for k in need if k not in row]
-        if missing:
-            raise ConfigError(f"{what}: {path} row {i} lacks {missing} (expected fields {list(need)})")
-    if not rows:
-        raise ConfigError(f"{what}: {path} holds no rows")
-    return rows
+def _finite_logp(v: float) -> bool:
+    return v == v and v not in (float("inf"), float("-inf"))
+
+
+def _describe(pairs: list[Record], path: str) -> Callable[[list[int]], str]:
+    """Names training examples (positions in ``pairs``) by the file's lines and the data rows."""
+    def describe(positions: list[int]) -> str:
+        lines = [p + 1 for p in positions[:10]]
+        data = [pairs[p].get("index") for p in positions[:10]]
+        more = f" and {len(positions) - 10} more" if len(positions) > 10 else ""
+        return f"pairs at {path} lines {lines}{more} (data rows {data})"
+
+    return describe
 
 
 def run_generate(cfg: SpinConfig, output: str) -> list[Record]:
     """``spin-kernels generate``: sample synthetic responses for the data's prompts with ``model``."""
     cfg.validate(need=("model.model", "data.data"))
-    with session(cfg) as sess:
-        model, tokenizer = _load(cfg, check_model_dir(cfg.model.model), sess)
-        records = load_sft_data(cfg.data)
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    cfg.check_generation_fits()
+    model_path = check_model_dir(cfg.model.model)
+    check_output_file(output)
+    records = load_sft_data(cfg.data)
+    with session(cfg) as sess, single_writer(f"{output}.lock", "--output", sess):
+        tokenizer = _tokenizer(cfg, model_path)
+        plan = plan_generation(records, output, cfg.generation, max_prompt_length=cfg.data.max_prompt_length,
+                               model_path=model_path, model_label=_label(cfg, model_path),
+                               seed=cfg.generation.generation_seed, on_stale=cfg.data.on_stale)
+        model = load_runner(model_path, cfg, sess) if plan.todo else None
         return stage_generate(model, tokenizer, records, cfg, output, seed=cfg.generation.generation_seed,
-                              model_path=cfg.model.model)
+                              model_path=model_path)
+
+
+def _check_sampled_with(rows: list[Record], cfg: SpinConfig, model_path: str, what: str) -> None:
+    """The responses of ``rows`` must have been sampled under this run's prompt length limit;
+    another model than the scoring one is allowed (with a warning): SPIN scores with the opponent."""
+    digest = provenance.model_digest(model_path)
+    others = 0
+    for n, row in enumerate(rows):
+        src = row.get("source")
+        if not isinstance(src, dict):
+            continue
+        if src.get("max_prompt_length") not in (None, cfg.data.max_prompt_length):
+            raise ConfigError(f"{what}: line {n + 1}: the synthetic response was sampled from prompts cut to "
+                              f"{src.get('max_prompt_length')} tokens, but --max-prompt-length is "
+                              f"{cfg.data.max_prompt_length}: the pair would be scored on another prompt; use the "
+                              f"generation's value")
+        others += provenance.differences({"m": src.get("opponent")}, {"m": {"path": model_path, "digest": digest}}) \
+            is not None
+    if others and is_main():
+        print(f"spin-kernels: warning: {others} row(s) of {what} were sampled by another model than {model_path!r}; "
+              f"in SPIN the reference is the opponent that sampled them", file=sys.stderr)
 
 
 def run_reference(cfg: SpinConfig, inp: str, output: str) -> list[Record]:
     """``spin-kernels reference``: add the model's ref_logps to generated rows."""
     cfg.validate(need=("model.model",))
-    rows = read_rows(inp, ("prompt", "real", "synthetic"), "--input")
-    with session(cfg) as sess:
-        model, tokenizer = _load(cfg, check_model_dir(cfg.model.model), sess)
-        return stage_reference(_prepared(model), tokenizer, rows, cfg, output)
+    model_path = check_model_dir(cfg.model.model)
+    rows = read_stage_rows(inp, ("prompt", "real", "synthetic"), "--input")
+    check_output_file(output)
+    _check_sampled_with(rows, cfg, model_path, "--input")
+    with session(cfg) as sess, single_writer(f"{output}.lock", "--output", sess):
+        check_impl(cfg.training.impl, sess.device)
+        model, tokenizer = _load(cfg, model_path, sess)
+        return stage_reference(_prepared(model), tokenizer, rows, cfg, output, model_path=model_path)
+
+
+def _check_reference_settings(rows: list[Record], cfg: SpinConfig, model_path: str, inp: str) -> bool:
+    """Whether the pairs' ref_logps must be recomputed: they were computed with other length
+    limits (or averaging) than training uses. Recomputed only when they came from the training's
+    own starting model (the SPIN reference) and ``on_stale`` allows; else a ConfigError."""
+    want = {"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length,
+            "average_log_prob": cfg.training.average_log_prob}
+    unrecorded = 0
+    for n, row in enumerate(rows):
+        ref = row.get("reference")
+        if not isinstance(ref, dict):
+            unrecorded += 1
+            continue
+        diff = {k: (ref.get(k), v) for k, v in want.items() if ref.get(k) != v}
+        if not diff:
+            continue
+        shown = ", ".join(f"{k} {a} (training: {b})" for k, (a, b) in diff.items())
+        ours = provenance.differences({"m": ref.get("model")},
+                                      {"m": provenance.model_stamp(model_path)}) is None
+        if ours and cfg.data.on_stale == "regenerate":
+            if is_main():
+                print(f"spin-kernels: warning: --input {inp}: ref_logps were computed with {shown}; they are "
+                      f"recomputed with {model_path!r}", file=sys.stderr)
+            return True
+        raise ConfigError(f"--input: {inp}:{n + 1}: ref_logps were computed with {shown}; the reference log-probs "
+                          f"must score the same token sequences as training. Recompute them with spin-kernels "
+                          f"reference and the training's lengths"
+                          + ("" if ours else f" (they come from another model than {model_path!r})"))
+    if unrecorded and is_main():
+        print(f"spin-kernels: note: {unrecorded} row(s) of {inp} do not record how their ref_logps were computed; "
+              f"they are used as given", file=sys.stderr)
+    return False
 
 
 def run_train(cfg: SpinConfig, inp: str, out_dir: str) -> str:
     """``spin-kernels train``: train on pairs with ref_logps; returns the final model directory."""
     cfg.validate(need=("model.model",))
-    rows = read_rows(inp, ("prompt", "real", "synthetic", "ref_logps"), "--input")
-    if not cfg.loop.resume and any(os.path.exists(os.path.join(out_dir, d)) for d in ("model", "checkpoints")):
-        raise ConfigError(f"loop.output_dir: {out_dir!r} already holds a training run; pass --resume to continue "
-                          f"it or choose another --output-dir")
-    with session(cfg) as sess:
-        model, tokenizer = _load(cfg, check_model_dir(cfg.model.model), sess)
-        t = cfg.training
+    cfg.check_trainable()
+    model_path = check_model_dir(cfg.model.model)
+    rows = read_stage_rows(inp, ("prompt", "real", "synthetic", "ref_logps"), "--input")
+    check_output_dir(out_dir)
+    recompute = _check_reference_settings(rows, cfg, model_path, inp)
+    with session(cfg) as sess, single_writer(os.path.join(out_dir, LOCK_FILE), "loop.output_dir", sess):
+        if not cfg.loop.resume and any(os.path.exists(os.path.join(out_dir, d)) for d in ("model", "checkpoints")):
+            raise ConfigError(f"loop.output_dir: {out_dir!r} already holds a training run; pass --resume to continue "
+                              f"it or choose another --output-dir")
+        check_impl(cfg.training.impl, sess.device)
+        model, tokenizer = _load(cfg, model_path, sess)
+        model = _prepared(model)
+        if recompute:
+            body = [{k: v for k, v in r.items() if k not in ("ref_logps", "reference")} for r in rows]
+            rows = stage_reference(model, tokenizer, body, cfg, os.path.join(out_dir, "pairs.jsonl"),
+                                   model_path=model_path)
         examples = to_examples(tokenizer, rows, max_length=cfg.data.max_length,
                                max_prompt_length=cfg.data.max_prompt_length)
-        res = train_spin(_prepared(model), tokenizer, examples, t, out_dir, resume=cfg.loop.resume,
-                         tensorboard=cfg.loop.tensorboard, info={"start_model": cfg.model.model})
+        res = train_spin(model, tokenizer, examples, cfg.training, out_dir, resume=cfg.loop.resume,
+                         tensorboard=cfg.loop.tensorboard, info={"start_model": model_path},
+                         start_digest=provenance.model_digest(model_path), on_stale=cfg.data.on_stale,
+                         describe=_describe(rows, inp))
         return res.model_dir
 
 
 # --------------------------------------------------------------------------- the loop
 
+#: Fields that name files: compared as resolved paths, so ``run/`` and ``/abs/run`` are one run.
+_PATH_FIELDS = (("model", "model"), ("model", "tokenizer"), ("data", "data"))
+#: Fields that may change between an interrupted run and its continuation without changing results.
+_FREE_FIELDS = {("loop", "resume"), ("loop", "iterations"), ("loop", "tensorboard"), ("loop", "output_dir"),
+                ("model", "device"), ("data", "on_stale"), ("training", "save_every"), ("training", "log_every"),
+                ("distributed", "fsdp"), ("distributed", "cpu_offload"), ("distributed", "reshard_after_forward")}
+
+
+def _comparable(cfg: dict[str, dict[str, Any]], base: str) -> dict[str, dict[str, Any]]:
+    out = {s: dict(v) for s, v in cfg.items()}
+    for sec, key in _PATH_FIELDS:
+        value = out.get(sec, {}).get(key)
+        if isinstance(value, str) and value:
+            full = value if os.path.isabs(value) else os.path.join(base, value)
+            if os.path.exists(full):
+                out[sec][key] = os.path.realpath(full)
+    return out
+
+
+def run_has_work(run_dir: str) -> bool:
+    """Whether a run directory holds the output of any stage (beyond its config and lock)."""
+    if not os.path.isdir(run_dir):
+        return False
+    for name in os.listdir(run_dir):
+        it = os.path.join(run_dir, name)
+        if not (name.startswith("iter") and os.path.isdir(it)):
+            continue
+        for entry in os.listdir(it):
+            path = os.path.join(it, entry)
+            if os.path.isdir(path) or os.path.getsize(path) > 0:
+                return True
+    return False
+
 
 def _check_run_dir(cfg: SpinConfig) -> None:
     """Refuse to overwrite a run / to resume one with another configuration; record the config.
-    Every rank checks (so all raise alike) before rank 0 writes."""
+
+    A run whose directory holds a config but no stage output (it stopped before doing any work,
+    e.g. on bad data) is simply started again with the new configuration. Every rank checks (so
+    all raise alike) before rank 0 writes.
+    """
     run_dir = cfg.loop.output_dir
     saved = os.path.join(run_dir, "config.yaml")
-    existed = os.path.exists(saved)
+    started = os.path.exists(saved) and run_has_work(run_dir)
     barrier()
-    if existed:
+    if started:
         if not cfg.loop.resume:
             raise ConfigError(f"loop.output_dir: {run_dir!r} already holds a run; pass --resume to continue it "
                               f"or choose another --output-dir")
         import yaml
 
         with open(saved, encoding="utf-8") as f:
-            old = config_from_dict(yaml.safe_load(f)).to_dict()
-        new = cfg.to_dict()
-        # These may change between an interrupted run and its continuation without changing results.
-        free = {("loop", "resume"), ("loop", "iterations"), ("loop", "tensorboard"), ("model", "device"),
-                ("distributed", "fsdp"), ("distributed", "cpu_offload"), ("distributed", "reshard_after_forward")}
-        diff = [f"{s}.{k}" for s in new for k in new[s]
-                if (s, k) not in free and new[s][k] != old[s][k]]
+            old = _comparable(config_from_dict(yaml.safe_load(f)).to_dict(), os.getcwd())
+        new = _comparable(cfg.to_dict(), os.getcwd())
+        diff = [f"{s}.{k}" for s in new for k in new[s] if (s, k) not in _FREE_FIELDS and new[s][k] != old[s][k]]
         if diff:
-            raise ConfigError(f"--resume: the configuration differs from the run's config.yaml in {diff}")
+            shown = ", ".join(f"{d} ({old[d.split('.')[0]][d.split('.')[1]]!r} -> "
+                              f"{new[d.split('.')[0]][d.split('.')[1]]!r})" for d in diff)
+            raise ConfigError(f"--resume: the configuration differs from the run's config.yaml in {shown}")
     elif is_main():
-        os.makedirs(run_dir, exist_ok=True)
         save_config(cfg, saved)
     barrier()
 
@@ -169,6 +404,10 @@ def run_iterations(cfg: SpinConfig, *, on_iteration_end: IterationHook | None = 
                    records: list[Record] | None = None) -> list[dict[str, Any]]:
     """``spin-kernels iterate``: ``cfg.loop.iterations`` SPIN iterations from ``cfg.model.model``.
 
+    Everything a user can get wrong (configuration, data, model directory, tokenizer, device,
+    output directory, another process on the same run) is checked before the run directory is
+    written.
+
     Args:
         on_iteration_end: called as ``hook(t, model_dir, summary)`` after iteration t; the dict it
             returns is merged into the iteration's summary row (the demo adds its KL there).
@@ -178,26 +417,61 @@ def run_iterations(cfg: SpinConfig, *, on_iteration_end: IterationHook | None = 
         every rank runs this; rank 0 alone calls the hook and writes the summaries.
     """
     cfg.validate(need=("model.model",) if records is not None else ("model.model", "data.data"))
+    cfg.check_trainable()
+    cfg.check_generation_fits()
     check_model_dir(cfg.model.model)
-    with session(cfg) as sess:
+    check_output_dir(cfg.loop.output_dir)
+    if records is None:
+        records = load_sft_data(cfg.data)
+    with session(cfg) as sess, single_writer(os.path.join(cfg.loop.output_dir, LOCK_FILE), "loop.output_dir",
+                                                 sess):
+        check_impl(cfg.training.impl, sess.device)
+        _tokenizer(cfg, cfg.model.model)
+        _check_run_dir(cfg)
         return _iterate(cfg, sess, on_iteration_end, records)
 
 
+def _training_rows(cfg: SpinConfig, t: int, generated: list[Record]) -> list[Record]:
+    rows = [dict(r, source_iteration=t) for r in generated]
+    if cfg.loop.include_previous and t > 0:
+        prev = list(read_jsonl(os.path.join(cfg.loop.output_dir, f"iter{t - 1}", "generated.jsonl")))
+        rows += [dict(r, source_iteration=t - 1) for r in prev]
+    return rows
+
+
+def _iteration_is_current(cfg: SpinConfig, t: int, records: list[Record], opponent: str) -> bool:
+    """Whether iteration t's files are complete and made from the current inputs (no model load)."""
+    it_dir = os.path.join(cfg.loop.output_dir, f"iter{t}")
+    key = trained_model_key(it_dir)
+    if key is None:
+        return False
+    plan = plan_generation(records, os.path.join(it_dir, "generated.jsonl"), cfg.generation,
+                           max_prompt_length=cfg.data.max_prompt_length, model_path=opponent,
+                           model_label=_label(cfg, opponent), seed=cfg.generation.generation_seed + t,
+                           on_stale=cfg.data.on_stale)
+    if plan.todo:
+        return False
+    rows = _training_rows(cfg, t, [plan.done[r["index"]] for r in records])
+    pairs = current_pairs(os.path.join(it_dir, "pairs.jsonl"), rows, reference_sources(rows, opponent, cfg),
+                          cfg.data.on_stale)
+    if pairs is None:
+        return False
+    examples = to_examples(_tokenizer(cfg, opponent), pairs, max_length=cfg.data.max_length,
+                           max_prompt_length=cfg.data.max_prompt_length)
+    return provenance.training_key(examples, cfg.training, provenance.model_digest(opponent)) == key
+
+
 def _iterate(cfg: SpinConfig, sess: Session, on_iteration_end: IterationHook | None,
-             records: list[Record] | None) -> list[dict[str, Any]]:
+             records: list[Record]) -> list[dict[str, Any]]:
     run_dir = cfg.loop.output_dir
-    _check_run_dir(cfg)
-    if records is None:
-        records = load_sft_data(cfg.data)
     summaries: list[dict[str, Any]] = []
-    t_cfg = cfg.training
     for t in range(cfg.loop.iterations):
         it_dir = os.path.join(run_dir, f"iter{t}")
         os.makedirs(it_dir, exist_ok=True)
         opponent = cfg.model.model if t == 0 else iteration_model_dir(run_dir, t - 1)
         final = iteration_model_dir(run_dir, t)
         start = time.perf_counter()
-        if not os.path.isdir(final):
+        if not _iteration_is_current(cfg, t, records, opponent):
             model, tokenizer = _load(cfg, opponent, sess)
             gen_path = os.path.join(it_dir, "generated.jsonl")
             generated = stage_generate(model, tokenizer, records, cfg, gen_path,
@@ -205,19 +479,14 @@ def _iterate(cfg: SpinConfig, sess: Session, on_iteration_end: IterationHook | N
                                        desc=f"iter{t} generate")
             model = _prepared(model)
             pairs_path = os.path.join(it_dir, "pairs.jsonl")
-            if os.path.exists(pairs_path):
-                pairs = list(read_jsonl(pairs_path))
-            else:
-                rows = [dict(r, source_iteration=t) for r in generated]
-                if cfg.loop.include_previous and t > 0:
-                    prev = list(read_jsonl(os.path.join(run_dir, f"iter{t - 1}", "generated.jsonl")))
-                    rows += [dict(r, source_iteration=t - 1) for r in prev]
-                pairs = stage_reference(model, tokenizer, rows, cfg, pairs_path, desc=f"iter{t} reference")
+            pairs = stage_reference(model, tokenizer, _training_rows(cfg, t, generated), cfg, pairs_path,
+                                    model_path=opponent, desc=f"iter{t} reference")
             examples = to_examples(tokenizer, pairs, max_length=cfg.data.max_length,
                                    max_prompt_length=cfg.data.max_prompt_length)
-            train_spin(model, tokenizer, examples, t_cfg, it_dir, resume=cfg.loop.resume,
+            train_spin(model, tokenizer, examples, cfg.training, it_dir, resume=cfg.loop.resume,
                        tensorboard=cfg.loop.tensorboard, desc=f"iter{t} train",
-                       info={"iteration": t, "opponent": opponent})
+                       info={"iteration": t, "opponent": opponent}, start_digest=provenance.model_digest(opponent),
+                       on_stale=cfg.data.on_stale, describe=_describe(pairs, pairs_path))
             del model
         generated = list(read_jsonl(os.path.join(it_dir, "generated.jsonl")))
         summary: dict[str, Any] = {"iteration": t, **summarise_iteration(read_metrics(

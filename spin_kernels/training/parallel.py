@@ -26,7 +26,7 @@ from spin_kernels.distributed import DistEnv, ShardedModel, init_distributed
 from spin_kernels.distributed.env import barrier, rank, world_size
 
 from .config import ConfigError, SpinConfig
-from .loading import DTYPES, load_model, resolve_device
+from .loading import DTYPES, check_finite_weights, load_model, resolve_device
 
 __all__ = ["Session", "as_runner", "barrier", "is_main", "is_sharded", "load_runner", "progress", "rank",
            "session", "world_size"]
@@ -67,18 +67,21 @@ def session(cfg: SpinConfig) -> Iterator[Session]:
     caller) is used and kept. ``distributed.fsdp: true`` in a single process shards over a
     1-rank group (useful to check the FSDP path without torchrun).
     """
+    device = resolve_device(cfg.model.device)  # refuses a device this machine lacks, in every mode
     if not resolve_fsdp(cfg):
-        device = resolve_device(cfg.model.device)
         yield Session(False, device, DistEnv(0, 1, 0, device))
         return
+    if _torchrun_world() > 1:
+        from .runlock import end_with_parent
+
+        end_with_parent()  # a rank must not outlive its launcher (and keep writing the run)
     created = not dist.is_initialized()
-    name = cfg.model.device
-    device = None if name == "auto" else ("cuda" if name.startswith("cuda") else name)
-    env = init_distributed(device=device)
+    kind = None if cfg.model.device == "auto" else device.type
+    env = init_distributed(device=kind)
     if not dist.is_initialized():  # fsdp asked for in a single process: a 1-rank group
         dist.init_process_group("nccl" if env.device.type == "cuda" else "gloo", store=dist.HashStore(),
                                 rank=0, world_size=1)
-        env = init_distributed(device=device)
+        env = init_distributed(device=kind)
     mp = cfg.distributed.mixed_precision
     if mp == "auto":
         mp = "bf16" if env.device.type == "cuda" and cfg.training.bf16 else "none"
@@ -110,7 +113,9 @@ def load_runner(path: str, cfg: SpinConfig, sess: Session) -> ShardedModel:
     broadcasts them into the shards (``load_full_weights``): no full copy per rank.
     """
     if not sess.fsdp:
-        return ShardedModel(load_model(path, cfg.model, sess.device))
+        runner = ShardedModel(load_model(path, cfg.model, sess.device))
+        check_finite_weights(runner, path)
+        return runner
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from spin_kernels.distributed import apply_fsdp2, empty_parameters, load_full_weights
@@ -126,6 +131,7 @@ def load_runner(path: str, cfg: SpinConfig, sess: Session) -> ShardedModel:
                          activation_checkpointing=cfg.training.gradient_checkpointing,
                          reshard_after_forward=d.reshard_after_forward)
     load_full_weights(runner, path if sess.env.is_main else None, device=sess.device, dtype=dtype)
+    check_finite_weights(runner, path)
     runner.train()
     return runner
 

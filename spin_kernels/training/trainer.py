@@ -26,16 +26,31 @@ from __future__ import annotations
 import math
 import os
 import resource
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import STATE_FILE, latest_step_checkpoint, load_weights_into, prune_step_checkpoints, save_model_dir
+from . import provenance
+from .checkpoint import (
+    STATE_FILE,
+    latest_step_checkpoint,
+    load_weights_into,
+    prune_step_checkpoints,
+    read_info,
+    save_model_dir,
+)
 from .config import ConfigError, TrainingConfig
 from .loading import autocast, rng_state, seed_everything, set_rng_state
 from .metrics import MetricsLogger, plot_metrics, read_metrics
 from .parallel import as_runner, barrier, is_main, is_sharded, progress, rank, world_size
+
+
+class TrainingError(RuntimeError):
+    """Training stopped because a step went non-finite; the message names the iteration, the
+    step, the examples and the likely cause. Nothing of that step was saved."""
 
 
 @dataclass
@@ -109,8 +124,11 @@ def _loss_fn(cfg: TrainingConfig, device: torch.device, use_autocast: bool):
 
     def fn(model, item):
         with autocast(device, use_autocast):
+            # The packer built the batch and the pairs' ref_logps were checked when read, so the
+            # op's value checks (a host sync per micro-batch) are skipped; a non-finite loss is
+            # caught by train_step on every rank alike.
             return packed_spin_loss(model, item[0], beta=cfg.beta, loss_type=cfg.loss_type, impl=cfg.impl,
-                                    average=cfg.average_log_prob)
+                                    average=cfg.average_log_prob, check_values=False)
 
     return fn
 
@@ -133,6 +151,38 @@ def _find_checkpoint(ckpt_root: str, sharded: bool) -> tuple[int, str] | None:
     return found
 
 
+def _checkpoint_key(path: str, sharded: bool) -> str | None:
+    """The training key a step checkpoint was written with (read without loading it)."""
+    import json
+
+    if sharded:
+        from spin_kernels.distributed.checkpoint import TRAINER_STATE
+
+        with open(os.path.join(path, TRAINER_STATE)) as f:
+            return json.load(f).get("extra", {}).get("training_key")
+    return read_info(path).get("training_key")
+
+
+def trained_model_key(out_dir: str) -> str | None:
+    """The training key recorded with the final model of ``out_dir`` (None if there is none)."""
+    model_dir = os.path.join(out_dir, "model")
+    return read_info(model_dir).get("training_key") if os.path.isdir(model_dir) else None
+
+
+def _likely_cause(err, step: int, cfg: TrainingConfig, dtype: torch.dtype) -> str:
+    lr = f"--learning-rate {cfg.learning_rate:g}"
+    if err.quantity == "loss" and step == 0:
+        return (f"the starting model gives non-finite log-probs on these examples before any update (its weights "
+                f"are finite): activations overflow in {str(dtype).replace('torch.', '')}, or the examples hold "
+                f"something the model cannot score")
+    if err.quantity == "loss":
+        return f"training diverged: the previous updates made the model's log-probs non-finite; lower {lr}"
+    if err.quantity == "gradient norm":
+        return (f"the gradients overflowed ({str(dtype).replace('torch.', '')}) although the loss was finite; lower "
+                f"{lr} or train in float32")
+    return f"the optimizer step overflowed the weights: {lr} is too large for these gradients"
+
+
 def train_spin(
     model,
     tokenizer,
@@ -144,15 +194,35 @@ def train_spin(
     tensorboard: bool = False,
     desc: str = "train",
     info: dict | None = None,
+    start_digest: str | None = None,
+    on_stale: str = "regenerate",
+    describe: Callable[[list[int]], str] | None = None,
 ) -> TrainResult:
     """Train ``model`` (already initialised from the opponent and passed through
     ``prepare_model``; or a runner of it, sharded under FSDP) on ``examples`` (``SpinExample`` s
     with ``ref_logps``); write ``out_dir`` (rank 0 writes the files).
 
     Returns the final model directory and the metrics file. With ``resume`` the latest
-    checkpoint in ``out_dir/checkpoints`` (if any) is continued.
+    checkpoint in ``out_dir/checkpoints`` (if any) is continued, and a final model already
+    trained from the same inputs is returned as it is. Inputs are compared through the training
+    key (spin_kernels.training.provenance.training_key: the examples, ``cfg`` and
+    ``start_digest``, the digest of the starting weights): checkpoints with another key are
+    discarded (``on_stale="regenerate"``, with a warning) or refused (``"error"``).
+
+    ``describe(example_positions) -> str`` names examples in the error raised when a step goes
+    non-finite (default: their positions in ``examples``).
+
+    Raises:
+        TrainingError: a step's loss, gradient norm or updated weights were NaN/inf; nothing of
+            that step was saved.
     """
-    from spin_kernels.distributed import full_state_dict, load_checkpoint, save_checkpoint, train_step
+    from spin_kernels.distributed import (
+        NonFiniteError,
+        full_state_dict,
+        load_checkpoint,
+        save_checkpoint,
+        train_step,
+    )
 
     if not examples:
         raise ValueError("train_spin: no training pairs")
@@ -165,6 +235,12 @@ def train_spin(
                          "an unsharded copy per rank would not synchronise its gradients")
     device = next(runner.parameters()).device
     ckpt_root = os.path.join(out_dir, "checkpoints")
+    model_dir = os.path.join(out_dir, "model")
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    key = provenance.training_key(examples, cfg, start_digest)
+    schedule = global_batches(len(examples), cfg.global_batch_pairs, cfg.epochs, cfg.seed)
+    if resume and trained_model_key(out_dir) == key:  # finished before: nothing to redo
+        return TrainResult(model_dir, metrics_path, None, len(schedule))
     main = is_main()
     if main:
         os.makedirs(out_dir, exist_ok=True)
@@ -173,13 +249,22 @@ def train_spin(
         enable_checkpointing(runner.model)
     runner.train()
     params = [p for p in runner.parameters() if p.requires_grad]
-    schedule = global_batches(len(examples), cfg.global_batch_pairs, cfg.epochs, cfg.seed)
     steps_per_epoch = math.ceil(len(examples) / cfg.global_batch_pairs)
     optimizer = build_optimizer(params, cfg)
     scheduler = build_scheduler(optimizer, cfg, len(schedule))
 
     start = 0
     found = _find_checkpoint(ckpt_root, sharded) if resume else None
+    if found is not None and _checkpoint_key(found[1], sharded) != key:
+        message = (f"{found[1]} was trained from other inputs (examples, reference log-probs, training options or "
+                   f"starting weights) than this run")
+        if on_stale == "error":
+            raise ConfigError(f"--resume: {message}; remove {ckpt_root} or rerun with --on-stale regenerate")
+        if main:
+            print(f"spin-kernels: warning: {message}; training starts over", file=sys.stderr)
+            prune_step_checkpoints(ckpt_root)
+        barrier()
+        found = None
     if found is not None:
         start, path = found
         if sharded:
@@ -193,7 +278,6 @@ def train_spin(
         if state["num_steps"] != len(schedule):
             raise RuntimeError(f"cannot resume from {path}: it planned {state['num_steps']} steps, this run "
                                f"{len(schedule)} (data or batch settings changed)")
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
     logger = MetricsLogger(metrics_path, tensorboard=tensorboard, resume_from_step=start if resume else None) \
         if main else None
     if device.type == "cuda":
@@ -205,8 +289,22 @@ def train_spin(
         t0 = time.perf_counter()
         mbs = rank_micro_batches(examples, schedule[step], cfg.token_budget, device)
         lr = scheduler.get_last_lr()[0]
-        res = train_step(runner, optimizer, mbs, loss_fn=loss_fn, max_grad_norm=cfg.max_grad_norm,
-                         scheduler=scheduler, num_pairs=lambda item: item[1])
+        try:
+            res = train_step(runner, optimizer, mbs, loss_fn=loss_fn, max_grad_norm=cfg.max_grad_norm,
+                             scheduler=scheduler, num_pairs=lambda item: item[1],
+                             example_ids=lambda item: item[0].example_index.tolist() if item[1] else [])
+        except NonFiniteError as err:
+            bar.close()
+            if logger is not None:
+                logger.close()
+            where = f"{(info or {}).get('iteration', '')}".strip()
+            named = describe(err.examples) if describe is not None else f"examples {err.examples[:20]}"
+            saved = _find_checkpoint(ckpt_root, sharded)
+            raise TrainingError(
+                f"{desc}{' (iteration ' + where + ')' if where else ''}: optimizer step {step + 1} of {len(schedule)} "
+                f"stopped before it was saved: non-finite {err.quantity} ({err.detail}); {named}. Likely cause: "
+                f"{_likely_cause(err, step, cfg, next(runner.parameters()).dtype)}. Nothing non-finite was saved"
+                f"{'; the last checkpoint is ' + saved[1] if saved else ''}.") from err
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
@@ -222,23 +320,22 @@ def train_spin(
         bar.update(1)
         if cfg.save_every and done % cfg.save_every == 0 and done < len(schedule):
             path = os.path.join(ckpt_root, f"step-{done}")
-            state = {"scheduler": scheduler.state_dict(), "num_steps": len(schedule)}
+            state = {"scheduler": scheduler.state_dict(), "num_steps": len(schedule), "training_key": key}
             if sharded:
                 save_checkpoint(path, runner, optimizer, step=done, extra=state)
             else:
                 state.update(optimizer=optimizer.state_dict(), rng=rng_state(), step=done)
-                save_model_dir(runner.model, tokenizer, path, state=state)
+                save_model_dir(runner.model, tokenizer, path, state=state, extra={"training_key": key})
             if main:
                 prune_step_checkpoints(ckpt_root, keep=done)
     bar.close()
     if logger is not None:
         logger.close()
-    model_dir = os.path.join(out_dir, "model")
     full = full_state_dict(runner) if sharded else None  # a collective: the weights on rank 0
     plot = None
     if main:
-        save_model_dir(runner.model, tokenizer, model_dir, extra={**(info or {}), "steps": len(schedule)},
-                       state_dict=full)
+        save_model_dir(runner.model, tokenizer, model_dir, state_dict=full,
+                       extra={**(info or {}), "steps": len(schedule), "training_key": key})
         prune_step_checkpoints(ckpt_root)
         plot = plot_metrics(read_metrics(metrics_path), os.path.join(out_dir, "metrics.png"), title=desc)
     barrier()  # the final model exists before any rank goes on (the next iteration loads it)

@@ -1,0 +1,284 @@
+"""Runs that refuse to go silently wrong: the finite guard, provenance of every reused row, one
+writer per run directory, and resume that forgives paths (tests/test_bad_inputs.py has the
+catalogue of bad inputs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from spin_kernels.cli import main
+from spin_kernels.demo.task import MarkovTask
+from spin_kernels.demo.tiny import save_tiny_model
+from spin_kernels.training.loop import LOCK_FILE
+
+FLAGS = ["--device", "cpu", "--max-length", "40", "--max-prompt-length", "8", "--max-new-tokens", "12",
+         "--learning-rate", "1e-3", "--epochs", "1", "--global-batch-pairs", "4", "--generation-batch-size", "4",
+         "--save-every", "1"]
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def _weights(model_dir):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(model_dir, "model.safetensors"))
+
+
+def _same_weights(a, b) -> bool:
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trust")
+    model = save_tiny_model(str(tmp / "sft"))
+    rows = MarkovTask().sample(12, seed=1)
+    return tmp, model, rows
+
+
+def _iterate(model, data, out, *extra):
+    return ["iterate", "--model", model, "--data", data, "--output-dir", str(out), "--iterations", "1", *FLAGS, *extra]
+
+
+# --------------------------------------------------------------------------- finite or stop
+
+
+def test_nonfinite_step_stops_the_run_naming_step_examples_and_cause(base, tmp_path, capsys):
+    tmp, model, rows = base
+    data = _write(tmp_path / "d.jsonl", rows)
+    rc = main(_iterate(model, data, tmp_path / "run", "--learning-rate", "1e38", "--max-grad-norm", "none",
+                        "--warmup-ratio", "0"))
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 1, err
+    assert "iter0 train (iteration 0): optimizer step 1 of 3 stopped before it was saved: non-finite parameters" in err
+    assert "'model.embed_tokens.weight'" in err
+    assert "pairs at " in err and "pairs.jsonl lines [" in err and "(data rows [" in err
+    assert "Likely cause: the optimizer step overflowed the weights: --learning-rate 1e+38 is too large" in err
+    assert not (tmp_path / "run" / "iter0" / "model").exists()
+    assert not (tmp_path / "run" / "iter0" / "checkpoints").exists()  # nothing saved from the failed step
+
+
+def test_nonfinite_loss_names_the_micro_batch(base, tmp_path):
+    """A loss that turns NaN in one micro-batch: the step is not applied and the error names exactly
+    that micro-batch's examples (train_step, one process)."""
+    from spin_kernels.distributed import NonFiniteError, ShardedModel, train_step
+
+    model = torch.nn.Linear(3, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    class Batch:
+        def __init__(self, ids, x):
+            self.example_index, self.num_pairs, self.x = torch.tensor(ids), len(ids), x
+
+    def loss_fn(m, b):
+        return m(b.x).sum(), {}
+
+    good, bad = Batch([0, 1], torch.ones(2, 3)), Batch([5, 7], torch.tensor([[1.0, float("nan"), 0.0]] * 2))
+    with pytest.raises(NonFiniteError) as info:
+        train_step(ShardedModel(model), opt, [good, bad], loss_fn=loss_fn, max_grad_norm=1.0)
+    assert info.value.quantity == "loss" and info.value.examples == [5, 7]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing applied
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def test_generate_onto_a_file_of_another_dataset_regenerates(base, tmp_path, capsys):
+    tmp, model, rows = base
+    gen = ["generate", "--model", model, "--output", str(tmp_path / "g.jsonl"), "--device", "cpu",
+           "--max-new-tokens", "6", "--max-prompt-length", "8", "--max-length", "40", "--generation-batch-size", "4"]
+    other = _write(tmp_path / "other.jsonl", MarkovTask().sample(12, seed=9))
+    assert main([*gen, "--data", other]) == 0
+    data = _write(tmp_path / "d.jsonl", rows)
+    assert main([*gen, "--data", data, "--on-stale", "error"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "g.jsonl: 12 row(s) cannot be reused (index 0: its prompt/response text differs" in err
+    assert main([*gen, "--data", data]) == 0
+    assert "g.jsonl: 12 row(s) cannot be reused" in capsys.readouterr().err
+    fresh = ["generate", *gen[1:4], str(tmp_path / "fresh.jsonl"), *gen[5:], "--data", data]
+    assert main(fresh) == 0
+    assert (tmp_path / "g.jsonl").read_text() == (tmp_path / "fresh.jsonl").read_text()
+    # other sampling settings make rows stale too (here: the seed)
+    assert main([*gen, "--data", data, "--generation-seed", "5", "--on-stale", "error"]) == 2
+    assert "sampling was {" in capsys.readouterr().err
+
+
+def test_resume_after_the_data_file_changed_trains_on_the_new_data(base, tmp_path, capsys):
+    """An edited data file: --resume regenerates what was made from the old rows, and the run ends
+    bit-equal to a fresh run on the new data (never trained on stale pairs)."""
+    tmp, model, rows = base
+    data = tmp_path / "d.jsonl"
+    _write(data, rows)
+    assert main(_iterate(model, str(data), tmp_path / "run")) == 0
+    edited = [dict(r) for r in rows]
+    edited[5]["real"] = "hgfedcba"
+    _write(data, edited)
+    assert main(_iterate(model, str(data), tmp_path / "run", "--resume")) == 0
+    err = capsys.readouterr().err
+    assert "generated.jsonl: 4 row(s) cannot be reused (index 5: its prompt/response text differs" in err
+    _write(tmp_path / "d2.jsonl", edited)
+    assert main(_iterate(model, str(tmp_path / "d2.jsonl"), tmp_path / "fresh")) == 0
+    assert _same_weights(tmp_path / "run" / "iter0" / "model", tmp_path / "fresh" / "iter0" / "model")
+    pairs = _jsonl(tmp_path / "run" / "iter0" / "pairs.jsonl")
+    assert pairs[5]["real"] == "hgfedcba"
+    assert pairs == _jsonl(tmp_path / "fresh" / "iter0" / "pairs.jsonl")
+
+
+def test_stray_files_of_another_run_are_not_trained_on(base, tmp_path):
+    tmp, model, rows = base
+    other = _write(tmp_path / "other.jsonl", MarkovTask().sample(12, seed=4))
+    assert main(_iterate(model, other, tmp_path / "a")) == 0
+    run = tmp_path / "b"
+    shutil.copytree(tmp_path / "a" / "iter0", run / "iter0")  # another run's files, no config.yaml
+    data = _write(tmp_path / "d.jsonl", rows)
+    assert main(_iterate(model, data, run)) == 0
+    assert main(_iterate(model, data, tmp_path / "clean")) == 0
+    assert _same_weights(run / "iter0" / "model", tmp_path / "clean" / "iter0" / "model")
+    assert (run / "iter0" / "generated.jsonl").read_text() == (tmp_path / "clean" / "iter0" / "generated.jsonl").read_text()
+
+
+def test_checkpoints_of_other_inputs_are_not_resumed(base, tmp_path, capsys):
+    """A step checkpoint written from other pairs is discarded on --resume (or refused)."""
+    tmp, model, rows = base
+    data = tmp_path / "d.jsonl"
+    _write(data, rows)
+    args = _iterate(model, str(data), tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "-m", "spin_kernels.cli", *args[0:]], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, env=dict(os.environ, TQDM_DISABLE="1"))
+    ckpts = tmp_path / "run" / "iter0" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not (ckpts.is_dir() and any(n.startswith("step-") for n in os.listdir(ckpts))):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint to interrupt"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    edited = [dict(r) for r in rows]
+    edited[0]["real"] = "abab"
+    _write(data, edited)
+    assert main([*args, "--resume", "--on-stale", "error"]) == 2
+    assert "cannot be reused" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+    _write(tmp_path / "d2.jsonl", edited)
+    assert main(_iterate(model, str(tmp_path / "d2.jsonl"), tmp_path / "fresh")) == 0
+    assert _same_weights(tmp_path / "run" / "iter0" / "model", tmp_path / "fresh" / "iter0" / "model")
+
+
+# --------------------------------------------------------------------------- resume that forgives paths
+
+
+def test_resume_forgives_trailing_slash_relative_and_moved_dirs(base, tmp_path, monkeypatch):
+    tmp, model, rows = base
+    monkeypatch.chdir(tmp_path)
+    data = _write(tmp_path / "d.jsonl", rows)
+    assert main(_iterate(model, "d.jsonl", "run")) == 0
+    final = tmp_path / "run" / "iter0" / "model" / "model.safetensors"
+    stamp = final.stat().st_mtime_ns
+    for out in ("run/", str(tmp_path / "run"), "./run//"):
+        assert main(_iterate(model, data, out, "--resume")) == 0, out
+    os.rename(tmp_path / "run", tmp_path / "moved")
+    assert main(_iterate(model, data, "moved", "--resume")) == 0
+    assert (tmp_path / "moved" / "iter0" / "model" / "model.safetensors").stat().st_mtime_ns == stamp  # not redone
+
+
+def test_a_start_that_did_no_work_can_be_restarted_with_other_settings(base, tmp_path, capsys):
+    tmp, model, rows = base
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "0a"}\n')
+    assert main(_iterate(model, str(bad), tmp_path / "run")) == 2
+    assert not (tmp_path / "run" / "config.yaml").exists()  # bad data is found before anything is written
+    # a config left by an older start that did no work does not block a corrected start
+    (tmp_path / "run").mkdir(exist_ok=True)
+    (tmp_path / "run" / "config.yaml").write_text("training:\n  beta: 0.5\n")
+    data = _write(tmp_path / "d.jsonl", rows)
+    assert main(_iterate(model, data, tmp_path / "run", "--beta", "0.2")) == 0
+    assert "beta: 0.2" in (tmp_path / "run" / "config.yaml").read_text()
+    # once work was done, another configuration is refused, naming the field and both values
+    capsys.readouterr()
+    assert main(_iterate(model, data, tmp_path / "run", "--beta", "0.3", "--resume")) == 2
+    assert "training.beta (0.2 -> 0.3)" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- one writer per run directory
+
+
+def _spawn(args):
+    return subprocess.Popen([sys.executable, "-m", "spin_kernels.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, TQDM_DISABLE="1",
+                                                                        OMP_NUM_THREADS="1"))
+
+
+def _wait_for(cond, proc, what, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before {what}: {proc.stderr.read()[-2000:]}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_a_second_writer_is_refused_and_no_row_is_written_twice(base, tmp_path, capsys):
+    tmp, model, rows = base
+    data = _write(tmp_path / "d.jsonl", rows)
+    run = tmp_path / "run"
+    first = _spawn(_iterate(model, data, run, "--iterations", "2"))
+    _wait_for(lambda: (run / LOCK_FILE).exists() and (run / LOCK_FILE).stat().st_size > 0, first, "it locked")
+    for extra in ((), ("--resume",)):
+        assert main(_iterate(model, data, run, "--iterations", "2", *extra)) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"loop.output_dir: '{run}' is in use by another run (pid {first.pid} on host" in err
+        assert " iterate --model " in err  # the holder's command
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    for t in range(2):
+        gen = _jsonl(run / f"iter{t}" / "generated.jsonl")
+        assert [r["index"] for r in gen] == list(range(12))
+        assert [r["step"] for r in _jsonl(run / f"iter{t}" / "metrics.jsonl")] == [1, 2, 3]
+    assert not (run / LOCK_FILE).exists()  # released at the end
+
+
+def test_a_killed_writer_leaves_no_lock(base, tmp_path):
+    tmp, model, rows = base
+    data = _write(tmp_path / "d.jsonl", rows)
+    run = tmp_path / "run"
+    proc = _spawn(_iterate(model, data, run))
+    _wait_for(lambda: (run / "iter0" / "generated.jsonl").exists(), proc, "it generated")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (run / LOCK_FILE).exists()  # the file stays, but the kernel released the lock with the process
+    assert main(_iterate(model, data, run, "--resume")) == 0
+
+
+def test_run_lock_unit(tmp_path):
+    from spin_kernels.training.config import ConfigError
+    from spin_kernels.training.runlock import RunLock
+
+    path = str(tmp_path / "x.lock")
+    with RunLock(path, what="--output-dir"):
+        code = ("import sys\nfrom spin_kernels.training.runlock import RunLock\n"
+                f"RunLock({path!r}, what='--output-dir').acquire()\n")
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert res.returncode != 0 and f"is in use by another run (pid {os.getpid()}" in res.stderr
+    with RunLock(path, what="--output-dir"):  # released and taken again
+        pass
+    lock = RunLock(path, what="x").acquire()
+    with pytest.raises(ConfigError, match="in use by another run"):
+        # flock is per open file: a second acquire in the same process is refused as well
+        RunLock(path, what="x").acquire()
+    lock.release()
