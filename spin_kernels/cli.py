@@ -7,10 +7,11 @@
     torchrun --nproc_per_node 8 -m spin_kernels.cli iterate ...   (FSDP2 over 8 processes)
     spin-kernels demo      (tiny CPU SPIN run on a known distribution, nothing to download)
     spin-kernels ops-demo  (the fused loss alone on a realistic shape)
-    spin-kernels plan      (per-GPU memory of a SPIN iteration and what fits; spin_kernels.planner)
+    spin-kernels plan      (per-GPU memory of a SPIN iteration and what fits; spin_kernels.memory)
 
 Options come from the dataclasses of spin_kernels.training.config: a YAML file (``--config``)
-and flags; flags win. Bad values name the field that holds them.
+and flags (spin_kernels.training.flags, on transformers.HfArgumentParser); flags win. Bad values
+name the field that holds them.
 """
 
 from __future__ import annotations
@@ -44,29 +45,26 @@ COMMANDS: dict[str, dict] = {
 
 def build_parser() -> argparse.ArgumentParser:
     from .demo.run import DemoConfig, demo_spin_defaults
-    from .training.config import add_config_flags, add_dataclass_flags
+    from .training.flags import SectionParser
 
     parser = argparse.ArgumentParser(prog="spin-kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=SectionParser)
     for name, spec in COMMANDS.items():
-        p = sub.add_parser(name, help=spec["help"], description=f"{spec['help']}. {PAPER}")
+        p = sub.add_parser(name, help=spec["help"], description=f"{spec['help']}. {PAPER}", sections=spec["sections"])
         if name == "generate":
             p.add_argument("--output", required=True, help="JSONL written row by row (rows already there are kept)")
         if name in ("reference", "train"):
             p.add_argument("--input", required=True, help="JSONL from the previous stage")
         if name == "reference":
             p.add_argument("--output", required=True, help="JSONL of the pairs with ref_logps")
-        add_config_flags(p, spec["sections"])
-    demo = sub.add_parser("demo", help="SPIN on known Markov chains with a tiny Llama on CPU (a few minutes)",
-                          description="Runs SFT into a weak start, then SPIN iterations and an SFT control, and "
-                          "reports the exact KL(p_data || p_theta) per iteration (spin_kernels/demo). The SPIN "
-                          "defaults below are the demo's (tuned for a 77k-parameter model), not the paper's.")
-    base = demo_spin_defaults()
-    add_dataclass_flags(demo, "demo", DemoConfig, title="task and model")
-    add_config_flags(demo, {"training": None, "generation": None,
-                            "loop": ("output_dir", "iterations", "include_previous", "tensorboard", "resume")},
-                     base=base)
+    sub.add_parser("demo", help="SPIN on known Markov chains with a tiny Llama on CPU (a few minutes)",
+                   description="Runs SFT into a weak start, then SPIN iterations and an SFT control, and reports the "
+                   "exact KL(p_data || p_theta) per iteration (spin_kernels/demo). The SPIN defaults below are the "
+                   "demo's (tuned for a 77k-parameter model), not the paper's.",
+                   sections={"training": None, "generation": None,
+                             "loop": ("output_dir", "iterations", "include_previous", "tensorboard", "resume")},
+                   base=demo_spin_defaults(), extra=(DemoConfig(),))
     # Commands with their own parsers: listed here for --help, dispatched before parsing in main().
     for name, text in PASSTHROUGH_HELP.items():
         sub.add_parser(name, help=text, add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
@@ -75,13 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from .training import loop
-    from .training.config import config_from_args, dataclass_from_args
+    from .training.flags import config_from_args, section_from_args
 
     if args.command == "demo":
         from .demo.run import DemoConfig, demo_spin_defaults, run_demo
 
         cfg = config_from_args(args, demo_spin_defaults()).validate()
-        run_demo(dataclass_from_args(args, "demo", DemoConfig()), cfg)
+        run_demo(section_from_args(args, DemoConfig()), cfg)
         return 0
     cfg = config_from_args(args).validate()
     if args.command == "generate":
@@ -103,9 +101,9 @@ PASSTHROUGH_HELP = {"ops-demo": "the fused SPIN loss alone on a realistic shape 
 
 def _passthrough(name: str):
     if name == "ops-demo":
-        from .examples.ops_demo import main as run
+        from .demo.ops import main as run
     else:
-        from .planner.cli import main as run
+        from .memory.cli import main as run
     return run
 
 
@@ -113,20 +111,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] and argv[0] in PASSTHROUGH_HELP:
         return _passthrough(argv[0])(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
     from .training.config import ConfigError
     from .training.trainer import TrainingError
 
-    _quiet_transformers()
+    parser = build_parser()
+    command = argv[0] if argv else None
     try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        _quiet_transformers()
         return _run(args)
     except (ConfigError, FileNotFoundError, FileExistsError, TrainingError) as exc:
         code = 1 if isinstance(exc, TrainingError) else 2
-        report_error(f"spin-kernels {args.command}: error: {exc}")
+        report_error(f"spin-kernels {command}: error: {exc}")
         return code
     except BaseException as exc:
         if not isinstance(exc, (KeyboardInterrupt, SystemExit)):

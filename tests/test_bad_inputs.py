@@ -50,11 +50,11 @@ def _iterate(env, *extra, out="run"):
 # --------------------------------------------------------------------------- flags and YAML (parse time)
 
 FLAGS = [
-    (["--learning-rate", "inf"], "training.learning_rate): must be a finite number, got inf"),
-    (["--learning-rate", "nan"], "training.learning_rate): must be a finite number, got nan"),
-    (["--beta=-inf"], "training.beta): must be a finite number"),
-    (["--temperature", "nan"], "generation.temperature): must be a finite number"),
-    (["--max-grad-norm", "inf"], "training.max_grad_norm): must be a finite number"),
+    (["--learning-rate", "inf"], "training.learning_rate: must be a finite number, got inf"),
+    (["--learning-rate", "nan"], "training.learning_rate: must be a finite number, got nan"),
+    (["--beta=-inf"], "training.beta: must be a finite number"),
+    (["--temperature", "nan"], "generation.temperature: must be a finite number"),
+    (["--max-grad-norm", "inf"], "training.max_grad_norm: must be a finite number"),
     (["--weight-decay", "-0.1"], "training.weight_decay: must be >= 0, got -0.1"),
     (["--save-every", "-1"], "training.save_every: must be >= 0, got -1"),
     (["--log-every", "0"], "training.log_every: must be > 0, got 0"),

@@ -330,3 +330,16 @@ def test_meta_init_and_rank0_broadcast_load(report):
 def test_generation_sharded_and_gathered(report):
     assert report["gen_indices"] == [0, 1, 2, 3, 4]
     assert report["gen_equal"]
+
+
+def test_fsdp_demo_runs_under_torchrun(tmp_path):
+    """The torchrun miniature (spin_kernels/demo/fsdp.py): 2 ranks, generation, reference, 2 steps, export."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "spin_kernels.demo.fsdp", "--out", str(tmp_path / "out"), "--steps", "2", "--prompts", "4"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "step 2: loss" in res.stdout and (tmp_path / "out" / "hf" / "config.json").exists()

@@ -21,8 +21,8 @@ import sys
 
 import pytest
 
-from spin_kernels.planner import GiB, ModelSpec, PlanOptions, plan, recommend
-from spin_kernels.planner.cli import main as plan_main
+from spin_kernels.memory import GiB, ModelSpec, PlanOptions, plan, recommend
+from spin_kernels.memory.cli import main as plan_main
 
 TOTAL_TOL = 0.15
 SLOPE_TOL = 0.25

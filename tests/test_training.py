@@ -127,8 +127,7 @@ def test_packed_step_matches_padded_unpacked_step_float64(tmp_path):
 
     from spin_kernels.models import prepare_model
     from spin_kernels.packing import tokenize_example
-    from spin_kernels.training.step import spin_step
-    from spin_kernels.training.trainer import _micro_batches
+    from packed_step import micro_batches, spin_step
 
     tok = demo_tokenizer()
     task = MarkovTask()
@@ -145,7 +144,7 @@ def test_packed_step_matches_padded_unpacked_step_float64(tmp_path):
 
     # A small token budget splits the global batch into several micro-batches: the pair-weighted
     # accumulation must still give the gradient of the mean over all 12 pairs.
-    mbs = _micro_batches(examples, list(range(len(examples))), 60, torch.device("cpu"))
+    mbs = micro_batches(examples, list(range(len(examples))), 60, torch.device("cpu"))
     assert len(mbs) >= 3 and sum(mb.num_pairs for mb in mbs) == 12
     loss, metrics = spin_step(packed, mbs, beta=0.3, impl="torch")
     want = _padded_spin_step(plain, examples, beta=0.3)
@@ -228,8 +227,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
     from spin_kernels.models import prepare_model
     from spin_kernels.packing import tokenize_example
-    from spin_kernels.training.step import spin_step
-    from spin_kernels.training.trainer import _micro_batches, enable_checkpointing
+    from packed_step import micro_batches, spin_step
+    from spin_kernels.training.loading import enable_checkpointing
 
     tok = demo_tokenizer()
     rows = MarkovTask().sample(4, seed=3)
@@ -241,7 +240,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     enable_checkpointing(ckpt)
     ckpt.train()
     assert any(getattr(m, "gradient_checkpointing", False) for m in ckpt.modules())
-    mbs = _micro_batches(examples, [0, 1, 2, 3], 1000, torch.device("cpu"))
+    mbs = micro_batches(examples, [0, 1, 2, 3], 1000, torch.device("cpu"))
     a, _ = spin_step(plain, mbs, beta=0.5, impl="torch")
     b, _ = spin_step(ckpt, mbs, beta=0.5, impl="torch")
     assert a == b

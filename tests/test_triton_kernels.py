@@ -385,7 +385,7 @@ def test_autotune_can_be_cut_to_two_candidates(monkeypatch):
 
 
 def test_planner_knows_the_backward_workspace():
-    from spin_kernels.planner.memory import TRITON_WORKSPACE_BYTES
+    from spin_kernels.memory.estimate import TRITON_WORKSPACE_BYTES
     from spin_kernels.triton.backward import DEFAULT_WORKSPACE_BYTES
 
     assert TRITON_WORKSPACE_BYTES == DEFAULT_WORKSPACE_BYTES

@@ -20,12 +20,12 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from ..training.checkpoint import save_model_dir
-from ..training.config import SpinConfig, _opt, save_config
+from ..training.config import Section, SpinConfig, option, save_config
 from ..training.loop import run_iterations
 from ..training.metrics import format_table
 from .sft import sft_train
@@ -36,20 +36,22 @@ MARKER = "demo.json"
 
 
 @dataclass
-class DemoConfig:
-    num_chains: int = _opt(4, "Markov chains the prompts choose from")
-    alphabet: str = _opt("abcdefgh", "response letters (the chains' states)")
-    concentration: float = _opt(0.3, "Dirichlet concentration of the transition rows (small = peaked)")
-    stop_prob: float = _opt(0.1, "EOS probability in every state (mean response length ~ 1/stop_prob - 1)")
-    max_len: int = _opt(16, "letters after which EOS is forced")
-    task_seed: int = _opt(0, "seed of the chains")
-    train_examples: int = _opt(256, "SPIN training pairs (prompt, real response)")
-    eval_examples: int = _opt(2000, "held-out samples from p_data for the KL")
-    hidden_size: int = _opt(64, "tiny Llama hidden size (2 layers, 4 heads)")
-    sft_steps: int = _opt(30, "SFT steps of the starting point (few: a weak model)")
-    sft_lr: float = _opt(3e-3, "AdamW learning rate of the SFT start and of the SFT control")
-    sft_batch: int = _opt(32, "sequences per SFT step of the starting point")
-    threads: int = _opt(2, "torch CPU threads")
+class DemoConfig(Section):
+    SECTION: ClassVar[str] = "demo"
+
+    num_chains: int = option(4, "Markov chains the prompts choose from")
+    alphabet: str = option("abcdefgh", "response letters (the chains' states)")
+    concentration: float = option(0.3, "Dirichlet concentration of the transition rows (small = peaked)")
+    stop_prob: float = option(0.1, "EOS probability in every state (mean response length ~ 1/stop_prob - 1)")
+    max_len: int = option(16, "letters after which EOS is forced")
+    task_seed: int = option(0, "seed of the chains")
+    train_examples: int = option(256, "SPIN training pairs (prompt, real response)")
+    eval_examples: int = option(2000, "held-out samples from p_data for the KL")
+    hidden_size: int = option(64, "tiny Llama hidden size (2 layers, 4 heads)")
+    sft_steps: int = option(30, "SFT steps of the starting point (few: a weak model)")
+    sft_lr: float = option(3e-3, "AdamW learning rate of the SFT start and of the SFT control")
+    sft_batch: int = option(32, "sequences per SFT step of the starting point")
+    threads: int = option(2, "torch CPU threads")
 
 
 def demo_spin_defaults(output_dir: str = "runs/demo") -> SpinConfig:

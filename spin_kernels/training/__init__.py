@@ -11,7 +11,6 @@ from .config import ConfigError, SpinConfig, config_from_dict
 from .generation import generate_synthetic
 from .loop import run_generate, run_iterations, run_reference, run_train
 from .reference import reference_logps_for, to_examples
-from .step import spin_step
 from .trainer import TrainResult, train_spin
 
 __all__ = [
@@ -25,7 +24,6 @@ __all__ = [
     "run_iterations",
     "run_reference",
     "run_train",
-    "spin_step",
     "to_examples",
     "train_spin",
 ]

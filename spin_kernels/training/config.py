@@ -1,27 +1,28 @@
-"""Configuration of a SPIN run: dataclasses, YAML loading and command-line flags.
+"""Configuration of a SPIN run: the option dataclasses and YAML loading.
 
 One run is described by ``SpinConfig`` with four sections (``model``, ``data``,
 ``generation``, ``training``) plus the loop and the multi-process (``distributed``) options.
-Values come, in increasing priority, from the dataclass defaults (the paper's,
-../shared/docs/spin-math.md), a YAML file (nested sections, e.g. ``training: {beta: 0.1}``)
-and command-line flags (``--beta 0.1``: every field name is unique across sections so that a
-flag needs no section prefix).
+Values come, in increasing priority, from the dataclass defaults (the paper's, docs/spin-math.md),
+a YAML file (nested sections, e.g. ``training: {beta: 0.1}``) and command-line flags (``--beta
+0.1``: every field name is unique across sections so that a flag needs no section prefix; the
+flags are made by spin_kernels.training.flags).
 
-Errors name the offending field (``training.beta``) and say what was expected; unknown fields
-get a "did you mean" hint.
+Every section checks its fields' types and ranges when it is built (``Section.__post_init__``),
+so errors name the offending field (``training.beta``) and say what was expected; unknown YAML
+fields get a "did you mean" hint.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import math
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 
@@ -30,97 +31,223 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type; the message names the field."""
 
 
-def _opt(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field carrying its --help text."""
+# --------------------------------------------------------------------------- fields and their checks
+
+
+def option(default: Any, help: str, *, check: Callable[[Any], str | None] | None = None, **kw: Any) -> Any:
+    """A dataclass field carrying its --help text, an optional range ``check`` (value -> why it is
+    wrong, or None) and argparse extras (``metavar``; ``required=True`` marks a field that must be
+    given for the commands that use it, by flag or YAML)."""
+    meta = {"help": help, "check": check, **kw}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def positive(v: Any) -> str | None:
+    return None if v > 0 else f"must be > 0, got {v}"
+
+
+def non_negative(v: Any) -> str | None:
+    return None if v >= 0 else f"must be >= 0, got {v}"
+
+
+def fraction(v: Any) -> str | None:
+    return None if 0 <= v < 1 else f"must be in [0, 1), got {v}"
+
+
+def probability(v: Any) -> str | None:
+    return positive(v) or (None if v <= 1 else f"must be in (0, 1], got {v}")
+
+
+def at_least_one(v: Any) -> str | None:
+    return None if v >= 1 else f"must be >= 1 or none, got {v}"
+
+
+def type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join("none" if a is type(None) else type_name(a) for a in get_args(tp))
+    if origin is list:
+        return f"list of {type_name(get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def typed(value: Any, tp: Any, name: str) -> Any:
+    """``value`` (already typed: from YAML or Python) checked against the annotation ``tp``; an int
+    is widened to float and every float must be finite (no hyper-parameter can be inf or nan).
+    Raises ConfigError naming ``name``."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in get_args(tp):
+            return None
+        for arg in get_args(tp):
+            if arg is not type(None):
+                try:
+                    return typed(value, arg, name)
+                except ConfigError as exc:
+                    if "must be a finite" in str(exc):
+                        raise
+        raise ConfigError(f"{name}: expected {type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{name}: expected {type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected {type_name(tp)}, got {type(value).__name__} {value!r}")
+        return [typed(v, get_args(tp)[0], f"{name}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 (PyYAML) reads "5e-7" (no dot) as a string; take it as the float it spells
+            value = float(value)
+        except ValueError:
+            pass
+    ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool), str: isinstance(value, str)}.get(tp)
+    if not ok:
+        raise ConfigError(f"{name}: expected {type_name(tp)}, got {type(value).__name__} {value!r}")
+    if tp is float:
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}: must be a finite number, got {value}")
+        return float(value)
+    return value
+
+
+class Section:
+    """Base of the config sections: ``__post_init__`` checks every field's type (``typed``) and
+    range (its ``check``), then the section's joint constraints (``_check_together``), so a
+    section never exists with a bad value, however it was built (defaults, YAML, flags, code)."""
+
+    SECTION: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._argument_group_name = f"{cls.SECTION} options"  # HfArgumentParser groups --help by it
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            name = f"{self.SECTION}.{f.name}"
+            value = typed(getattr(self, f.name), hints[f.name], name)
+            check = f.metadata.get("check")
+            why = check(value) if check is not None and value is not None else None
+            if why:
+                raise ConfigError(f"{name}: {why}")
+            object.__setattr__(self, f.name, value)
+        self._check_together()
+
+    def _check_together(self) -> None:
+        """Constraints between fields of the section (none by default)."""
 
 
 @dataclass
-class ModelConfig:
-    model: str | None = _opt(None, "the starting (SFT) model: a directory written by save_pretrained",
+class ModelConfig(Section):
+    SECTION: ClassVar[str] = "model"
+
+    model: str | None = option(None, "the starting (SFT) model: a directory written by save_pretrained",
                              required=True, metavar="DIR")
-    tokenizer: str | None = _opt(None, "tokenizer directory; none: the model's", metavar="DIR")
-    dtype: Literal["float32", "bfloat16", "float16", "float64"] = _opt(
+    tokenizer: str | None = option(None, "tokenizer directory; none: the model's", metavar="DIR")
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = option(
         "float32", "dtype the weights are loaded and trained in (bf16 compute comes from --bf16 autocast)")
-    device: str = _opt("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'...")
+    device: str = option("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'...")
 
 
 @dataclass
-class DataConfig:
-    data: str | None = _opt(None, "training data: a .jsonl/.json/.parquet file, a directory saved by "
+class DataConfig(Section):
+    SECTION: ClassVar[str] = "data"
+
+    data: str | None = option(None, "training data: a .jsonl/.json/.parquet file, a directory saved by "
                             "datasets.save_to_disk, or a datasets hub name already in the local cache",
                             required=True, metavar="PATH")
-    split: str = _opt("train", "split to use when --data is a datasets dataset")
-    prompt_field: str = _opt("prompt", "field holding the prompt (a string or chat messages)")
-    real_field: str = _opt("real", "field holding the real (human/SFT) response")
-    messages_field: str = _opt("messages", "chat field used when prompt/real are absent: first user turn = "
+    split: str = option("train", "split to use when --data is a datasets dataset")
+    prompt_field: str = option("prompt", "field holding the prompt (a string or chat messages)")
+    real_field: str = option("real", "field holding the real (human/SFT) response")
+    messages_field: str = option("messages", "chat field used when prompt/real are absent: first user turn = "
                                "prompt, first assistant turn = real (UltraChat-200k layout)")
-    max_examples: int | None = _opt(None, "use only the first N examples (paper: 50k prompts)")
-    max_length: int = _opt(1024, "max tokens of prompt + response; longer responses are cut (and lose "
-                           "their EOS) (paper's released configs: 1024)")
-    max_prompt_length: int = _opt(512, "max prompt tokens; longer prompts keep their end (released configs: 512)")
-    on_stale: Literal["regenerate", "error"] = _opt(
+    max_examples: int | None = option(None, "use only the first N examples (paper: 50k prompts)",
+                                       check=at_least_one)
+    max_length: int = option(1024, "max tokens of prompt + response; longer responses are cut (and lose "
+                           "their EOS) (paper's released configs: 1024)", check=positive)
+    max_prompt_length: int = option(512, "max prompt tokens; longer prompts keep their end (released configs: 512)",
+                                    check=positive)
+    on_stale: Literal["regenerate", "error"] = option(
         "regenerate", "rows of an existing output or run file made from other inputs (another prompt/response, "
         "model, sampling settings or length limits): regenerate them, or stop with an error naming them")
 
-
-@dataclass
-class GenerationConfig:
-    max_new_tokens: int = _opt(256, "tokens sampled per synthetic response (paper: 256)")
-    temperature: float = _opt(1.0, "sampling temperature (paper: 1.0)")
-    top_p: float = _opt(1.0, "nucleus sampling top_p (paper: 1.0)")
-    generation_batch_size: int = _opt(16, "prompts per generate() call (left-padded, KV cache)")
-    generation_seed: int = _opt(1234, "seed of the sampler (each batch is seeded from it and its position)")
-    backend: Literal["hf", "vllm"] = _opt("hf", "generation backend: Hugging Face generate or vLLM (if installed)")
+    def _check_together(self) -> None:
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(f"data.max_prompt_length ({self.max_prompt_length}) must be < "
+                              f"data.max_length ({self.max_length})")
 
 
 @dataclass
-class TrainingConfig:
-    beta: float = _opt(0.1, "beta, the scale of the SPIN margin (paper: 0.1)")
-    loss_type: Literal["sigmoid", "hinge"] = _opt("sigmoid", "SPIN loss: logistic (paper) or hinge")
-    learning_rate: float = _opt(5e-7, "peak learning rate (paper: 5e-7 for 7B models)")
-    optimizer: Literal["rmsprop", "adamw"] = _opt("rmsprop", "optimizer (paper: RMSprop, no weight decay)")
-    weight_decay: float = _opt(0.0, "weight decay (paper: 0)")
-    warmup_ratio: float = _opt(0.1, "fraction of the steps spent in linear warm-up (paper: 0.1)")
-    epochs: int = _opt(2, "epochs over the iteration's pairs (paper: 2)")
-    global_batch_pairs: int = _opt(64, "pairs per optimizer step (paper: global batch 64)")
-    token_budget: int = _opt(8192, "max tokens of one packed micro-batch; a global batch is accumulated "
-                             "over as many micro-batches as it needs")
-    max_grad_norm: float | None = _opt(1.0, "gradient clipping norm (none to disable)")
-    bf16: bool = _opt(True, "bf16 autocast on GPU (ignored on CPU)")
-    gradient_checkpointing: bool = _opt(False, "recompute decoder activations in the backward (under FSDP: "
+class GenerationConfig(Section):
+    SECTION: ClassVar[str] = "generation"
+
+    max_new_tokens: int = option(256, "tokens sampled per synthetic response (paper: 256)", check=positive)
+    temperature: float = option(1.0, "sampling temperature (paper: 1.0)", check=positive)
+    top_p: float = option(1.0, "nucleus sampling top_p (paper: 1.0)", check=probability)
+    generation_batch_size: int = option(16, "prompts per generate() call (left-padded, KV cache)",
+                                        check=positive)
+    generation_seed: int = option(1234, "seed of the sampler (each batch is seeded from it and its position)")
+    backend: Literal["hf", "vllm"] = option("hf", "generation backend: Hugging Face generate or vLLM (if installed)")
+
+
+@dataclass
+class TrainingConfig(Section):
+    SECTION: ClassVar[str] = "training"
+
+    beta: float = option(0.1, "beta, the scale of the SPIN margin (paper: 0.1)", check=positive)
+    loss_type: Literal["sigmoid", "hinge"] = option("sigmoid", "SPIN loss: logistic (paper) or hinge")
+    learning_rate: float = option(5e-7, "peak learning rate (paper: 5e-7 for 7B models)", check=positive)
+    optimizer: Literal["rmsprop", "adamw"] = option("rmsprop", "optimizer (paper: RMSprop, no weight decay)")
+    weight_decay: float = option(0.0, "weight decay (paper: 0)", check=non_negative)
+    warmup_ratio: float = option(0.1, "fraction of the steps spent in linear warm-up (paper: 0.1)",
+                                 check=fraction)
+    epochs: int = option(2, "epochs over the iteration's pairs (paper: 2)", check=positive)
+    global_batch_pairs: int = option(64, "pairs per optimizer step (paper: global batch 64)", check=positive)
+    token_budget: int = option(8192, "max tokens of one packed micro-batch; a global batch is accumulated "
+                             "over as many micro-batches as it needs", check=positive)
+    max_grad_norm: float | None = option(1.0, "gradient clipping norm (none to disable)", check=positive)
+    bf16: bool = option(True, "bf16 autocast on GPU (ignored on CPU)")
+    gradient_checkpointing: bool = option(False, "recompute decoder activations in the backward (under FSDP: "
                                         "torch's checkpoint_wrapper around each sharded decoder layer)")
-    average_log_prob: bool = _opt(False, "per-token mean log-probs instead of sums (paper: sums)")
-    impl: Literal["auto", "torch", "triton", "cpu"] = _opt("auto", "fused loss implementation")
-    seed: int = _opt(42, "seed of the data order and the model's RNG")
-    save_every: int = _opt(50, "write a resumable checkpoint every N optimizer steps (0: only at the end)")
-    log_every: int = _opt(1, "log metrics every N optimizer steps (>= 1)")
+    average_log_prob: bool = option(False, "per-token mean log-probs instead of sums (paper: sums)")
+    impl: Literal["auto", "torch", "triton", "cpu"] = option("auto", "fused loss implementation")
+    seed: int = option(42, "seed of the data order and the model's RNG")
+    save_every: int = option(50, "write a resumable checkpoint every N optimizer steps (0: only at the end)",
+                             check=non_negative)
+    log_every: int = option(1, "log metrics every N optimizer steps (>= 1)", check=positive)
 
 
 @dataclass
-class LoopConfig:
-    output_dir: str = _opt("runs/spin", "run directory (iterations, checkpoints, metrics, plots)", metavar="DIR")
-    iterations: int = _opt(3, "SPIN iterations to run (paper: 4, iter0..iter3)")
-    include_previous: bool = _opt(False, "from iteration 1 on, also train on the previous iteration's "
+class LoopConfig(Section):
+    SECTION: ClassVar[str] = "loop"
+
+    output_dir: str = option("runs/spin", "run directory (iterations, checkpoints, metrics, plots)", metavar="DIR")
+    iterations: int = option(3, "SPIN iterations to run (paper: 4, iter0..iter3)", check=positive)
+    include_previous: bool = option(False, "from iteration 1 on, also train on the previous iteration's "
                                   "synthetic responses (as the released SPIN scripts do)")
-    tensorboard: bool = _opt(False, "also log to TensorBoard (needs the tensorboard package)")
-    resume: bool = _opt(False, "continue an interrupted run found in --output-dir")
+    tensorboard: bool = option(False, "also log to TensorBoard (needs the tensorboard package)")
+    resume: bool = option(False, "continue an interrupted run found in --output-dir")
 
 
 @dataclass
-class DistributedConfig:
-    fsdp: bool | None = _opt(None, "shard the model with PyTorch FSDP2 over the processes started by torchrun "
+class DistributedConfig(Section):
+    SECTION: ClassVar[str] = "distributed"
+
+    fsdp: bool | None = option(None, "shard the model with PyTorch FSDP2 over the processes started by torchrun "
                              "(torchrun --nproc_per_node K -m spin_kernels.cli ...): each rank generates and scores "
                              "its share of the prompts and trains on its share of every global batch; unset: on "
                              "exactly when WORLD_SIZE > 1")
-    mixed_precision: Literal["auto", "bf16", "fp16", "none"] = _opt(
+    mixed_precision: Literal["auto", "bf16", "fp16", "none"] = option(
         "auto", "FSDP compute dtype (parameters all-gathered in it, fp32 master weights and gradient reduction); "
                 "auto: bf16 on GPU when --bf16, else none (the weights' own dtype)")
-    cpu_offload: bool = _opt(False, "FSDP: keep sharded parameters, gradients and optimizer states in host memory "
+    cpu_offload: bool = option(False, "FSDP: keep sharded parameters, gradients and optimizer states in host memory "
                              "(CPUOffloadPolicy; the optimizer step runs on the CPU)")
-    reshard_after_forward: bool = _opt(True, "FSDP: free each layer's gathered parameters after its forward "
+    reshard_after_forward: bool = option(True, "FSDP: free each layer's gathered parameters after its forward "
                                        "(ZeRO-3); no: keep them until the backward (more memory, less traffic)")
 
 
@@ -147,38 +274,13 @@ class SpinConfig:
         return dataclasses.asdict(self)
 
     def validate(self, *, need: tuple[str, ...] = ()) -> SpinConfig:
-        """Check value ranges; ``need`` lists dotted required fields for the caller (e.g. 'model.model')."""
+        """Check that the dotted fields ``need`` (e.g. 'model.model'), required by the caller, are
+        given. (Types and ranges were checked when the sections were built.)"""
         for name in need:
             sec, key = name.split(".")
             if getattr(getattr(self, sec), key) in (None, ""):
                 raise ConfigError(f"{name}: required (flag --{key.replace('_', '-')} or '{key}' in "
                                   f"section '{sec}' of the YAML file)")
-        t, g, d = self.training, self.generation, self.data
-        positive = {"training.beta": t.beta, "training.learning_rate": t.learning_rate,
-                    "training.epochs": t.epochs, "training.global_batch_pairs": t.global_batch_pairs,
-                    "training.token_budget": t.token_budget, "training.log_every": t.log_every,
-                    "data.max_length": d.max_length, "data.max_prompt_length": d.max_prompt_length,
-                    "generation.max_new_tokens": g.max_new_tokens,
-                    "generation.generation_batch_size": g.generation_batch_size,
-                    "generation.temperature": g.temperature, "generation.top_p": g.top_p,
-                    "loop.iterations": self.loop.iterations}
-        for name, value in positive.items():
-            if not value > 0:
-                raise ConfigError(f"{name}: must be > 0, got {value}")
-        for name, value in {"training.save_every": t.save_every, "training.weight_decay": t.weight_decay}.items():
-            if value < 0:
-                raise ConfigError(f"{name}: must be >= 0, got {value}")
-        if d.max_examples is not None and d.max_examples < 1:
-            raise ConfigError(f"data.max_examples: must be >= 1 or none, got {d.max_examples}")
-        if not 0 <= t.warmup_ratio < 1:
-            raise ConfigError(f"training.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
-        if d.max_prompt_length >= d.max_length:
-            raise ConfigError(f"data.max_prompt_length ({d.max_prompt_length}) must be < "
-                              f"data.max_length ({d.max_length})")
-        if g.top_p > 1:
-            raise ConfigError(f"generation.top_p: must be in (0, 1], got {g.top_p}")
-        if t.max_grad_norm is not None and t.max_grad_norm <= 0:
-            raise ConfigError(f"training.max_grad_norm: must be > 0 or none, got {t.max_grad_norm}")
         return self
 
     def check_generation_fits(self) -> SpinConfig:
@@ -214,121 +316,6 @@ class SpinConfig:
         return self
 
 
-# --------------------------------------------------------------------------- type checking
-
-
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join("none" if a is type(None) else _type_name(a) for a in get_args(tp))
-    if origin is list:
-        return f"list of {_type_name(get_args(tp)[0])}"
-    return getattr(tp, "__name__", str(tp))
-
-
-def coerce(value: Any, tp: Any, name: str) -> Any:
-    """Return ``value`` checked (and, for int -> float, widened) against the annotation ``tp``.
-
-    Strings are NOT parsed here (YAML already typed them); the command line parses with
-    ``parse_flag`` first. Raises ConfigError naming ``name``.
-    """
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return coerce(value, arg, name)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{name}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    if origin is Literal:
-        if value not in get_args(tp):
-            raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{name}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-        return [coerce(v, get_args(tp)[0], f"{name}[{i}]") for i, v in enumerate(value)]
-    if tp is float and isinstance(value, str):
-        # YAML 1.1 (PyYAML) reads "5e-7" (no dot) as a string; take it as the float it spells.
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }.get(tp)
-    if not ok:
-        raise ConfigError(f"{name}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    if tp is float:
-        return _finite(float(value), name)
-    return value
-
-
-def _finite(value: float, name: str) -> float:
-    """Every float option is a hyper-parameter that must be finite (inf/nan train a NaN model)."""
-    if not math.isfinite(value):
-        raise ConfigError(f"{name}: must be a finite number, got {value}")
-    return value
-
-
-def parse_flag(text: str, tp: Any, name: str) -> Any:
-    """Parse one command-line string into the annotation's type: ``none`` for optional fields,
-    ints, floats (``5e-7``), comma-separated lists; anything else must be an accepted string."""
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        if type(None) in get_args(tp) and text.strip().lower() in ("none", "null"):
-            return None
-        errors = []
-        for arg in get_args(tp):
-            if arg is type(None):
-                continue
-            try:
-                return parse_flag(text, arg, name)
-            except ConfigError as exc:
-                errors.append(exc)
-        if len(errors) == 1 and "must be" in str(errors[0]):  # the value parsed but is out of range
-            raise errors[0]
-        raise ConfigError(f"{name}: expected {_type_name(tp)}, got {text!r}")
-    if origin is list:
-        return [parse_flag(part.strip(), get_args(tp)[0], f"{name}[{i}]") for i, part in enumerate(text.split(","))]
-    if tp is int or tp is float:
-        try:
-            value = tp(text)
-        except ValueError:
-            raise ConfigError(f"{name}: expected {_type_name(tp)}, got str {text!r}") from None
-        return _finite(value, name) if tp is float else value
-    if tp is bool:
-        low = text.strip().lower()
-        if low in ("true", "yes", "1", "false", "no", "0"):
-            return low in ("true", "yes", "1")
-    return coerce(text, tp, name)
-
-
-def _accepts(tp: Any, kind: type) -> bool:
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        return any(_accepts(a, kind) for a in get_args(tp))
-    if origin is Literal:
-        return any(isinstance(a, kind) for a in get_args(tp))
-    if kind is int and tp is float:
-        return True
-    return tp is kind
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _unknown(name: str, where: str, known: list[str]) -> ConfigError:
     close = difflib.get_close_matches(name, known, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -349,14 +336,11 @@ def config_from_dict(raw: dict[str, Any], base: SpinConfig | None = None) -> Spi
             continue
         if not isinstance(values, dict):
             raise ConfigError(f"{sec_name}: expected a mapping of fields, got {type(values).__name__} {values!r}")
-        cls = SECTIONS[sec_name]
-        hints = _hints(cls)
-        section = dataclasses.replace(getattr(cfg, sec_name))
-        for key, value in values.items():
-            if key not in hints:
-                raise _unknown(str(key), f"{sec_name}.", list(hints))
-            setattr(section, key, coerce(value, hints[key], f"{sec_name}.{key}"))
-        setattr(cfg, sec_name, section)
+        known = [f.name for f in fields(SECTIONS[sec_name])]
+        for key in values:
+            if key not in known:
+                raise _unknown(str(key), f"{sec_name}.", known)
+        setattr(cfg, sec_name, dataclasses.replace(getattr(cfg, sec_name), **values))  # checked in __post_init__
     return cfg
 
 
@@ -369,82 +353,6 @@ def load_yaml(path: str) -> dict[str, Any]:
         except yaml.YAMLError as exc:
             raise ConfigError(f"--config: {path} is not valid YAML: {exc}") from exc
     return raw or {}
-
-
-# --------------------------------------------------------------------------- argparse
-
-
-def _metavar(tp: Any) -> str:
-    if get_origin(tp) in (Union, types.UnionType):
-        inner = [a for a in get_args(tp) if a is not type(None)]
-        return _metavar(inner[0]) if len(inner) == 1 else "VALUE"
-    if get_origin(tp) is Literal:
-        return "{" + ",".join(str(a) for a in get_args(tp)) + "}"
-    return {int: "N", float: "X", str: "STR"}.get(tp, "VALUE")
-
-
-def add_dataclass_flags(parser: argparse.ArgumentParser, prefix: str, cls: type, defaults: Any = None,
-                        title: str | None = None, only: tuple[str, ...] | None = None) -> None:
-    """One ``--field-name`` flag per field of the dataclass ``cls`` (dest ``prefix.field``), with
-    the field's help text and the default taken from ``defaults`` (an instance) or the class.
-    Unset flags stay absent from the namespace, so they never override a YAML value."""
-    hints = _hints(cls)
-    group = parser.add_argument_group(title or f"{prefix} options")
-    for f in fields(cls):
-        if only is not None and f.name not in only:
-            continue
-        tp = hints[f.name]
-        flag = "--" + f.name.replace("_", "-")
-        if defaults is not None:
-            default = getattr(defaults, f.name)
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if default is None:
-            shown = "required" if f.metadata.get("required") else "default: none"
-        else:
-            shown = f"default: {default}"
-        kw: dict[str, Any] = {"dest": f"{prefix}.{f.name}", "default": argparse.SUPPRESS,
-                              "help": f"{f.metadata.get('help', '')} ({shown})"}
-        if tp is bool or tp == (bool | None):  # --x / --no-x; an optional bool stays none when absent
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-            continue
-        kw["metavar"] = f.metadata.get("metavar") or _metavar(tp)
-        group.add_argument(flag, type=str, **kw)
-
-
-def add_config_flags(parser: argparse.ArgumentParser, sections: dict[str, tuple[str, ...] | None],
-                     base: SpinConfig | None = None) -> None:
-    """Add ``--config`` and one flag per field of ``sections`` ({section: fields or None for all});
-    the defaults shown come from ``base``."""
-    parser.add_argument("--config", metavar="YAML", help="YAML file with sections " + ", ".join(SECTIONS)
-                        + " (nested mappings of the fields below); flags override it")
-    for sec_name, only in sections.items():
-        add_dataclass_flags(parser, sec_name, SECTIONS[sec_name], None if base is None else getattr(base, sec_name),
-                            only=only)
-
-
-def dataclass_from_args(args: argparse.Namespace, prefix: str, obj: Any) -> Any:
-    """A copy of the dataclass ``obj`` with the flags of ``prefix`` given on the command line applied."""
-    hints = _hints(type(obj))
-    changes = {}
-    for dest, text in vars(args).items():
-        if not dest.startswith(prefix + "."):
-            continue
-        key = dest[len(prefix) + 1:]
-        flag = "--" + key.replace("_", "-")
-        changes[key] = text if isinstance(text, bool) else parse_flag(text, hints[key], f"{flag} ({prefix}.{key})")
-    return dataclasses.replace(obj, **changes)
-
-
-def config_from_args(args: argparse.Namespace, base: SpinConfig | None = None) -> SpinConfig:
-    """Defaults < ``base`` < the YAML file of ``--config`` < explicit flags."""
-    cfg = base or SpinConfig()
-    if getattr(args, "config", None):
-        cfg = config_from_dict(load_yaml(args.config), cfg)
-    cfg = dataclasses.replace(cfg)
-    for sec_name in SECTIONS:
-        setattr(cfg, sec_name, dataclass_from_args(args, sec_name, getattr(cfg, sec_name)))
-    return cfg
 
 
 def save_config(cfg: SpinConfig, path: str) -> None:

@@ -1,4 +1,11 @@
-"""Loading models and tokenizers, devices, autocast and seeding: the small shared plumbing."""
+"""Loading a run's models and tokenizers (``Loader``), and the checks and plumbing around it:
+devices, the model directory, finite weights, seeding.
+
+``Loader`` is built once per run from the config sections and is the one place that reads how
+models are loaded and computed with: dtype, device, FSDP sharding and mixed precision,
+activation checkpointing (``training.gradient_checkpointing``) and bf16 autocast
+(``training.bf16``). Each model directory is checked once.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +13,16 @@ import contextlib
 import os
 import random
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, SpinConfig
+
+if TYPE_CHECKING:
+    from spin_kernels.distributed import ShardedModel
+
+    from .parallel import Session
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -83,13 +96,104 @@ def check_finite_weights(model: torch.nn.Module, path: str) -> None:
                           f"this model cannot be trained or used as an opponent")
 
 
-def load_model(path: str, cfg: ModelConfig, device: torch.device):
-    """A causal LM from ``path`` (safetensors), in ``cfg.dtype``, on ``device``, in train mode."""
-    from transformers import AutoModelForCausalLM
+class Loader:
+    """Loads the models and tokenizers of one run the way its configuration says.
 
-    check_model_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype])
-    return model.to(device)
+    ``runner(path)``: the causal LM of a model directory as a runner (one process: a plain
+    wrapper; FSDP: the sharded root, weights broadcast from rank 0), checked for finite weights,
+    with activation checkpointing when configured; ``prepared(runner)`` switches it to packed
+    (varlen) batches for the reference pass and training; ``tokenizer(path)`` checked against the
+    model's vocabulary; ``autocast()`` the compute context of the fused passes (bf16 autocast on
+    CUDA in one process; under FSDP the mixed precision is the sharding's own).
+    """
+
+    def __init__(self, cfg: SpinConfig, sess: Session):
+        self.sess = sess
+        self.dtype = DTYPES[cfg.model.dtype]
+        self.tokenizer_dir = cfg.model.tokenizer
+        self.checkpointing = cfg.training.gradient_checkpointing
+        self.distributed = cfg.distributed
+        mp = cfg.distributed.mixed_precision
+        if mp == "auto":
+            mp = "bf16" if sess.device.type == "cuda" and cfg.training.bf16 else "none"
+        self.mixed_precision = None if mp == "none" else mp
+        self.bf16_autocast = cfg.training.bf16 and sess.device.type == "cuda" and not sess.fsdp
+        self._checked: set[str] = set()
+        self._tokenizers: dict[str, object] = {}
+
+    def check(self, path: str | None, what: str = "model.model") -> str:
+        """``check_model_dir`` once per directory."""
+        if path not in self._checked:
+            check_model_dir(path, what)
+            self._checked.add(path)
+        return path
+
+    def tokenizer(self, model_path: str):
+        """The run's tokenizer (``--tokenizer`` or the model's), checked against the vocabulary of
+        the model at ``model_path``; loaded once."""
+        from transformers import AutoConfig
+
+        source = self.tokenizer_dir or self.check(model_path)
+        if source not in self._tokenizers:
+            config = AutoConfig.from_pretrained(model_path)
+            text = config.get_text_config() if hasattr(config, "get_text_config") else config
+            what = "model.tokenizer" if self.tokenizer_dir else "model.model"
+            self._tokenizers[source] = load_tokenizer(source, what=what, vocab_size=getattr(text, "vocab_size", None))
+        return self._tokenizers[source]
+
+    def runner(self, path: str) -> ShardedModel:
+        """The causal LM of the model directory ``path`` as a runner for this run's session.
+
+        One process: ``from_pretrained`` on the device. FSDP: every rank builds the model with
+        empty (meta) parameters, shards it (``apply_fsdp2``: each decoder layer, then the root),
+        and rank 0 reads the weights and broadcasts them into the shards (``load_full_weights``):
+        no full copy per rank. A model whose weights hold NaN/inf is refused (every rank alike).
+        """
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from spin_kernels.distributed import ShardedModel, apply_fsdp2, empty_parameters, load_full_weights
+
+        self.check(path)
+        if not self.sess.fsdp:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.sess.device)
+            if self.checkpointing:
+                enable_checkpointing(model)
+            runner = ShardedModel(model)
+        else:
+            with empty_parameters():
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=self.dtype)
+            d = self.distributed
+            runner = apply_fsdp2(model, mixed_precision=self.mixed_precision, cpu_offload=d.cpu_offload,
+                                 activation_checkpointing=self.checkpointing,
+                                 reshard_after_forward=d.reshard_after_forward)
+            load_full_weights(runner, path if self.sess.env.is_main else None, device=self.sess.device,
+                              dtype=self.dtype)
+        check_finite_weights(runner, path)
+        runner.train()
+        return runner
+
+    @staticmethod
+    def prepared(runner: ShardedModel) -> ShardedModel:
+        """The runner, its model switched to packed (varlen) batches for reference and training."""
+        from spin_kernels.models import prepare_model
+
+        prepare_model(runner.model)
+        return runner
+
+    def autocast(self):
+        """The compute context of the reference pass and training steps."""
+        if self.bf16_autocast:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def enable_checkpointing(model) -> None:
+    """Recompute decoder layers in the backward (non-reentrant: works with the packed kwargs).
+    (Under FSDP, ``apply_fsdp2`` wraps each sharded layer in torch's checkpoint_wrapper instead.)"""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 _NOTED_PLAIN: set[str] = set()
@@ -130,13 +234,6 @@ def load_tokenizer(path: str, *, what: str = "model.model", vocab_size: int | No
                   f"(spin_kernels/packing/example.py). Save a tokenizer with a chat template to use another format.",
                   file=sys.stderr)
     return tok
-
-
-def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast on CUDA when asked; a no-op elsewhere (CPU runs stay in the weights' dtype)."""
-    if bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def seed_everything(seed: int) -> None:

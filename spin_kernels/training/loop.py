@@ -37,40 +37,17 @@ from typing import Any
 from . import provenance
 from .config import ConfigError, SpinConfig, config_from_dict, save_config
 from .data import Record, check_ref_logps, load_sft_data, read_jsonl, read_stage_rows
+from .checkpoint import trained_model_key
 from .generation import generate_synthetic, plan_generation
-from .loading import check_impl, check_model_dir, load_tokenizer
+from .loading import Loader, check_impl
 from .metrics import format_table, read_metrics, summarise_iteration
-from .parallel import Session, barrier, is_main, load_runner, session
+from .parallel import Session, barrier, is_main, session
 from .reference import reference_logps_for, to_examples
 from .runlock import RunLock
-from .trainer import train_spin, trained_model_key
+from .trainer import train_spin
 
 IterationHook = Callable[[int, str, dict[str, Any]], dict[str, Any] | None]
 LOCK_FILE = ".spin-kernels.lock"
-
-
-def _tokenizer(cfg: SpinConfig, model_path: str):
-    """The run's tokenizer (``--tokenizer`` or the model's), checked against the model's vocabulary."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_path)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    where = "model.tokenizer" if cfg.model.tokenizer else "model.model"
-    return load_tokenizer(cfg.model.tokenizer or model_path, what=where, vocab_size=getattr(text, "vocab_size", None))
-
-
-def _load(cfg: SpinConfig, path: str, sess: Session):
-    """(runner, tokenizer) for the model directory ``path``: see parallel.load_runner."""
-    tokenizer = _tokenizer(cfg, path)
-    return load_runner(path, cfg, sess), tokenizer
-
-
-def _prepared(runner):
-    """The runner, its model switched to packed (varlen) batches for reference and training."""
-    from spin_kernels.models import prepare_model
-
-    prepare_model(runner.model)
-    return runner
 
 
 # --------------------------------------------------------------------------- checks before work
@@ -175,11 +152,11 @@ def current_pairs(path: str, rows: list[Record], sources: list[dict[str, Any]], 
     return None
 
 
-def stage_reference(model, tokenizer, rows: list[Record], cfg: SpinConfig, out_path: str, *, model_path: str,
+def stage_reference(model, loader: Loader, rows: list[Record], cfg: SpinConfig, out_path: str, *, model_path: str,
                     desc: str = "reference") -> list[Record]:
     """Rows with ``ref_logps = [log p(real), log p(synthetic)]`` under ``model`` (prepared, loaded
-    from ``model_path``) and the ``reference`` record of how they were computed, written
-    atomically to ``out_path``; an up-to-date ``out_path`` is reused as it is."""
+    from ``model_path`` by ``loader``) and the ``reference`` record of how they were computed,
+    written atomically to ``out_path``; an up-to-date ``out_path`` is reused as it is."""
     from .data import write_jsonl_atomic
 
     sources = reference_sources(rows, model_path, cfg)
@@ -187,10 +164,9 @@ def stage_reference(model, tokenizer, rows: list[Record], cfg: SpinConfig, out_p
     if pairs is not None:
         return pairs
     t = cfg.training
-    examples = to_examples(tokenizer, rows, max_length=cfg.data.max_length,
-                           max_prompt_length=cfg.data.max_prompt_length)
+    examples = to_examples(loader.tokenizer(model_path), rows, cfg.data)
     refs = reference_logps_for(model, examples, token_budget=t.token_budget, impl=t.impl, average=t.average_log_prob,
-                               bf16=t.bf16, desc=desc)
+                               autocast=loader.autocast, desc=desc)
     out = [{**row, "ref_logps": list(ref), "reference": src} for row, ref, src in zip(rows, refs, sources)]
     bad = [(i, ref) for i, ref in enumerate(refs) if not all(map(_finite_logp, ref))]
     if bad:
@@ -222,15 +198,16 @@ def run_generate(cfg: SpinConfig, output: str) -> list[Record]:
     """``spin-kernels generate``: sample synthetic responses for the data's prompts with ``model``."""
     cfg.validate(need=("model.model", "data.data"))
     cfg.check_generation_fits()
-    model_path = check_model_dir(cfg.model.model)
     check_output_file(output)
     records = load_sft_data(cfg.data)
     with session(cfg) as sess, single_writer(f"{output}.lock", "--output", sess):
-        tokenizer = _tokenizer(cfg, model_path)
+        loader = Loader(cfg, sess)
+        model_path = loader.check(cfg.model.model)
+        tokenizer = loader.tokenizer(model_path)
         plan = plan_generation(records, output, cfg.generation, max_prompt_length=cfg.data.max_prompt_length,
                                model_path=model_path, model_label=_label(cfg, model_path),
                                seed=cfg.generation.generation_seed, on_stale=cfg.data.on_stale)
-        model = load_runner(model_path, cfg, sess) if plan.todo else None
+        model = loader.runner(model_path) if plan.todo else None
         return stage_generate(model, tokenizer, records, cfg, output, seed=cfg.generation.generation_seed,
                               model_path=model_path)
 
@@ -259,14 +236,16 @@ def _check_sampled_with(rows: list[Record], cfg: SpinConfig, model_path: str, wh
 def run_reference(cfg: SpinConfig, inp: str, output: str) -> list[Record]:
     """``spin-kernels reference``: add the model's ref_logps to generated rows."""
     cfg.validate(need=("model.model",))
-    model_path = check_model_dir(cfg.model.model)
     rows = read_stage_rows(inp, ("prompt", "real", "synthetic"), "--input")
     check_output_file(output)
-    _check_sampled_with(rows, cfg, model_path, "--input")
     with session(cfg) as sess, single_writer(f"{output}.lock", "--output", sess):
         check_impl(cfg.training.impl, sess.device)
-        model, tokenizer = _load(cfg, model_path, sess)
-        return stage_reference(_prepared(model), tokenizer, rows, cfg, output, model_path=model_path)
+        loader = Loader(cfg, sess)
+        model_path = loader.check(cfg.model.model)
+        _check_sampled_with(rows, cfg, model_path, "--input")
+        loader.tokenizer(model_path)
+        model = loader.prepared(loader.runner(model_path))
+        return stage_reference(model, loader, rows, cfg, output, model_path=model_path)
 
 
 def _check_reference_settings(rows: list[Record], cfg: SpinConfig, model_path: str, inp: str) -> bool:
@@ -306,27 +285,27 @@ def run_train(cfg: SpinConfig, inp: str, out_dir: str) -> str:
     """``spin-kernels train``: train on pairs with ref_logps; returns the final model directory."""
     cfg.validate(need=("model.model",))
     cfg.check_trainable()
-    model_path = check_model_dir(cfg.model.model)
     rows = read_stage_rows(inp, ("prompt", "real", "synthetic", "ref_logps"), "--input")
     check_output_dir(out_dir)
-    recompute = _check_reference_settings(rows, cfg, model_path, inp)
     with session(cfg) as sess, single_writer(os.path.join(out_dir, LOCK_FILE), "loop.output_dir", sess):
         if not cfg.loop.resume and any(os.path.exists(os.path.join(out_dir, d)) for d in ("model", "checkpoints")):
             raise ConfigError(f"loop.output_dir: {out_dir!r} already holds a training run; pass --resume to continue "
                               f"it or choose another --output-dir")
         check_impl(cfg.training.impl, sess.device)
-        model, tokenizer = _load(cfg, model_path, sess)
-        model = _prepared(model)
+        loader = Loader(cfg, sess)
+        model_path = loader.check(cfg.model.model)
+        recompute = _check_reference_settings(rows, cfg, model_path, inp)
+        tokenizer = loader.tokenizer(model_path)
+        model = loader.prepared(loader.runner(model_path))
         if recompute:
             body = [{k: v for k, v in r.items() if k not in ("ref_logps", "reference")} for r in rows]
-            rows = stage_reference(model, tokenizer, body, cfg, os.path.join(out_dir, "pairs.jsonl"),
+            rows = stage_reference(model, loader, body, cfg, os.path.join(out_dir, "pairs.jsonl"),
                                    model_path=model_path)
-        examples = to_examples(tokenizer, rows, max_length=cfg.data.max_length,
-                               max_prompt_length=cfg.data.max_prompt_length)
+        examples = to_examples(tokenizer, rows, cfg.data)
         res = train_spin(model, tokenizer, examples, cfg.training, out_dir, resume=cfg.loop.resume,
                          tensorboard=cfg.loop.tensorboard, info={"start_model": model_path},
                          start_digest=provenance.model_digest(model_path), on_stale=cfg.data.on_stale,
-                         describe=_describe(rows, inp))
+                         describe=_describe(rows, inp), autocast=loader.autocast)
         return res.model_dir
 
 
@@ -419,16 +398,16 @@ def run_iterations(cfg: SpinConfig, *, on_iteration_end: IterationHook | None = 
     cfg.validate(need=("model.model",) if records is not None else ("model.model", "data.data"))
     cfg.check_trainable()
     cfg.check_generation_fits()
-    check_model_dir(cfg.model.model)
     check_output_dir(cfg.loop.output_dir)
     if records is None:
         records = load_sft_data(cfg.data)
     with session(cfg) as sess, single_writer(os.path.join(cfg.loop.output_dir, LOCK_FILE), "loop.output_dir",
                                                  sess):
         check_impl(cfg.training.impl, sess.device)
-        _tokenizer(cfg, cfg.model.model)
+        loader = Loader(cfg, sess)
+        loader.tokenizer(cfg.model.model)
         _check_run_dir(cfg)
-        return _iterate(cfg, sess, on_iteration_end, records)
+        return _iterate(cfg, loader, on_iteration_end, records)
 
 
 def _training_rows(cfg: SpinConfig, t: int, generated: list[Record]) -> list[Record]:
@@ -439,7 +418,7 @@ def _training_rows(cfg: SpinConfig, t: int, generated: list[Record]) -> list[Rec
     return rows
 
 
-def _iteration_is_current(cfg: SpinConfig, t: int, records: list[Record], opponent: str) -> bool:
+def _iteration_is_current(cfg: SpinConfig, loader: Loader, t: int, records: list[Record], opponent: str) -> bool:
     """Whether iteration t's files are complete and made from the current inputs (no model load)."""
     it_dir = os.path.join(cfg.loop.output_dir, f"iter{t}")
     key = trained_model_key(it_dir)
@@ -456,12 +435,11 @@ def _iteration_is_current(cfg: SpinConfig, t: int, records: list[Record], oppone
                           cfg.data.on_stale)
     if pairs is None:
         return False
-    examples = to_examples(_tokenizer(cfg, opponent), pairs, max_length=cfg.data.max_length,
-                           max_prompt_length=cfg.data.max_prompt_length)
+    examples = to_examples(loader.tokenizer(opponent), pairs, cfg.data)
     return provenance.training_key(examples, cfg.training, provenance.model_digest(opponent)) == key
 
 
-def _iterate(cfg: SpinConfig, sess: Session, on_iteration_end: IterationHook | None,
+def _iterate(cfg: SpinConfig, loader: Loader, on_iteration_end: IterationHook | None,
              records: list[Record]) -> list[dict[str, Any]]:
     run_dir = cfg.loop.output_dir
     summaries: list[dict[str, Any]] = []
@@ -471,22 +449,20 @@ def _iterate(cfg: SpinConfig, sess: Session, on_iteration_end: IterationHook | N
         opponent = cfg.model.model if t == 0 else iteration_model_dir(run_dir, t - 1)
         final = iteration_model_dir(run_dir, t)
         start = time.perf_counter()
-        if not _iteration_is_current(cfg, t, records, opponent):
-            model, tokenizer = _load(cfg, opponent, sess)
+        if not _iteration_is_current(cfg, loader, t, records, opponent):
+            tokenizer, model = loader.tokenizer(opponent), loader.runner(opponent)
             gen_path = os.path.join(it_dir, "generated.jsonl")
             generated = stage_generate(model, tokenizer, records, cfg, gen_path,
                                        seed=cfg.generation.generation_seed + t, model_path=opponent,
                                        desc=f"iter{t} generate")
-            model = _prepared(model)
+            model = loader.prepared(model)
             pairs_path = os.path.join(it_dir, "pairs.jsonl")
-            pairs = stage_reference(model, tokenizer, _training_rows(cfg, t, generated), cfg, pairs_path,
+            pairs = stage_reference(model, loader, _training_rows(cfg, t, generated), cfg, pairs_path,
                                     model_path=opponent, desc=f"iter{t} reference")
-            examples = to_examples(tokenizer, pairs, max_length=cfg.data.max_length,
-                                   max_prompt_length=cfg.data.max_prompt_length)
-            train_spin(model, tokenizer, examples, cfg.training, it_dir, resume=cfg.loop.resume,
-                       tensorboard=cfg.loop.tensorboard, desc=f"iter{t} train",
+            train_spin(model, tokenizer, to_examples(tokenizer, pairs, cfg.data), cfg.training, it_dir,
+                       resume=cfg.loop.resume, tensorboard=cfg.loop.tensorboard, desc=f"iter{t} train",
                        info={"iteration": t, "opponent": opponent}, start_digest=provenance.model_digest(opponent),
-                       on_stale=cfg.data.on_stale, describe=_describe(pairs, pairs_path))
+                       on_stale=cfg.data.on_stale, describe=_describe(pairs, pairs_path), autocast=loader.autocast)
             del model
         generated = list(read_jsonl(os.path.join(it_dir, "generated.jsonl")))
         summary: dict[str, Any] = {"iteration": t, **summarise_iteration(read_metrics(

@@ -3,7 +3,7 @@
 Every stage computes with a *runner*, a ``spin_kernels.distributed.ShardedModel``:
 ``runner(fn, *args)`` runs ``fn(model, *args)``, ``runner.no_grad(fn, ...)`` the same without
 autograd, ``runner.generate(...)`` is ``model.generate``. In one process it is a plain wrapper
-around the model (``as_runner``); under FSDP it is the sharded root built by ``load_runner``, so
+around the model (``as_runner``); under FSDP it is the sharded root built by ``Loader.runner``, so
 the fused loss, reference log-probs and generation run inside the root's forward, where the
 embeddings and the lm_head are unsharded. The stages themselves only ask ``rank()`` /
 ``world_size()`` (1 process: 0 / 1) for their share of the work, ``is_main()`` for who writes
@@ -26,10 +26,9 @@ from spin_kernels.distributed import DistEnv, ShardedModel, init_distributed
 from spin_kernels.distributed.env import barrier, rank, world_size
 
 from .config import ConfigError, SpinConfig
-from .loading import DTYPES, check_finite_weights, load_model, resolve_device
+from .loading import resolve_device
 
-__all__ = ["Session", "as_runner", "barrier", "is_main", "is_sharded", "load_runner", "progress", "rank",
-           "session", "world_size"]
+__all__ = ["Session", "as_runner", "barrier", "is_main", "is_sharded", "progress", "rank", "session", "world_size"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +38,6 @@ class Session:
     fsdp: bool
     device: torch.device
     env: DistEnv
-    mixed_precision: str | None = None
 
 
 def _torchrun_world() -> int:
@@ -82,11 +80,8 @@ def session(cfg: SpinConfig) -> Iterator[Session]:
         dist.init_process_group("nccl" if env.device.type == "cuda" else "gloo", store=dist.HashStore(),
                                 rank=0, world_size=1)
         env = init_distributed(device=kind)
-    mp = cfg.distributed.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if env.device.type == "cuda" and cfg.training.bf16 else "none"
     try:
-        yield Session(True, env.device, env, None if mp == "none" else mp)
+        yield Session(True, env.device, env)
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
@@ -102,38 +97,6 @@ def is_sharded(runner) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(runner, FSDPModule)
-
-
-def load_runner(path: str, cfg: SpinConfig, sess: Session) -> ShardedModel:
-    """The causal LM of the model directory ``path`` as a runner for ``sess``.
-
-    One process: ``from_pretrained`` on the device. FSDP: every rank builds the model with empty
-    (meta) parameters, shards it (``apply_fsdp2``: each decoder layer, then the root; activation
-    checkpointing when ``training.gradient_checkpointing``), and rank 0 reads the weights and
-    broadcasts them into the shards (``load_full_weights``): no full copy per rank.
-    """
-    if not sess.fsdp:
-        runner = ShardedModel(load_model(path, cfg.model, sess.device))
-        check_finite_weights(runner, path)
-        return runner
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from spin_kernels.distributed import apply_fsdp2, empty_parameters, load_full_weights
-
-    from .loading import check_model_dir
-
-    check_model_dir(path)
-    dtype = DTYPES[cfg.model.dtype]
-    with empty_parameters():
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
-    d = cfg.distributed
-    runner = apply_fsdp2(model, mixed_precision=sess.mixed_precision, cpu_offload=d.cpu_offload,
-                         activation_checkpointing=cfg.training.gradient_checkpointing,
-                         reshard_after_forward=d.reshard_after_forward)
-    load_full_weights(runner, path if sess.env.is_main else None, device=sess.device, dtype=dtype)
-    check_finite_weights(runner, path)
-    runner.train()
-    return runner
 
 
 def is_main() -> bool:

@@ -8,24 +8,27 @@ training then needs no second model in memory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
+from .config import DataConfig
 from .data import Record
-from .loading import autocast
-from .parallel import as_runner, is_sharded, progress, rank, world_size
+from .parallel import as_runner, progress, rank, world_size
 
 
-def to_examples(tokenizer, rows: list[Record], *, max_length: int, max_prompt_length: int) -> list:
-    """``SpinExample`` s (token ids) for rows ``{prompt, real, synthetic[, finished, ref_logps]}``;
-    example i gets ``index=i`` (its position in ``rows``)."""
+def to_examples(tokenizer, rows: list[Record], data: DataConfig) -> list:
+    """``SpinExample`` s (token ids) for rows ``{prompt, real, synthetic[, finished, ref_logps]}``,
+    cut to ``data.max_length`` / ``data.max_prompt_length``; example i gets ``index=i`` (its
+    position in ``rows``)."""
     from spin_kernels.packing import tokenize_example
 
     out = []
     for i, row in enumerate(rows):
-        ex = tokenize_example(tokenizer, row["prompt"], row["real"], row["synthetic"], max_length=max_length,
-                              max_prompt_length=max_prompt_length, index=i)
+        ex = tokenize_example(tokenizer, row["prompt"], row["real"], row["synthetic"], max_length=data.max_length,
+                              max_prompt_length=data.max_prompt_length, index=i)
         if row.get("finished") is False and ex.synthetic_ids[-1:] == [tokenizer.eos_token_id] \
                 and len(ex.synthetic_ids) > 1:
             # Generation hit max_new_tokens: the response was cut, not ended. As for responses cut
@@ -45,7 +48,7 @@ def reference_logps_for(
     token_budget: int,
     impl: str = "auto",
     average: bool = False,
-    bf16: bool = False,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     desc: str = "reference",
 ) -> list[tuple[float, float]]:
     """``[(log p(real|x), log p(synthetic|x))]`` under ``model`` for each example, in order.
@@ -55,6 +58,7 @@ def reference_logps_for(
     values do not depend on anything but the data. With several ranks (FSDP) each rank scores
     its own micro-batches of ``plan_micro_batches(..., num_ranks=W)`` (an empty one still runs a
     forward, whose result is dropped: FSDP's collectives) and the values are gathered by example.
+    ``autocast()``: the compute context of the passes (``Loader.autocast``).
     """
     from spin_kernels.distributed import gather_by_index
     from spin_kernels.models import sequence_logps
@@ -71,7 +75,7 @@ def reference_logps_for(
     try:
         for mb in progress(iterable=plan.micro_batches[rank()], desc=desc, unit="batch"):
             batch = pack_batch([examples[i] for i in (mb or [0])]).to(device)
-            with autocast(device, bf16 and not is_sharded(runner)):
+            with autocast():
                 # Packed batches are known good (no value checks); non-finite log-probs are
                 # reported by the caller with the model and the row.
                 logps = runner.no_grad(lambda m, b: sequence_logps(m, b, impl=impl, average=average,

@@ -1,4 +1,5 @@
-"""The SPIN step on packed micro-batches: forward, fused loss, backward (no optimizer).
+"""Test helpers: the SPIN step on packed micro-batches in one process: forward, fused loss,
+backward (no optimizer), and the micro-batches of a global batch.
 
 A global batch of P pairs is split into micro-batches under a token budget. The step's loss
 must be the mean over all P pairs, so each micro-batch's loss (a mean over its own p_k pairs)
@@ -7,16 +8,16 @@ one big batch, and the metrics are pair-weighted the same way.
 
 The trainer itself takes whole optimizer steps with ``spin_kernels.distributed.train_step``
 (the same weighting, over every rank's micro-batches, plus clipping and the optimizer);
-``spin_step`` is the gradient-only building block for one process.
+``spin_step`` is the gradient-only form the tests compare with a padded reference.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 
-from .loading import autocast
 
 
 def spin_step(
@@ -49,10 +50,18 @@ def spin_step(
         if mb.ref_logps is None:
             raise ValueError("spin_step: micro-batch without ref_logps (run the reference pass first)")
         weight = mb.num_pairs / total_pairs
-        with autocast(device, bf16):
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.type == "cuda" else nullcontext()
+        with ctx:
             loss, metrics = packed_spin_loss(model, mb, beta=beta, loss_type=loss_type, impl=impl, average=average)
         (loss * weight).backward()
         loss_sum = loss_sum + loss.detach().double() * weight
         for k, v in metrics.items():
             metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().double() * weight
     return float(loss_sum), {k: float(v) for k, v in metric_sums.items()}
+
+
+def micro_batches(examples: list, idx: list[int], token_budget: int, device: torch.device) -> list:
+    """The packed micro-batches of the global batch ``idx`` in one process (``spin_step``'s input)."""
+    from spin_kernels.training.trainer import rank_micro_batches
+
+    return [b for b, pairs in rank_micro_batches(examples, idx, token_budget, device) if pairs]

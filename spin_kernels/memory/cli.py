@@ -5,7 +5,7 @@
     spin-kernels plan llama3-8b --gpus 1 --no-recommend
 
 Prints the breakdown of the requested configuration and, unless --no-recommend, the cheapest
-configuration that fits (see ``spin_kernels.planner.recommend`` for what "cheapest" means).
+configuration that fits (see ``spin_kernels.memory.recommend`` for what "cheapest" means).
 Exit status: 0 when the requested or a recommended configuration fits, 1 when nothing fits.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .memory import ATTENTION, LOSS_IMPLS, OPTIMIZER_STATES, REFERENCE_MODES, PlanOptions, plan, recommend
+from .estimate import ATTENTION, LOSS_IMPLS, OPTIMIZER_STATES, REFERENCE_MODES, PlanOptions, plan, recommend
 from .models import PRESETS
 
 

@@ -1,7 +1,7 @@
 """A self-contained FSDP2 SPIN run on a tiny random Llama, to check a torchrun set-up.
 
-    torchrun --nproc_per_node 2 -m spin_kernels.distributed.demo --out runs/fsdp-demo
-    torchrun --nproc_per_node 2 -m spin_kernels.distributed.demo --out runs/fsdp-demo --resume
+    torchrun --nproc_per_node 2 -m spin_kernels.demo.fsdp --out runs/fsdp-demo
+    torchrun --nproc_per_node 2 -m spin_kernels.demo.fsdp --out runs/fsdp-demo --resume
 
 Each rank generates the synthetic responses of its share of prompts, scores them with the
 opponent (the model before training: precomputed reference log-probs), the results are
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..models import reference_logps
     from ..packing.batch import pack_batch
     from ..packing.example import SpinExample
-    from . import (
+    from ..distributed import (
         apply_fsdp2,
         default_loss_fn,
         export_hf,
