@@ -74,7 +74,8 @@ def load_full_weights(model: ShardedModel, weights: str | dict[str, torch.Tensor
         weights: on rank 0, a Hugging Face checkpoint directory or a full state dict (names as
             in ``model.model.state_dict()``); ignored on the other ranks (pass None).
         device: where the shards live (with CPU offload FSDP moves them to the host itself).
-        dtype: dtype of the stored (master) parameters.
+        dtype: dtype of stored (master) parameters whose name the model does not hold (each
+            tensor is otherwise cast to the dtype of the parameter it fills).
     """
     inner = model.model
     aliases = tied_aliases(inner)
@@ -86,8 +87,11 @@ def load_full_weights(model: ShardedModel, weights: str | dict[str, torch.Tensor
             inner.get_buffer(n).copy_(b)
     full: dict[str, torch.Tensor] = {}
     if rank() == 0:
-        full = read_safetensors(weights, dtype) if isinstance(weights, str) else \
-            {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+        # Each tensor in the dtype of the parameter it fills (a LoRA adapter stays float32 on a
+        # bfloat16 base); names the model lacks are left to set_model_state_dict to report.
+        own = {k: v.dtype for k, v in inner.state_dict(keep_vars=True).items()}
+        full = read_safetensors(weights) if isinstance(weights, str) else dict(weights)
+        full = {k: v.to(own.get(k, dtype)) if v.is_floating_point() else v for k, v in full.items()}
         for names in aliases:  # a tied weight is stored once (HF drops lm_head.weight): name every alias
             present = [n for n in names if n in full]
             for n in names:

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,12 +42,14 @@ def _fsync_dir(path: str) -> None:
 
 
 def save_model_dir(model, tokenizer, path: str, *, extra: dict[str, Any] | None = None,
-                   state: dict[str, Any] | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> str:
+                   state: dict[str, Any] | None = None, state_dict: dict[str, torch.Tensor] | None = None,
+                   also: Callable[[str], None] | None = None) -> str:
     """Atomically write ``path``: weights (safetensors), config, tokenizer, optional trainer state
     and ``spin_info.json`` (``extra``). Replaces an existing ``path``.
 
     ``state_dict``: the weights to save instead of ``model``'s own (an FSDP model's full state
-    dict, gathered on rank 0 by ``spin_kernels.distributed.full_state_dict``)."""
+    dict, gathered on rank 0 by ``spin_kernels.distributed.full_state_dict``). ``also(tmp)``
+    writes more files into the directory before it is renamed into place (a LoRA adapter)."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".tmp-{os.path.basename(path)}")
@@ -70,6 +73,8 @@ def save_model_dir(model, tokenizer, path: str, *, extra: dict[str, Any] | None 
             json.dump(extra, f, indent=1)
     if state is not None:
         torch.save(state, os.path.join(tmp, STATE_FILE))
+    if also is not None:
+        also(tmp)
     _fsync_dir(tmp)
     if os.path.exists(path):
         old = os.path.join(parent, f".old-{os.path.basename(path)}")
@@ -119,8 +124,12 @@ def prune_step_checkpoints(ckpt_root: str, keep: int | None = None) -> None:
 
 
 def load_weights_into(model, path: str) -> None:
-    """Copy the safetensors weights of the model directory ``path`` into ``model`` (strict)."""
+    """Copy the safetensors weights of the model directory ``path`` into ``model`` (strict). For a
+    LoRA (peft) model the directory holds the adapter only (what ``save_pretrained`` of a peft
+    model writes): every adapter weight must be there."""
     from safetensors.torch import load_file
+
+    from .lora import is_lora
 
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
@@ -128,6 +137,15 @@ def load_weights_into(model, path: str) -> None:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(os.path.join(path, f)))
+    if is_lora(model):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, state)
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"adapter checkpoint {path} does not match the model: missing {missing[:5]}, "
+                               f"unexpected {result.unexpected_keys[:5]}")
+        return
     # Tied weights are stored once; fill the aliases so the strict load sees every key.
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -261,10 +279,20 @@ class Checkpointer:
 
         from .parallel import barrier, is_main
 
+        from .lora import ADAPTER_DIR, is_lora, merged_state_dict
+
+        model = self.runner.model
         full = full_state_dict(self.runner) if self.sharded else None  # a collective: the weights on rank 0
         if is_main():
-            save_model_dir(self.runner.model, self.tokenizer, self.model_dir, state_dict=full,
-                           extra={**info, "training_key": self.key})
+            info = {**info, "training_key": self.key}
+            if is_lora(model):  # the adapter merged into a full checkpoint (the next opponent), and beside it
+                full = full if full is not None else model.state_dict()
+                adapter = model.peft_config["default"]
+                merged = merged_state_dict(full, adapter.lora_alpha / adapter.r)
+                save_model_dir(model.get_base_model(), self.tokenizer, self.model_dir, state_dict=merged, extra=info,
+                               also=lambda tmp: model.save_pretrained(os.path.join(tmp, ADAPTER_DIR), state_dict=full))
+            else:
+                save_model_dir(model, self.tokenizer, self.model_dir, state_dict=full, extra=info)
             prune_step_checkpoints(self.root)
         barrier()
         return self.model_dir

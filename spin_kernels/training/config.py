@@ -217,6 +217,14 @@ class TrainingConfig(Section):
     average_log_prob: bool = option(False, "per-token mean log-probs instead of sums (paper: sums)")
     impl: Literal["auto", "torch", "triton", "cpu"] = option("auto", "fused loss implementation")
     seed: int = option(42, "seed of the data order and the model's RNG")
+    lora_rank: int = option(0, "LoRA: rank of adapters trained on a frozen base (0: full fine-tuning); the "
+                            "reference is the base (the adapter disabled), the merged model the next opponent",
+                            check=non_negative)
+    lora_alpha: float = option(16.0, "LoRA: the adapters' update is scaled by alpha / rank", check=positive)
+    lora_dropout: float = option(0.0, "LoRA: dropout on the adapters' input", check=fraction)
+    lora_targets: list[str] | None = option(None, "LoRA: names of the modules to adapt (comma list); none: "
+                                            "every linear map of the decoder layers (never the lm_head)",
+                                            metavar="NAMES")
     save_every: int = option(50, "write a resumable checkpoint every N optimizer steps (0: only at the end)",
                              check=non_negative)
     log_every: int = option(1, "log metrics every N optimizer steps (>= 1)", check=positive)
@@ -304,12 +312,15 @@ class SpinConfig:
         silently stays where it started, and fp16 overflows (NaN from the second step). Half
         precision compute keeps float32 master weights: bf16 autocast (--bf16, on GPU) or FSDP's
         bf16 mixed precision. fp16 compute would need loss scaling, which the trainer does not do.
+        With LoRA the base is frozen, so it may be bfloat16 (the adapters stay float32).
         """
-        if self.model.dtype in ("float16", "bfloat16"):
+        lora = self.training.lora_rank > 0
+        if self.model.dtype == "float16" or (self.model.dtype == "bfloat16" and not lora):
             raise ConfigError(f"model.dtype: {self.model.dtype} weights cannot be trained correctly (updates "
                               f"below the dtype's resolution are lost; float16 overflows); train with "
                               f"--dtype float32 (master weights) and --bf16 (bf16 compute on GPU; under FSDP: "
-                              f"--mixed-precision bf16). {self.model.dtype} is fine for generate and reference.")
+                              f"--mixed-precision bf16), or with LoRA (--lora-rank N) on a frozen bfloat16 base. "
+                              f"{self.model.dtype} is fine for generate and reference.")
         if self.distributed.mixed_precision == "fp16":
             raise ConfigError("distributed.mixed_precision: fp16 training needs loss scaling, which the trainer does "
                               "not do (gradients would underflow or overflow); use --mixed-precision bf16")

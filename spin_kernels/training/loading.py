@@ -101,7 +101,8 @@ class Loader:
 
     ``runner(path)``: the causal LM of a model directory as a runner (one process: a plain
     wrapper; FSDP: the sharded root, weights broadcast from rank 0), checked for finite weights,
-    with activation checkpointing when configured; ``prepared(runner)`` switches it to packed
+    with activation checkpointing when configured and, with ``training.lora_rank``, LoRA
+    adapters on a frozen base (spin_kernels.training.lora); ``prepared(runner)`` switches it to packed
     (varlen) batches for the reference pass and training; ``tokenizer(path)`` checked against the
     model's vocabulary; ``autocast()`` the compute context of the fused passes (bf16 autocast on
     CUDA in one process; under FSDP the mixed precision is the sharding's own).
@@ -112,6 +113,7 @@ class Loader:
         self.dtype = DTYPES[cfg.model.dtype]
         self.tokenizer_dir = cfg.model.tokenizer
         self.checkpointing = cfg.training.gradient_checkpointing
+        self.training = cfg.training  # LoRA options
         self.distributed = cfg.distributed
         mp = cfg.distributed.mixed_precision
         if mp == "auto":
@@ -151,23 +153,35 @@ class Loader:
         """
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from spin_kernels.distributed import ShardedModel, apply_fsdp2, empty_parameters, load_full_weights
+        from spin_kernels.distributed import (
+            ShardedModel,
+            apply_fsdp2,
+            empty_parameters,
+            load_full_weights,
+            read_safetensors,
+        )
+
+        from .lora import add_adapters, hf_to_peft
 
         self.check(path)
+        lora = self.training.lora_rank > 0
         if not self.sess.fsdp:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.sess.device)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
             if self.checkpointing:
                 enable_checkpointing(model)
-            runner = ShardedModel(model)
+            runner = ShardedModel((add_adapters(model, self.training) if lora else model).to(self.sess.device))
         else:
             with empty_parameters():
                 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=self.dtype)
+                model = add_adapters(model, self.training) if lora else model
             d = self.distributed
             runner = apply_fsdp2(model, mixed_precision=self.mixed_precision, cpu_offload=d.cpu_offload,
                                  activation_checkpointing=self.checkpointing,
                                  reshard_after_forward=d.reshard_after_forward)
-            load_full_weights(runner, path if self.sess.env.is_main else None, device=self.sess.device,
-                              dtype=self.dtype)
+            weights = None
+            if self.sess.env.is_main:  # rank 0 reads the checkpoint (HF names; LoRA: + the seeded adapters)
+                weights = hf_to_peft(read_safetensors(path, self.dtype), model, self.training.seed) if lora else path
+            load_full_weights(runner, weights, device=self.sess.device, dtype=self.dtype)
         check_finite_weights(runner, path)
         runner.train()
         return runner
