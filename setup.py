@@ -88,10 +88,11 @@ setup(
     extras_require={
         "gpu": ["flash-attn"],
         "bench": ["pytest-benchmark", "liger-kernel", "cut-cross-entropy", "trl", "matplotlib"],
-        # datasets (Parquet / `datasets` input of the trainer) and peft (the LoRA reference mode)
-        # are exercised by the tests.
-        "dev": ["pytest", "hypothesis", "ruff", "pytest-benchmark", "matplotlib", "datasets", "peft"],
+        # datasets (Parquet / `datasets` input of the trainer), peft (LoRA) and bitsandbytes (the
+        # 4-bit QLoRA base) are exercised by the tests.
+        "dev": ["pytest", "hypothesis", "ruff", "pytest-benchmark", "matplotlib", "datasets", "peft", "bitsandbytes"],
         "lora": ["peft"],
+        "qlora": ["peft", "bitsandbytes"],
         "vllm": ["vllm"],
     },
     entry_points={"console_scripts": ["spin-kernels = spin_kernels.cli:main"]},

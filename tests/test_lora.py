@@ -160,3 +160,43 @@ def test_lora_allows_a_bf16_base_and_refuses_fp16(capsys, tmp_path):
     cfg.model.dtype = "float16"
     with pytest.raises(ConfigError, match="model.dtype: float16 weights cannot be trained"):
         cfg.check_trainable()
+
+
+def test_qlora_on_a_4bit_base_merges_into_the_trained_policy(tmp_path, capsys):
+    """QLoRA (bitsandbytes NF4 base, CPU): the merged full-precision checkpoint is the dequantized base plus
+    the trained adapters (exactly), computes what the trained policy (4-bit base + adapter) computes (up to
+    bitsandbytes' own rounding on CPU), and carries no quantization config."""
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.functional import dequantize_4bit
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model = save_tiny_model(str(tmp_path / "sft"), layers=2, hidden_size=128)  # bnb's 4-bit blocks need H >= 64
+    run = tmp_path / "run"
+    assert main(["iterate", "--model", model, "--data", _data(tmp_path), "--output-dir", str(run), "--iterations",
+                 "1", "--quantize", "nf4", *FLAGS]) == 0
+    out = run / "iter0" / "model"
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    merged = AutoModelForCausalLM.from_pretrained(str(out))
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(model, quantization_config=q, device_map="cpu")
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    weights, scale = _weights(out), 8 / 4  # --lora-alpha 8, --lora-rank 4
+    for name, module in quantized.named_modules():
+        w = getattr(module, "weight", None)
+        if getattr(w, "quant_state", None) is None:
+            continue
+        a = adapter[f"base_model.model.{name}.lora_A.weight"]
+        b = adapter[f"base_model.model.{name}.lora_B.weight"]
+        want = dequantize_4bit(w.data, w.quant_state) + scale * b @ a
+        torch.testing.assert_close(weights[f"{name}.weight"], want, rtol=1e-6, atol=1e-6, msg=name)
+    policy = PeftModel.from_pretrained(quantized, str(out / "adapter"))
+    ids = torch.randint(0, 20, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = merged(input_ids=ids).logits, policy(input_ids=ids).logits
+    assert (a - b).abs().max() <= 0.05 * b.abs().max()  # bitsandbytes' CPU kernel rounds like bf16
+    # refused: a 4-bit base without adapters
+    assert main(["iterate", "--model", model, "--data", _data(tmp_path), "--output-dir", str(tmp_path / "r2"),
+                 "--quantize", "nf4", "--device", "cpu"]) == 2
+    assert "training.quantize: a 4-bit base is frozen, so it needs LoRA adapters" in capsys.readouterr().err

@@ -27,15 +27,19 @@ from spin_kernels.memory.cli import main as plan_main
 TOTAL_TOL = 0.15
 SLOPE_TOL = 0.25
 
-# (name, spec fields, optimizer, activation checkpointing, token budgets per micro-batch, FSDP2 ranks)
+# (name, spec fields, optimizer, activation checkpointing, token budgets per micro-batch, FSDP2 ranks,
+#  LoRA rank (0: full fine-tuning))
 SMALL = {"num_layers": 4, "hidden": 256, "intermediate": 768, "num_heads": 8, "num_kv_heads": 4, "vocab": 8000}
 WIDE = {"num_layers": 2, "hidden": 384, "intermediate": 1024, "num_heads": 6, "num_kv_heads": 6, "vocab": 32000}
 CONFIGS = [
-    ("gqa-adamw", SMALL, "adamw", False, (512, 1024), 1),
-    ("ac-rmsprop", SMALL, "rmsprop", True, (1024, 2048), 1),
-    ("wide-vocab", WIDE, "adamw", False, (512,), 1),
-    ("fsdp2-ac-adamw", SMALL, "adamw", True, (1024, 2048), 2),
+    ("gqa-adamw", SMALL, "adamw", False, (512, 1024), 1, 0),
+    ("ac-rmsprop", SMALL, "rmsprop", True, (1024, 2048), 1, 0),
+    ("wide-vocab", WIDE, "adamw", False, (512,), 1, 0),
+    ("fsdp2-ac-adamw", SMALL, "adamw", True, (1024, 2048), 2, 0),
+    ("lora-adamw", SMALL, "adamw", False, (512, 1024), 1, 16),
+    ("fsdp2-lora-ac", SMALL, "adamw", True, (1024, 2048), 2, 32),
 ]
+IDS = [c[0] for c in CONFIGS]
 SEQ = 256      # sequence length of the measured batches (half prompt, half response)
 PROMPT = 128
 
@@ -60,13 +64,15 @@ def _peak_rss() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def measure(spec: dict, optimizer: str, ac: bool, budgets: tuple[int, ...], sharded: bool = False) -> dict:
+def measure(spec: dict, optimizer: str, ac: bool, budgets: tuple[int, ...], lora: int = 0,
+            sharded: bool = False) -> dict:
     """Run in a fresh process: peak RSS growth (bytes) of one step of 2 micro-batches, after
     the optimizer states exist, for each token budget in increasing order (the peak of a larger
     budget is above that of a smaller one, so one process measures them all).
 
     ``sharded``: this process is one of 2 gloo ranks and the model is sharded with apply_fsdp2
-    (fp32, no mixed precision); each rank runs the same micro-batches."""
+    (fp32, no mixed precision); each rank runs the same micro-batches. ``lora``: the trainer's LoRA
+    adapters of that rank on every decoder linear map (spin_kernels.training.lora), base frozen."""
 
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -100,13 +106,18 @@ def measure(spec: dict, optimizer: str, ac: bool, budgets: tuple[int, ...], shar
 
     def build(c):
         model = prepare_model(AutoModelForCausalLM.from_config(c, dtype=torch.float32))
+        if lora:
+            from spin_kernels.training.config import TrainingConfig
+            from spin_kernels.training.lora import add_adapters
+
+            model = add_adapters(model, TrainingConfig(lora_rank=lora))
         if sharded:
             from spin_kernels.distributed import apply_fsdp2
 
             model = apply_fsdp2(model, mixed_precision=None, activation_checkpointing=ac)
         elif ac:
             _wrap_with_checkpointing(model, decoder_layers(model))
-        return model, make_opt(model.parameters(), lr=1e-5)
+        return model, make_opt([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def loss_of(model, batch):
         if sharded:
@@ -124,7 +135,8 @@ def measure(spec: dict, optimizer: str, ac: bool, budgets: tuple[int, ...], shar
     _reset_peak_rss()
     model, opt = build(cfg)
     for p in model.parameters():  # the optimizer's states, as after a first step, without one
-        p.grad = torch.zeros_like(p)
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
     opt.step()
     peaks = []
     for batches in all_batches:
@@ -150,7 +162,7 @@ def _sharded_rank(rank: int, port: int, args: tuple, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def measure_sharded(spec: dict, optimizer: str, ac: bool, budgets: tuple[int, ...]) -> dict:
+def measure_sharded(spec: dict, optimizer: str, ac: bool, budgets: tuple[int, ...], lora: int = 0) -> dict:
     """``measure`` on 2 FSDP2 ranks; the larger of the two ranks' peaks per budget."""
     import socket
     import tempfile
@@ -161,7 +173,7 @@ def measure_sharded(spec: dict, optimizer: str, ac: bool, budgets: tuple[int, ..
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_sharded_rank, args=(port, (spec, optimizer, ac, budgets), out_dir), nprocs=2, join=True)
+        mp.spawn(_sharded_rank, args=(port, (spec, optimizer, ac, budgets, lora), out_dir), nprocs=2, join=True)
         ranks = []
         for r in range(2):
             with open(os.path.join(out_dir, f"rank{r}.json")) as f:
@@ -170,7 +182,7 @@ def measure_sharded(spec: dict, optimizer: str, ac: bool, budgets: tuple[int, ..
             "counted_fraction": ranks[0]["counted_fraction"]}
 
 
-def _start_measure(spec, optimizer, ac, budgets, sharded=False) -> subprocess.Popen:
+def _start_measure(spec, optimizer, ac, budgets, lora, sharded=False) -> subprocess.Popen:
     """A fresh process running ``measure``; glibc's mmap threshold is fixed so that every tensor
     above 64 KiB is its own mapping, returned to the system when freed (else the dynamic
     threshold keeps freed tensors in the heap and the resident set overstates the live bytes)."""
@@ -178,7 +190,7 @@ def _start_measure(spec, optimizer, ac, budgets, sharded=False) -> subprocess.Po
                PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
     fn = "measure_sharded" if sharded else "measure"
     code = (f"import json, test_planner; print(json.dumps(test_planner.{fn}({spec!r}, {optimizer!r}, {ac!r}, "
-            f"{tuple(budgets)!r})))")
+            f"{tuple(budgets)!r}, {lora!r})))")
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
@@ -193,19 +205,20 @@ def _result(proc: subprocess.Popen) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _predict(spec, optimizer, ac, tokens, counted, ranks=1) -> float:
+def _predict(spec, optimizer, ac, tokens, counted, ranks=1, lora=0) -> float:
     return plan(ModelSpec("measured", **spec), num_gpus=ranks, fsdp=ranks > 1, mixed_precision=None, param_bytes=4,
                 optimizer=optimizer, activation_checkpointing=ac, token_budget=tokens,
                 counted_fraction=counted, attention="sdpa_loop", loss_impl="torch", max_seqlen=SEQ,
-                gen_batch=1, prompt_len=1, max_new_tokens=1).train_peak
+                gen_batch=1, prompt_len=1, max_new_tokens=1, finetune="lora" if lora else "full",
+                lora_rank=lora or 16).train_peak
 
 
 @pytest.fixture(scope="module")
 def measured():
     """{config name: {"peaks": {budget: bytes}, "counted_fraction": f}}: 3 fresh processes, run
     side by side (each one's resident set is its own; one thread each on the 2-core machine)."""
-    procs = {name: _start_measure(spec, opt, ac, budgets, ranks > 1)
-             for name, spec, opt, ac, budgets, ranks in CONFIGS}
+    procs = {name: _start_measure(spec, opt, ac, budgets, lora, ranks > 1)
+             for name, spec, opt, ac, budgets, ranks, lora in CONFIGS}
     return {name: _result(p) for name, p in procs.items()}
 
 
@@ -213,22 +226,22 @@ def _report(name, t, got, want) -> str:
     return f"{name} T={t}: measured {got / 2**20:.1f} MiB, predicted {want / 2**20:.1f} MiB"
 
 
-@pytest.mark.parametrize("name,spec,optimizer,ac,budgets,ranks", CONFIGS, ids=[c[0] for c in CONFIGS])
-def test_planner_total_matches_measured_peak(measured, name, spec, optimizer, ac, budgets, ranks):
+@pytest.mark.parametrize("name,spec,optimizer,ac,budgets,ranks,lora", CONFIGS, ids=IDS)
+def test_planner_total_matches_measured_peak(measured, name, spec, optimizer, ac, budgets, ranks, lora):
     m = measured[name]
     for t in budgets:
-        got, want = m["peaks"][str(t)], _predict(spec, optimizer, ac, t, m["counted_fraction"], ranks)
+        got, want = m["peaks"][str(t)], _predict(spec, optimizer, ac, t, m["counted_fraction"], ranks, lora)
         print(_report(name, t, got, want))
         assert abs(got - want) <= TOTAL_TOL * got, _report(name, t, got, want)
 
 
-@pytest.mark.parametrize("name,spec,optimizer,ac,budgets,ranks", [c for c in CONFIGS if len(c[4]) == 2],
+@pytest.mark.parametrize("name,spec,optimizer,ac,budgets,ranks,lora", [c for c in CONFIGS if len(c[4]) == 2],
                          ids=[c[0] for c in CONFIGS if len(c[4]) == 2])
-def test_planner_activation_slope_matches_measured(measured, name, spec, optimizer, ac, budgets, ranks):
+def test_planner_activation_slope_matches_measured(measured, name, spec, optimizer, ac, budgets, ranks, lora):
     """Peak growth from T to 2T tokens: the per-token activation + loss cost alone."""
     m, (t1, t2), f = measured[name], budgets, measured[name]["counted_fraction"]
     got = m["peaks"][str(t2)] - m["peaks"][str(t1)]
-    want = _predict(spec, optimizer, ac, t2, f, ranks) - _predict(spec, optimizer, ac, t1, f, ranks)
+    want = _predict(spec, optimizer, ac, t2, f, ranks, lora) - _predict(spec, optimizer, ac, t1, f, ranks, lora)
     assert got > 0
     assert abs(got - want) <= SLOPE_TOL * got, _report(name, f"{t1}->{t2} growth", got, want)
 
@@ -307,3 +320,60 @@ def test_cli_prints_the_breakdown_and_a_recommendation(capsys):
     assert "optimizer states (rmsprop: 1)" in out
     assert plan_main(["llama3-8b", "--gpus", "1", "--gpu-memory", "8", "--no-recommend"]) == 1
     assert plan_main(["nope"]) == 2
+
+
+def _run_printed(command: str, extra: list[str]) -> subprocess.CompletedProcess:
+    """Run a command line the planner printed, with this interpreter (and a free torchrun port)."""
+    import shlex
+    import socket
+
+    argv = shlex.split(command)
+    if argv[0] == "spin-kernels":
+        argv = [sys.executable, "-m", "spin_kernels.cli", *argv[1:]]
+    else:
+        assert argv[0] == "torchrun"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        argv = [sys.executable, "-m", "torch.distributed.run", "--master_port", str(port), *argv[1:]]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    return subprocess.run([*argv, *extra], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_the_printed_commands_run(tmp_path, capsys):
+    """The planner prints the trainer command of each configuration that fits; both run as printed (a tiny
+    model on CPU: the requested 2-GPU LoRA configuration through torchrun and the recommended 1-GPU one)."""
+    from spin_kernels.demo.task import MarkovTask
+    from spin_kernels.demo.tiny import save_tiny_model
+
+    model = save_tiny_model(str(tmp_path / "sft"), layers=2)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in MarkovTask().sample(8, seed=1)))
+    argv = [model, "--gpus", "2", "--gpu-memory", "4", "--no-mixed-precision", "--attention", "sdpa_loop",
+            "--loss-impl", "torch", "--max-seqlen", "40", "--prompt-len", "8", "--max-new-tokens", "12",
+            "--token-budget", "256", "--gen-batch", "4", "--lora", "--lora-rank", "4", "--data", str(data),
+            "--output-dir", str(tmp_path / "planned")]
+    assert plan_main(argv) == 0
+    commands = [line[len("command: "):] for line in capsys.readouterr().out.splitlines()
+                if line.startswith("command: ")]
+    assert len(commands) == 2 and commands[0].startswith("torchrun --nproc_per_node 2 -m spin_kernels.cli iterate")
+    assert commands[1].startswith("spin-kernels iterate") and "--lora-rank 4" in commands[1]
+    # Hyper-parameters outside the planner's scope keep the run short.
+    extra = ["--iterations", "1", "--epochs", "1", "--global-batch-pairs", "4", "--learning-rate", "1e-3"]
+    for i, command in enumerate(commands):
+        res = _run_printed(command.replace(str(tmp_path / "planned"), str(tmp_path / f"planned{i}")), extra)
+        assert res.returncode == 0, (command, res.stderr[-3000:])
+        assert (tmp_path / f"planned{i}" / "iter0" / "model" / "adapter" / "adapter_config.json").exists()
+
+
+def test_configurations_the_trainer_cannot_run_print_why(capsys):
+    from spin_kernels.memory.estimate import trainer_flags
+
+    flags, why = trainer_flags(PlanOptions(reference_mode="frozen-model"))
+    assert flags is None and "a frozen reference model" in why
+    assert trainer_flags(PlanOptions(optimizer="sgd"))[0] is None
+    assert trainer_flags(PlanOptions(loss_impl="naive"))[0] is None
+    flags, _ = trainer_flags(PlanOptions(num_gpus=8, finetune="lora", reference_mode="lora-disabled", cpu_offload=True))
+    assert flags[flags.index("--lora-rank") + 1] == "16" and "--cpu-offload" in flags and "bfloat16" in flags
+    assert plan_main(["llama3-8b", "--gpus", "8", "--reference", "frozen-model", "--no-recommend"]) == 0
+    assert "command: none: not a trainer configuration (a frozen reference model" in capsys.readouterr().out

@@ -5,16 +5,28 @@
     spin-kernels plan llama3-8b --gpus 1 --no-recommend
 
 Prints the breakdown of the requested configuration and, unless --no-recommend, the cheapest
-configuration that fits (see ``spin_kernels.memory.recommend`` for what "cheapest" means).
+configuration that fits (see ``spin_kernels.memory.recommend`` for what "cheapest" means), each
+that fits with the exact ``spin-kernels iterate`` / ``torchrun`` command that runs it
+(``--data``, ``--output-dir`` and the model directory of a config.json path filled in).
 Exit status: 0 when the requested or a recommended configuration fits, 1 when nothing fits.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from .estimate import ATTENTION, LOSS_IMPLS, OPTIMIZER_STATES, REFERENCE_MODES, PlanOptions, plan, recommend
+from .estimate import (
+    ATTENTION,
+    LOSS_IMPLS,
+    OPTIMIZER_STATES,
+    REFERENCE_MODES,
+    PlanOptions,
+    launch_command,
+    plan,
+    recommend,
+)
 from .models import PRESETS
 
 
@@ -22,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = PlanOptions()
     ap = argparse.ArgumentParser(prog="spin-kernels plan", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("model", help=f"a preset ({', '.join(PRESETS)}) or a config.json path")
+    ap.add_argument("model", help=f"a preset ({', '.join(PRESETS)}), a config.json path or a model directory")
     ap.add_argument("--gpus", type=int, default=d.num_gpus, help="number of GPUs (the most recommend may use)")
     ap.add_argument("--gpu-memory", type=float, default=d.gpu_memory_gib, help="GiB per GPU")
     ap.add_argument("--token-budget", type=int, default=d.token_budget, help="packed tokens per micro-batch per GPU")
@@ -43,7 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--loss-impl", choices=LOSS_IMPLS, default=d.loss_impl)
     ap.add_argument("--host-memory", type=float, default=d.host_memory_gib, help="GiB of host memory per node")
     ap.add_argument("--no-recommend", action="store_true", help="only the requested configuration")
+    ap.add_argument("--data", default="DATA.jsonl", help="data file written into the printed command")
+    ap.add_argument("--output-dir", default="runs/spin", help="run directory written into the printed command")
     return ap
+
+
+def _model_dir(model: str) -> str:
+    """The --model of the printed command: the directory of a config.json, else a placeholder."""
+    if os.path.isfile(model):
+        return os.path.dirname(model) or "."
+    return os.path.isdir(model) and model or f"PATH/TO/{model}"
+
+
+def print_command(p, args: argparse.Namespace) -> None:
+    command, why = launch_command(p.options, model=_model_dir(args.model), data=args.data,
+                                  output_dir=args.output_dir)
+    print(f"command: {command}" if command else f"command: none: not a trainer configuration ({why})")
 
 
 def options_from_args(args: argparse.Namespace) -> PlanOptions:
@@ -67,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print("requested configuration")
     print(requested.table())
+    if requested.fits:
+        print_command(requested, args)
     if args.no_recommend:
         return 0 if requested.fits else 1
     best = recommend(args.model, opts, max_gpus=args.gpus)
@@ -78,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     print("recommended (cheapest that fits: no offload, fewest GPUs, largest token budget, no AC, "
           "largest generation batch)")
     print(best.table())
+    print_command(best, args)
     return 0
 
 

@@ -279,17 +279,17 @@ class Checkpointer:
 
         from .parallel import barrier, is_main
 
-        from .lora import ADAPTER_DIR, is_lora, merged_state_dict
+        from .lora import ADAPTER_DIR, export_target, full_precision_state, is_lora, merged_state_dict
 
         model = self.runner.model
         full = full_state_dict(self.runner) if self.sharded else None  # a collective: the weights on rank 0
         if is_main():
             info = {**info, "training_key": self.key}
             if is_lora(model):  # the adapter merged into a full checkpoint (the next opponent), and beside it
-                full = full if full is not None else model.state_dict()
+                full = full if full is not None else full_precision_state(model)
                 adapter = model.peft_config["default"]
                 merged = merged_state_dict(full, adapter.lora_alpha / adapter.r)
-                save_model_dir(model.get_base_model(), self.tokenizer, self.model_dir, state_dict=merged, extra=info,
+                save_model_dir(export_target(model), self.tokenizer, self.model_dir, state_dict=merged, extra=info,
                                also=lambda tmp: model.save_pretrained(os.path.join(tmp, ADAPTER_DIR), state_dict=full))
             else:
                 save_model_dir(model, self.tokenizer, self.model_dir, state_dict=full, extra=info)

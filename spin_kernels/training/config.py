@@ -225,6 +225,8 @@ class TrainingConfig(Section):
     lora_targets: list[str] | None = option(None, "LoRA: names of the modules to adapt (comma list); none: "
                                             "every linear map of the decoder layers (never the lm_head)",
                                             metavar="NAMES")
+    quantize: Literal["none", "nf4"] = option("none", "QLoRA: hold the frozen base in 4-bit NF4 (bitsandbytes; "
+                                              "needs --lora-rank, one process)")
     save_every: int = option(50, "write a resumable checkpoint every N optimizer steps (0: only at the end)",
                              check=non_negative)
     log_every: int = option(1, "log metrics every N optimizer steps (>= 1)", check=positive)
@@ -321,6 +323,9 @@ class SpinConfig:
                               f"--dtype float32 (master weights) and --bf16 (bf16 compute on GPU; under FSDP: "
                               f"--mixed-precision bf16), or with LoRA (--lora-rank N) on a frozen bfloat16 base. "
                               f"{self.model.dtype} is fine for generate and reference.")
+        if self.training.quantize != "none" and not lora:
+            raise ConfigError("training.quantize: a 4-bit base is frozen, so it needs LoRA adapters to train "
+                              "(--lora-rank N)")
         if self.distributed.mixed_precision == "fp16":
             raise ConfigError("distributed.mixed_precision: fp16 training needs loss scaling, which the trainer does "
                               "not do (gradients would underflow or overflow); use --mixed-precision bf16")

@@ -161,15 +161,21 @@ class Loader:
             read_safetensors,
         )
 
-        from .lora import add_adapters, hf_to_peft
+        from .lora import QUANTIZED_FROM, add_adapters, hf_to_peft
 
         self.check(path)
         lora = self.training.lora_rank > 0
         if not self.sess.fsdp:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+            quantization = self._quantization()
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, **quantization)
+            if not quantization:  # a 4-bit model is placed by its device_map (.to() would re-pack it)
+                model = model.to(self.sess.device)
             if self.checkpointing:
                 enable_checkpointing(model)
-            runner = ShardedModel((add_adapters(model, self.training) if lora else model).to(self.sess.device))
+            model = add_adapters(model, self.training) if lora else model
+            if quantization:  # where the merge at the end re-derives the 4-bit base from
+                setattr(model, QUANTIZED_FROM, path)
+            runner = ShardedModel(model)
         else:
             with empty_parameters():
                 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=self.dtype)
@@ -185,6 +191,22 @@ class Loader:
         check_finite_weights(runner, path)
         runner.train()
         return runner
+
+    def _quantization(self) -> dict:
+        """from_pretrained arguments of a 4-bit NF4 base (QLoRA; bitsandbytes), else none."""
+        if self.training.quantize == "none":
+            return {}
+        if self.sess.fsdp:
+            raise ConfigError("training.quantize: a 4-bit base runs in one process (FSDP does not shard "
+                              "bitsandbytes' packed weights); drop --fsdp / torchrun or --quantize")
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError as exc:
+            raise ConfigError("training.quantize: 'nf4' needs the bitsandbytes package (pip install "
+                              "spin_kernels[qlora])") from exc
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=self.dtype)
+        return {"quantization_config": config, "device_map": {"": self.sess.device}}
 
     @staticmethod
     def prepared(runner: ShardedModel) -> ShardedModel:

@@ -9,6 +9,11 @@ is ever loaded. At the end of an iteration the adapters are merged into the weig
 (``W + (alpha / r) B A``) and saved as a full Hugging Face checkpoint (the next opponent), with
 the adapter beside it in ``model/adapter``.
 
+QLoRA (``training.quantize = "nf4"``, one process): the frozen base is held in 4-bit NF4
+(bitsandbytes); the opponent that samples and scores is that quantized base too, and the merged
+checkpoint is the dequantized base plus the adapters (exactly the trained policy, in full
+precision).
+
 The adapters' initial A is drawn from a generator seeded by ``training.seed`` and the module's
 name (uniform in ±1/sqrt(fan_in), peft's default distribution), so one process, any number of
 FSDP ranks and a resumed run start from the same adapters.
@@ -118,5 +123,74 @@ def merged_state_dict(state: dict[str, torch.Tensor], scaling: float) -> dict[st
     return merged
 
 
-def scaling(cfg: TrainingConfig) -> float:
-    return cfg.lora_alpha / cfg.lora_rank
+#: Set by the Loader on a LoRA model over a 4-bit base: the checkpoint the base was quantized from.
+QUANTIZED_FROM = "spin_quantized_from"
+
+
+def full_precision_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every 4-bit (bitsandbytes) base weight in full precision as the
+    policy used it, ``dequantize(quantize(W))`` (and bnb's quantization entries dropped): the base
+    to merge the adapters into. Other models: their state dict as it is.
+
+    The 4-bit weights are quantized again from the checkpoint they were loaded from (one tensor at
+    a time) rather than read back from the live parameters: bitsandbytes' CPU kernels repack a
+    weight in place on its first forward, into a layout it offers no exact inverse for.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    quantized = {n for n, p in params.items() if getattr(p, "quant_state", None) is not None}
+    out: dict[str, torch.Tensor] = {}
+    source = _safetensors_reader(getattr(model, QUANTIZED_FROM, None)) if quantized else None
+    for name, value in model.state_dict().items():
+        if name in quantized:
+            from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+            state = params[name].quant_state
+            hf = name.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".")
+            w = source(hf).to(state.dtype)
+            packed, fresh = quantize_4bit(w, blocksize=state.blocksize, quant_type=state.quant_type,
+                                          compress_statistics=False)
+            out[name] = dequantize_4bit(packed, fresh).to(state.dtype)
+        elif not any(name.startswith(q + ".") for q in quantized):  # not one of bnb's quant-state entries
+            out[name] = value
+    return out
+
+
+def _safetensors_reader(path: str | None):
+    """``name -> tensor`` over the safetensors files of a model directory (read lazily)."""
+    import glob
+    import os
+
+    from safetensors import safe_open
+
+    if path is None:
+        raise RuntimeError("a 4-bit model without the checkpoint it was quantized from (Loader sets it)")
+    where = {}
+    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        with safe_open(f, framework="pt") as handle:
+            where.update(dict.fromkeys(handle.keys(), f))
+
+    def read(name: str) -> torch.Tensor:
+        with safe_open(where[name], framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    return read
+
+
+def export_target(peft_model: nn.Module) -> nn.Module:
+    """The model whose ``save_pretrained`` writes the merged checkpoint: the base model, or for a
+    4-bit base an empty (meta) unquantized model of the same config (a quantized model's
+    save_pretrained writes its packed weights and a quantization config, whatever state dict it
+    is given; the next opponent is a full-precision checkpoint)."""
+    base = peft_model.get_base_model()
+    if getattr(base, "hf_quantizer", None) is None:
+        return base
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(base.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=base.dtype)
+
