@@ -9,6 +9,7 @@ Layout and math: docs/spin-math.md.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .autograd import LinearLogprobsFunction, LinearSPINLossFunction
@@ -86,6 +87,10 @@ def _spin_loss(hidden: Tensor, weight: Tensor, targets: Tensor, cu_seqlens: Tens
                bias: Tensor | None, opts: SpinOptions) -> tuple[Tensor, dict[str, Tensor]]:
     """``linear_spin_loss`` with its options already checked."""
     check_linear_inputs(hidden, weight, targets, cu_seqlens, bias, ref_logps, spin=True)
+    if not torch.is_grad_enabled():
+        # No backward will come, but a Function's needs_input_grad says only requires_grad:
+        # detached inputs tell the op to skip the gradients it would compute in the forward.
+        hidden, weight, bias = hidden.detach(), weight.detach(), None if bias is None else bias.detach()
     loss, seq = LinearSPINLossFunction.apply(hidden, weight, bias, targets, cu_seqlens, ref_logps, opts, None)
     ref = ref_logps.detach().to(seq.dtype)
     return loss, spin_metrics(seq[0::2], seq[1::2], ref[0::2], ref[1::2], opts.beta)
