@@ -22,9 +22,9 @@ import time
 import torch
 
 from spin_kernels.ops.autograd import LinearSPINLossFunction
-from spin_kernels.ops.backends import HeadSpec
 from spin_kernels.ops.backends.cpu_backend import CpuFused
 from spin_kernels.ops.backends.torch_chunked import TorchChunked
+from spin_kernels.ops.options import SpinOptions
 
 IGNORE = -100
 
@@ -54,7 +54,7 @@ def parse_config(text: str) -> dict:
 
 def step(inputs, backend) -> None:
     h, w, y, cu, ref = inputs
-    loss, _ = LinearSPINLossFunction.apply(h, w, None, y, cu, ref, IGNORE, HeadSpec(), False, 0.1, "sigmoid", backend)
+    loss, _ = LinearSPINLossFunction.apply(h, w, None, y, cu, ref, SpinOptions(IGNORE, check_values=False), backend)
     loss.backward()
 
 

@@ -19,6 +19,7 @@ from spin_kernels.ops.autograd import LinearLogprobsFunction, LinearSPINLossFunc
 from spin_kernels.ops.backends import HeadSpec, Needs
 from spin_kernels.ops.layout import pair_groups
 from spin_kernels.ops.naive import naive_linear_logprobs, naive_linear_spin_loss
+from spin_kernels.ops.options import HeadOptions, SpinOptions
 
 cpu_backend = pytest.importorskip("spin_kernels.ops.backends.cpu_backend",
                                   reason="the C++ extension spin_kernels._C is not built")
@@ -34,23 +35,23 @@ def _ids(options):
     return "-".join(options) or "plain"
 
 
-def _spec(options):
-    return HeadSpec(options.get("temperature", 1.0), options.get("softcap"))
+def _head(options):
+    return {k: v for k, v in options.items() if k != "bias"}
 
 
 def _naive_kwargs(case, options):
-    return dict(bias=case.bias, **{k: v for k, v in options.items() if k != "bias"})
+    return dict(bias=case.bias, **_head(options))
 
 
 def _logprobs(case, backend, options):
-    return LinearLogprobsFunction.apply(case.hidden, case.weight, case.bias, case.targets, case.cu_seqlens, IGNORE,
-                                        _spec(options), options.get("average", False), backend)
+    return LinearLogprobsFunction.apply(case.hidden, case.weight, case.bias, case.targets, case.cu_seqlens,
+                                        HeadOptions(IGNORE, **_head(options)), backend)
 
 
 def _spin_loss(case, backend, options, beta=0.3, loss_type="sigmoid"):
     return LinearSPINLossFunction.apply(case.hidden, case.weight, case.bias, case.targets, case.cu_seqlens,
-                                        case.ref_logps, IGNORE, _spec(options), options.get("average", False), beta,
-                                        loss_type, backend)[0]
+                                        case.ref_logps, SpinOptions(IGNORE, beta=beta, loss_type=loss_type,
+                                                                    **_head(options)), backend)[0]
 
 
 def _check_against_reference(case, out, ref_case, ref, rtol_out, rtol_grad):
@@ -223,8 +224,8 @@ def test_mixed_input_dtypes_compute_in_fp32():
     case = make_case([12, 9, 14, 7], 16, 45, seed=12)
     hidden = case.hidden.detach().bfloat16().requires_grad_()
     backend = CpuFused(parts=2, vocab_tile=8)
-    out = LinearLogprobsFunction.apply(hidden, case.weight, None, case.targets, case.cu_seqlens, IGNORE, HeadSpec(),
-                                       False, backend)
+    out = LinearLogprobsFunction.apply(hidden, case.weight, None, case.targets, case.cu_seqlens, HeadOptions(IGNORE),
+                                       backend)
     ref = naive_linear_logprobs(hidden.double(), case.weight.double(), case.targets, case.cu_seqlens)
     assert_close(out, ref, 2e-5, "logps")
     dh, dw = grads(out.sum(), [hidden, case.weight])

@@ -199,6 +199,24 @@ def test_no_grad_forward_matches_grad_forward(impl):
     assert_close(a, b, 1e-6, "loss")
 
 
+def test_no_grad_forward_computes_no_gradients(impl, monkeypatch):
+    """Under no_grad the SPIN op asks its backend for the forward only (2·N·H·V flops), not for
+    the gradients it computes in the forward when a backward will come."""
+    from spin_kernels.ops.backends import resolve_backend
+
+    backend_type = type(resolve_backend(impl, torch.device("cpu")))
+    calls = []
+    fused = backend_type.spin_forward_backward
+    monkeypatch.setattr(backend_type, "spin_forward_backward", lambda self, *a: calls.append(1) or fused(self, *a))
+    case = make_case([5, 6, 7, 3], 9, 30, bias=True, seed=12)
+    args = (case.hidden, case.weight, case.targets, case.cu_seqlens, case.ref_logps)
+    with torch.no_grad():
+        linear_spin_loss(*args, bias=case.bias, impl=impl)
+    assert calls == []
+    linear_spin_loss(*args, bias=case.bias, impl=impl)
+    assert calls == [1]
+
+
 def test_spin_backward_hands_over_its_gradients_scaled_in_place(impl):
     """The SPIN op's gradients, computed in the forward, reach .grad scaled in place (no second
     [V, H] copy); a second backward through the same graph is refused, not scaled twice."""

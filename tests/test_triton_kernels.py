@@ -19,9 +19,10 @@ from test_ops_reference import OPTIONS, RTOL, _check_logprobs, _head_kwargs
 
 from spin_kernels import linear_logprobs, linear_spin_loss
 from spin_kernels.ops.autograd import LinearLogprobsFunction
-from spin_kernels.ops.backends import HeadSpec, resolve_backend
+from spin_kernels.ops.backends import resolve_backend
 from spin_kernels.ops.backends.triton_backend import TritonBackend, filter_eps_for
 from spin_kernels.ops.naive import naive_linear_logprobs, naive_linear_spin_loss
+from spin_kernels.ops.options import HeadOptions, SpinOptions
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -184,8 +185,8 @@ def test_backward_in_row_blocks_and_vocabulary_chunks_matches_float64_reference(
     assert counted > 16 and (block < counted) == (workspace < 30_000) and (chunk < 131) == (workspace < 2**20)
     r = case.float64()
     ref = naive_linear_logprobs(r.hidden, r.weight, case.targets, case.cu_seqlens, bias=r.bias, softcap=4.0)
-    out = LinearLogprobsFunction.apply(case.hidden, case.weight, case.bias, case.targets, case.cu_seqlens, IGNORE,
-                                       HeadSpec(softcap=4.0), False, TritonBackend(workspace_bytes=workspace))
+    out = LinearLogprobsFunction.apply(case.hidden, case.weight, case.bias, case.targets, case.cu_seqlens,
+                                       HeadOptions(IGNORE, softcap=4.0), TritonBackend(workspace_bytes=workspace))
     upstream = torch.randn(out.shape, dtype=torch.float64, device=out.device)
     got = grads((out.double() * upstream).sum(), [case.hidden, case.weight, case.bias])
     want = grads((ref * upstream.to(ref.device)).sum(), [r.hidden, r.weight, r.bias])
@@ -211,8 +212,8 @@ def test_workspace_shape_fits_the_budget():
 
 
 def _grads_with_filter(case, setting):
-    out = LinearLogprobsFunction.apply(case.hidden, case.weight, case.bias, case.targets, case.cu_seqlens, IGNORE,
-                                       HeadSpec(), False, TritonBackend(grad_filter=setting))
+    out = LinearLogprobsFunction.apply(case.hidden, case.weight, case.bias, case.targets, case.cu_seqlens,
+                                       HeadOptions(IGNORE), TritonBackend(grad_filter=setting))
     return grads(out.sum(), [case.hidden, case.weight, case.bias])
 
 
@@ -263,23 +264,22 @@ def test_torch_compile_fullgraph_matches_eager():
 
 def test_custom_ops_pass_opcheck():
     """Schema, fake (meta) implementations, autograd registration and AOT dispatch with dynamic
-    shapes of the three torch.library ops, on impl="triton"."""
+    shapes of the three torch.library ops, on impl="triton". Their autograd is the Functions'
+    (autograd.py), not the ops': the ops are checked on detached inputs."""
     from spin_kernels.ops import library
 
     case = on_device(make_case([5, 7, 0, 9], 16, 40, bias=True, seed=3))
-    head = (case.hidden, case.weight, case.bias, case.targets, case.cu_seqlens)
-    options = (IGNORE, 0.9, 3.0, False)
+    head = tuple(t.detach() for t in (case.hidden, case.weight, case.bias, case.targets, case.cu_seqlens))
+    options = dict(ignore_index=IGNORE, temperature=0.9, softcap=3.0, average=False, impl="triton")
+    needs = (True, True, True)
     checks = [
-        (library.linear_logprobs_op, head + options + ("triton", True)),
-        (library.linear_spin_loss_op,
-         head + (case.ref_logps,) + options + (0.1, "sigmoid", "triton", True, True, True, True)),
+        (library.linear_logprobs_op, head + HeadOptions(**options).scalars()),
+        (library.linear_spin_loss_op, head + (case.ref_logps,) + SpinOptions(**options, beta=0.1).scalars() + needs),
     ]
     _, lse_tokens = library.linear_logprobs_op(*checks[0][1])
     grad_seq = torch.randn(4, device=DEVICE)
-    # No double backward: the backward op is checked on detached inputs (schema, fake, dispatch).
-    detached = tuple(t.detach() for t in head)
     checks.append((library.linear_logprobs_backward_op,
-                   (grad_seq,) + detached + (lse_tokens.detach(),) + options + ("triton", True, True, True)))
+                   (grad_seq,) + head + (lse_tokens,) + HeadOptions(**options).scalars() + needs))
     for op, args in checks:
         result = torch.library.opcheck(op, args)
         assert set(result.values()) == {"SUCCESS"}, (op, result)

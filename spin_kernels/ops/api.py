@@ -1,9 +1,10 @@
-"""The public fused ops: validate, pick a backend, call the autograd Function.
+"""The public fused ops: validate once, then call the op's autograd Function.
 
-Layout (../shared/docs/spin-math.md): ``hidden [N, H]`` last hidden states of all tokens of
-all sequences, concatenated; ``weight [V, H]`` the lm_head; ``targets [N]`` the token each row
-predicts (shifted inside its own sequence) or ``ignore_index``; ``cu_seqlens [S+1]`` with
-sequence i owning rows ``cu[i]:cu[i+1]``.
+``linear_logprobs``, ``linear_spin_loss`` and the module ``LinearSPINLoss`` build their options
+(``options.py``, validated there) and check the tensors' types, shapes, dtypes and devices
+(``validation.check_linear_inputs``) here; the values are checked inside the op, where the
+data is (``library.py``). The same code runs in eager mode and under ``torch.compile``.
+Layout and math: docs/spin-math.md.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import torch
 from torch import Tensor, nn
 
 from .autograd import LinearLogprobsFunction, LinearSPINLossFunction
-from .backends import HeadSpec, resolve_backend
-from .objective import check_loss_options, spin_metrics
-from .validation import check_head_options, check_linear_inputs
+from .doc import with_doc
+from .objective import spin_metrics
+from .options import HeadOptions, SpinOptions
+from .validation import check_linear_inputs
 
 
+@with_doc
 def linear_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -34,35 +37,19 @@ def linear_logprobs(
     """Per-sequence log-probabilities straight from hidden states, without [N, V] logits.
 
     Args:
-        hidden: [N, H] float16/bfloat16/float32/float64.
-        weight: [V, H] the lm_head (may be a view, e.g. tied embeddings).
-        targets: [N] int32/int64, values in [0, V) or ``ignore_index``.
-        cu_seqlens: [S+1] int32/int64, 0 = cu[0] <= ... <= cu[S] = N.
-        bias: optional [V].
-        temperature: logits are divided by it (> 0).
-        softcap: if set, z = softcap * tanh(u / softcap) (Gemma-2 style).
-        average: mean over counted tokens instead of the sum (0 for a sequence with none).
-        impl: "auto" | "torch" | "triton" | "cpu".
-        check_values: check the values of targets and cu_seqlens, and that the counted rows of
-            hidden are finite (one host synchronisation on a GPU). False skips it, for inputs
-            known to be good: on the Triton path the call then never waits for the GPU; a bad
-            value gives wrong numbers, never a memory error.
+{tensors}
+{head_options}
 
     Returns:
         [S] float32 (float64 for float64 inputs): sum over counted rows of log softmax(z)[target].
     """
-    if torch.compiler.is_compiling():  # one opaque custom op; it validates when it runs
-        from .library import linear_logprobs_via_library
-
-        return linear_logprobs_via_library(hidden, weight, targets, cu_seqlens, bias, ignore_index, temperature,
-                                           softcap, average, impl, check_values)
-    check_head_options(ignore_index, temperature, softcap, average, impl)
-    check_linear_inputs(hidden, weight, targets, cu_seqlens, bias, ignore_index, check_values)
-    backend = resolve_backend(impl, hidden.device)
-    spec = HeadSpec(float(temperature), None if softcap is None else float(softcap))
-    return LinearLogprobsFunction.apply(hidden, weight, bias, targets, cu_seqlens, ignore_index, spec, average, backend)
+    opts = HeadOptions.checked(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+                               average=average, impl=impl, check_values=check_values)
+    check_linear_inputs(hidden, weight, targets, cu_seqlens, bias)
+    return LinearLogprobsFunction.apply(hidden, weight, bias, targets, cu_seqlens, opts, None)
 
 
+@with_doc
 def linear_spin_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -82,47 +69,43 @@ def linear_spin_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The SPIN loss of a packed batch of (real, synthetic) pairs, fused with the lm_head.
 
-    Sequences are interleaved pairs: sequence 2p is the real response of pair p, 2p+1 its
-    synthetic one. Arguments as in ``linear_logprobs``, plus:
-
     Args:
-        ref_logps: [S] floating, the opponent's per-sequence log-probs in the same order
-            (no gradient flows into it).
-        beta: > 0; loss_type: "sigmoid" (default, the paper's) or "hinge".
-        check_values: as in ``linear_logprobs``, and ref_logps must be finite (in the same single
-            synchronisation); with False and impl="triton" the whole call (loss, metrics and the
-            gradients it computes) runs without a host synchronisation.
+{tensors}
+{ref_logps}
+{spin_options}
+{head_options}
 
     Returns:
-        (loss, metrics): loss a float32 scalar (mean over pairs); metrics a dict of detached
-        scalars rewards/real, rewards/synthetic, rewards/margin, rewards/accuracy, logps/real,
-        logps/synthetic. When gradients are needed they are computed in the forward pass.
+{spin_returns}
     """
-    if torch.compiler.is_compiling():  # one opaque custom op; it validates when it runs
-        from .library import linear_spin_loss_via_library
+    opts = SpinOptions.checked(beta=beta, loss_type=loss_type, ignore_index=ignore_index, temperature=temperature,
+                               softcap=softcap, average=average, impl=impl, check_values=check_values)
+    return _spin_loss(hidden, weight, targets, cu_seqlens, ref_logps, bias, opts)
 
-        loss, seq = linear_spin_loss_via_library(hidden, weight, targets, cu_seqlens, ref_logps, bias, ignore_index,
-                                                 temperature, softcap, average, beta, loss_type, impl,
-                                                 check_values)
-    else:
-        check_loss_options(beta, loss_type)
-        check_head_options(ignore_index, temperature, softcap, average, impl)
-        check_linear_inputs(hidden, weight, targets, cu_seqlens, bias, ignore_index, check_values, ref_logps,
-                            spin=True)
-        backend = resolve_backend(impl, hidden.device)
-        spec = HeadSpec(float(temperature), None if softcap is None else float(softcap))
-        loss, seq = LinearSPINLossFunction.apply(
-            hidden, weight, bias, targets, cu_seqlens, ref_logps, ignore_index, spec, average, float(beta),
-            loss_type, backend)
+
+def _spin_loss(hidden: Tensor, weight: Tensor, targets: Tensor, cu_seqlens: Tensor, ref_logps: Tensor,
+               bias: Tensor | None, opts: SpinOptions) -> tuple[Tensor, dict[str, Tensor]]:
+    """``linear_spin_loss`` with its options already checked."""
+    check_linear_inputs(hidden, weight, targets, cu_seqlens, bias, ref_logps, spin=True)
+    if not torch.is_grad_enabled():
+        # No backward will come, but a Function's needs_input_grad says only requires_grad:
+        # detached inputs tell the op to skip the gradients it would compute in the forward.
+        hidden, weight, bias = hidden.detach(), weight.detach(), None if bias is None else bias.detach()
+    loss, seq = LinearSPINLossFunction.apply(hidden, weight, bias, targets, cu_seqlens, ref_logps, opts, None)
     ref = ref_logps.detach().to(seq.dtype)
-    return loss, spin_metrics(seq[0::2], seq[1::2], ref[0::2], ref[1::2], float(beta))
+    return loss, spin_metrics(seq[0::2], seq[1::2], ref[0::2], ref[1::2], opts.beta)
 
 
+@with_doc
 class LinearSPINLoss(nn.Module):
-    """Module form of ``linear_spin_loss``: options in the constructor.
+    """Module form of ``linear_spin_loss``: the options in the constructor, checked there.
 
-    ``forward(hidden [N, H], weight [V, H], targets [N], cu_seqlens [S+1], ref_logps [S])``
-    returns ``(loss, metrics)``.
+    ``forward(hidden [N, H], weight [V, H], targets [N], cu_seqlens [S+1], ref_logps [S],
+    bias=None)`` returns ``(loss, metrics)``.
+
+    Args (the constructor's, keyword-only):
+{spin_options}
+{head_options}
     """
 
     def __init__(
@@ -138,20 +121,15 @@ class LinearSPINLoss(nn.Module):
         check_values: bool = True,
     ):
         super().__init__()
-        check_loss_options(beta, loss_type)
-        check_head_options(ignore_index, temperature, softcap, average, impl)
-        self.beta, self.loss_type, self.ignore_index = beta, loss_type, ignore_index
-        self.temperature, self.softcap, self.average, self.impl = temperature, softcap, average, impl
-        self.check_values = check_values
+        self.options = SpinOptions.checked(beta=beta, loss_type=loss_type, ignore_index=ignore_index,
+                                           temperature=temperature, softcap=softcap, average=average, impl=impl,
+                                           check_values=check_values)
 
     def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor, cu_seqlens: Tensor, ref_logps: Tensor,
                 bias: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        return linear_spin_loss(
-            hidden, weight, targets, cu_seqlens, ref_logps, beta=self.beta, loss_type=self.loss_type, bias=bias,
-            ignore_index=self.ignore_index, temperature=self.temperature, softcap=self.softcap,
-            average=self.average, impl=self.impl, check_values=self.check_values)
+        return _spin_loss(hidden, weight, targets, cu_seqlens, ref_logps, bias, self.options)
 
     def extra_repr(self) -> str:
-        return (f"beta={self.beta}, loss_type={self.loss_type!r}, temperature={self.temperature}, "
-                f"softcap={self.softcap}, average={self.average}, impl={self.impl!r}")
-
+        o = self.options
+        return (f"beta={o.beta}, loss_type={o.loss_type!r}, temperature={o.temperature}, "
+                f"softcap={o.softcap}, average={o.average}, impl={o.impl!r}")

@@ -1,8 +1,15 @@
-"""autograd.Functions of the fused ops; backend-agnostic (the backend does the vocabulary work).
+"""The autograd Functions of the fused ops: one per op, calling its custom op (``library.py``)
+in eager and compiled modes alike (under ``torch.compile`` the Function is traced, the op stays
+opaque).
 
-* ``LinearLogprobsFunction``: forward saves only the per-row log-sum-exp; backward recomputes.
+* ``LinearLogprobsFunction``: forward saves only the per-token log-sum-exp; backward recomputes
+  the logits (``spin_kernels::linear_logprobs_backward``).
 * ``LinearSPINLossFunction``: gradients are computed during the forward (the loss is known
-  there) and only scaled by the upstream gradient in backward.
+  there) and only scaled by the upstream gradient in backward, in place.
+
+Both take the tensors, the options (``options.py``) and ``backend``: None for the backend that
+``options.impl`` names (the public API), or a configured Backend instance (tests, tuning), which
+cannot cross the dispatcher and so runs the op's implementation directly.
 """
 
 from __future__ import annotations
@@ -10,78 +17,75 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backends import Backend, HeadSpec, Needs
-from .layout import CountedRows
-from .objective import spin_terms
+from . import library
+from .backends import Backend, Needs
+from .options import HeadOptions, SpinOptions
 
 
 def _unless_one(grad_loss: Tensor) -> Tensor | None:
-    """None when the upstream gradient is exactly 1 (``loss.backward()``) on CPU, where reading
-    it is free; on other devices reading it would synchronise, so the scale is always applied."""
-    if grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and grad_loss.item() == 1.0:
-        return None
-    return grad_loss
+    """None when the upstream gradient is exactly 1 (``loss.backward()``) on CPU in eager mode,
+    where reading it is free; on other devices reading it would synchronise, and under
+    ``torch.compile`` it would break the graph, so the scale is applied."""
+    if torch.compiler.is_compiling() or grad_loss.device.type != "cpu" or grad_loss.numel() != 1:
+        return grad_loss
+    return None if grad_loss.item() == 1.0 else grad_loss
 
 
-def _scaled_(grad: Tensor | None, scale: Tensor | None) -> Tensor | None:
+def _scaled_(grad: Tensor, needed: bool, scale: Tensor | None) -> Tensor | None:
     """A gradient saved by the forward, handed over scaled in place: one [V, H] dweight at the
     peak, not two. A second backward through the same graph (retain_graph) then stops at torch's
-    saved-tensor version check instead of scaling twice."""
-    if grad is None or scale is None:
-        return grad
-    return grad.mul_(scale.to(grad.dtype))
-
-
-def _cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
-    """grad in like's dtype (the same tensor when it already is); None if either is None."""
-    if grad is None or like is None:
+    saved-tensor version check instead of scaling twice. Under ``torch.compile`` the traced
+    backward is functional: inductor writes the product into the saved (donated) buffer, and a
+    second backward is refused for that buffer; aot_eager allocates a second one."""
+    if not needed:
         return None
-    return grad.to(like.dtype)
+    return grad if scale is None else grad.mul_(scale.to(grad.dtype))
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, cu_seqlens, ignore_index: int, spec: HeadSpec,
-                average: bool, backend: Backend):
-        rows = CountedRows.build(targets, cu_seqlens, ignore_index, backend.pads_rows(hidden, weight, bias))
-        logp, lse = backend.rows_forward(hidden, weight, bias, rows.targets, spec, rows.index, rows.count)
-        ctx.save_for_backward(hidden, weight, bias, lse)
-        ctx.rows, ctx.spec, ctx.average, ctx.backend = rows, spec, average, backend
-        return rows.seq_logps(logp, average)
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, cu_seqlens: Tensor,
+                opts: HeadOptions, backend: Backend | None = None) -> Tensor:
+        tensors = (hidden, weight, bias, targets, cu_seqlens)
+        if backend is None:
+            seq, lse = library.linear_logprobs_op(*tensors, *opts.scalars())
+        else:
+            seq, lse = library.logprobs_forward(*tensors, opts, backend)
+        ctx.save_for_backward(*tensors, lse)
+        ctx.opts, ctx.backend = opts, backend
+        return seq
 
     @staticmethod
-    def backward(ctx, grad_seq):
-        hidden, weight, bias, lse = ctx.saved_tensors
-        rows: CountedRows = ctx.rows
-        needs = Needs(*ctx.needs_input_grad[:3])
-        grad = rows.row_grads(grad_seq.to(lse.dtype), ctx.average)
-        dh, dw, db = ctx.backend.rows_backward(
-            hidden, weight, bias, rows.targets, lse, grad, ctx.spec, needs, rows.index, rows.count)
-        return _cast(dh, hidden), _cast(dw, weight), _cast(db, bias), None, None, None, None, None, None
+    def backward(ctx, grad_seq: Tensor):
+        hidden, weight, bias, targets, cu_seqlens, lse = ctx.saved_tensors
+        need = ctx.needs_input_grad[:3]
+        args = (grad_seq, hidden, weight, bias, targets, cu_seqlens, lse)
+        if ctx.backend is None:
+            dh, dw, db = library.linear_logprobs_backward_op(*args, *ctx.opts.scalars(), *need)
+        else:
+            dh, dw, db = library.logprobs_backward(*args, ctx.opts, Needs(*need), ctx.backend)
+        return dh if need[0] else None, dw if need[1] else None, db if need[2] else None, None, None, None, None
 
 
 class LinearSPINLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, cu_seqlens, ref_logps, ignore_index: int, spec: HeadSpec,
-                average: bool, beta: float, loss_type: str, backend: Backend):
-        rows = CountedRows.build(targets, cu_seqlens, ignore_index, backend.pads_rows(hidden, weight, bias))
-        ref = ref_logps.detach()
-        needs = Needs(*ctx.needs_input_grad[:3])
-        if needs.hidden or needs.weight or needs.bias:
-            seq, loss, dh, dw, db = backend.spin_forward_backward(
-                hidden, weight, bias, rows, ref, beta, loss_type, average, spec, needs)
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, cu_seqlens: Tensor,
+                ref_logps: Tensor, opts: SpinOptions, backend: Backend | None = None) -> tuple[Tensor, Tensor]:
+        tensors = (hidden, weight, bias, targets, cu_seqlens, ref_logps.detach())
+        need = ctx.needs_input_grad[:3]
+        if backend is None:
+            loss, seq, dh, dw, db = library.linear_spin_loss_op(*tensors, *opts.scalars(), *need)
         else:
-            logp, _ = backend.rows_forward(hidden, weight, bias, rows.targets, spec, rows.index, rows.count)
-            seq = rows.seq_logps(logp, average)
-            loss, _ = spin_terms(seq, ref, beta, loss_type, max(rows.num_seqs // 2, 1))
-            dh = dw = db = None
-        # Stored in the parameters' dtypes: they are the gradients, only rescaled in backward.
-        ctx.save_for_backward(_cast(dh, hidden), _cast(dw, weight), _cast(db, bias))
+            loss, seq, dh, dw, db = library.spin_forward(*tensors, opts, Needs(*need), backend)
+        # In the parameters' dtypes: they are the gradients, only rescaled in backward.
+        ctx.save_for_backward(dh, dw, db)
         ctx.mark_non_differentiable(seq)
         return loss, seq
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_seq):
+    def backward(ctx, grad_loss: Tensor, _grad_seq: Tensor):
         dh, dw, db = ctx.saved_tensors
         scale = _unless_one(grad_loss)
-        return (_scaled_(dh, scale), _scaled_(dw, scale), _scaled_(db, scale)) + (None,) * 9
+        need = ctx.needs_input_grad
+        return (_scaled_(dh, need[0], scale), _scaled_(dw, need[1], scale), _scaled_(db, need[2], scale),
+                None, None, None, None, None)

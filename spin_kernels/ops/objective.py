@@ -1,4 +1,4 @@
-"""The SPIN objective on per-sequence log-probabilities (../shared/docs/spin-math.md).
+"""The SPIN objective on per-sequence log-probabilities (docs/spin-math.md).
 
 Everything here works on small per-pair tensors ([P] or [S] = [2P]) and is the one home of
 the loss formulas: the public ``spin_loss`` and every fused path (torch, C++ epilogue tests,

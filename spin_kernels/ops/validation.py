@@ -1,5 +1,11 @@
 """Input validation for the fused ops: every check runs before any kernel does.
 
+Three checks, each called from one place: the scalar options (``check_head_options``, by
+``options.HeadOptions.checked``), the tensors' types, shapes, dtypes and devices
+(``check_linear_inputs``, by ``api.py``, before the autograd Function; traceable, so it runs
+at trace time under ``torch.compile``), and their values (``check_linear_values``, by the
+custom ops' implementations in ``library.py``, where the data is).
+
 Errors name the argument and what was expected. Value checks (target range, cu_seqlens
 monotonicity) need one host synchronisation on CUDA; they are batched into a single one, and a
 caller whose inputs are known good (its own packer built them) can skip them with
@@ -25,7 +31,8 @@ def _require_tensor(name: str, x: object) -> Tensor:
     return x
 
 
-def check_head_options(ignore_index: int, temperature: float, softcap: float | None, average: bool, impl: str) -> None:
+def check_head_options(ignore_index: int, temperature: float, softcap: float | None, average: bool, impl: str,
+                       check_values: bool) -> None:
     """Scalar options shared by linear_logprobs and linear_spin_loss."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
@@ -42,6 +49,8 @@ def check_head_options(ignore_index: int, temperature: float, softcap: float | N
         raise TypeError(f"average must be a bool, got {type(average).__name__}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if not isinstance(check_values, bool):
+        raise TypeError(f"check_values must be a bool, got {type(check_values).__name__}")
 
 
 def check_linear_inputs(
@@ -50,18 +59,15 @@ def check_linear_inputs(
     targets: Tensor,
     cu_seqlens: Tensor,
     bias: Tensor | None,
-    ignore_index: int,
-    check_values: bool = True,
     ref_logps: Tensor | None = None,
     spin: bool = False,
 ) -> None:
-    """Shapes, dtypes, devices and values of the packed head inputs (../shared/docs/spin-math.md).
+    """Types, shapes, dtypes and devices of the packed head inputs (docs/spin-math.md); no
+    synchronisation.
 
-    hidden [N, H] floating, finite in the counted rows (target != ignore_index); weight [V, H]
-    floating; targets [N] int32/int64 in [0, V) or ignore_index; cu_seqlens [S+1] int32/int64,
-    0 = cu[0] <= ... <= cu[S] = N; bias [V] or None; with ``spin`` (the SPIN ops) ref_logps as
-    ``check_ref_logps`` says, and finite. Shapes, dtypes and devices are always checked (no
-    synchronisation); values only if ``check_values``, all in one host synchronisation.
+    hidden [N, H] floating; weight [V, H] floating; targets [N] int32/int64; cu_seqlens [S+1]
+    int32/int64; bias [V] or None; with ``spin`` (the SPIN ops) ref_logps as
+    ``check_ref_logps`` says.
     """
     hidden = _require_tensor("hidden", hidden)
     weight = _require_tensor("weight", weight)
@@ -104,12 +110,15 @@ def check_linear_inputs(
             raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
     if spin:
         check_ref_logps(ref_logps, cu_seqlens, hidden.device)
-    if not isinstance(check_values, bool):
-        raise TypeError(f"check_values must be a bool, got {type(check_values).__name__}")
-    if not check_values:
-        return
 
-    # Value checks, gathered into one host sync.
+
+def check_linear_values(hidden: Tensor, weight: Tensor, targets: Tensor, cu_seqlens: Tensor, ignore_index: int,
+                        ref_logps: Tensor | None = None) -> None:
+    """The values of inputs that passed ``check_linear_inputs``, in one host synchronisation:
+    targets in [0, V) or ignore_index; 0 = cu[0] <= ... <= cu[S] = N; hidden finite in the
+    counted rows (target != ignore_index); ref_logps (the SPIN ops, else None) finite."""
+    n, v = hidden.shape[0], weight.shape[0]
+    spin = ref_logps is not None
     cu = cu_seqlens.long()
     counted = targets != ignore_index
     bad_target = (counted & ((targets < 0) | (targets >= v))).any()

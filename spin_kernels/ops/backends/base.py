@@ -1,8 +1,8 @@
 """The contract between the op layer and a kernel backend.
 
-The op layer (``spin_kernels/ops/autograd.py``) validates inputs, compacts the counted rows
-(``CountedRows``), does segment sums and the SPIN epilogue. A backend only does the
-vocabulary-sized work on counted rows:
+The op layer (the custom ops' kernels in ``spin_kernels/ops/library.py``) validates inputs,
+compacts the counted rows (``CountedRows``), does segment sums and the SPIN epilogue. A backend
+only does the vocabulary-sized work on counted rows:
 
 * ``rows_forward``  — per-row log-prob and log-sum-exp (2·M·H·V flops);
 * ``rows_backward`` — gradients from per-row upstream scales, recomputing logits (6·M·H·V);
