@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[benchmarks] {env['device_name']} ({env['device_slug']}), torch {env['versions']['torch']}, "
           f"{env['torch_threads']} threads, settings {settings}", flush=True)
     suites = ("kernels", "e2e") if args.suite == "all" else (args.suite,)
+    failed = 0
     for suite in suites:
         t0 = time.perf_counter()
         runner = run_kernels if suite == "kernels" else run_e2e
@@ -161,7 +162,14 @@ def main(argv: list[str] | None = None) -> int:
         record["wall_s"] = time.perf_counter() - t0
         for path in write_run(record, args.out):
             print(f"[benchmarks] wrote {path}", flush=True)
-    return 0
+        if args.dry_run:  # a failure is what a dry run is for: it fails the command, not just a cell
+            for r in (r for r in record["cases"] if r["status"] == "error"):
+                failed += 1
+                print(f"[dry-run] {suite}: {r['case']} {r.get('op', '')} {r.get('mode', '')} "
+                      f"{r.get('contender') or r.get('variant')}: {r['note']}", file=sys.stderr)
+    if failed:
+        print(f"[dry-run] {failed} run(s) failed (above): to look at before a GPU call", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
