@@ -3,6 +3,8 @@
 Writes ``<out>/<device-slug>/<suite>.json`` (environment, settings, every case with every
 repeat), ``<suite>.md`` (the tables) and PNG plots; ``<out>`` defaults to benchmarks/results.
 ``python -m benchmarks report FILE.json`` re-renders the tables and plots of a JSON.
+``--device cuda --dry-run`` runs the CUDA plan on the CPU at miniature sizes (benchmarks/dryrun.py);
+``python -m benchmarks check-out DIR`` checks DIR against what a device call brings back.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import shlex
 import sys
 import time
@@ -46,13 +49,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     run.add_argument("--budget-s", type=float, help="stop starting kernel groups after this many seconds")
     run.add_argument("--e2e-budget-s", type=float, help="likewise for the e2e suite")
     run.add_argument("--no-memory", action="store_true", help="skip the CPU memory subprocesses")
+    run.add_argument("--dry-run", action="store_true",
+                     help="with --device cuda: its plan on the CPU at miniature sizes, Triton interpreted, to catch on "
+                          "a CPU what would fail on the GPU (benchmarks/dryrun.py); no warm-up, 1 repeat by default")
     rep = sub.add_parser("report", help="re-render Markdown and plots from run JSONs")
     rep.add_argument("json", nargs="+", type=Path)
+    chk = sub.add_parser("check-out", help="check a folder against what a device call brings back from $OUT "
+                                           "(8 files, 2 folders deep, plain names)")
+    chk.add_argument("folder", type=Path)
     return p.parse_args(argv)
 
 
 def _settings(args: argparse.Namespace, device: torch.device) -> dict:
     cuda = device.type == "cuda"
+    if args.dry_run:  # paths, not figures: the fewest runs that take the recording branches
+        return {"warmup": args.warmup if args.warmup is not None else 0,
+                "repeats": args.repeats if args.repeats is not None else 1,
+                "quick": args.quick, "memory": False, "budget_s": args.budget_s, "dry_run": True}
     return {
         "warmup": args.warmup if args.warmup is not None else 2,  # Liger's torch.compile recompiles on call 2
         "repeats": args.repeats if args.repeats is not None else (3 if args.quick or not cuda else 5),
@@ -63,9 +76,11 @@ def _settings(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 def _record(suite: str, env: dict, settings: dict, argv: list[str]) -> dict:
+    from .dryrun import NOTE
+
     return {"schema": 1, "suite": suite, "created": datetime.datetime.now(datetime.UTC).isoformat(
         timespec="seconds"), "command": "python -m benchmarks " + shlex.join(argv), "env": env,
-        "settings": settings, "cases": [], "unavailable": {}, "notes": []}
+        "settings": settings, "cases": [], "unavailable": {}, "notes": [NOTE] if settings.get("dry_run") else []}
 
 
 def run_kernels(args, device, env, settings, argv) -> dict:
@@ -73,8 +88,9 @@ def run_kernels(args, device, env, settings, argv) -> dict:
 
     record = _record("kernels", env, settings, argv)
     suite = KernelSuite(device, only=_csv(args.only), warmup=settings["warmup"], repeats=settings["repeats"],
-                        memory=settings["memory"], budget_s=args.budget_s)
-    plan = make_plan(device, _csv(args.shapes), _csv(args.ops), _csv(args.modes), args.quick)
+                        memory=settings["memory"], budget_s=args.budget_s, dry_run=args.dry_run)
+    plan_device = torch.device("cuda") if args.dry_run else device
+    plan = make_plan(plan_device, _csv(args.shapes), _csv(args.ops), _csv(args.modes), args.quick)
     record["plan"] = [dataclasses.asdict(g) for g in plan]
     record["unavailable"] = suite.unavailable
     record["notes"].append("Inputs: random, logits std ~4, equal sequence lengths; reference log-probs are "
@@ -90,8 +106,8 @@ def run_e2e(args, device, env, settings, argv) -> dict:
 
     record = _record("e2e", {**env}, settings, argv)
     cases, notes = run_suite(device, _csv(args.e2e_cases), warmup=settings["warmup"], repeats=settings["repeats"],
-                             budget_s=args.e2e_budget_s, memory=settings["memory"])
-    record["cases"], record["notes"] = cases, notes
+                             budget_s=args.e2e_budget_s, memory=settings["memory"], dry_run=args.dry_run)
+    record["cases"], record["notes"] = cases, record["notes"] + notes
     return record
 
 
@@ -105,9 +121,26 @@ def main(argv: list[str] | None = None) -> int:
             for out in render(json.loads(path.read_text()), path.parent):
                 print(out)
         return 0
+    if args.command == "check-out":
+        from .dryrun import check_layout
+
+        problems = check_layout(args.folder)
+        for line in problems:
+            print(f"[check-out] {line}", file=sys.stderr)
+        print(f"[check-out] {args.folder}: {'ok' if not problems else f'{len(problems)} problem(s)'}")
+        return 1 if problems else 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    if args.dry_run:
+        if args.device != "cuda":
+            print("--dry-run stands in for --device cuda; run it with --device cuda", file=sys.stderr)
+            return 2
+        # Before spin_kernels.triton is imported: Triton picks interpreter or compiler when a
+        # kernel is defined.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        device = torch.device("cpu")
+    else:
+        device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device visible", file=sys.stderr)
         return 2
@@ -115,10 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     from .report import write_run
 
     env = environment(device)
+    if args.dry_run:
+        env["device_slug"] = f"dry-run-{env['device_slug']}"
     settings = _settings(args, device)
     print(f"[benchmarks] {env['device_name']} ({env['device_slug']}), torch {env['versions']['torch']}, "
           f"{env['torch_threads']} threads, settings {settings}", flush=True)
     suites = ("kernels", "e2e") if args.suite == "all" else (args.suite,)
+    failed = 0
     for suite in suites:
         t0 = time.perf_counter()
         runner = run_kernels if suite == "kernels" else run_e2e
@@ -126,7 +162,14 @@ def main(argv: list[str] | None = None) -> int:
         record["wall_s"] = time.perf_counter() - t0
         for path in write_run(record, args.out):
             print(f"[benchmarks] wrote {path}", flush=True)
-    return 0
+        if args.dry_run:  # a failure is what a dry run is for: it fails the command, not just a cell
+            for r in (r for r in record["cases"] if r["status"] == "error"):
+                failed += 1
+                print(f"[dry-run] {suite}: {r['case']} {r.get('op', '')} {r.get('mode', '')} "
+                      f"{r.get('contender') or r.get('variant')}: {r['note']}", file=sys.stderr)
+    if failed:
+        print(f"[dry-run] {failed} run(s) failed (above): to look at before a GPU call", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

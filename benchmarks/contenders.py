@@ -106,8 +106,9 @@ class Contender:
     name = "base"
     kind = "baseline"  # "ours" | "baseline" | "floor"
 
-    def unavailable(self, device: torch.device) -> str | None:
-        """None if it runs on ``device``, else why not."""
+    def unavailable(self, device: torch.device, dry_run: bool = False) -> str | None:
+        """None if it runs on ``device``, else why not. ``dry_run``: the device is the CPU standing
+        in for CUDA (benchmarks/dryrun.py): what a CUDA run selects, where the CPU can run it."""
         return None
 
     def unsupported(self, op: str, mode: str) -> str | None:
@@ -131,14 +132,15 @@ class Ours(Contender):
         self.impl = impl
         self.name = f"ours:{impl}"
 
-    def unavailable(self, device):
+    def unavailable(self, device, dry_run=False):
         from spin_kernels.ops.backends import _FACTORIES, _UNAVAILABLE
+        from spin_kernels.triton.config import interpreting
 
         if self.impl not in _FACTORIES:
             return _UNAVAILABLE.get(self.impl, "not registered")
-        if self.impl == "triton" and device.type != "cuda":
+        if self.impl == "triton" and device.type != "cuda" and not (dry_run and interpreting()):
             return "triton runs on CUDA only (the interpreter is not a benchmark)"
-        if self.impl == "cpu" and device.type != "cpu":
+        if self.impl == "cpu" and (device.type != "cpu" or dry_run):
             return "the C++ impl runs on CPU only"
         return None
 
@@ -180,7 +182,7 @@ class Naive(Contender):
 class Liger(Contender):
     name = "liger"
 
-    def unavailable(self, device):
+    def unavailable(self, device, dry_run=False):
         try:
             from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss  # noqa: F401
         except Exception as exc:  # noqa: BLE001 — ImportError, or a broken install on another torch
@@ -249,7 +251,7 @@ class _PaddedRunner(Runner):
 class CCE(Contender):
     name = "cce"
 
-    def unavailable(self, device):
+    def unavailable(self, device, dry_run=False):
         try:
             from cut_cross_entropy import linear_cross_entropy  # noqa: F401
         except Exception as exc:  # noqa: BLE001
@@ -278,7 +280,7 @@ class CCE(Contender):
 class TRL(Contender):
     name = "trl"
 
-    def unavailable(self, device):
+    def unavailable(self, device, dry_run=False):
         try:
             from trl.kernels.chunked_logprob import ChunkedLogProbFunction  # noqa: F401
         except Exception as exc:  # noqa: BLE001
@@ -334,8 +336,8 @@ class GemmOneDnn(Gemm):
 
     name = "gemm:onednn"
 
-    def unavailable(self, device):
-        if device.type != "cpu":
+    def unavailable(self, device, dry_run=False):
+        if device.type != "cpu" or dry_run:
             return "CPU only"
         try:
             from spin_kernels.ops.backends.cpu_backend import default_gemm
@@ -362,13 +364,15 @@ def all_contenders(device: torch.device) -> list[Contender]:
     return [*(Ours(i) for i in impls), Naive(), Liger(), CCE(), TRL(), Gemm(), GemmOneDnn()]
 
 
-def select(device: torch.device, only: list[str] | None = None) -> tuple[list[Contender], dict[str, str]]:
-    """(available contenders, {name: why skipped}); ``only`` restricts by name (gemm always kept)."""
+def select(device: torch.device, only: list[str] | None = None,
+           dry_run: bool = False) -> tuple[list[Contender], dict[str, str]]:
+    """(available contenders, {name: why skipped}); ``only`` restricts by name (gemm always kept);
+    ``dry_run``: CUDA's contenders, on the CPU (see ``Contender.unavailable``)."""
     chosen, skipped = [], {}
     for c in all_contenders(device):
         if only and c.name not in only and c.name.split(":")[-1] not in only and c.kind != "floor":
             continue
-        why = c.unavailable(device)
+        why = c.unavailable(device, dry_run)
         if why:
             skipped[c.name] = why
         else:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from . import measure
+from .dryrun import miniature_e2e
 
 IGNORE_INDEX = -100
 VARIANTS = ("padded-full-logits", "packed-fused")
@@ -235,7 +236,8 @@ def _summary(case: E2ECase, variant: str, m: measure.Measured, step: Step | None
     return rec
 
 
-def run_case(case: E2ECase, device: torch.device, *, warmup: int, repeats: int, memory: bool) -> list[dict]:
+def run_case(case: E2ECase, device: torch.device, *, warmup: int, repeats: int, memory: bool,
+             dry_run: bool = False) -> list[dict]:
     steps: dict[str, Step] = {}
     measured = {v: measure.Measured() for v in VARIANTS}
     for v in VARIANTS:
@@ -244,7 +246,7 @@ def run_case(case: E2ECase, device: torch.device, *, warmup: int, repeats: int, 
         except Exception as exc:  # noqa: BLE001
             measured[v].fail(exc)
             measure.free_device_memory(device)
-    measure.timed_rounds(steps, measured, device, warmup=warmup, repeats=repeats)
+    measure.timed_rounds(steps, measured, device, warmup=warmup, repeats=repeats, dry_run=dry_run)
     if memory and device.type == "cpu":
         for v in VARIANTS:
             if measured[v].status == "ok":
@@ -259,27 +261,29 @@ def run_case(case: E2ECase, device: torch.device, *, warmup: int, repeats: int, 
 
 
 def run_suite(device: torch.device, names: list[str] | None, *, warmup: int, repeats: int,
-              budget_s: float | None = None, memory: bool = True, log=print) -> tuple[list[dict], list[str]]:
-    """Run e2e cases; returns (records, notes). Skips everything, with a note, if the packed path is missing."""
-    names = names or list(DEFAULT_CASES[device.type])
+              budget_s: float | None = None, memory: bool = True, log=print,
+              dry_run: bool = False) -> tuple[list[dict], list[str]]:
+    """Run e2e cases; returns (records, notes). Skips everything, with a note, if the packed path is missing.
+    ``dry_run``: the CUDA cases, each as its miniature, on the CPU (benchmarks/dryrun.py)."""
+    names = names or list(DEFAULT_CASES["cuda" if dry_run else device.type])
     notes = [("A step = policy forward + loss + backward (no optimizer update); tokens/s counts real tokens "
               "(the padded variant also computes its padding).")]
     why = missing_dependency()
     records = []
     started = time.perf_counter()
     for name in names:
-        case = CASES[name]
+        case = miniature_e2e(CASES[name]) if dry_run else CASES[name]
         if why or (budget_s is not None and time.perf_counter() - started > budget_s):
             skip = measure.Measured(status="skipped", note=why or "time budget used up")
             records += [_summary(case, v, skip, None) for v in VARIANTS]
             continue
         t0 = time.perf_counter()
-        records += run_case(case, device, warmup=warmup, repeats=repeats, memory=memory)
+        records += run_case(case, device, warmup=warmup, repeats=repeats, memory=memory, dry_run=dry_run)
         log(f"[e2e] {name}: {time.perf_counter() - t0:.1f} s")
         for r in records[-len(VARIANTS):]:
             log(f"    {r['variant']:<20} {r['status']} {r.get('median_s') or 0:.3f} s "
                 f"{r.get('tokens_per_s') or 0:,.0f} tok/s loss {r.get('loss', float('nan')):.4f} {r['note']}")
-    if device.type == "cuda" and not why:
+    if (device.type == "cuda" or dry_run) and not why:
         from spin_kernels.models import varlen_backend
 
         notes.append(f"Packed attention backend: {varlen_backend(device, torch.bfloat16)}; padded: sdpa.")

@@ -17,6 +17,7 @@ import torch
 
 from . import measure
 from .contenders import MODES, OPS, Contender, Gemm, select
+from .dryrun import miniature_case
 from .shapes import (
     GPU_HEADS,
     GPU_SWEEP,
@@ -120,10 +121,10 @@ class KernelSuite:
     """Runs a plan on one device; ``records`` collects one dict per (group, contender)."""
 
     def __init__(self, device: torch.device, *, only: list[str] | None, warmup: int, repeats: int,
-                 memory: bool, budget_s: float | None, log=print):
+                 memory: bool, budget_s: float | None, log=print, dry_run: bool = False):
         self.device, self.warmup, self.repeats, self.memory = device, warmup, repeats, memory
-        self.budget_s, self.log = budget_s, log
-        self.contenders, self.unavailable = select(device, only)
+        self.budget_s, self.log, self.dry_run = budget_s, log, dry_run
+        self.contenders, self.unavailable = select(device, only, dry_run)
         self.records: list[dict] = []
         self._oom: dict[tuple, int] = {}  # (head, op, mode, contender) -> smallest N that ran out of memory
         self._inputs: Inputs | None = None
@@ -176,7 +177,8 @@ class KernelSuite:
             measure.free_device_memory(self.device)
             return measured
         runners = self._prepare(inp, group, measured)
-        measure.timed_rounds(runners, measured, self.device, warmup=self.warmup, repeats=self.repeats)
+        measure.timed_rounds(runners, measured, self.device, warmup=self.warmup, repeats=self.repeats,
+                             dry_run=self.dry_run)
         del runners
         if self.memory and self.device.type == "cpu":
             self._cpu_memory(case, group, measured)
@@ -187,6 +189,8 @@ class KernelSuite:
 
     def run_group(self, group: Group, started: float) -> None:
         case = resolve_case(group.case)
+        if self.dry_run:
+            case = miniature_case(case)
         if self.budget_s is not None and time.perf_counter() - started > self.budget_s:
             measured = {c.name: measure.Measured(status="skipped", note="time budget used up")
                         for c in self.contenders}

@@ -84,25 +84,35 @@ def rel_errors(fp: dict[str, Tensor], ref: dict[str, Tensor]) -> dict[str, float
     return errs
 
 
-def _one_run(runner: Runner, device: torch.device, track_memory: bool) -> tuple[float, int | None, Tensor]:
+def _one_run(runner: Runner, device: torch.device, track_memory: str | None) -> tuple[float, int | None, Tensor]:
     runner.zero_grad()
     sync(device)
     base = None
-    if track_memory:
+    if track_memory == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     t0 = time.perf_counter()
     out = runner.run()
     sync(device)
     elapsed = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(device) - base if track_memory else None
+    peak = None
+    if track_memory == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) - base
+    elif track_memory == "dry-run":
+        from .dryrun import output_bytes
+
+        peak = output_bytes(out, runner.grads())
     return elapsed, peak, out
 
 
 def timed_rounds(runners: dict[str, Runner], results: dict[str, Measured], device: torch.device, *,
-                 warmup: int, repeats: int, want_fingerprint: bool = True) -> None:
-    """Warm up, then time ``repeats`` round-robin rounds; fills ``results`` (failures recorded)."""
-    track_memory = device.type == "cuda"
+                 warmup: int, repeats: int, want_fingerprint: bool = True, dry_run: bool = False) -> None:
+    """Warm up, then time ``repeats`` round-robin rounds; fills ``results`` (failures recorded).
+    ``dry_run``: the memory column gets benchmarks/dryrun.py's stand-in."""
+    from .dryrun import MEM_METHOD
+
+    track_memory = "cuda" if device.type == "cuda" else "dry-run" if dry_run else None
+    mem_method = "cuda max_memory_allocated - memory_allocated before the run" if track_memory == "cuda" else MEM_METHOD
     live = dict(runners)
 
     def attempt(name: str, record: bool) -> None:
@@ -122,7 +132,7 @@ def timed_rounds(runners: dict[str, Runner], results: dict[str, Measured], devic
             m.times_s.append(elapsed)
             if peak is not None:
                 m.peak_extra_bytes = max(peak, m.peak_extra_bytes or 0)
-                m.mem_method = "cuda max_memory_allocated - memory_allocated before the run"
+                m.mem_method = mem_method
             if want_fingerprint and len(m.times_s) == repeats:
                 m.fingerprint = fingerprint(out, runner.grads())
         del out

@@ -2,6 +2,7 @@
 # The GPU benchmark suites in one command, offline, in about 10 minutes on one A100/H100:
 #
 #   bash benchmarks/run_gpu.sh OUT_DIR
+#   bash benchmarks/run_gpu.sh --dry-run OUT_DIR   # the same on CPU at miniature sizes (benchmarks/dryrun.py)
 #
 # Writes OUT_DIR/<gpu-slug>/{kernels,e2e}.{json,md,png} (+ kernels-sweep.png) and OUT_DIR/run_gpu.log.
 # Uses the machine's own python3/torch/triton/transformers (nothing is downloaded) and runs from
@@ -14,7 +15,9 @@
 # group starts after this), SPIN_BENCH_E2E_BUDGET_S (default 60), SPIN_BENCH_ARGS (extra
 # arguments for the kernel suite, e.g. "--quick").
 set -uo pipefail
-OUT="${1:?usage: bash benchmarks/run_gpu.sh OUT_DIR}"
+DRY=""
+if [ "${1:-}" = "--dry-run" ]; then DRY="--dry-run"; shift; fi
+OUT="${1:?usage: bash benchmarks/run_gpu.sh [--dry-run] OUT_DIR}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
@@ -28,13 +31,13 @@ if [ -n "${SPIN_BENCH_WHEELS:-}" ]; then
 fi
 cd "$ROOT"
 {
-  echo "== run_gpu.sh $(date -u +%FT%TZ) in $ROOT"
+  echo "== run_gpu.sh $DRY $(date -u +%FT%TZ) in $ROOT"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
   "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO GPU')"
-  "$PY" -m benchmarks run --suite kernels --device cuda --out "$OUT" \
+  "$PY" -m benchmarks run --suite kernels --device cuda $DRY --out "$OUT" \
     --budget-s "${SPIN_BENCH_KERNEL_BUDGET_S:-390}" ${SPIN_BENCH_ARGS:-}
   k=$?
-  "$PY" -m benchmarks run --suite e2e --device cuda --out "$OUT" --e2e-budget-s "${SPIN_BENCH_E2E_BUDGET_S:-60}"
+  "$PY" -m benchmarks run --suite e2e --device cuda $DRY --out "$OUT" --e2e-budget-s "${SPIN_BENCH_E2E_BUDGET_S:-60}"
   e=$?
   echo "== done $(date -u +%FT%TZ): kernels rc=$k, e2e rc=$e"
   exit $(( k | e ))

@@ -5,7 +5,9 @@ each input dtype (bf16, fp32) and each variant of its flags, Triton compiles to 
 own ptxas; the check fails on a compile error, or when an (architecture, dtype) has no
 configuration whose shared memory fits the device (the autotuner would have nothing to run).
 It catches what the interpreter cannot: lowering errors, and configurations too large for a
-card, before a GPU session spends its minutes on them.
+card, before a GPU session spends its minutes on them. What the cubins are like (matrix
+instructions, registers, spills, occupancy) is scripts/triton_static_audit.py's report, built
+on the same variants.
 
     python scripts/triton_compile_check.py            # everything (~3 min on 2 cores)
     python scripts/triton_compile_check.py --quick    # first configuration of each, bf16, sm90
@@ -20,9 +22,37 @@ import itertools
 import os
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the checkout's spin_kernels, not an installed one
+    sys.path.insert(0, str(ROOT))
 
 SHARED_LIMIT = {9: 232_448, 8: 166_912}  # bytes of shared memory per block: H100/H200, A100
 FLOAT_ARGS = ("inv_temp", "softcap", "filter_eps")
+# The dtype paths a launch can take: (input dtype, DOT_PRECISION). 16-bit inputs ignore the
+# precision; fp32 inputs take "tf32" when torch allows TF32 matmuls, else the exact path
+# (spin_kernels.triton.config.dot_precision).
+DTYPES = ("bf16", "fp16", "fp32", "fp32-exact")
+
+
+def dtype_path(name: str) -> tuple[str, str]:
+    """(Triton element type, DOT_PRECISION) of a DTYPES entry."""
+    from spin_kernels.triton.config import FP32_EXACT_PRECISION
+
+    return {"bf16": ("bf16", "tf32"), "fp16": ("fp16", "tf32"), "fp32": ("fp32", "tf32"),
+            "fp32-exact": ("fp32", FP32_EXACT_PRECISION)}[name]
+
+
+# What Triton specialises at launch for contiguous, 16-byte aligned tensors at real sizes (H, V
+# and the row strides multiples of 16, as for every model head here): the unit strides become the
+# constant 1, the pointers and these ints carry tt.divisibility=16. Without the hints a kernel
+# compiles as for a strided, unaligned view: correct, but with narrow (unvectorised) loads.
+UNIT_STRIDES = ("stride_hk", "stride_wk", "stride_b")
+DIVISIBLE_INTS = ("H", "V", "split_size", "v_lo", "v_hi", "stride_hm", "stride_wv", "stride_du", "stride_dbp",
+                  "stride_acc", "stride_dm", "stride_dv")
 
 
 def pointer_types(dtype: str) -> dict[str, str]:
@@ -53,47 +83,114 @@ def kernels():
     ]
 
 
+@dataclass
+class Variant:
+    """One compilation: a kernel with its constexprs, for one architecture and dtype path."""
+
+    kernel: object
+    family: str
+    major: int
+    dtype: str  # a DTYPES entry
+    config: object  # the triton.Config of the family's candidates
+    fixed: dict = field(default_factory=dict)  # int arguments specialised to 1
+    flags: dict = field(default_factory=dict)  # the constexpr flags of this variant
+    aligned: bool = True  # the launch-time hints of contiguous, aligned tensors (UNIT_STRIDES ...)
+
+    @property
+    def kernel_name(self) -> str:
+        return self.kernel.fn.__name__
+
+    @property
+    def config_name(self) -> str:
+        blocks = " ".join(f"{k}={v}" for k, v in self.config.kwargs.items())
+        return f"{blocks} w{self.config.num_warps} s{self.config.num_stages}"
+
+    def constexprs(self) -> dict:
+        from spin_kernels.triton.config import _BACKWARD_TILES
+
+        tiles = dict(zip(("TILE_M", "TILE_V"), _BACKWARD_TILES[self.major])) if self.family != "head" else {}
+        units = dict.fromkeys(UNIT_STRIDES, 1) if self.aligned else {}
+        consts = {**self.config.kwargs, **tiles, **units, **self.fixed, **self.flags,
+                  "DOT_PRECISION": dtype_path(self.dtype)[1]}
+        return {k: v for k, v in consts.items() if k in self.kernel.arg_names}
+
+    def attrs(self, consts: dict) -> dict:
+        """tt.divisibility=16 on the pointers and DIVISIBLE_INTS (when ``aligned``), as at launch."""
+        if not self.aligned:
+            return {}
+        return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(self.kernel.arg_names)
+                if name not in consts and (name.endswith("_ptr") or name in DIVISIBLE_INTS)}
+
+    def compile(self):
+        """Triton's compiled kernel (``.asm`` holds ttgir, ptx, cubin; ``.metadata.shared``)."""
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        consts = self.constexprs()
+        types = pointer_types(dtype_path(self.dtype)[0])
+        signature = {name: "constexpr" if name in consts else
+                     f"*{types.get(name, 'fp32')}" if name.endswith("_ptr") else
+                     "fp32" if name in FLOAT_ARGS else "i32" for name in self.kernel.arg_names}
+        return triton.compile(ASTSource(fn=self.kernel, signature=signature, constexprs=consts,
+                                        attrs=self.attrs(consts)),
+                              target=GPUTarget("cuda", self.major * 10, 32),
+                              options={"num_warps": self.config.num_warps, "num_stages": self.config.num_stages})
+
+    def __str__(self) -> str:
+        return (f"{self.kernel_name}{self.fixed or ''} sm{self.major}0 {self.dtype} {self.config_name} "
+                f"{self.flags}{'' if self.aligned else ' unaligned'}")
+
+
+def variants(archs: list[int], dtypes: list[str], quick: bool = False, alignments=(True,),
+             specialised: bool = True, flag_extremes: bool = False) -> Iterator[Variant]:
+    """Every (kernel, architecture, dtype path, candidate configuration, flag variant, alignment).
+
+    ``specialised=False`` leaves out the runtime flags' specialisations at 1; ``flag_extremes``
+    keeps only the flag variants with every flag off or every flag on."""
+    from spin_kernels.triton.config import _FAMILIES
+
+    for kernel, family, fixed, flags in kernels():
+        if fixed and not specialised:
+            continue
+        combos = list(itertools.product(*flags.values()))
+        if flag_extremes:
+            combos = list(dict.fromkeys([combos[0], combos[-1]]))
+        for major in archs:
+            configs = _FAMILIES[family][major][:1] if quick else _FAMILIES[family][major]
+            for cfg, dtype, values, aligned in itertools.product(configs, dtypes, combos, alignments):
+                yield Variant(kernel, family, major, dtype, cfg, dict(fixed), dict(zip(flags, values)), aligned)
+
+
+def refuse_interpreter() -> bool:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
+        return True
+    return False
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="first configuration of each kernel, bf16, sm90")
     args = ap.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
+    if refuse_interpreter():
         return 2
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from spin_kernels.triton.config import _BACKWARD_TILES, _FAMILIES
 
     archs = [9] if args.quick else [9, 8]
-    dtypes = ["bf16"] if args.quick else ["bf16", "fp32"]
+    dtypes = ["bf16"] if args.quick else ["bf16", "fp32-exact"]
     failures, fits, compiled = [], {}, 0
     started = time.time()
-    for kernel, family, fixed, flags in kernels():
-        for major in archs:
-            configs = _FAMILIES[family][major][:1] if args.quick else _FAMILIES[family][major]
-            tiles = dict(zip(("TILE_M", "TILE_V"), _BACKWARD_TILES[major])) if family != "head" else {}
-            for cfg, dtype in itertools.product(configs, dtypes):
-                for values in itertools.product(*flags.values()):
-                    consts = {**cfg.kwargs, **tiles, **fixed, **dict(zip(flags, values)),
-                              "DOT_PRECISION": "tf32" if dtype == "bf16" else "ieee"}
-                    consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
-                    types = pointer_types(dtype)
-                    signature = {name: "constexpr" if name in consts else
-                                 f"*{types.get(name, 'fp32')}" if name.endswith("_ptr") else
-                                 "fp32" if name in FLOAT_ARGS else "i32" for name in kernel.arg_names}
-                    name = f"{kernel.fn.__name__}{fixed or ''} sm{major}0 {dtype} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"
-                    try:
-                        out = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts),
-                                             target=GPUTarget("cuda", major * 10, 32),
-                                             options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-                    except Exception as exc:  # noqa: BLE001
-                        failures.append(f"{name} {dict(zip(flags, values))}: {str(exc).strip()[-300:]}")
-                        continue
-                    compiled += 1
-                    key = (kernel.fn.__name__, major, dtype, values, tuple(sorted(fixed.items())))
-                    fits[key] = fits.get(key, 0) + (out.metadata.shared <= SHARED_LIMIT[major])
+    # Both the launch-time specialisation of aligned tensors and the generic (strided) form.
+    for v in variants(archs, dtypes, args.quick, alignments=(True, False)):
+        try:
+            out = v.compile()
+        except Exception as exc:  # noqa: BLE001
+            failures.append(f"{v}: {str(exc).strip()[-300:]}")
+            continue
+        compiled += 1
+        key = (v.kernel_name, v.major, v.dtype, tuple(v.flags.values()), tuple(sorted(v.fixed.items())), v.aligned)
+        fits[key] = fits.get(key, 0) + (out.metadata.shared <= SHARED_LIMIT[v.major])
     nothing_fits = [key for key, n in fits.items() if n == 0]
     print(f"triton {triton.__version__}: {compiled} compiled in {time.time() - started:.0f} s, "
           f"{len(failures)} failed, {len(nothing_fits)} variants with no configuration that fits")

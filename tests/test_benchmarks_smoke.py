@@ -64,3 +64,51 @@ def test_cpu_memory_probe_runs_in_a_subprocess():
     probe = cpu_peak_extra("tiny", "naive", "spin_loss", "fwd+bwd", threads=1, timeout_s=120)
     assert probe["status"] == "ok", probe
     assert probe["peak_extra_bytes"] >= 0 and probe["mem_method"]
+
+
+@pytest.mark.slow
+def test_gpu_session_dry_run_takes_every_path_of_the_gpu_call(tmp_path):
+    """``bash benchmarks/gpu_session.sh --dry-run``: the GPU call's commands on CPU (the test
+    invocation collects, the whole CUDA plan runs at miniature sizes with Triton interpreted, both
+    e2e cases run), and OUT holds exactly what the device tool brings back."""
+    import os
+    import re
+    import subprocess
+
+    from benchmarks.kernels import gpu_plan
+
+    out = tmp_path / "out"
+    # A generous kernel budget: a loaded CI machine must not skip groups of the plan.
+    env = dict(os.environ, PYTHON=sys.executable, SPIN_BENCH_KERNEL_BUDGET_S="3600", SPIN_BENCH_E2E_BUDGET_S="3600")
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), "--dry-run", str(out)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=1800)
+    log = (out / "run_gpu.log").read_text() if (out / "run_gpu.log").exists() else ""
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    assert "tests rc=0, benchmarks rc=0, layout rc=0" in log
+    assert re.search(r"^\d+ tests collected", log, flags=re.M), log[:2000]
+
+    (folder,) = [p for p in out.iterdir() if p.is_dir()]
+    assert folder.name.startswith("dry-run-cpu-")
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    expected = ["run_gpu.log"] + [f"{folder.name}/{n}" for n in
+                                  ("e2e.json", "e2e.md", "e2e.png", "kernels-sweep.png", "kernels.json", "kernels.md",
+                                   "kernels.png")]
+    assert written == sorted(expected)
+
+    kernels = json.loads((folder / "kernels.json").read_text())
+    assert kernels["settings"]["dry_run"] and "DRY RUN" in (folder / "kernels.md").read_text()
+    plan = [(g.case, g.op, g.mode) for g in gpu_plan()]
+    assert list(dict.fromkeys((r["case"], r["op"], r["mode"]) for r in kernels["cases"])) == plan
+    names = {r["contender"] for r in kernels["cases"]}
+    assert {"ours:triton", "ours:torch", "naive", "gemm"} <= names and not names & {"ours:cpu", "gemm:onednn"}
+    for r in kernels["cases"]:
+        assert r["status"] == "ok" or (r["status"] == "n/a" and r["contender"] == "liger"), r
+        if r["status"] == "ok" and r["kind"] != "floor":
+            assert r["peak_extra_bytes"] > 0 and "dry run" in r["mem_method"]
+
+    e2e = json.loads((folder / "e2e.json").read_text())
+    assert [(r["case"], r["variant"]) for r in e2e["cases"]] == [
+        (c, v) for c in ("llama-1b", "llama-1b-live") for v in ("padded-full-logits", "packed-fused")]
+    assert all(r["status"] == "ok" for r in e2e["cases"]), e2e["cases"]
+    for padded, packed in zip(e2e["cases"][0::2], e2e["cases"][1::2]):
+        assert abs(padded["loss"] - packed["loss"]) < 2e-2  # bf16 models: the two attention paths round apart

@@ -1,7 +1,7 @@
 """Packed batches through real transformers models (tiny configs, float64, CPU).
 
 The reference for every packed result is the same model run by transformers itself, with its
-default attention, on each sequence alone (batch of one, no padding, no packing).
+eager attention, on each sequence alone (batch of one, no padding, no packing).
 """
 
 from __future__ import annotations
@@ -42,18 +42,24 @@ ARCHS = {
         "query_pre_attn_scalar": 8}),
     "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM, {"logits_scaling": 2.0}),
 }
+# The oracle's attention: transformers' "eager", its reference implementation of every architecture.
+# Not the default one: with transformers 4.54 to 5.17 (4.54.1, 4.57.6 and 5.17.0 tried) Gemma-2
+# defaults to "sdpa", whose kernel silently drops attn_logit_softcapping, so "the model alone" would
+# be another model than the one configured (9.4e-3 from the packed log-probs in float64).
+ORACLE_ATTENTION = "eager"
 # "float64" models are not float64 throughout in transformers: RMSNorm casts to float32 (Llama,
-# Mistral, Qwen2, Granite, Gemma-2) and eager attention (Gemma-2's only CPU path) takes its
-# softmax in float32. Two computations that differ in float64 rounding can therefore differ by
-# float32 rounding after a norm; a leak or a wrong window shows up as errors of 1e-2 or more.
+# Mistral, Qwen2, Granite, Gemma-2) and eager attention takes its softmax in float32. Two
+# computations that differ in float64 rounding can therefore differ by float32 rounding after a
+# norm; a leak or a wrong window shows up as errors of 1e-2 or more.
 RTOL = {"gemma2": 1e-5}
 DEFAULT_RTOL = 1e-6
 
 
-def make_model(arch: str, seed: int = 0):
+def make_model(arch: str, seed: int = 0, **overrides):
+    """A tiny float64 model of ``arch`` on the oracle's attention; ``overrides`` change its config."""
     config_cls, model_cls, extra = ARCHS[arch]
     torch.manual_seed(seed)
-    config = config_cls(**COMMON, **extra)
+    config = config_cls(**COMMON, **{**extra, **overrides}, attn_implementation=ORACLE_ATTENTION)
     model = model_cls(config).double()
     with torch.no_grad():  # larger weights than the init, so that attention patterns are far from uniform
         for p in model.parameters():
@@ -109,11 +115,22 @@ def test_packed_logps_and_grads_match_each_sequence_alone(arch):
         assert_close(got_grads[name], g, rtol * 10, f"{arch} grad {name}")
 
 
+def test_oracle_honours_the_attention_softcap():
+    """The oracle is the configured model: removing Gemma-2's attention softcap moves its log-probs by
+    far more than the tolerance. Fails where transformers' attention drops the softcap (its "sdpa"
+    path of Gemma-2, the default with transformers 4.54 to 5.17), which made the packed log-probs,
+    right all along, look 9.4e-3 off."""
+    batch = pack_batch(make_examples())
+    capped = per_sequence_logps(make_model("gemma2"), batch)
+    uncapped = per_sequence_logps(make_model("gemma2", attn_logit_softcapping=None), batch)
+    assert (capped - uncapped).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_prepared_model_cannot_leak_even_with_default_use_cache(arch):
     """A direct transformers call on packed input with the config's default use_cache=True: a cache
     is created, yet attention stays inside each sequence."""
-    reference = make_model(arch)
+    reference = make_model(arch).eval()  # eval: where every version makes the cache (see below)
     assert reference.config.use_cache is True  # the default that triggers the leak
     model = prepare_model(copy.deepcopy(reference))
     model.config.use_cache = True  # undo prepare_model's setting: the attention alone must hold the line
@@ -131,8 +148,9 @@ def test_prepared_model_cannot_leak_even_with_default_use_cache(arch):
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_unprepared_packed_forward_with_cache_leaks(arch):
     """The trap prepare_model closes: transformers' own attention on packed input attends across
-    sequences once a cache exists (and only then)."""
-    model = make_model(arch)
+    sequences once a cache exists (and only then). In eval mode, as in the reference pass and in
+    generation: Gemma-2 of transformers 4.54 to 4.57 makes no cache in training mode."""
+    model = make_model(arch).eval()
     batch = pack_batch(make_examples())
     ids, pos = batch.input_ids[None], batch.position_ids[None]
     cu = batch.cu_seqlens.tolist()
@@ -234,14 +252,18 @@ def test_reference_logps_argument_errors():
 
 
 def test_prepared_model_still_generates_with_left_padding():
-    """Generation goes through transformers' cache and padding mask; prepare_model must not break it."""
+    """Generation goes through transformers' cache and padding mask; prepare_model must not break it.
+    The oracle is each prompt generated alone, without padding (transformers' own eager attention
+    turns the left padding's fully masked rows into NaN in float64, which then reaches every row)."""
     reference = make_model("llama")
     model = prepare_model(copy.deepcopy(reference))
-    ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
-    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    kwargs = {"attention_mask": mask, "max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "use_cache": True}
-    want = reference.generate(ids, **kwargs)
-    got = model.generate(ids, **kwargs)
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "use_cache": True}
+    got = model.generate(ids, attention_mask=mask, **kwargs)[:, width:]
+    want = torch.cat([reference.generate(torch.tensor([p]), **kwargs)[:, len(p):] for p in prompts])
     assert torch.equal(got, want)
 
 

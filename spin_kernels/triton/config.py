@@ -13,6 +13,12 @@ device's architecture, once per (kernel, architecture):
 
 ``SPIN_KERNELS_AUTOTUNE=0`` tries each family's first and last candidates only (GPU test runs:
 far fewer compilations); the last of every set is the small one that fits fp32 inputs.
+
+The candidates follow the static audit (scripts/triton_static_audit.py, the table in
+benchmarks/results/triton-static-audit.md, Triton 3.6 and 3.9): every one runs tl.dot on the
+tensor cores (wgmma on sm90, mma on sm80) and fits the card's shared memory for 16-bit inputs,
+and for bf16 none spills a register (but 64×128×64/4 warps on sm90 under Triton 3.6: 36 bytes);
+the last one of each set fits fp32 (TF32) inputs without spilling.
 """
 
 from __future__ import annotations
@@ -39,21 +45,20 @@ def _cfg(m: int, v: int, k: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": m, "BLOCK_V": v, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
 
 
-# Candidates per architecture (compute capability major). sm90 has 228 KB of shared memory
-# per SM and benefits from 128×256 tiles with 8 warps; sm80 (164 KB) from 128×128, 4 stages.
+# Candidates per architecture (compute capability major). The forward keeps a whole logit tile
+# and its online-softmax terms live: 128×256 tiles (sm90) and 128-row tiles with mma (sm80)
+# spill registers, so sm90 stays at 128×128 / 64×256 and sm80 at 64-row tiles.
 _CONFIGS = {
     9: [
-        _cfg(128, 256, 64, 8, 3),
         _cfg(128, 128, 64, 8, 4),
         _cfg(64, 256, 64, 8, 4),
         _cfg(128, 128, 128, 8, 3),
         _cfg(64, 128, 64, 4, 4),
+        _cfg(64, 64, 64, 4, 3),
     ],
     8: [
-        _cfg(128, 128, 32, 8, 4),
-        _cfg(128, 128, 64, 8, 3),
-        _cfg(64, 128, 64, 4, 4),
-        _cfg(128, 64, 64, 4, 4),
+        _cfg(64, 128, 64, 8, 3),
+        _cfg(64, 128, 32, 4, 4),
         _cfg(64, 64, 64, 4, 4),
     ],
 }
@@ -66,16 +71,17 @@ def _meta(warps: int, stages: int, **blocks: int) -> triton.Config:
 # The backward's tile grid (rows × vocabulary): the producer's tiles and the products' reduction
 # steps; 128 × 128 suits both sm80 and sm90 (a [128, 128] bf16 operand is 32 KB of shared memory).
 _BACKWARD_TILES = {9: (128, 128), 8: (128, 128)}
+# The producer holds a [128, 128] fp32 logit tile and its gradient: over 4 warps that is 128
+# registers a thread for the tile alone, and it spilled; it runs 8 warps.
 _PRODUCER_CONFIGS = {
-    9: [_meta(8, 3, BLOCK_K=64), _meta(8, 4, BLOCK_K=64), _meta(8, 3, BLOCK_K=128), _meta(4, 4, BLOCK_K=64)],
-    8: [_meta(8, 3, BLOCK_K=32), _meta(8, 3, BLOCK_K=64), _meta(4, 4, BLOCK_K=64)],
+    9: [_meta(8, 3, BLOCK_K=64), _meta(8, 4, BLOCK_K=64), _meta(8, 3, BLOCK_K=128), _meta(8, 3, BLOCK_K=32)],
+    8: [_meta(8, 3, BLOCK_K=64), _meta(8, 3, BLOCK_K=32)],
 }
-# The last of each set is for fp32 inputs: a [128, 128] fp32 operand is 64 KB, so the pipelined
-# configurations overflow shared memory (checked by compiling every set for sm80 and sm90).
+# The last of each set is for fp32 inputs: a [128, 128] fp32 operand is 64 KB, so the deeper
+# pipelines overflow shared memory. BLOCK_H 256, and 128 on sm80, spilled registers.
 _GEMM_CONFIGS = {
-    9: [_meta(8, 3, BLOCK_H=128), _meta(8, 2, BLOCK_H=256), _meta(4, 4, BLOCK_H=128), _meta(8, 4, BLOCK_H=64),
-        _meta(4, 2, BLOCK_H=64)],
-    8: [_meta(8, 3, BLOCK_H=128), _meta(4, 3, BLOCK_H=128), _meta(4, 4, BLOCK_H=64), _meta(4, 2, BLOCK_H=32)],
+    9: [_meta(8, 3, BLOCK_H=128), _meta(8, 4, BLOCK_H=64), _meta(4, 2, BLOCK_H=64), _meta(8, 2, BLOCK_H=64)],
+    8: [_meta(8, 3, BLOCK_H=64), _meta(4, 2, BLOCK_H=32), _meta(8, 3, BLOCK_H=32)],
 }
 _FAMILIES = {"head": _CONFIGS, "producer": _PRODUCER_CONFIGS, "gemm": _GEMM_CONFIGS}
 _INTERPRETER_META = {"head": INTERPRETER_BLOCKS, "producer": {"BLOCK_K": INTERPRETER_BLOCKS["BLOCK_K"]},
@@ -128,8 +134,17 @@ def split_align() -> int:
     return INTERPRETER_BLOCKS["BLOCK_V"] if interpreting() else GPU_SPLIT_ALIGN
 
 
+# tl.dot's input_precision for fp32 inputs when torch does not allow TF32 matmuls (torch's
+# default): "tf32x3" splits each operand into a TF32 high part and a TF32 low part and sums three
+# tensor-core products (all but lo·lo), accurate to about fp32's rounding. "ieee" would be exact
+# fp32, but Triton lowers it to FMA instructions, and nearly every configuration then spilled,
+# up to 198 KB of spill stores and loads by ptxas's count (benchmarks/README.md, the audit).
+FP32_EXACT_PRECISION = "tf32x3"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs use full-precision products unless torch allows TF32 for matmuls, as torch does."""
+    """tl.dot's input_precision for inputs of ``dtype``: "tf32" for fp32 when torch allows TF32
+    matmuls, FP32_EXACT_PRECISION for fp32 when it does not; 16-bit inputs ignore it."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
+        return FP32_EXACT_PRECISION
     return "tf32"
