@@ -143,7 +143,7 @@ def _run_demo(demo: DemoConfig, cfg: SpinConfig) -> list[dict[str, Any]]:
                      "KL SFT-control": s["KL SFT-control"], "KL SFT-control se": s["KL SFT-control se"],
                      "loss": s["loss last"], "accuracy": s["accuracy"], "margin": s["margin"],
                      "logp real": s["logp real"], "logp synthetic": s["logp synthetic"],
-                     "synthetic len": s["synthetic len"]})
+                     "synthetic len": s["synthetic/mean_tokens"]})
     write_results(root, rows, demo, cfg, entropy, time.perf_counter() - start)
     return rows
 

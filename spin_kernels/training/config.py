@@ -90,7 +90,10 @@ def typed(value: Any, tp: Any, name: str) -> Any:
                 except ConfigError as exc:
                     if "must be a finite" in str(exc):
                         raise
-        raise ConfigError(f"{name}: expected {type_name(tp)}, got {type(value).__name__} {value!r}")
+        # A per-iteration list field given one wrong value: say what one value should be.
+        shown = [a for a in get_args(tp) if isinstance(value, list) or get_origin(a) is not list]
+        want = type_name(Union[tuple(shown)]) if len(shown) > 1 else type_name(shown[0])
+        raise ConfigError(f"{name}: expected {want}, got {type(value).__name__} {value!r}")
     if origin is Literal:
         if value not in get_args(tp):
             raise ConfigError(f"{name}: expected {type_name(tp)}, got {value!r}")
@@ -132,9 +135,12 @@ class Section:
             name = f"{self.SECTION}.{f.name}"
             value = typed(getattr(self, f.name), hints[f.name], name)
             check = f.metadata.get("check")
-            why = check(value) if check is not None and value is not None else None
-            if why:
-                raise ConfigError(f"{name}: {why}")
+            for i, v in enumerate(value if isinstance(value, list) else [value]):
+                why = check(v) if check is not None and v is not None else None
+                if why:
+                    raise ConfigError(f"{name}{f'[{i}]' if isinstance(value, list) else ''}: {why}")
+            if isinstance(value, list) and not value:
+                raise ConfigError(f"{name}: an empty list")
             object.__setattr__(self, f.name, value)
         self._check_together()
 
@@ -199,14 +205,18 @@ class GenerationConfig(Section):
 class TrainingConfig(Section):
     SECTION: ClassVar[str] = "training"
 
-    beta: float = option(0.1, "beta, the scale of the SPIN margin (paper: 0.1)", check=positive)
+    beta: float | list[float] = option(0.1, "beta, the scale of the SPIN margin; a comma list gives one per iteration "
+                                        "(released recipe: 0.1,0.1,0.1,5.0) (paper: 0.1)", check=positive)
     loss_type: Literal["sigmoid", "hinge"] = option("sigmoid", "SPIN loss: logistic (paper) or hinge")
-    learning_rate: float = option(5e-7, "peak learning rate (paper: 5e-7 for 7B models)", check=positive)
+    learning_rate: float | list[float] = option(5e-7, "peak learning rate (paper: 5e-7 for 7B models); a comma list: "
+                                                 "one per iteration (released recipe: 5e-7,5e-7,1e-7,1e-7)",
+                                                 check=positive)
     optimizer: Literal["rmsprop", "adamw"] = option("rmsprop", "optimizer (paper: RMSprop, no weight decay)")
     weight_decay: float = option(0.0, "weight decay (paper: 0)", check=non_negative)
     warmup_ratio: float = option(0.1, "fraction of the steps spent in linear warm-up (paper: 0.1)",
                                  check=fraction)
-    epochs: int = option(2, "epochs over the iteration's pairs (paper: 2)", check=positive)
+    epochs: int | list[int] = option(2, "epochs over the iteration's pairs (paper: 2); a comma list: one per iteration",
+                                    check=positive)
     global_batch_pairs: int = option(64, "pairs per optimizer step (paper: global batch 64)", check=positive)
     token_budget: int = option(8192, "max tokens of one packed micro-batch; a global batch is accumulated "
                              "over as many micro-batches as it needs", check=positive)
@@ -238,8 +248,21 @@ class LoopConfig(Section):
 
     output_dir: str = option("runs/spin", "run directory (iterations, checkpoints, metrics, plots)", metavar="DIR")
     iterations: int = option(3, "SPIN iterations to run (paper: 4, iter0..iter3)", check=positive)
-    include_previous: bool = option(False, "from iteration 1 on, also train on the previous iteration's "
-                                  "synthetic responses (as the released SPIN scripts do)")
+    include_previous: bool | int = option(0, "from iteration 1 on, also train on the synthetic responses of the "
+                                          "previous K iterations (bare flag: K = 1; the released SPIN scripts use "
+                                          "2)", check=non_negative, const=1, metavar="K")
+    eval_fraction: float = option(0.0, "share of the data's prompts held out of training: each iteration the "
+                                  "opponent answers them too and the trained model is evaluated on them "
+                                  "(heldout/accuracy, margin, logp_real_per_token in summary.json)", check=fraction)
+    eval_data: str | None = option(None, "held-out data (same formats as --data) instead of --eval-fraction",
+                                   metavar="PATH")
+    stop_below_accuracy: float | None = option(None, "end the loop after the first iteration whose held-out "
+                                               "accuracy is below X (the game's fixed point: the model no longer "
+                                               "tells its own samples from the data)", check=probability,
+                                               metavar="X")
+    eval_command: str | None = option(None, "a shell command run after each iteration on its model ({model} is "
+                                      "replaced by its directory), e.g. an lm-eval-harness call; its last output "
+                                      "line and exit code go into the summary", metavar="CMD")
     tensorboard: bool = option(False, "also log to TensorBoard (needs the tensorboard package)")
     resume: bool = option(False, "continue an interrupted run found in --output-dir")
 
@@ -260,6 +283,9 @@ class DistributedConfig(Section):
     reshard_after_forward: bool = option(True, "FSDP: free each layer's gathered parameters after its forward "
                                        "(ZeRO-3); no: keep them until the backward (more memory, less traffic)")
 
+
+#: Training options that may change per iteration (a list: one value per iteration).
+SCHEDULED = ("learning_rate", "beta", "epochs")
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
@@ -285,13 +311,37 @@ class SpinConfig:
 
     def validate(self, *, need: tuple[str, ...] = ()) -> SpinConfig:
         """Check that the dotted fields ``need`` (e.g. 'model.model'), required by the caller, are
-        given. (Types and ranges were checked when the sections were built.)"""
+        given, and the constraints between sections. (Types and ranges were checked when the
+        sections were built.)"""
         for name in need:
             sec, key = name.split(".")
             if getattr(getattr(self, sec), key) in (None, ""):
                 raise ConfigError(f"{name}: required (flag --{key.replace('_', '-')} or '{key}' in "
                                   f"section '{sec}' of the YAML file)")
+        n = self.loop.iterations
+        for key in SCHEDULED:
+            value = getattr(self.training, key)
+            if isinstance(value, list) and len(value) < n:
+                raise ConfigError(f"training.{key}: a list gives one value per iteration: {len(value)} value(s) "
+                                  f"for {n} iterations (loop.iterations)")
+        lp = self.loop
+        if lp.eval_fraction > 0 and lp.eval_data:
+            raise ConfigError("loop.eval_data: give --eval-data or --eval-fraction, not both")
+        if lp.stop_below_accuracy is not None and not (lp.eval_fraction > 0 or lp.eval_data):
+            raise ConfigError("loop.stop_below_accuracy: the stopping rule reads the held-out accuracy; hold out "
+                              "prompts with --eval-fraction F or --eval-data PATH")
         return self
+
+    def for_iteration(self, t: int) -> TrainingConfig:
+        """The training options of iteration ``t``: each per-iteration list replaced by its t-th value."""
+        values = {}
+        for key in SCHEDULED:
+            value = getattr(self.training, key)
+            if isinstance(value, list):
+                if t >= len(value):
+                    raise ConfigError(f"training.{key}: no value for iteration {t} (the list has {len(value)})")
+                values[key] = value[t]
+        return dataclasses.replace(self.training, **values)
 
     def check_generation_fits(self) -> SpinConfig:
         """The sampled responses must fit the training length (the stages that generate call this):

@@ -38,7 +38,17 @@ def parse_text(text: str, tp: Any, name: str) -> Any:
         inner = [a for a in get_args(tp) if a is not type(None)]
         if len(inner) < len(get_args(tp)) and text.strip().lower() in ("none", "null"):
             return None
-        return parse_text(text, inner[0], name) if len(inner) == 1 else text
+        # Several types (a value or a per-iteration list; a count or a bool): a list when the text
+        # has a comma, else the first scalar that parses (numbers before bools).
+        lists = [a for a in inner if get_origin(a) is list]
+        scalars = sorted((a for a in inner if a not in lists), key=lambda a: a is bool)
+        errors = []
+        for arg in (lists + scalars) if "," in text else (scalars + lists):
+            try:
+                return parse_text(text, arg, name)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]  # the error of the reading the text suggests (the value's, without a comma)
     if origin is list:
         return [parse_text(part.strip(), get_args(tp)[0], f"{name}[{i}]") for i, part in enumerate(text.split(","))]
     if origin is Literal:
@@ -50,6 +60,11 @@ def parse_text(text: str, tp: Any, name: str) -> Any:
             return tp(text)
         except ValueError:
             raise ConfigError(f"{name}: expected {type_name(tp)}, got str {text!r}") from None
+    if tp is bool:
+        low = text.strip().lower()
+        if low not in ("true", "false", "yes", "no"):
+            raise ConfigError(f"{name}: expected bool, got {text!r}")
+        return low in ("true", "yes")
     return text
 
 
@@ -92,9 +107,15 @@ class SectionParser(HfArgumentParser):
             return
         shadow = dataclasses.field(default=default, metadata={"help": text, "metavar": field.metadata.get(
             "metavar") or _metavar(hint)})
-        shadow.name, shadow.type = field.name, hint
+        # HfArgumentParser takes X and Optional[X]; a value-or-list field (X | list[X]) is parsed
+        # by parse_text alone.
+        plain = get_origin(hint) not in (Union, types.UnionType) or len(
+            [a for a in get_args(hint) if a is not type(None)]) == 1
+        shadow.name, shadow.type = field.name, hint if plain and get_origin(hint) is not list else str
         super()._parse_dataclass_field(parser, shadow)
         action = parser._actions[-1]
+        if "const" in field.metadata:  # the flag alone means this value (--include-previous = 1)
+            action.nargs, action.const = "?", field.metadata["const"]
         for alias in [o for o in action.option_strings if "_" in o]:  # one spelling: --max-length
             action.option_strings.remove(alias)
             parser._option_string_actions.pop(alias)
@@ -125,8 +146,8 @@ class SectionParser(HfArgumentParser):
 
 def _metavar(tp: Any) -> str:
     origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        inner = [a for a in get_args(tp) if a is not type(None)]
+    if origin in (Union, types.UnionType):  # a value, none, or a per-iteration list: the value's
+        inner = [a for a in get_args(tp) if a is not type(None) and get_origin(a) is not list]
         return _metavar(inner[0]) if len(inner) == 1 else "VALUE"
     if origin is Literal:
         return "{" + ",".join(str(a) for a in get_args(tp)) + "}"

@@ -167,7 +167,8 @@ class Loader:
         lora = self.training.lora_rank > 0
         if not self.sess.fsdp:
             quantization = self._quantization()
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, **quantization)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, **quantization,
+                                                         **_softcap_attention(path))
             if not quantization:  # a 4-bit model is placed by its device_map (.to() would re-pack it)
                 model = model.to(self.sess.device)
             if self.checkpointing:
@@ -178,7 +179,8 @@ class Loader:
             runner = ShardedModel(model)
         else:
             with empty_parameters():
-                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=self.dtype)
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=self.dtype,
+                                                         **_softcap_attention(path))
                 model = add_adapters(model, self.training) if lora else model
             d = self.distributed
             runner = apply_fsdp2(model, mixed_precision=self.mixed_precision, cpu_offload=d.cpu_offload,
@@ -221,6 +223,17 @@ class Loader:
         if self.bf16_autocast:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+
+def _softcap_attention(path: str) -> dict:
+    """Gemma-2-style models cap their attention logits; transformers 4.56-5.17 default them to
+    SDPA, which ignores the cap, so generation would sample from another model. Eager attention
+    applies it (packed passes switch to spin_varlen, which applies it too)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {"attn_implementation": "eager"} if getattr(text, "attn_logit_softcapping", None) else {}
 
 
 def enable_checkpointing(model) -> None:

@@ -27,6 +27,7 @@ loaded (sharded) as the next opponent.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -35,7 +36,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import provenance
-from .config import ConfigError, SpinConfig, config_from_dict, save_config
+from .config import SCHEDULED, ConfigError, SpinConfig, config_from_dict, save_config
 from .data import Record, check_ref_logps, load_sft_data, read_jsonl, read_stage_rows
 from .checkpoint import trained_model_key
 from .generation import generate_synthetic, plan_generation
@@ -285,6 +286,10 @@ def run_train(cfg: SpinConfig, inp: str, out_dir: str) -> str:
     """``spin-kernels train``: train on pairs with ref_logps; returns the final model directory."""
     cfg.validate(need=("model.model",))
     cfg.check_trainable()
+    for key in SCHEDULED:
+        if isinstance(value := getattr(cfg.training, key), list) and len(value) > 1:
+            raise ConfigError(f"training.{key}: one value per iteration is for spin-kernels iterate; train runs one "
+                              f"training, got {value}")
     rows = read_stage_rows(inp, ("prompt", "real", "synthetic", "ref_logps"), "--input")
     check_output_dir(out_dir)
     with session(cfg) as sess, single_writer(os.path.join(out_dir, LOCK_FILE), "loop.output_dir", sess):
@@ -302,7 +307,7 @@ def run_train(cfg: SpinConfig, inp: str, out_dir: str) -> str:
             rows = stage_reference(model, loader, body, cfg, os.path.join(out_dir, "pairs.jsonl"),
                                    model_path=model_path)
         examples = to_examples(tokenizer, rows, cfg.data)
-        res = train_spin(model, tokenizer, examples, cfg.training, out_dir, resume=cfg.loop.resume,
+        res = train_spin(model, tokenizer, examples, cfg.for_iteration(0), out_dir, resume=cfg.loop.resume,
                          tensorboard=cfg.loop.tensorboard, info={"start_model": model_path},
                          start_digest=provenance.model_digest(model_path), on_stale=cfg.data.on_stale,
                          describe=_describe(rows, inp), autocast=loader.autocast)
@@ -316,6 +321,7 @@ _PATH_FIELDS = (("model", "model"), ("model", "tokenizer"), ("data", "data"))
 #: Fields that may change between an interrupted run and its continuation without changing results.
 _FREE_FIELDS = {("loop", "resume"), ("loop", "iterations"), ("loop", "tensorboard"), ("loop", "output_dir"),
                 ("model", "device"), ("data", "on_stale"), ("training", "save_every"), ("training", "log_every"),
+                ("loop", "stop_below_accuracy"), ("loop", "eval_command"),
                 ("distributed", "fsdp"), ("distributed", "cpu_offload"), ("distributed", "reshard_after_forward")}
 
 
@@ -411,79 +417,208 @@ def run_iterations(cfg: SpinConfig, *, on_iteration_end: IterationHook | None = 
 
 
 def _training_rows(cfg: SpinConfig, t: int, generated: list[Record]) -> list[Record]:
+    """Iteration t's pairs: its own synthetic responses and, with ``--include-previous K``, those
+    of the previous K iterations (each row records the iteration that sampled it)."""
     rows = [dict(r, source_iteration=t) for r in generated]
-    if cfg.loop.include_previous and t > 0:
-        prev = list(read_jsonl(os.path.join(cfg.loop.output_dir, f"iter{t - 1}", "generated.jsonl")))
-        rows += [dict(r, source_iteration=t - 1) for r in prev]
+    for k in range(1, int(cfg.loop.include_previous) + 1):
+        if t - k >= 0:
+            prev = read_jsonl(os.path.join(cfg.loop.output_dir, f"iter{t - k}", "generated.jsonl"))
+            rows += [dict(r, source_iteration=t - k) for r in prev]
     return rows
 
 
-def _iteration_is_current(cfg: SpinConfig, loader: Loader, t: int, records: list[Record], opponent: str) -> bool:
-    """Whether iteration t's files are complete and made from the current inputs (no model load)."""
-    it_dir = os.path.join(cfg.loop.output_dir, f"iter{t}")
-    key = trained_model_key(it_dir)
+#: Held-out prompts are sampled from seeds offset from the training ones (other random streams).
+HELDOUT_SEED_OFFSET = 1_000_000
+
+
+class _Files:
+    """The paths of iteration t's files."""
+
+    def __init__(self, run_dir: str, t: int):
+        self.dir = os.path.join(run_dir, f"iter{t}")
+        self.generated = os.path.join(self.dir, "generated.jsonl")
+        self.pairs = os.path.join(self.dir, "pairs.jsonl")
+        self.heldout_generated = os.path.join(self.dir, "heldout_generated.jsonl")
+        self.heldout_pairs = os.path.join(self.dir, "heldout_pairs.jsonl")
+        self.heldout_eval = os.path.join(self.dir, "heldout_eval.json")
+        self.eval_command = os.path.join(self.dir, "eval_command.json")
+
+
+def _heldout_key(training_key: str, heldout_pairs: list[Record]) -> str:
+    """What a held-out evaluation is made from: the trained model (its training key) and the pairs."""
+    return provenance.text_digest(training_key, [(r["prompt"], r["real"], r["synthetic"], r["ref_logps"])
+                                                 for r in heldout_pairs])
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _iteration_is_current(cfg: SpinConfig, loader: Loader, t: int, train: list[Record], heldout: list[Record],
+                          opponent: str) -> bool:
+    """Whether iteration t's files (samples, pairs, model, held-out evaluation) are complete and
+    made from the current inputs (no model load)."""
+    f = _Files(cfg.loop.output_dir, t)
+    key = trained_model_key(f.dir)
     if key is None:
         return False
-    plan = plan_generation(records, os.path.join(it_dir, "generated.jsonl"), cfg.generation,
-                           max_prompt_length=cfg.data.max_prompt_length, model_path=opponent,
-                           model_label=_label(cfg, opponent), seed=cfg.generation.generation_seed + t,
-                           on_stale=cfg.data.on_stale)
-    if plan.todo:
-        return False
-    rows = _training_rows(cfg, t, [plan.done[r["index"]] for r in records])
-    pairs = current_pairs(os.path.join(it_dir, "pairs.jsonl"), rows, reference_sources(rows, opponent, cfg),
-                          cfg.data.on_stale)
+    seed = cfg.generation.generation_seed + t
+    rows = []
+    for records, path, s in ((train, f.generated, seed), (heldout, f.heldout_generated, seed + HELDOUT_SEED_OFFSET)):
+        if not records:
+            continue
+        plan = plan_generation(records, path, cfg.generation, max_prompt_length=cfg.data.max_prompt_length,
+                               model_path=opponent, model_label=_label(cfg, opponent), seed=s,
+                               on_stale=cfg.data.on_stale)
+        if plan.todo:
+            return False
+        rows.append([plan.done[r["index"]] for r in records])
+    pairs = current_pairs(f.pairs, _training_rows(cfg, t, rows[0]), reference_sources(
+        _training_rows(cfg, t, rows[0]), opponent, cfg), cfg.data.on_stale)
     if pairs is None:
         return False
     examples = to_examples(loader.tokenizer(opponent), pairs, cfg.data)
-    return provenance.training_key(examples, cfg.training, provenance.model_digest(opponent)) == key
+    if provenance.training_key(examples, cfg.for_iteration(t), provenance.model_digest(opponent)) != key:
+        return False
+    if heldout:
+        held_rows = [dict(r, source_iteration=t) for r in rows[1]]
+        held = current_pairs(f.heldout_pairs, held_rows, reference_sources(held_rows, opponent, cfg),
+                             cfg.data.on_stale)
+        done = _read_json(f.heldout_eval)
+        return held is not None and done is not None and done.get("key") == _heldout_key(key, held)
+    return True
+
+
+def _evaluate_heldout(runner, loader: Loader, cfg: SpinConfig, t: int, pairs: list[Record], key: str,
+                      path: str) -> None:
+    """Score the held-out pairs with the trained model ``runner`` and write ``heldout_eval.json``."""
+    from .evaluation import heldout_metrics
+
+    t_cfg = cfg.for_iteration(t)
+    examples = to_examples(loader.tokenizer(cfg.model.model), pairs, cfg.data)
+    sums = reference_logps_for(runner, examples, token_budget=t_cfg.token_budget, impl=t_cfg.impl, average=False,
+                               autocast=loader.autocast, desc=f"iter{t} held-out")
+    if t_cfg.average_log_prob:  # the margin in the convention the reference log-probs were computed in
+        policy = [(r / max(1, len(ex.real_ids)), s / max(1, len(ex.synthetic_ids))) for (r, s), ex in
+                  zip(sums, examples)]
+    else:
+        policy = sums
+    metrics = heldout_metrics(policy, pairs, t_cfg.beta, [len(ex.real_ids) for ex in examples])
+    metrics["heldout/logp_real_per_token"] = sum(r for r, _ in sums) / max(1, sum(len(ex.real_ids)
+                                                                                for ex in examples))
+    if is_main():
+        with open(path + ".tmp", "w", encoding="utf-8") as fh:
+            json.dump({"key": _heldout_key(key, pairs), **metrics}, fh, indent=1)
+        os.replace(path + ".tmp", path)
+    barrier()
+
+
+def _run_iteration(cfg: SpinConfig, loader: Loader, t: int, train: list[Record], heldout: list[Record],
+                   opponent: str) -> None:
+    """Generate, score, train (and evaluate on the held-out pairs) iteration t; every stage reuses
+    what is current."""
+    f = _Files(cfg.loop.output_dir, t)
+    seed = cfg.generation.generation_seed + t
+    tokenizer, model = loader.tokenizer(opponent), loader.runner(opponent)
+    generated = stage_generate(model, tokenizer, train, cfg, f.generated, seed=seed, model_path=opponent,
+                               desc=f"iter{t} generate")
+    held_generated = stage_generate(model, tokenizer, heldout, cfg, f.heldout_generated,
+                                    seed=seed + HELDOUT_SEED_OFFSET, model_path=opponent,
+                                    desc=f"iter{t} held-out generate") if heldout else []
+    model = loader.prepared(model)
+    pairs = stage_reference(model, loader, _training_rows(cfg, t, generated), cfg, f.pairs, model_path=opponent,
+                            desc=f"iter{t} reference")
+    held_pairs = stage_reference(model, loader, [dict(r, source_iteration=t) for r in held_generated], cfg,
+                                 f.heldout_pairs, model_path=opponent,
+                                 desc=f"iter{t} held-out reference") if heldout else []
+    res = train_spin(model, tokenizer, to_examples(tokenizer, pairs, cfg.data), cfg.for_iteration(t), f.dir,
+                     resume=cfg.loop.resume, tensorboard=cfg.loop.tensorboard, desc=f"iter{t} train",
+                     info={"iteration": t, "opponent": opponent}, start_digest=provenance.model_digest(opponent),
+                     on_stale=cfg.data.on_stale, describe=_describe(pairs, f.pairs), autocast=loader.autocast)
+    if heldout:
+        if not res.trained:  # finished before (killed before its evaluation): the saved model
+            del model
+            model = loader.prepared(loader.runner(res.model_dir))
+        _evaluate_heldout(model, loader, cfg, t, held_pairs, trained_model_key(f.dir), f.heldout_eval)
+
+
+def _eval_command(cfg: SpinConfig, model_dir: str, path: str) -> dict[str, Any]:
+    """``--eval-command`` on the iteration's model, run once per (command, model) on rank 0."""
+    from .evaluation import run_eval_command
+
+    stamp = {"command": cfg.loop.eval_command, "model": provenance.model_digest(model_dir)}
+    done = _read_json(path)
+    if done is not None and {k: done.get(k) for k in stamp} == stamp:
+        return {k: v for k, v in done.items() if k.startswith("eval/")}
+    result = run_eval_command(cfg.loop.eval_command, model_dir)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump({**stamp, **result}, fh, indent=1)
+    return result
 
 
 def _iterate(cfg: SpinConfig, loader: Loader, on_iteration_end: IterationHook | None,
              records: list[Record]) -> list[dict[str, Any]]:
+    from .evaluation import split_heldout, synthetic_stats
+
     run_dir = cfg.loop.output_dir
+    if cfg.loop.eval_data:
+        train, heldout = records, load_sft_data(dataclasses.replace(cfg.data, data=cfg.loop.eval_data,
+                                                                    max_examples=None))
+    else:
+        train, heldout = split_heldout(records, cfg.loop.eval_fraction, cfg.training.seed)
     summaries: list[dict[str, Any]] = []
     for t in range(cfg.loop.iterations):
-        it_dir = os.path.join(run_dir, f"iter{t}")
-        os.makedirs(it_dir, exist_ok=True)
+        f = _Files(run_dir, t)
+        os.makedirs(f.dir, exist_ok=True)
         opponent = cfg.model.model if t == 0 else iteration_model_dir(run_dir, t - 1)
         final = iteration_model_dir(run_dir, t)
         start = time.perf_counter()
-        if not _iteration_is_current(cfg, loader, t, records, opponent):
-            tokenizer, model = loader.tokenizer(opponent), loader.runner(opponent)
-            gen_path = os.path.join(it_dir, "generated.jsonl")
-            generated = stage_generate(model, tokenizer, records, cfg, gen_path,
-                                       seed=cfg.generation.generation_seed + t, model_path=opponent,
-                                       desc=f"iter{t} generate")
-            model = loader.prepared(model)
-            pairs_path = os.path.join(it_dir, "pairs.jsonl")
-            pairs = stage_reference(model, loader, _training_rows(cfg, t, generated), cfg, pairs_path,
-                                    model_path=opponent, desc=f"iter{t} reference")
-            train_spin(model, tokenizer, to_examples(tokenizer, pairs, cfg.data), cfg.training, it_dir,
-                       resume=cfg.loop.resume, tensorboard=cfg.loop.tensorboard, desc=f"iter{t} train",
-                       info={"iteration": t, "opponent": opponent}, start_digest=provenance.model_digest(opponent),
-                       on_stale=cfg.data.on_stale, describe=_describe(pairs, pairs_path), autocast=loader.autocast)
-            del model
-        generated = list(read_jsonl(os.path.join(it_dir, "generated.jsonl")))
+        if not _iteration_is_current(cfg, loader, t, train, heldout, opponent):
+            _run_iteration(cfg, loader, t, train, heldout, opponent)
+        generated = list(read_jsonl(f.generated))
         summary: dict[str, Any] = {"iteration": t, **summarise_iteration(read_metrics(
-            os.path.join(it_dir, "metrics.jsonl"))),
-            "synthetic len": sum(r["synthetic_tokens"] for r in generated) / len(generated),
-            "finished": sum(bool(r["finished"]) for r in generated) / len(generated),
+            os.path.join(f.dir, "metrics.jsonl"))),
+            **synthetic_stats(generated, loader.tokenizer(opponent)),
             "seconds": round(time.perf_counter() - start, 1)}
-        if is_main():  # the hook, the summary files and the table: rank 0 only
+        if heldout:
+            summary.update({k: v for k, v in (_read_json(f.heldout_eval) or {}).items() if k != "key"})
+        stop = cfg.loop.stop_below_accuracy
+        if stop is not None and summary["heldout/accuracy"] < stop:
+            summary["stopped"] = (f"held-out accuracy {summary['heldout/accuracy']:.3f} < {stop:g} "
+                                  f"(--stop-below-accuracy): the model no longer tells its own samples from the "
+                                  f"data; the loop ends after iteration {t}")
+        if is_main():  # the hook, the eval command, the summary files and the table: rank 0 only
+            if cfg.loop.eval_command:
+                summary.update(_eval_command(cfg, final, f.eval_command))
             if on_iteration_end is not None:
                 summary.update(on_iteration_end(t, final, summary) or {})
             summaries.append(summary)
             write_summary(run_dir, summaries)
             print(f"\nSPIN after iteration {t} ({run_dir}):")
-            print(format_table(summaries, list(summaries[-1])))
+            print(format_table(summaries, [c for c in summaries[-1] if c != "stopped"]))
+            if "stopped" in summary:
+                print(summary["stopped"])
         else:
             summaries.append(summary)
+        barrier()
+        if "stopped" in summary:
+            break
     return summaries
 
 
 def write_summary(run_dir: str, rows: list[dict[str, Any]]) -> None:
+    """summary.json, summary.md (a table, and the stopping rule's decision) and summary.png."""
+    from .metrics import plot_summary
+
     with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(rows, f, indent=1)
+    columns = [c for c in rows[-1] if c not in ("stopped", "eval/last_line")]
+    notes = [f"\n{r['iteration']}: {r['eval/last_line']}" for r in rows if r.get("eval/last_line")]
+    stopped = [f"\n{r['stopped']}" for r in rows if r.get("stopped")]
     with open(os.path.join(run_dir, "summary.md"), "w", encoding="utf-8") as f:
-        f.write(format_table(rows, list(rows[-1])) + "\n")
+        f.write(format_table(rows, columns) + "\n" + "".join(notes) + "".join(stopped) + "\n")
+    plot_summary(rows, os.path.join(run_dir, "summary.png"))

@@ -87,6 +87,39 @@ def plot_metrics(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> 
     return path
 
 
+def plot_summary(rows: Sequence[dict[str, Any]], path: str) -> str | None:
+    """The per-iteration curves of a run (training loss/accuracy, held-out accuracy, margin and
+    log-prob per token, synthetic-data statistics, any demo KL) as a PNG; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    panels = [("training (last steps)", ["loss last", "accuracy"]), ("held-out accuracy", ["heldout/accuracy"]),
+              ("held-out margin", ["heldout/margin"]), ("held-out log p(real) / token", ["heldout/logp_real_per_token"]),
+              ("synthetic responses", ["synthetic/finished", "synthetic/distinct2", "synthetic/duplicates"]),
+              ("synthetic tokens", ["synthetic/mean_tokens"])]
+    panels = [(name, [k for k in keys if any(k in r for r in rows)]) for name, keys in panels]
+    panels = [(name, keys) for name, keys in panels if keys]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
+    its = [r["iteration"] for r in rows]
+    for ax, (name, keys) in zip(axes.flat, panels):
+        for k in keys:
+            ax.plot(its, [r.get(k, math.nan) for r in rows], marker="o", label=k)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("iteration")
+        if "held-out accuracy" in name:
+            ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        if len(keys) > 1:
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, floatfmt: str = "{:.4g}") -> str:
     """A Markdown table (readable in a terminal too)."""
     def cell(v: Any) -> str:

@@ -45,10 +45,14 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainResult:
+    """``trained``: the model passed in now holds the trained weights (False when a finished run
+    was found and returned as it is)."""
+
     model_dir: str
     metrics_path: str
     plot_path: str | None
     steps: int
+    trained: bool = True
 
 
 def global_batches(num_examples: int, batch_pairs: int, epochs: int, seed: int) -> list[list[int]]:
@@ -166,7 +170,7 @@ def train_spin(
     schedule = global_batches(len(examples), cfg.global_batch_pairs, cfg.epochs, cfg.seed)
     metrics_path = f"{out_dir}/metrics.jsonl"
     if resume and Checkpointer.finished(out_dir, key):  # finished before: nothing to redo
-        return TrainResult(f"{out_dir}/model", metrics_path, None, len(schedule))
+        return TrainResult(f"{out_dir}/model", metrics_path, None, len(schedule), trained=False)
     seed_everything(cfg.seed)
     runner.train()
     optimizer = build_optimizer([p for p in runner.parameters() if p.requires_grad], cfg)
@@ -231,6 +235,7 @@ def _metrics_row(res, done: int, cfg: TrainingConfig, examples: list, idx: list[
     tokens = sum(examples[i].num_tokens for i in idx)  # the global batch, all ranks
     steps_per_epoch = math.ceil(len(examples) / cfg.global_batch_pairs)
     return {"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": res.loss, **res.metrics, "lr": lr,
+            "beta": cfg.beta,
             "grad_norm": res.grad_norm, "pairs": res.num_pairs, "micro_batches": micro_batches, "tokens": tokens,
             "tokens_per_s": tokens / seconds, "peak_mem_mib": peak_memory_mib(device)}
 
