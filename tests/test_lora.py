@@ -200,3 +200,52 @@ def test_qlora_on_a_4bit_base_merges_into_the_trained_policy(tmp_path, capsys):
     assert main(["iterate", "--model", model, "--data", _data(tmp_path), "--output-dir", str(tmp_path / "r2"),
                  "--quantize", "nf4", "--device", "cpu"]) == 2
     assert "training.quantize: a 4-bit base is frozen, so it needs LoRA adapters" in capsys.readouterr().err
+
+
+def test_qlora_gradients_after_generation_equal_a_dequantized_copy():
+    """The loop generates (an inference forward) before it trains: the 4-bit base must still pass
+    gradients (bitsandbytes' CPU repacking would cut them) and equal those of its dequantized copy."""
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.functional import dequantize_4bit
+    from transformers import AutoModelForCausalLM
+
+    from spin_kernels.distributed import DistEnv
+    from spin_kernels.training.config import SpinConfig
+    from spin_kernels.training.lora import add_adapters
+    from spin_kernels.training.loading import Loader
+    from spin_kernels.training.parallel import Session
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_tiny_model(os.path.join(tmp, "sft"), layers=2, hidden_size=128)
+        cfg = SpinConfig()
+        cfg.model.device, cfg.training.lora_rank, cfg.training.quantize = "cpu", 4, "nf4"
+        cpu = torch.device("cpu")
+        policy = Loader(cfg, Session(False, cpu, DistEnv(0, 1, 0, cpu))).runner(path).model
+        plain = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if getattr(p, "quant_state", None) is not None:
+                plain.get_parameter(name.removeprefix("base_model.model.").replace(".base_layer.", ".")).copy_(
+                    dequantize_4bit(p.data, p.quant_state))
+    plain = add_adapters(plain, cfg.training)
+    for (n, a), b in zip(policy.named_parameters(), plain.parameters()):
+        if ".lora_B." in n:
+            with torch.no_grad():
+                a.normal_(generator=torch.Generator().manual_seed(1))
+                b.copy_(a)
+    ids = torch.randint(0, 20, (1, 16), generator=torch.Generator().manual_seed(0))
+    policy.eval()
+    with torch.no_grad():  # as generation does
+        policy(input_ids=ids[:, :4])
+    policy.train()
+    for m in (policy, plain):
+        m(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    for n, p in policy.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, n
+            scale = grads[n].abs().max()
+            assert (p.grad - grads[n]).abs().max() <= 0.02 * scale, n
+

@@ -169,6 +169,8 @@ class Loader:
             quantization = self._quantization()
             model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, **quantization,
                                                          **_softcap_attention(path))
+            if quantization:
+                _keep_4bit_layout_trainable(model)
             if not quantization:  # a 4-bit model is placed by its device_map (.to() would re-pack it)
                 model = model.to(self.sess.device)
             if self.checkpointing:
@@ -223,6 +225,16 @@ class Loader:
         if self.bf16_autocast:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+
+def _keep_4bit_layout_trainable(model) -> None:
+    """bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel on the first inference
+    forward (generation), and the repacked path has no autograd: the training step after it would
+    silently get no gradient through any 4-bit layer. Keep the standard layout (dequantize +
+    matmul, differentiable) on every CPU."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _softcap_attention(path: str) -> dict:
