@@ -30,7 +30,7 @@ IGNORE = -100
 
 
 def make_inputs(pairs=4, seq_len=512, prompt=128, hidden=1024, vocab=32000, seed=0, dtype=torch.float32):
-    """The cpu-small layout of ../shared/docs/anchors.md: 2·pairs sequences of seq_len tokens,
+    """The cpu-small layout of docs/anchors.md: 2·pairs sequences of seq_len tokens,
     the first prompt-1 and the last target ignored (3072 counted rows by default)."""
     g = torch.Generator().manual_seed(seed)
     n_seq = 2 * pairs

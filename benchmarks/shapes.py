@@ -1,6 +1,6 @@
 """What the kernel suite measures: lm-head shapes, token layouts, and their inputs.
 
-Names follow ../shared/docs/anchors.md. A *case* is a head shape (hidden H, vocab V, softcap)
+Names follow docs/anchors.md. A *case* is a head shape (hidden H, vocab V, softcap)
 plus a token layout (pairs x 2 sequences x T tokens with a P-token prompt) and a dtype:
 
 * ``cpu-small``   — H=1024, V=32000, 4 pairs x 2 x 512 tokens, 128-token prompt, fp32

@@ -158,7 +158,13 @@ def _torchelastic_error_file(message: str, callstack: str) -> None:
 
 
 def _quiet_transformers() -> None:
-    """Our own progress bars say what runs; transformers' per-load bars only add noise."""
+    """Our own progress bars say what runs; transformers' per-load bars only add noise. And
+    bitsandbytes (imported by peft whenever it is installed) warns at import about an optional
+    CPU kernel package that only its AVX512-BF16 inference path would use: the trainer keeps the
+    differentiable 4-bit layout (spin_kernels/training/loading.py), so the warning is noise."""
+    import logging as std_logging
+
+    std_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(std_logging.ERROR)
     try:
         from transformers.utils import logging
 

@@ -4,7 +4,7 @@ Without a GPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set
 before anything imports Triton) on small odd shapes: N <= 64, H <= 24, V <= 131, so
 that every size crosses block edges (interpreter blocks are 16 rows × 32 vocab × 16 hidden).
 With a GPU the same tests run compiled on CUDA; the tests at the end need CUDA.
-The interpreter is unreliable for bf16 (../shared/docs/anchors.md): bf16 runs on CUDA only.
+The interpreter is unreliable for bf16 (docs/anchors.md): bf16 runs on CUDA only.
 """
 
 from __future__ import annotations

@@ -1,21 +1,29 @@
-"""``spin-kernels demo``: SPIN on a language whose distribution is known, on CPU, in minutes.
+"""``spin-kernels demo``: does SPIN help a model whose data distribution is known? On CPU, in minutes.
 
 1. A toy task (spin_kernels.demo.task): the prompt names one of a few random Markov chains and a
    start letter; the real response is sampled from that chain. p_data is known exactly.
-2. A tiny Llama (built from a config, character-level tokenizer) is trained by SFT for a few
-   steps on the SPIN training set: a weak starting point, as in the paper (zephyr-7b-sft-full).
-3. SPIN iterations with the real trainer (spin_kernels.training.run_iterations).
-4. A control continues plain SFT from the same start, for the same number of optimizer steps
-   on the same number of sequences per step (one SPIN pair = two sequences).
-5. After every iteration: KL(p_data || p_theta) per sequence on held-out samples (exact per-token
-   KLs, Monte Carlo over the samples; see task.py) for SPIN and for the control, next to the
-   SPIN metrics; the table is printed and written to results.md / results.json.
+2. A tiny Llama (built from a config, character-level tokenizer) is trained by SFT on the SPIN
+   training set, early-stopped on a validation set: a finished SFT model, as the paper starts
+   from (zephyr-7b-sft-full), not an under-trained one.
+3. SPIN iterations with the real trainer (spin_kernels.training.run_iterations), with held-out
+   evaluation (``--eval-data``: validation pairs never trained on) and the stopping rule's view.
+4. Two controls continue plain SFT from the same start, for the same number of optimizer steps on
+   the same number of sequences per step (one SPIN pair = two sequences): one at the SFT
+   learning rate, one at SPIN's.
+5. After every iteration: the exact KL(p_data || p_theta) per sequence (task.py) for SPIN and both
+   controls on test samples that nothing was chosen on, next to the SPIN and held-out metrics.
+   With several task seeds (``--seeds``), means and standard errors across seeds.
+
+Samples: ``train_examples`` (SFT and SPIN data), ``val_examples`` (early stopping, the held-out
+pairs of the loop, and any choice of settings: the validation KL is in results.json), and
+``eval_examples`` (the test samples of the reported KL).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -25,10 +33,10 @@ from typing import Any, ClassVar
 import torch
 
 from ..training.checkpoint import save_model_dir
-from ..training.config import Section, SpinConfig, option, save_config
+from ..training.config import Section, SpinConfig, at_least_one, option, positive, probability, save_config
 from ..training.loop import run_iterations
 from ..training.metrics import format_table
-from .sft import sft_train
+from .sft import early_stopped_sft, sft_train
 from .task import MarkovTask, sequence_kl
 from .tiny import demo_tokenizer, tiny_llama
 
@@ -44,45 +52,39 @@ class DemoConfig(Section):
     concentration: float = option(0.3, "Dirichlet concentration of the transition rows (small = peaked)")
     stop_prob: float = option(0.1, "EOS probability in every state (mean response length ~ 1/stop_prob - 1)")
     max_len: int = option(16, "letters after which EOS is forced")
-    task_seed: int = option(0, "seed of the chains")
-    train_examples: int = option(256, "SPIN training pairs (prompt, real response)")
-    eval_examples: int = option(2000, "held-out samples from p_data for the KL")
+    task_seed: int = option(0, "seed of the (first) task: its chains, samples and model")
+    seeds: int = option(1, "task seeds to run (task_seed, task_seed + 1, ...): means and standard errors across "
+                        "them", check=at_least_one)
+    train_examples: int = option(256, "SPIN training pairs (prompt, real response); the SFT data too")
+    val_examples: int = option(512, "validation samples: SFT early stopping, the loop's held-out pairs, settings")
+    heldout_pairs: int = option(128, "validation samples the loop holds out each iteration (held-out accuracy)")
+    eval_examples: int = option(2000, "test samples of the reported KL (nothing is chosen on them)")
     hidden_size: int = option(64, "tiny Llama hidden size (2 layers, 4 heads)")
-    sft_steps: int = option(30, "SFT steps of the starting point (few: a weak model)")
-    sft_lr: float = option(3e-3, "AdamW learning rate of the SFT start and of the SFT control")
-    sft_batch: int = option(32, "sequences per SFT step of the starting point")
+    sft_steps: int = option(600, "the most SFT steps of the start (it stops early on the validation NLL)",
+                            check=positive)
+    sft_lr: float = option(3e-3, "AdamW learning rate of the SFT start and of the SFT-lr control")
+    sft_batch: int = option(32, "sequences per SFT step")
+    controls: bool = option(True, "train and report the two SFT controls")
+    stop_rule_accuracy: float = option(0.55, "the stopping rule reported: the first iteration whose held-out "
+                                        "accuracy is below this", check=probability)
     threads: int = option(2, "torch CPU threads")
 
 
 def demo_spin_defaults(output_dir: str = "runs/demo") -> SpinConfig:
-    """The SPIN settings of the demo (a 77k-parameter model needs its own lr, not 5e-7; see README)."""
+    """The SPIN settings of the demo (a 77k-parameter model needs its own lr, not 5e-7; demo/README.md
+    has the validation sweep that chose them)."""
     cfg = SpinConfig()
     cfg.model.device = "cpu"
     cfg.loop.output_dir = output_dir
-    cfg.loop.iterations = 3
+    cfg.loop.iterations = 4
     t = cfg.training
-    t.learning_rate, t.beta, t.epochs, t.global_batch_pairs, t.warmup_ratio = 3e-4, 3.0, 3, 32, 0.1
+    t.optimizer, t.learning_rate, t.beta, t.epochs, t.global_batch_pairs, t.warmup_ratio = \
+        "adamw", 1e-4, 3.0, 3, 32, 0.1
     t.token_budget, t.save_every = 4096, 0
     cfg.data.max_length, cfg.data.max_prompt_length = 64, 8
     g = cfg.generation
     g.max_new_tokens, g.generation_batch_size = 24, 128
     return cfg
-
-
-def _kl_row(model_or_dir, tokenizer, task: MarkovTask, rows: list[dict]) -> tuple[float, float]:
-    if isinstance(model_or_dir, str):
-        from transformers import AutoModelForCausalLM
-
-        model_or_dir = AutoModelForCausalLM.from_pretrained(model_or_dir)
-    return sequence_kl(model_or_dir, tokenizer, task, rows)
-
-
-def _prepare_dir(path: str, resume: bool) -> None:
-    if os.path.isdir(path) and os.listdir(path) and not resume:
-        if not os.path.exists(os.path.join(path, MARKER)):
-            raise FileExistsError(f"{path} exists and is not a demo run; choose another --output-dir")
-        shutil.rmtree(path)  # a previous demo run: the demo owns it and starts over
-    os.makedirs(path, exist_ok=True)
 
 
 def run_demo(demo: DemoConfig, cfg: SpinConfig) -> list[dict[str, Any]]:
@@ -95,78 +97,164 @@ def run_demo(demo: DemoConfig, cfg: SpinConfig) -> list[dict[str, Any]]:
         torch.set_num_threads(threads)
 
 
+def _prepare_dir(path: str, resume: bool) -> None:
+    if os.path.isdir(path) and os.listdir(path) and not resume:
+        if not os.path.exists(os.path.join(path, MARKER)):
+            raise FileExistsError(f"{path} exists and is not a demo run; choose another --output-dir")
+        shutil.rmtree(path)  # a previous demo run: the demo owns it and starts over
+    os.makedirs(path, exist_ok=True)
+
+
 def _run_demo(demo: DemoConfig, cfg: SpinConfig) -> list[dict[str, Any]]:
     start = time.perf_counter()
     root = cfg.loop.output_dir
     _prepare_dir(root, cfg.loop.resume)
     with open(os.path.join(root, MARKER), "w", encoding="utf-8") as f:
         json.dump({"demo": dataclasses.asdict(demo)}, f, indent=1)
-    task = MarkovTask(num_chains=demo.num_chains, alphabet=demo.alphabet, concentration=demo.concentration,
-                      stop_prob=demo.stop_prob, max_len=demo.max_len, seed=demo.task_seed)
-    tokenizer = demo_tokenizer(task.alphabet)
-    train = [dict(r, index=i) for i, r in enumerate(task.sample(demo.train_examples, seed=demo.task_seed + 1))]
-    held_out = task.sample(demo.eval_examples, seed=demo.task_seed + 2)
-    entropy = task.entropy_estimate(held_out)
-
-    # The weak start: a few SFT steps from random init.
-    sft_dir = os.path.join(root, "sft")
-    if not os.path.isdir(sft_dir):
-        model = tiny_llama(len(tokenizer), hidden_size=demo.hidden_size, intermediate_size=2 * demo.hidden_size,
-                           max_positions=2 * cfg.data.max_length, seed=demo.task_seed)
-        sft_train(model, tokenizer, train, steps=demo.sft_steps, batch_size=demo.sft_batch, lr=demo.sft_lr,
-                  seed=demo.task_seed)
-        save_model_dir(model, tokenizer, sft_dir, extra={"sft_steps": demo.sft_steps})
-    kl0 = _kl_row(sft_dir, tokenizer, task, held_out)
-    print(f"\ndemo: p_data entropy {entropy:.3f} nats/sequence; SFT start KL {kl0[0]:.3f} ± {kl0[1]:.3f}")
-
-    # The SFT control, one "iteration" per SPIN iteration, same steps and sequences per step.
-    from transformers import AutoModelForCausalLM
-
-    control = AutoModelForCausalLM.from_pretrained(sft_dir)
-    steps_per_iter = cfg.training.epochs * -(-len(train) // cfg.training.global_batch_pairs)
-
-    def after_iteration(t: int, model_dir: str, summary: dict[str, Any]) -> dict[str, Any]:
-        spin_kl = _kl_row(model_dir, tokenizer, task, held_out)
-        sft_train(control, tokenizer, train, steps=steps_per_iter, batch_size=2 * cfg.training.global_batch_pairs,
-                  lr=demo.sft_lr, seed=demo.task_seed + 100 + t, warmup_steps=round(0.1 * steps_per_iter))
-        control_kl = sequence_kl(control, tokenizer, task, held_out)
-        return {"KL SPIN": spin_kl[0], "KL SPIN se": spin_kl[1], "KL SFT-control": control_kl[0],
-                "KL SFT-control se": control_kl[1]}
-
-    spin_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, model=sft_dir),
-                                   loop=dataclasses.replace(cfg.loop, output_dir=os.path.join(root, "spin")))
-    summaries = run_iterations(spin_cfg, records=train, on_iteration_end=after_iteration)
-    rows = [{"iteration": "SFT start", "KL SPIN": kl0[0], "KL SPIN se": kl0[1], "KL SFT-control": kl0[0],
-             "KL SFT-control se": kl0[1]}]
-    for s in summaries:
-        rows.append({"iteration": s["iteration"], "KL SPIN": s["KL SPIN"], "KL SPIN se": s["KL SPIN se"],
-                     "KL SFT-control": s["KL SFT-control"], "KL SFT-control se": s["KL SFT-control se"],
-                     "loss": s["loss last"], "accuracy": s["accuracy"], "margin": s["margin"],
-                     "logp real": s["logp real"], "logp synthetic": s["logp synthetic"],
-                     "synthetic len": s["synthetic/mean_tokens"]})
-    write_results(root, rows, demo, cfg, entropy, time.perf_counter() - start)
+    seeds = [demo.task_seed + i for i in range(demo.seeds)]
+    per_seed = [_run_seed(demo, cfg, s, root if len(seeds) == 1 else os.path.join(root, f"seed{s}"))
+                for s in seeds]
+    rows = _aggregate(per_seed)
+    write_results(root, rows, per_seed, demo, cfg, time.perf_counter() - start)
     return rows
 
 
-def write_results(root: str, rows: list[dict[str, Any]], demo: DemoConfig, cfg: SpinConfig, entropy: float,
-                  seconds: float) -> None:
-    cols = ["iteration", "KL SPIN", "KL SPIN se", "KL SFT-control", "KL SFT-control se", "loss", "accuracy",
-            "margin", "logp real", "logp synthetic", "synthetic len"]
-    table = format_table(rows, cols, floatfmt="{:.3f}")
+def _kl(model_or_dir, tokenizer, task: MarkovTask, rows: list[dict]) -> tuple[float, float]:
+    if isinstance(model_or_dir, str):
+        from transformers import AutoModelForCausalLM
+
+        model_or_dir = AutoModelForCausalLM.from_pretrained(model_or_dir)
+    return sequence_kl(model_or_dir, tokenizer, task, rows)
+
+
+def _run_seed(demo: DemoConfig, cfg: SpinConfig, seed: int, root: str) -> dict[str, Any]:
+    """One task seed: the early-stopped SFT start, SPIN with held-out evaluation, two controls;
+    returns ``{"rows": [...], "sft": ..., "entropy": ..., "stop": ...}``."""
+    from transformers import AutoModelForCausalLM
+
+    os.makedirs(root, exist_ok=True)
+    task = MarkovTask(num_chains=demo.num_chains, alphabet=demo.alphabet, concentration=demo.concentration,
+                      stop_prob=demo.stop_prob, max_len=demo.max_len, seed=seed)
+    tokenizer = demo_tokenizer(task.alphabet)
+    train = [dict(r, index=i) for i, r in enumerate(task.sample(demo.train_examples, seed=seed + 1))]
+    test = task.sample(demo.eval_examples, seed=seed + 2)
+    val = task.sample(demo.val_examples, seed=seed + 3)
+
+    # The start: SFT early-stopped on the validation NLL.
+    sft_dir = os.path.join(root, "sft")
+    sft_info_path = os.path.join(root, "sft.json")
+    if not os.path.isdir(sft_dir):
+        model = tiny_llama(len(tokenizer), hidden_size=demo.hidden_size, intermediate_size=2 * demo.hidden_size,
+                           max_positions=2 * cfg.data.max_length, seed=seed)
+        sft = early_stopped_sft(model, tokenizer, train, val, max_steps=demo.sft_steps, batch_size=demo.sft_batch,
+                                lr=demo.sft_lr, seed=seed)
+        save_model_dir(model, tokenizer, sft_dir, extra={"sft": {k: sft[k] for k in ("steps", "val_nll")}})
+        with open(sft_info_path, "w", encoding="utf-8") as f:
+            json.dump(sft, f)
+    with open(sft_info_path, encoding="utf-8") as f:
+        sft = json.load(f)
+
+    # Held-out pairs of the loop: validation samples, never trained on.
+    heldout_path = os.path.join(root, "heldout.jsonl")
+    with open(heldout_path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in val[:demo.heldout_pairs])
+
+    t_cfg = cfg.training
+    steps_per_iter = [cfg.for_iteration(t).epochs * -(-len(train) // cfg.for_iteration(t).global_batch_pairs)
+                      for t in range(cfg.loop.iterations)]
+    controls = {"SFT lr": AutoModelForCausalLM.from_pretrained(sft_dir),
+                "SPIN lr": AutoModelForCausalLM.from_pretrained(sft_dir)}
+
+    def after_iteration(t: int, model_dir: str, summary: dict[str, Any]) -> dict[str, Any]:
+        out = {"KL SPIN": _kl(model_dir, tokenizer, task, test), "val KL SPIN": _kl(model_dir, tokenizer, task, val)[0]}
+        spin_lr = cfg.for_iteration(t).learning_rate
+        for name, lr in (("SFT lr", demo.sft_lr), ("SPIN lr", spin_lr)) if demo.controls else ():
+            sft_train(controls[name], tokenizer, train, steps=steps_per_iter[t], batch_size=2 * t_cfg.global_batch_pairs,
+                      lr=lr, seed=seed + 100 + t, warmup_steps=round(t_cfg.warmup_ratio * steps_per_iter[t]))
+            out["KL SFT-control" + ("" if name == "SFT lr" else " (SPIN lr)")] = sequence_kl(controls[name], tokenizer, task, test)
+            out["val KL SFT-control" + ("" if name == "SFT lr" else " (SPIN lr)")] = sequence_kl(controls[name], tokenizer, task, val)[0]
+        return out
+
+    spin_cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, model=sft_dir),
+        loop=dataclasses.replace(cfg.loop, output_dir=os.path.join(root, "spin"), eval_data=heldout_path,
+                                 eval_fraction=0.0, stop_below_accuracy=None))
+    summaries = run_iterations(spin_cfg, records=train, on_iteration_end=after_iteration)
+    kl0 = _kl(sft_dir, tokenizer, task, test)
+    val0 = _kl(sft_dir, tokenizer, task, val)[0]
+    rows = [{"iteration": "SFT start", "KL SPIN": kl0, "val KL SPIN": val0}]
+    if demo.controls:
+        rows[0].update({"KL SFT-control": kl0, "KL SFT-control (SPIN lr)": kl0, "val KL SFT-control": val0,
+                        "val KL SFT-control (SPIN lr)": val0})
+    for s in summaries:
+        rows.append({"iteration": s["iteration"], **{k: s[k] for k in s if k.startswith(("KL", "val KL"))},
+                     "heldout accuracy": s["heldout/accuracy"], "heldout margin": s["heldout/margin"],
+                     "loss": s["loss last"], "accuracy": s["accuracy"], "logp real": s["logp real"],
+                     "logp synthetic": s["logp synthetic"], "synthetic len": s["synthetic/mean_tokens"]})
+    stop = next((s["iteration"] for s in summaries if s["heldout/accuracy"] < demo.stop_rule_accuracy), None)
+    return {"seed": seed, "rows": rows, "sft": {k: sft[k] for k in ("steps", "val_nll")},
+            "entropy": task.entropy_estimate(test), "stop": stop}
+
+
+def _aggregate(per_seed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per iteration: with one seed its values (KL ± standard error over the test
+    samples); with several, the mean and the standard error across seeds."""
+    out = []
+    for i, row in enumerate(per_seed[0]["rows"]):
+        agg: dict[str, Any] = {"iteration": row["iteration"]}
+        for key in row:
+            if key == "iteration":
+                continue
+            values = [s["rows"][i][key] for s in per_seed if i < len(s["rows"])]
+            if isinstance(values[0], (tuple, list)):  # (mean, se over samples)
+                means = [v[0] for v in values]
+                agg[key] = sum(means) / len(means)
+                agg[f"{key} se"] = values[0][1] if len(values) == 1 else _se(means)
+            else:
+                agg[key] = sum(values) / len(values)
+        out.append(agg)
+    return out
+
+
+def _se(values: list[float]) -> float:
+    n = len(values)
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+COLUMNS = ["iteration", "KL SPIN", "KL SPIN se", "KL SFT-control", "KL SFT-control se",
+           "KL SFT-control (SPIN lr)", "KL SFT-control (SPIN lr) se", "heldout accuracy", "loss", "accuracy", "logp real",
+           "logp synthetic", "synthetic len"]
+
+
+def write_results(root: str, rows: list[dict[str, Any]], per_seed: list[dict[str, Any]], demo: DemoConfig,
+                  cfg: SpinConfig, seconds: float) -> None:
+    table = format_table(rows, COLUMNS, floatfmt="{:.3f}")
     t = cfg.training
-    text = (f"# spin-kernels demo: SPIN vs continued SFT on known Markov chains\n\n"
-            f"KL(p_data || p_theta) in nats per sequence on {demo.eval_examples} held-out samples "
-            f"(exact per-token KLs summed along each sample, averaged over samples; se = standard error); "
-            f"p_data entropy {entropy:.3f} nats/sequence. {demo.train_examples} training pairs, "
-            f"SPIN: lr {t.learning_rate}, beta {t.beta}, {t.optimizer}, {t.epochs} epochs/iteration, "
-            f"{t.global_batch_pairs} pairs/step; control: AdamW lr {demo.sft_lr}, same steps, "
-            f"{2 * t.global_batch_pairs} real sequences/step. loss, accuracy, margin, logp real/synthetic: "
-            f"the SPIN metrics of the iteration's last 3 optimizer steps; synthetic len: mean tokens of the "
-            f"opponent's responses. Wall time {seconds:.0f} s.\n\n{table}\n")
+    n = len(per_seed)
+    se = "standard error across the seeds" if n > 1 else "standard error over the test samples"
+    stops = ", ".join(f"seed {s['seed']}: " + (f"after iteration {s['stop']}" if s["stop"] is not None else "never")
+                      for s in per_seed)
+    sft = ", ".join(f"seed {s['seed']}: {s['sft']['steps']} steps (val NLL {s['sft']['val_nll']:.3f})"
+                    for s in per_seed)
+    entropy = sum(s["entropy"] for s in per_seed) / n
+    text = (f"# spin-kernels demo: does SPIN help? (task seeds {[s['seed'] for s in per_seed]})\n\n"
+            f"KL(p_data || p_theta) in nats per sequence on {demo.eval_examples} test samples per seed (exact "
+            f"per-token KLs summed along each sample, averaged; se = {se}); p_data entropy {entropy:.3f} "
+            f"nats/sequence. Start: SFT on {demo.train_examples} pairs, early-stopped on {demo.val_examples} "
+            f"validation samples ({sft}). SPIN: {t.optimizer} lr {t.learning_rate}, beta {t.beta}, {t.epochs} "
+            f"epochs/iteration, {t.global_batch_pairs} pairs/step; held-out accuracy on {demo.heldout_pairs} "
+            f"validation pairs per iteration. Controls: plain SFT continued from the start for the same optimizer "
+            f"steps and sequences per step, at the SFT lr ({demo.sft_lr}) and at SPIN's lr. Stopping rule "
+            f"(held-out accuracy < {demo.stop_rule_accuracy}): {stops}. loss, accuracy, logp real/synthetic: the "
+            f"SPIN metrics of the iteration's last 3 optimizer steps; synthetic len: mean tokens of the opponent's "
+            f"responses. Wall time {seconds:.0f} s.\n\n{table}\n")
     with open(os.path.join(root, "results.md"), "w", encoding="utf-8") as f:
         f.write(text)
     with open(os.path.join(root, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"rows": rows, "demo": dataclasses.asdict(demo), "config": cfg.to_dict(),
-                   "entropy": entropy, "seconds": seconds}, f, indent=1)
+        json.dump({"rows": rows, "per_seed": per_seed, "demo": dataclasses.asdict(demo), "config": cfg.to_dict(),
+                   "seconds": seconds}, f, indent=1)
     save_config(cfg, os.path.join(root, "spin_config.yaml"))
     print("\n" + text)
+
+

@@ -2,7 +2,7 @@
 
 For a counted row n with upstream scale g_n (= ∂L/∂logp_n) and saved log-sum-exp lse_n,
 ∂L/∂z = g_n (onehot − softmax); chained through softcap and temperature into ∂u, then
-∂h = ∂u W, ∂W = ∂uᵀ h, ∂b = Σ_n ∂u (../shared/docs/spin-math.md).
+∂h = ∂u W, ∂W = ∂uᵀ h, ∂b = Σ_n ∂u (docs/spin-math.md).
 
 Everything runs inside one workspace of ``workspace_bytes`` (``workspace_shape``): the rows in
 blocks (all of them in one block when their fp32 ∂h fits half the budget) and, per block, the
