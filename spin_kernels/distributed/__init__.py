@@ -22,6 +22,7 @@ from .checkpoint import export_hf, full_state_dict, latest_checkpoint, load_chec
 from .env import DistEnv, init_distributed, shutdown
 from .fsdp import ShardedModel, apply_fsdp2, decoder_layers
 from .gather import gather_by_index, shard_indices
+from .gathered import gathered, unsharded_lm_head
 from .init import empty_parameters, load_full_weights, read_safetensors
 from .step import (
     NonFiniteError,
@@ -35,7 +36,8 @@ from .step import (
 
 __all__ = [
     "DistEnv", "NonFiniteError", "ShardedModel", "StepResult", "apply_fsdp2", "decoder_layers", "default_loss_fn",
-    "empty_parameters", "export_hf", "full_state_dict", "gather_by_index", "global_grad_norm", "grad_norm_and_clip_",
+    "empty_parameters", "export_hf", "full_state_dict", "gather_by_index", "gathered", "global_grad_norm",
+    "grad_norm_and_clip_",
     "init_distributed", "latest_checkpoint", "load_checkpoint", "load_full_weights", "nonfinite_names",
-    "read_safetensors", "save_checkpoint", "shard_indices", "shutdown", "train_step",
+    "read_safetensors", "save_checkpoint", "shard_indices", "shutdown", "train_step", "unsharded_lm_head",
 ]

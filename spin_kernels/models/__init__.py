@@ -15,6 +15,7 @@ from .integration import (
     prepare_model,
     reference_logps,
     sequence_logps,
+    unwrap_model,
 )
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "reference_logps",
     "register_attention",
     "sequence_logps",
+    "unwrap_model",
     "varlen_attention",
     "varlen_backend",
 ]

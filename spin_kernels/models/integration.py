@@ -17,6 +17,14 @@ from ..packing import IGNORE_INDEX, PackedBatch
 from .attention import ATTN_IMPLEMENTATION, register_attention
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside data-parallel wrappers (DDP, DataParallel: they forward to ``.module``);
+    any other model is returned as it is (peft models keep their wrapper: it is the model)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
 def _config(model):
     config = getattr(model, "config", None)
     if config is None:
@@ -81,20 +89,22 @@ def packed_hidden_states(model, batch: PackedBatch) -> Tensor:
     logits are formed. The hidden states are taken from the decoder's output by a forward hook.
 
     Args:
-        model: a prepared causal LM (``prepare_model``), on the batch's device.
+        model: a prepared causal LM (``prepare_model``), on the batch's device; it may sit inside
+            DDP (called through the wrapper, so that DDP synchronises its gradients).
         batch: a PackedBatch.
 
     Returns:
         [T, H] in the model's dtype.
     """
-    _require_prepared(model)
-    _require_device(model, batch)
+    inner = unwrap_model(model)
+    _require_prepared(inner)
+    _require_device(inner, batch)
     captured: list[Tensor] = []
 
     def keep(module, args, output):
         captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
 
-    handle = model.get_decoder().register_forward_hook(keep)
+    handle = inner.get_decoder().register_forward_hook(keep)
     try:
         model(
             input_ids=batch.input_ids.unsqueeze(0),
@@ -121,6 +131,7 @@ def lm_head_kwargs(model) -> dict:
          "softcap": Gemma-2's ``final_logit_softcapping`` or None,
          "temperature": ``logits_scaling`` for Granite (logits are divided by it), else 1.0}.
     """
+    model = unwrap_model(model)
     head = model.get_output_embeddings()
     if head is None:
         raise TypeError(f"{type(model).__name__} has no output embeddings (lm_head)")
