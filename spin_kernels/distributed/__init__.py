@@ -22,7 +22,7 @@ from .checkpoint import export_hf, full_state_dict, latest_checkpoint, load_chec
 from .env import DistEnv, init_distributed, shutdown
 from .fsdp import ShardedModel, apply_fsdp2, decoder_layers
 from .gather import gather_by_index, shard_indices
-from .gathered import gathered, unsharded_lm_head
+from .gathering import gathered, unsharded_lm_head
 from .init import empty_parameters, load_full_weights, read_safetensors
 from .step import (
     NonFiniteError,

@@ -60,7 +60,7 @@ except ImportError as exc:  # pragma: no cover - exercised by the import-guard t
     raise ImportError("spin_kernels.integrations.trl needs TRL: pip install trl "
                       "(or pip install 'spin_kernels[bench]', which pins the tested stack)") from exc
 
-from ..distributed.gathered import unsharded_lm_head
+from ..distributed.gathering import unsharded_lm_head
 from ..models import is_prepared, packed_hidden_states, prepare_model, unwrap_model
 from ..ops import linear_logprobs, linear_spin_loss
 from ..ops.sharded import is_dtensor

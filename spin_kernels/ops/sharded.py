@@ -79,7 +79,7 @@ def check_dtensor(name: str, x: Tensor, mesh=None):
                         f"tensor-parallel dimension)")
     placement = x.placements[0]
     if not _placement_ok(name, placement):
-        raise TypeError(f"{name} is a DTensor with placement {placement}; the fused ops handle {name} as a "
+        raise TypeError(f"{name} is a DTensor with placement {placement!r}; the fused ops handle {name} as a "
                         f"plain tensor or a DTensor with placement {_ALLOWED.get(name, 'Shard or Replicate')}")
     if mesh is not None and xmesh != mesh:
         raise TypeError(f"{name} is a DTensor on device mesh {xmesh} but the other DTensor arguments are on "
