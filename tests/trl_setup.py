@@ -15,10 +15,23 @@ from pathlib import Path
 
 import torch
 
+from spin_kernels.packing import IGNORE_INDEX
+
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL pings the Hub when a trainer is built
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 DATA = Path(__file__).resolve().parent / "data" / "ultrachat_sample.jsonl"
+# fp32 rounding: TRL's padded SDPA attention and chunked log-softmax against packed varlen
+# attention and the fused loss sum in different orders. Measured: up to ~2e-5 relative on the
+# gradients; a wrong sequence, token mask or reference moves them by 1e-2 or more (one token
+# more or less changes a log-prob by ~log V = 8.3).
+RTOL, ATOL = 1e-4, 1e-7
+# Rewards are beta * (policy - reference) of log-probs of ~ -400: differences of large sums, with
+# an fp32 rounding of ~ 1e-7 of the sums (measured: 7e-5 absolute at beta 2). They are compared
+# against that scale; accuracies and token counts must match exactly.
+METRIC_RTOL = 2e-6
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+           "logps/rejected", "num_tokens")
 
 
 def tokenizer():
@@ -71,3 +84,87 @@ def dpo_config(out: str, **overrides):
               train_sampling_strategy="sequential", disable_tqdm=True, dataloader_num_workers=0, seed=0)
     kw.update(overrides)
     return DPOConfig(**kw)
+
+
+def first_step(trainer) -> dict:
+    """Loss, parameter gradients, metrics and per-sequence completion lengths of the first micro-batch."""
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    metrics = {k: trainer._metrics["train"][k][-1] for k in METRICS}
+    if "completion_mask" in inputs:  # TRL: [chosen_0..B-1, rejected_0..B-1]; counted rows exclude the first token
+        counts = inputs["completion_mask"][:, 1:].sum(1)
+        b = counts.shape[0] // 2
+        lengths = torch.stack([counts[:b], counts[b:]], 1).flatten()
+    else:
+        counted = (inputs["targets"] != IGNORE_INDEX).long()
+        cu = inputs["cu_seqlens"].long()
+        lengths = torch.stack([counted[cu[i]:cu[i + 1]].sum() for i in range(cu.numel() - 1)])
+    return {"loss": loss.detach(), "grads": grads, "metrics": metrics, "lengths": lengths, "inputs": inputs}
+
+
+def compare(dpo: dict, spin: dict, beta: float) -> dict:
+    """Max abs / rel differences (rel: per tensor, against the tensor's largest entry)."""
+    assert torch.equal(dpo["lengths"], spin["lengths"]), (dpo["lengths"], spin["lengths"])
+    assert dpo["grads"].keys() == spin["grads"].keys()
+    out = {"loss_abs": float((dpo["loss"] - spin["loss"]).abs()), "grad_abs": 0.0, "grad_rel": 0.0}
+    out["loss_rel"] = out["loss_abs"] / abs(float(dpo["loss"]))
+    for k, g in dpo["grads"].items():
+        d = float((g - spin["grads"][k]).abs().max())
+        out["grad_abs"] = max(out["grad_abs"], d)
+        out["grad_rel"] = max(out["grad_rel"], d / max(float(g.abs().max()), ATOL))
+    m, n = dpo["metrics"], spin["metrics"]
+    logps = max(abs(m["logps/chosen"]), abs(m["logps/rejected"]))
+    scale = {k: (beta * logps if k.startswith("rewards/") else logps) for k in METRICS}
+    exact = ("rewards/accuracies", "num_tokens")
+    out["metric_rel"] = max(abs(m[k] - n[k]) / scale[k] for k in METRICS if k not in exact)
+    out["exact"] = {k: (m[k], n[k]) for k in exact if m[k] != n[k]}
+    return out
+
+
+REFERENCES = ("ref_model", "precomputed", "column", "peft")
+
+
+def parity_case(out: str, tok, models, loss_type: str, reference: str) -> dict:
+    """TRL's DPOTrainer and SPINTrainer on the first micro-batch of the same rows.
+
+    ``reference``: "ref_model" (a live frozen copy), "precomputed" (each trainer precomputes its
+    own), "column" (TRL's precomputed values handed to SPINTrainer as a ``ref_logps`` column),
+    "peft" (a LoRA policy, ``models`` ignored, reference = the adapter disabled).
+
+    Returns:
+        {"dpo": first_step(...), "spin": first_step(...), "diff": compare(...), "trainers": (dpo, spin)}
+    """
+    import datasets
+    from trl import DPOTrainer
+
+    from spin_kernels.integrations.trl import SPINTrainer
+
+    rows = spin_rows(8)
+    kw = {}
+    if reference == "peft":
+        from peft import LoraConfig
+
+        # init_lora_weights=False: non-zero adapters, so the policy differs from its base (the reference).
+        kw = {"peft_config": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                        lora_dropout=0.0, init_lora_weights=False)}
+        make = {"model": lambda: tiny_llama(tok), "ref_model": lambda: None}
+    else:
+        policy, ref = models
+        make = {"model": lambda: copy.deepcopy(policy), "ref_model": lambda: copy.deepcopy(ref)}
+    precompute = reference in ("precomputed", "column")
+    args = dpo_config(os.path.join(out, "dpo"), loss_type=loss_type, precompute_ref_log_probs=precompute)
+    dpo = DPOTrainer(model=make["model"](), ref_model=make["ref_model"](), args=args, processing_class=tok,
+                     train_dataset=datasets.Dataset.from_list(as_dpo(rows)), **kw)
+    want = first_step(dpo)
+    if reference == "column":
+        ds = dpo.train_dataset
+        for row, c, r in zip(rows, ds["ref_chosen_logps"], ds["ref_rejected_logps"]):
+            row["ref_logps"] = [c, r]
+    args = dpo_config(os.path.join(out, "spin"), loss_type=loss_type, precompute_ref_log_probs=precompute)
+    spin = SPINTrainer(model=make["model"](), ref_model=make["ref_model"](), args=args, processing_class=tok,
+                       train_dataset=datasets.Dataset.from_list(rows), **kw)
+    got = first_step(spin)
+    return {"dpo": want, "spin": got, "diff": compare(want, got, spin.beta), "trainers": (dpo, spin)}
