@@ -97,6 +97,8 @@ setup(
         "dev": ["pytest", "hypothesis", "ruff", "pytest-benchmark", "matplotlib", "datasets", "peft", "bitsandbytes"],
         "lora": ["peft"],
         "qlora": ["peft", "bitsandbytes"],
+        # spin_kernels.integrations.trl (SPINTrainer): tested with TRL 1.16 (its DPOTrainer internals)
+        "trl": ["trl>=1.16,<1.17", "datasets"],
         "vllm": ["vllm"],
     },
     entry_points={"console_scripts": ["spin-kernels = spin_kernels.cli:main"]},

@@ -58,7 +58,7 @@ try:
     from trl.trainer.utils import use_adapter
 except ImportError as exc:  # pragma: no cover - exercised by the import-guard test in a fresh interpreter
     raise ImportError("spin_kernels.integrations.trl needs TRL: pip install trl "
-                      "(or pip install 'spin_kernels[bench]', which pins the tested stack)") from exc
+                      "(pip install 'spin_kernels[trl]' installs the tested version, TRL 1.16)") from exc
 
 from ..distributed.gathering import unsharded_lm_head
 from ..models import is_prepared, packed_hidden_states, prepare_model, unwrap_model
