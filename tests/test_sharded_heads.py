@@ -1,5 +1,6 @@
-"""Sharded lm_heads with 2 processes (gloo, CPU): spin_kernels.distributed.gathered and the TRL
-SPINTrainer on an FSDP2 model, against one process doing the same work.
+"""Sharded lm_heads with 2 processes (gloo, CPU): DTensor weights straight into the ops,
+spin_kernels.distributed.gathered, and the TRL SPINTrainer on an FSDP2 model, against one process
+doing the same work.
 
 One spawn of 2 ranks runs every scenario (imports dominate the cost); rank 0 writes what it
 measured to a JSON file and the tests below assert on it:
@@ -10,6 +11,12 @@ measured to a JSON file and the tests below assert on it:
   (FSDP2's reduction), and an SGD step on the sharded head equals the one-process step; the
   logprobs backward gathers the weight again instead of keeping it; Shard(1) / Replicate
   (tensor-parallel layouts) too; Partial placements, 2-D meshes and ZeRO-3 parameters are refused;
+* the same DTensors passed straight to ``linear_spin_loss``, ``linear_logprobs`` and
+  ``LinearSPINLoss``: the same equalities; ``packed_spin_loss`` on an FSDP2 model whose lm_head is
+  its own unit, each rank its own micro-batch, then an SGD step: the loss, every gradient and the
+  weights equal one process stepping on the mean gradient; a DTensor ``hidden`` other than
+  Replicate, DTensor targets, Partial weights and mixed meshes are refused naming the argument,
+  and so is the inner model of apply_fsdp2's layout called outside its root;
 * TRL: ``SPINTrainer`` on a model sharded with ``fully_shard`` before the trainer sees it
   (``presharded``; accelerate does not run FSDP on CPU), 2 SGD steps of 2 pairs per rank, equals
   the one-process trainer on 4 pairs per step: losses, gradient norms, final weights. Two layouts:
@@ -63,15 +70,16 @@ def _loss(op, hidden, weight, bias, rows):
     return (linear_logprobs(hidden, weight, targets, cu, bias=bias, impl="torch") * seq_weights.to(hidden.dtype)).sum()
 
 
-def _unsharded(op, w0, b0, dtype):
-    """Per rank: loss and hidden gradient; the mean of the ranks' weight/bias gradients."""
+def _unsharded(op, w0, b0, dtype, scales=(1.0,) * WORLD):
+    """Per rank: loss and hidden gradient; the mean of the ranks' weight/bias gradients (of
+    ``scales[r]`` times rank r's loss)."""
     out = {"loss": [], "dh": [], "dw": 0, "db": 0}
     for r in range(WORLD):
         rows = _rank_rows(r, dtype)
         hidden = rows[0].clone().requires_grad_(True)
         w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
         loss = _loss(op, hidden, w, b, rows)
-        loss.backward()
+        (loss * scales[r]).backward()
         out["loss"].append(loss.detach())
         out["dh"].append(hidden.grad)
         out["dw"] = out["dw"] + w.grad / WORLD
@@ -190,6 +198,154 @@ def _refused() -> dict:
     return out
 
 
+# -- DTensors straight into the ops ----------------------------------------------------------------
+def _direct_ops(rank: int) -> dict:
+    """The FSDP2-sharded head's DTensors passed to each op as they are (no gathered block)."""
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from spin_kernels import LinearSPINLoss
+
+    calls = {"full_tensor": 0}
+    original = DTensor.full_tensor
+
+    def counting(self, *a, **k):
+        calls["full_tensor"] += 1
+        return original(self, *a, **k)
+
+    report = {}
+    # "scaled": each rank weights its loss differently (as a trainer weighting ranks by their share
+    # of the pairs does): the mesh average must be of the scaled contributions.
+    for dtype in (torch.float64, torch.float32):
+        for op in ("spin", "logprobs", "module", "scaled"):
+            scales = (1.0, 3.0) if op == "scaled" else (1.0, 1.0)
+            torch.manual_seed(0)
+            head = nn.Linear(H, V, bias=True).to(dtype)
+            w0, b0 = head.weight.detach().clone(), head.bias.detach().clone()
+            want = _unsharded("logprobs" if op == "logprobs" else "spin", w0, b0, dtype, scales)
+            fully_shard(head)
+            assert isinstance(head.weight, DTensor)
+            rows = _rank_rows(rank, dtype)
+            hidden = rows[0].clone().requires_grad_(True)
+            DTensor.full_tensor, calls["full_tensor"] = counting, 0
+            try:
+                if op == "module":
+                    _, targets, cu, ref, _ = rows
+                    loss = LinearSPINLoss(beta=0.5, impl="torch")(hidden, head.weight, targets, cu, ref, head.bias)[0]
+                else:
+                    loss = _loss("spin" if op == "scaled" else op, hidden, head.weight, head.bias, rows)
+                forward_gathers = calls["full_tensor"]
+                (loss * scales[rank]).backward()
+                backward_gathers = calls["full_tensor"] - forward_gathers
+            finally:
+                DTensor.full_tensor = original
+            dw, db = head.weight.grad, head.bias.grad
+            torch.optim.SGD(head.parameters(), lr=0.5).step()
+            report[f"{op}-{str(dtype)[6:]}"] = {
+                "loss": _rel(loss.detach(), want["loss"][rank]), "dh": _rel(hidden.grad, want["dh"][rank]),
+                "dw": _rel(dw.full_tensor(), want["dw"]), "db": _rel(db.full_tensor(), want["db"]),
+                "grad_placements": [str(dw.placements), str(db.placements)],
+                "step": max(_rel(head.weight.full_tensor(), w0 - 0.5 * want["dw"]),
+                            _rel(head.bias.full_tensor(), b0 - 0.5 * want["db"])),
+                "forward_gathers": forward_gathers, "backward_gathers": backward_gathers,
+            }
+    report["model"] = _sharded_model_step(rank)
+    report["refused"] = _direct_refused(rank)
+    return report
+
+
+def _sharded_model_step(rank: int) -> dict:
+    """packed_spin_loss on an FSDP2 model whose lm_head is its own unit (a DTensor when the loss
+    reads it), each rank its own micro-batch, then one SGD step: equals one process stepping on the
+    mean of the ranks' gradients. The model called through apply_fsdp2's inner module is refused."""
+    from test_fsdp2 import _micro_batches, _tiny_model
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from spin_kernels.distributed import apply_fsdp2
+    from spin_kernels.models import packed_spin_loss
+
+    lr = 0.5
+    batches = _micro_batches()[:WORLD]
+    ref = _tiny_model(0)
+    start = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    mean_grads, losses = {}, []
+    for b in batches:
+        ref.zero_grad(set_to_none=True)
+        loss, _ = packed_spin_loss(ref, b, impl="torch")
+        loss.backward()
+        losses.append(float(loss))
+        for n, p in ref.named_parameters():
+            mean_grads[n] = mean_grads.get(n, 0) + p.grad / WORLD
+
+    model = _tiny_model(0)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model.lm_head)
+    fully_shard(model)
+    seen = []
+    original = DTensor.full_tensor
+
+    def counting(self, *a, **k):
+        seen.append(tuple(self.shape))
+        return original(self, *a, **k)
+
+    DTensor.full_tensor = counting
+    try:
+        loss, _ = packed_spin_loss(model, batches[rank], impl="torch")
+        loss.backward()
+    finally:
+        DTensor.full_tensor = original
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    torch.optim.SGD(model.parameters(), lr=lr).step()
+    weights = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
+    out = {"loss": abs(float(loss) - losses[rank]) / abs(losses[rank]),
+           "grads": max(_rel(grads[n], mean_grads[n]) for n in mean_grads),
+           "weights": max(_rel(weights[n], start[n] - lr * mean_grads[n]) for n in start),
+           "moved": max(float((weights[n] - start[n]).abs().max()) for n in start),
+           "head_gathered": seen.count(tuple(model.lm_head.weight.shape))}
+    # apply_fsdp2's layout: the embeddings belong to the ShardedModel root; the inner model alone cannot run.
+    sharded = apply_fsdp2(_tiny_model(0), mixed_precision=None)
+    try:
+        packed_spin_loss(sharded.model, batches[rank], impl="torch")
+        out["outside_root"] = "accepted"
+    except ValueError as exc:
+        out["outside_root"] = str(exc)
+    return out
+
+
+def _direct_refused(rank: int) -> dict:
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    from spin_kernels import linear_spin_loss
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    other = DeviceMesh("cpu", list(reversed(range(WORLD))))
+    hidden, targets, cu, ref, _ = _rank_rows(rank, torch.float64)
+    w = torch.randn(V, H, dtype=torch.float64)
+    cases = {
+        "hidden_shard": dict(hidden=distribute_tensor(hidden[:8].clone(), mesh, [Shard(0)]), weight=w,
+                             targets=targets[:8], cu=torch.tensor([0, 4, 8], dtype=torch.int32), ref=ref[:2]),
+        "targets_dtensor": dict(hidden=hidden, weight=distribute_tensor(w, mesh, [Shard(0)]),
+                                targets=distribute_tensor(targets, mesh, [Replicate()]), cu=cu, ref=ref),
+        "weight_partial": dict(hidden=hidden, weight=DTensor.from_local(w, mesh, [Partial()]), targets=targets,
+                               cu=cu, ref=ref),
+        "meshes_differ": dict(hidden=hidden, weight=distribute_tensor(w, mesh, [Shard(0)]), targets=targets, cu=cu,
+                              ref=ref, bias=distribute_tensor(torch.zeros(V, dtype=torch.float64), other, [Shard(0)])),
+    }
+    out = {}
+    for name, c in cases.items():
+        try:
+            linear_spin_loss(c["hidden"], c["weight"], c["targets"], c["cu"], c["ref"], bias=c.get("bias"),
+                             impl="torch")
+            out[name] = "accepted"
+        except TypeError as exc:
+            out[name] = str(exc)
+    return out
+
+
 # -- TRL -----------------------------------------------------------------------------------------
 def _trl_args(out: str, per_device: int, **extra):
     from trl_setup import dpo_config
@@ -269,18 +425,21 @@ def _trl_run(layout: str, out: str, *, sharded: bool) -> dict:
 
 
 # -- the spawn -----------------------------------------------------------------------------------
-def _worker(rank: int, port: int, tmp: str) -> None:
+def _worker(rank: int, port: int, tmp: str, part: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        report = {"gathered": _gathered_ops(rank)}
-        for layout in TRL_LAYOUTS:
-            run = _trl_run(layout, os.path.join(tmp, f"trl-{layout}-{rank}"), sharded=True)
-            if rank == 0:
-                torch.save(run.pop("weights"), os.path.join(tmp, f"weights-{layout}.pt"))
-            report[f"trl-{layout}"] = {k: v for k, v in run.items() if k != "weights"}
+        if part == "ops":
+            report = {"gathered": _gathered_ops(rank), "direct": _direct_ops(rank)}
+        else:
+            report = {}
+            for layout in TRL_LAYOUTS:
+                run = _trl_run(layout, os.path.join(tmp, f"trl-{layout}-{rank}"), sharded=True)
+                if rank == 0:
+                    torch.save(run.pop("weights"), os.path.join(tmp, f"weights-{layout}.pt"))
+                report[f"trl-{layout}"] = {k: v for k, v in run.items() if k != "weights"}
         if rank == 0:
             with open(os.path.join(tmp, "report.json"), "w") as f:
                 json.dump(report, f)
@@ -295,17 +454,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    pytest.importorskip("trl")
-    tmp = str(tmp_path_factory.mktemp("sharded-heads"))
+def _spawn(tmp_path_factory, part: str) -> dict:
+    tmp = str(tmp_path_factory.mktemp(f"sharded-{part}"))
     t0 = time.perf_counter()
-    mp.spawn(_worker, args=(_free_port(), tmp), nprocs=WORLD, join=True)
-    print(f"2-rank scenarios took {time.perf_counter() - t0:.1f} s")
+    mp.spawn(_worker, args=(_free_port(), tmp, part), nprocs=WORLD, join=True)
+    print(f"2-rank {part} scenarios took {time.perf_counter() - t0:.1f} s")
     with open(os.path.join(tmp, "report.json")) as f:
         r = json.load(f)
     r["tmp"] = tmp
     return r
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """The ops scenarios (gathered, DTensors straight into the ops, the sharded model's step)."""
+    return _spawn(tmp_path_factory, "ops")
+
+
+@pytest.fixture(scope="module")
+def trl_report(tmp_path_factory):
+    pytest.importorskip("trl")
+    return _spawn(tmp_path_factory, "trl")
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -339,8 +508,41 @@ def test_gathered_refuses_what_it_cannot_handle(report):
     assert "ZeRO-3" in r["zero3"] and "GatheredParameters" in r["zero3"], r
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("op", ["spin", "logprobs", "module", "scaled"])
+def test_dtensor_weight_straight_into_the_ops_equals_unsharded(report, op, dtype):
+    r = report["direct"][f"{op}-{dtype}"]
+    print(r)
+    tol = TOL[getattr(torch, dtype)]
+    for k in ("loss", "dh", "dw", "db", "step"):
+        assert r[k] <= tol, (k, r)
+    assert r["grad_placements"] == ["(Shard(dim=0),)", "(Shard(dim=0),)"]
+    assert r["forward_gathers"] == 2, r  # weight and bias, once each
+    # The logprobs op saved the shards, not the gathered copies: its backward gathers again.
+    assert r["backward_gathers"] == (2 if op == "logprobs" else 0), r
+
+
+def test_packed_spin_loss_on_an_fsdp2_model_step_equals_one_process(report):
+    r = report["direct"]["model"]
+    print(r)
+    assert r["head_gathered"] >= 1, r  # the loss met the lm_head as a DTensor and gathered it
+    assert r["loss"] <= 1e-6 and r["grads"] <= 1e-5 and r["weights"] <= 1e-6, r
+    assert r["moved"] > 1e-2, r
+    assert "outside_root" in r and "sharded(packed_spin_loss, batch)" in r["outside_root"], r
+
+
+def test_dtensor_inputs_the_ops_do_not_handle_are_refused(report):
+    r = report["direct"]["refused"]
+    assert "hidden is a DTensor with placement Shard(dim=0)" in r["hidden_shard"], r
+    assert "targets must be a plain torch.Tensor" in r["targets_dtensor"], r
+    assert "weight is a DTensor with placement Partial(sum)" in r["weight_partial"], r
+    assert "bias is a DTensor on device mesh" in r["meshes_differ"] and "share one mesh" in r["meshes_differ"], r
+
+
+@pytest.mark.slow  # ~90 s on the 2-core machine: 2 ranks x 2 trainers, then the one-process runs
 @pytest.mark.parametrize("layout", list(TRL_LAYOUTS))
-def test_trl_spin_trainer_on_fsdp2_equals_one_process(report, tmp_path, layout):
+def test_trl_spin_trainer_on_fsdp2_equals_one_process(trl_report, tmp_path, layout):
+    report = trl_report
     got = report[f"trl-{layout}"]
     want = _trl_run(layout, str(tmp_path), sharded=False)
     print(layout, got, {k: v for k, v in want.items() if k != "weights"})

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import linear_logprobs, linear_spin_loss
+from ..ops.sharded import is_dtensor
 from ..packing import IGNORE_INDEX, PackedBatch
 from .attention import ATTN_IMPLEMENTATION, register_attention
 
@@ -81,6 +82,27 @@ def _require_device(model, batch: PackedBatch) -> None:
         raise ValueError(f"batch is on {batch.device} but the model is on {param.device}; use batch.to(device)")
 
 
+def _require_gatherable_embeddings(model) -> None:
+    """A model whose embeddings FSDP2 sharded under an outer root cannot run by itself.
+
+    FSDP2 gathers a parameter in the forward of the FSDP module that owns it. If the embeddings'
+    owner is not inside ``model`` (``apply_fsdp2`` puts them in the ``ShardedModel`` root), calling
+    ``model`` directly hands the embedding a DTensor and PyTorch fails deep inside with "mixed
+    torch.Tensor and DTensor"; this says what to do instead.
+    """
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is None or not is_dtensor(getattr(embeddings, "weight", None)):
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    if any(isinstance(m, FSDPModule) and any(e is embeddings for e in m.modules()) for m in model.modules()):
+        return
+    raise ValueError(f"model ({type(model).__name__}) has sharded input embeddings (a DTensor) but no FSDP module "
+                     "inside it gathers them: it was sharded under an outer FSDP root (apply_fsdp2's ShardedModel). "
+                     "Run the call through that root, e.g. sharded(packed_spin_loss, batch), so that the root's "
+                     "parameters are gathered")
+
+
 def packed_hidden_states(model, batch: PackedBatch) -> Tensor:
     """The decoder's last hidden states (after the final norm) for every packed token.
 
@@ -99,6 +121,7 @@ def packed_hidden_states(model, batch: PackedBatch) -> Tensor:
     inner = unwrap_model(model)
     _require_prepared(inner)
     _require_device(inner, batch)
+    _require_gatherable_embeddings(inner)
     captured: list[Tensor] = []
 
     def keep(module, args, output):

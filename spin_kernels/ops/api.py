@@ -16,6 +16,7 @@ from .autograd import LinearLogprobsFunction, LinearSPINLossFunction
 from .doc import with_doc
 from .objective import spin_metrics
 from .options import HeadOptions, SpinOptions
+from .sharded import Sharding
 from .validation import check_linear_inputs
 
 
@@ -45,8 +46,9 @@ def linear_logprobs(
     """
     opts = HeadOptions.checked(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
                                average=average, impl=impl, check_values=check_values)
+    sharding = Sharding.of(hidden, weight, bias, targets=targets, cu_seqlens=cu_seqlens)
     check_linear_inputs(hidden, weight, targets, cu_seqlens, bias)
-    return LinearLogprobsFunction.apply(hidden, weight, bias, targets, cu_seqlens, opts, None)
+    return LinearLogprobsFunction.apply(hidden, weight, bias, targets, cu_seqlens, opts, None, sharding)
 
 
 @with_doc
@@ -86,12 +88,14 @@ def linear_spin_loss(
 def _spin_loss(hidden: Tensor, weight: Tensor, targets: Tensor, cu_seqlens: Tensor, ref_logps: Tensor,
                bias: Tensor | None, opts: SpinOptions) -> tuple[Tensor, dict[str, Tensor]]:
     """``linear_spin_loss`` with its options already checked."""
+    sharding = Sharding.of(hidden, weight, bias, targets=targets, cu_seqlens=cu_seqlens, ref_logps=ref_logps)
     check_linear_inputs(hidden, weight, targets, cu_seqlens, bias, ref_logps, spin=True)
     if not torch.is_grad_enabled():
         # No backward will come, but a Function's needs_input_grad says only requires_grad:
         # detached inputs tell the op to skip the gradients it would compute in the forward.
         hidden, weight, bias = hidden.detach(), weight.detach(), None if bias is None else bias.detach()
-    loss, seq = LinearSPINLossFunction.apply(hidden, weight, bias, targets, cu_seqlens, ref_logps, opts, None)
+    loss, seq = LinearSPINLossFunction.apply(hidden, weight, bias, targets, cu_seqlens, ref_logps, opts, None,
+                                             sharding)
     ref = ref_logps.detach().to(seq.dtype)
     return loss, spin_metrics(seq[0::2], seq[1::2], ref[0::2], ref[1::2], opts.beta)
 

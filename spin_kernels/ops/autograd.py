@@ -9,7 +9,9 @@ opaque).
 
 Both take the tensors, the options (``options.py``) and ``backend``: None for the backend that
 ``options.impl`` names (the public API), or a configured Backend instance (tests, tuning), which
-cannot cross the dispatcher and so runs the op's implementation directly.
+cannot cross the dispatcher and so runs the op's implementation directly; and ``sharding``: None,
+or how DTensor arguments are sharded (``sharded.Sharding``): the op then runs on their gathered
+copies, saves the sharded weight rather than its copy, and returns DTensor gradients.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import Tensor
 from . import library
 from .backends import Backend, Needs
 from .options import HeadOptions, SpinOptions
+from .sharded import Sharding
 
 
 def _unless_one(grad_loss: Tensor) -> Tensor | None:
@@ -45,41 +48,56 @@ def _scaled_(grad: Tensor, needed: bool, scale: Tensor | None) -> Tensor | None:
 class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, cu_seqlens: Tensor,
-                opts: HeadOptions, backend: Backend | None = None) -> Tensor:
-        tensors = (hidden, weight, bias, targets, cu_seqlens)
+                opts: HeadOptions, backend: Backend | None = None, sharding: Sharding | None = None) -> Tensor:
+        # Sharded: the gathered copies for the call; the weight / bias DTensors (this rank's
+        # shards) are what is saved, and the backward gathers them again.
+        h, w, b = (hidden, weight, bias) if sharding is None else sharding.full(hidden, weight, bias)
+        tensors = (h, w, b, targets, cu_seqlens)
         if backend is None:
             seq, lse = library.linear_logprobs_op(*tensors, *opts.scalars())
         else:
             seq, lse = library.logprobs_forward(*tensors, opts, backend)
-        ctx.save_for_backward(*tensors, lse)
-        ctx.opts, ctx.backend = opts, backend
+        ctx.save_for_backward(h, weight, bias, targets, cu_seqlens, lse)
+        ctx.opts, ctx.backend, ctx.sharding = opts, backend, sharding
         return seq
 
     @staticmethod
     def backward(ctx, grad_seq: Tensor):
         hidden, weight, bias, targets, cu_seqlens, lse = ctx.saved_tensors
+        sharding: Sharding | None = ctx.sharding
+        if sharding is not None:
+            _, weight, bias = sharding.full(None, weight, bias)
         need = ctx.needs_input_grad[:3]
         args = (grad_seq, hidden, weight, bias, targets, cu_seqlens, lse)
         if ctx.backend is None:
             dh, dw, db = library.linear_logprobs_backward_op(*args, *ctx.opts.scalars(), *need)
         else:
             dh, dw, db = library.logprobs_backward(*args, ctx.opts, Needs(*need), ctx.backend)
-        return dh if need[0] else None, dw if need[1] else None, db if need[2] else None, None, None, None, None
+        grads = (dh if need[0] else None, dw if need[1] else None, db if need[2] else None)
+        if sharding is not None:
+            grads = sharding.grads(*grads)
+        return (*grads, None, None, None, None, None)
 
 
 class LinearSPINLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, cu_seqlens: Tensor,
-                ref_logps: Tensor, opts: SpinOptions, backend: Backend | None = None) -> tuple[Tensor, Tensor]:
+                ref_logps: Tensor, opts: SpinOptions, backend: Backend | None = None,
+                sharding: Sharding | None = None) -> tuple[Tensor, Tensor]:
+        if sharding is not None:  # the gathered copies, for the call only
+            hidden, weight, bias = sharding.full(hidden, weight, bias)
         tensors = (hidden, weight, bias, targets, cu_seqlens, ref_logps.detach())
         need = ctx.needs_input_grad[:3]
         if backend is None:
             loss, seq, dh, dw, db = library.linear_spin_loss_op(*tensors, *opts.scalars(), *need)
         else:
             loss, seq, dh, dw, db = library.spin_forward(*tensors, opts, Needs(*need), backend)
-        # In the parameters' dtypes: they are the gradients, only rescaled in backward.
+        # In the parameters' dtypes: they are the gradients, only rescaled in backward. Sharded,
+        # dweight stays whole until then: the mesh average must be of the contributions scaled by
+        # each rank's upstream gradient, which may differ between ranks.
         ctx.save_for_backward(dh, dw, db)
         ctx.mark_non_differentiable(seq)
+        ctx.sharding = sharding
         return loss, seq
 
     @staticmethod
@@ -87,5 +105,7 @@ class LinearSPINLossFunction(torch.autograd.Function):
         dh, dw, db = ctx.saved_tensors
         scale = _unless_one(grad_loss)
         need = ctx.needs_input_grad
-        return (_scaled_(dh, need[0], scale), _scaled_(dw, need[1], scale), _scaled_(db, need[2], scale),
-                None, None, None, None, None)
+        grads = (_scaled_(dh, need[0], scale), _scaled_(dw, need[1], scale), _scaled_(db, need[2], scale))
+        if ctx.sharding is not None:
+            grads = ctx.sharding.grads(*grads)
+        return (*grads, None, None, None, None, None, None)

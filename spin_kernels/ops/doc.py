@@ -16,7 +16,12 @@ TENSORS = """\
             in [0, V), or ``ignore_index``.
         cu_seqlens: [S+1] int32/int64, 0 = cu[0] <= ... <= cu[S] = N; sequence i owns rows
             cu[i]:cu[i+1].
-        bias: None or [V] floating."""
+        bias: None or [V] floating.
+        Sharded heads: weight and bias may be DTensors on a 1-D mesh (FSDP2 ``fully_shard``:
+            Shard(0); tensor parallelism: Shard(0), Shard(1), Replicate; bias Shard(0) or
+            Replicate), hidden a Replicate one; they are gathered for the call and their
+            gradients come back as DTensors with their placements, averaged over the mesh
+            (ops/sharded.py). Other layouts: TypeError naming the argument and its placement."""
 
 REF_LOGPS = """\
         ref_logps: [S] floating, the opponent's per-sequence log-probs in the same order (no

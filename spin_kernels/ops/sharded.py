@@ -1,40 +1,47 @@
-"""Sharded (DTensor) head weights for the fused ops: gathered around the call, gradients reduce-scattered.
+"""Sharded (DTensor) head weights: gathered for the op, gradients reduce-scattered back.
 
 An FSDP2 ``fully_shard`` lm_head weight is a DTensor (``Shard(0)`` on a 1-D mesh); a tensor-
 parallel one may be ``Shard(0)``, ``Shard(1)`` or ``Replicate``. The kernels need the whole
-``[V, H]`` matrix, so:
+``[V, H]`` matrix, so the ops' autograd Functions (``autograd.py``), told by a ``Sharding``:
 
-* forward: the weight (and bias) is all-gathered into a plain tensor for the duration of the call;
-* backward: each rank's gradient of the full weight is a partial contribution; it is averaged over
-  the mesh and redistributed to the weight's own placements (a reduce-scatter for ``Shard``, an
-  all-reduce for ``Replicate``), arriving in ``weight.grad`` as a DTensor like FSDP2's own gradients,
-  so an optimizer step on the sharded model is unchanged;
-* an op that saves the weight for its backward (``linear_logprobs`` recomputes the logits there)
-  does not keep the gathered copy alive in between: ``regather_in_backward`` swaps it for a
-  marker and all-gathers again when the backward unpacks it.
+* all-gather the weight (and bias) into plain tensors for the forward call only;
+* keep for the backward what they would keep unsharded, except the weight and bias: their
+  DTensors (this rank's shard) are saved, and ``linear_logprobs``'s backward, which recomputes
+  the logits, gathers them again;
+* hand back gradients as DTensors with the arguments' placements: each rank's gradient of the
+  full weight is its partial contribution, averaged over the mesh and redistributed (a
+  reduce-scatter for ``Shard``, an all-reduce for ``Replicate``), like FSDP2's own gradients, so
+  an optimizer step on the sharded model is unchanged. This happens in the backward, after the
+  upstream gradient is applied: ranks may scale their losses differently (e.g. by their share of
+  the pairs), and the average must be of the scaled contributions.
 
-The average is the data-parallel convention (FSDP2's default ``ReduceOp.AVG``, DDP's): with the
-loss of each rank computed on its own rows it is the gradient of the mean of the ranks' losses; on
-rows replicated on every rank (a ``Replicate`` ``hidden``) it is the exact gradient.
+The average is the data-parallel convention (FSDP2's default ``ReduceOp.AVG``, DDP's): with each
+rank's loss on its own rows it is the gradient of the mean of the ranks' losses; on rows
+replicated on every rank (a ``Replicate`` ``hidden``) it is the exact gradient.
 
 Supported: 1-D meshes; ``weight`` Shard(0) / Shard(1) / Replicate; ``bias`` Shard(0) / Replicate;
-``hidden`` Replicate (its local copy is used; its gradient comes back ``Replicate``). Anything else
-is refused with a TypeError naming the argument and its placement. Gathers are collectives: every
+``hidden`` Replicate (its local copy is used, its gradient comes back ``Replicate``); ``targets``,
+``cu_seqlens``, ``ref_logps`` plain (each rank's own). Anything else is refused with a TypeError
+naming the argument and its placement, before any collective. Gathers are collectives: every
 rank of the mesh must make the same calls in the same order (forward and backward).
+
+``gathered`` (spin_kernels.distributed) offers the same gather / reduce-scatter to code that is
+not one of the ops: ``GatherFull`` (a differentiable gather) and ``regather_in_backward`` (saved
+gathered copies swapped for markers, gathered again on unpack).
+
+``torch.distributed.tensor`` is never imported here (it costs seconds): nothing can be a DTensor
+before someone else imported it.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-try:  # torch.distributed is optional in some builds; without it nothing can be a DTensor
-    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
-except ImportError:  # pragma: no cover - a torch without distributed support
-    DTensor = None
 
 _ALLOWED = {
     "weight": "Shard(0), Shard(1) or Replicate",
@@ -43,12 +50,20 @@ _ALLOWED = {
 }
 
 
+def _dtensor_class():
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
 def is_dtensor(x: object) -> bool:
     """True for a ``torch.distributed.tensor.DTensor`` (an FSDP2 / tensor-parallel parameter)."""
-    return DTensor is not None and isinstance(x, DTensor)
+    cls = _dtensor_class()
+    return cls is not None and isinstance(x, cls)
 
 
 def _placement_ok(name: str, placement) -> bool:
+    from torch.distributed.tensor import Replicate, Shard
+
     if isinstance(placement, Replicate):
         return True
     if isinstance(placement, Shard):
@@ -61,12 +76,12 @@ def _placement_ok(name: str, placement) -> bool:
 
 
 def check_dtensor(name: str, x: Tensor, mesh=None):
-    """The device mesh of DTensor ``x``, after checking that the fused ops handle its layout.
+    """The device mesh of DTensor ``x``, after checking that its layout is one the ops handle.
 
     Args:
-        name: the argument's name, for the error ("weight", "bias", "hidden").
+        name: the argument's name, for the error ("weight", "bias", "hidden", "params[0]").
         x: a DTensor.
-        mesh: the mesh another argument lives on, which ``x`` must share (None: no constraint).
+        mesh: the mesh other DTensor arguments live on, which ``x`` must share (None: no constraint).
 
     Raises:
         TypeError: a mesh that is not 1-D, a placement the ops do not handle (Partial, a Shard of
@@ -87,8 +102,87 @@ def check_dtensor(name: str, x: Tensor, mesh=None):
     return xmesh
 
 
+def _full(x: Tensor) -> Tensor:
+    """The whole tensor of DTensor ``x`` as a plain tensor (an all-gather), without autograd."""
+    with torch.no_grad():
+        return x.full_tensor()
+
+
+def _mesh_average(grad: Tensor, mesh, placements) -> Tensor:
+    """This rank's contribution to the gradient of a full tensor -> the average over the mesh as a
+    DTensor with ``placements`` (reduce-scatter for Shard, all-reduce for Replicate)."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    # Divided first, then summed: a Partial (sum) DTensor, redistributed.
+    part = DTensor.from_local(grad.contiguous() / mesh.size(), mesh, [Partial()], run_check=False)
+    return part.redistribute(mesh, placements)
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """Which of an op call's head tensors are DTensors, on which 1-D mesh (``of`` returns None
+    when none is: the ops' unsharded path is then untouched)."""
+
+    mesh: object
+    weight: tuple | None  # the weight's placements, or None when it is a plain tensor
+    bias: tuple | None
+    hidden: bool  # hidden is a Replicate DTensor
+
+    @staticmethod
+    def of(hidden: Tensor, weight: Tensor, bias: Tensor | None, **plain: Tensor | None) -> Sharding | None:
+        """The sharding of ``hidden`` / ``weight`` / ``bias``, checked; None if none is a DTensor.
+
+        Args:
+            **plain: the op's other tensor arguments by name (targets, cu_seqlens, ref_logps): each
+                rank's own values, which must not be DTensors.
+
+        Raises:
+            TypeError: a DTensor among ``plain``, or what ``check_dtensor`` refuses.
+        """
+        cls = _dtensor_class()
+        if cls is None or not any(isinstance(t, cls) for t in (hidden, weight, bias, *plain.values())):
+            return None
+        if torch.compiler.is_compiling():
+            raise NotImplementedError("DTensor arguments to the fused ops are handled in eager mode only; gather "
+                                      "the lm_head outside the compiled region (spin_kernels.distributed.gathered)")
+        for name, t in plain.items():
+            if isinstance(t, cls):
+                raise TypeError(f"{name} must be a plain torch.Tensor (this rank's values), got a DTensor with "
+                                f"placements {tuple(t.placements)!r}; only weight, bias and a Replicate hidden may "
+                                "be DTensors")
+        mesh = None
+        for name, t in (("weight", weight), ("bias", bias), ("hidden", hidden)):
+            if isinstance(t, cls):
+                mesh = check_dtensor(name, t, mesh)
+        return Sharding(mesh, weight.placements if isinstance(weight, cls) else None,
+                        bias.placements if isinstance(bias, cls) else None, isinstance(hidden, cls))
+
+    def full(self, hidden: Tensor | None, weight: Tensor, bias: Tensor | None) -> tuple[Tensor | None, Tensor,
+                                                                                           Tensor | None]:
+        """Plain tensors for the kernels: weight / bias gathered, hidden's local copy (None stays None)."""
+        if self.hidden and hidden is not None:
+            hidden = hidden.to_local()
+        return (hidden, _full(weight) if self.weight else weight,
+                _full(bias) if self.bias is not None and bias is not None else bias)
+
+    def grads(self, dh: Tensor | None, dw: Tensor | None, db: Tensor | None) -> tuple:
+        """Gradients of the plain tensors -> gradients of the arguments (DTensors where they were)."""
+        from torch.distributed.tensor import DTensor, Replicate
+
+        if self.hidden and dh is not None:
+            dh = DTensor.from_local(dh, self.mesh, [Replicate()], run_check=False)
+        if self.weight and dw is not None:
+            dw = _mesh_average(dw, self.mesh, self.weight)
+        if self.bias and db is not None:
+            db = _mesh_average(db, self.mesh, self.bias)
+        return dh, dw, db
+
+
+# -- for code that is not one of the ops (spin_kernels.distributed.gathered) ---------------------
+
+
 class GatherFull(torch.autograd.Function):
-    """DTensor -> the full plain tensor; backward: mesh-average, redistributed to its placements."""
+    """DTensor -> the full plain tensor; backward: the mesh average, redistributed to its placements."""
 
     @staticmethod
     def forward(ctx, x):
@@ -97,17 +191,11 @@ class GatherFull(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if grad is None:
-            return None
-        # Each rank holds its own contribution to the gradient of the full tensor: a Partial
-        # (sum) DTensor once divided by the mesh size, whose redistribution to the parameter's
-        # placements is the reduce-scatter (Shard) or all-reduce (Replicate) of the average.
-        part = DTensor.from_local(grad.contiguous() / ctx.mesh.size(), ctx.mesh, [Partial()], run_check=False)
-        return part.redistribute(ctx.mesh, ctx.placements)
+        return None if grad is None else _mesh_average(grad, ctx.mesh, ctx.placements)
 
 
 def gather_full(x: Tensor | None, name: str = "weight", mesh=None) -> Tensor | None:
-    """``x`` as a full plain tensor (itself if it is not a DTensor), differentiable as described above.
+    """``x`` as a full plain tensor (itself if it is not a DTensor), differentiable through ``GatherFull``.
 
     Args:
         x: a DTensor (checked with ``check_dtensor``), a plain tensor or None.
@@ -116,18 +204,13 @@ def gather_full(x: Tensor | None, name: str = "weight", mesh=None) -> Tensor | N
     if not is_dtensor(x):
         return x
     check_dtensor(name, x, mesh)
-    if name == "hidden":
-        # Replicate: every rank holds the same rows; the gradient of the local copy is that of
-        # the DTensor (to_local's backward labels it Replicate again).
-        return x.to_local()
     if torch.is_grad_enabled() and x.requires_grad:
         return GatherFull.apply(x)
-    with torch.no_grad():
-        return x.full_tensor()
+    return _full(x)
 
 
 class _Regather:
-    """What a saved gathered weight is packed into: its DTensor source, gathered again on unpack."""
+    """What a saved gathered tensor is packed into: its DTensor source, gathered again on unpack."""
 
     __slots__ = ("source",)
 
@@ -141,10 +224,10 @@ def _same_tensor(a: Tensor, b: Tensor) -> bool:
 
 
 @contextmanager
-def regather_in_backward(pairs: list[tuple[Tensor, Tensor]]) -> Iterator[None]:
+def regather_in_backward(pairs: list[tuple[Tensor | None, Tensor | None]]) -> Iterator[None]:
     """While active, autograd saves each gathered tensor ``full`` of ``(full, source)`` as a marker
     and all-gathers ``source`` again when the backward needs it, so the full copy lives only during
-    the forward call and during its backward, not in between.
+    the forward call and during the backward, not in between.
 
     Tensors that autograd saves which are not one of the ``full`` tensors (views, casts, other
     inputs) are saved as usual.
@@ -161,10 +244,7 @@ def regather_in_backward(pairs: list[tuple[Tensor, Tensor]]) -> Iterator[None]:
         return t
 
     def unpack(saved):
-        if isinstance(saved, _Regather):
-            with torch.no_grad():
-                return saved.source.full_tensor()
-        return saved
+        return _full(saved.source) if isinstance(saved, _Regather) else saved
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield
