@@ -22,7 +22,8 @@ measured to a JSON file and the tests below assert on it:
   the one-process trainer on 4 pairs per step: losses, gradient norms, final weights. Two layouts:
   the lm_head its own FSDP unit (a DTensor when the loss reads it: gathered) with a live sharded
   reference model, and the lm_head tied to the embeddings in the root unit (unsharded by FSDP
-  itself after the root's forward) with precomputed reference log-probs.
+  itself after the root's forward) with precomputed reference log-probs; and, without FSDP, the
+  model in accelerate's DDP with gradient checkpointing.
 """
 
 from __future__ import annotations
@@ -40,8 +41,11 @@ import torch.multiprocessing as mp
 
 WORLD = 2
 V, H = 97, 32
-TRL_LAYOUTS = {"lm_head-unit": {"tie": False, "reference": "live"},
-               "tied-root": {"tie": True, "reference": "column"}}
+TRL_LAYOUTS = {"lm_head-unit": {"tie": False, "reference": "live", "fsdp": True},
+               "tied-root": {"tie": True, "reference": "column", "fsdp": True},
+               # no FSDP: accelerate's own CPU data parallelism wraps the model in DDP, through which
+               # the packed forward runs (gradient checkpointing on, TRL's default)
+               "ddp": {"tie": False, "reference": "live", "fsdp": False, "gradient_checkpointing": True}}
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6}  # relative to the largest entry
 
 
@@ -382,7 +386,8 @@ def _trl_run(layout: str, out: str, *, sharded: bool) -> dict:
         policy.config.tie_word_embeddings = True
         policy.lm_head.weight = policy.model.embed_tokens.weight
     ref_model = copy.deepcopy(policy if spec["tie"] else ref) if spec["reference"] == "live" else None
-    extra = {"precompute_ref_log_probs": spec["reference"] == "column"}
+    extra = {"precompute_ref_log_probs": spec["reference"] == "column",
+             "gradient_checkpointing": spec.get("gradient_checkpointing", False)}
 
     def shard(model, own_head: bool):
         prepare_model(model)
@@ -403,7 +408,7 @@ def _trl_run(layout: str, out: str, *, sharded: bool) -> dict:
         return gather_full(x, *a, **k)
 
     gathered_module.gather_full = counting_gather
-    if sharded:
+    if sharded and spec["fsdp"]:
         shard(policy, not spec["tie"])
         presharded(policy)
         if ref_model is not None:
@@ -421,7 +426,8 @@ def _trl_run(layout: str, out: str, *, sharded: bool) -> dict:
     return {"loss": [h["loss"] for h in logs], "grad_norm": [h["grad_norm"] for h in logs],
             "margins": [h["rewards/margins"] for h in logs], "weights": full,
             "dtensor_gathers": sum(dtensor_gathers),
-            "distributed_type": str(trainer.accelerator.distributed_type)}
+            "distributed_type": str(trainer.accelerator.distributed_type),
+            "wrapper": type(trainer.model_wrapped).__name__}
 
 
 # -- the spawn -----------------------------------------------------------------------------------
@@ -550,7 +556,9 @@ def test_trl_spin_trainer_on_fsdp2_equals_one_process(trl_report, tmp_path, layo
     # lm_head its own FSDP unit: resharded after its (zero-row) forward, so every loss and live
     # reference pass gathers a DTensor (2 steps x (policy + reference) weight gathers); tied in the
     # root: FSDP keeps the root unsharded from its forward to its backward, nothing to gather.
-    assert got["dtensor_gathers"] == (0 if TRL_LAYOUTS[layout]["tie"] else 4), got
+    spec = TRL_LAYOUTS[layout]
+    assert got["dtensor_gathers"] == (4 if spec["fsdp"] and not spec["tie"] else 0), got
+    assert got["wrapper"] == ("DistributedDataParallel" if not spec["fsdp"] else "FSDPLlamaForCausalLM"), got
     assert want["dtensor_gathers"] == 0
     assert len(got["loss"]) == len(want["loss"]) == 2
     # fp32: the gradients of this setting agree to ~1e-5 relative (as TRL's own against ours)
