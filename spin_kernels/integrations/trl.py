@@ -310,7 +310,7 @@ class SPINTrainer(DPOTrainer):
         with unsharded_lm_head(model) as head:
             weight = head.pop("weight")
             loss, metrics = linear_spin_loss(hidden, weight, batch.targets, batch.cu_seqlens,
-                                             ref.to(device=hidden.device, dtype=torch.float32), beta=self.beta,
+                                             ref.to(hidden.device), beta=self.beta,
                                              loss_type=self.loss_types[0], ignore_index=IGNORE_INDEX, impl=self.impl,
                                              check_values=False, **head)
         self._log_metrics(mode, metrics, batch)
@@ -321,13 +321,14 @@ class SPINTrainer(DPOTrainer):
     def _log_metrics(self, mode: str, metrics: dict[str, Tensor], batch: PackedBatch) -> None:
         """TRL's metric names, averaged over all pairs of all processes (micro-batches may differ in size)."""
         pairs = float(batch.num_pairs)
-        local = torch.tensor([float(metrics[k]) * pairs for k in METRIC_NAMES] + [pairs, float(batch.num_tokens)],
-                             dtype=torch.float64, device=self.accelerator.device)
-        total = self.accelerator.gather(local[None]).sum(0)
+        device = self.accelerator.device
+        sums = torch.stack([metrics[k].to(device, torch.float64) for k in METRIC_NAMES]) * pairs
+        counts = torch.tensor([pairs, float(batch.num_tokens)], dtype=torch.float64, device=device)
+        total = self.accelerator.gather(torch.cat([sums, counts])[None]).sum(0).tolist()  # one host sync
         for i, spin_name in enumerate(METRIC_NAMES):
-            self._metrics[mode][METRIC_NAMES[spin_name]].append((total[i] / total[-2]).item())
+            self._metrics[mode][METRIC_NAMES[spin_name]].append(total[i] / total[-2])
         if mode == "train":
-            self._total_train_tokens += int(total[-1].item())
+            self._total_train_tokens += int(total[-1])
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
