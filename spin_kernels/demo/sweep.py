@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         shared_sft = shared_sft or cfg.loop.output_dir
         val = [r["val KL SPIN"] for r in result]
         best = min(range(1, len(val)), key=lambda i: val[i])
-        rows.append({"optimizer": opt, "lr": lr, "beta": beta, "val KL start": val[0],
+        rows.append({"optimizer": opt, "lr": f"{lr:g}", "beta": beta, "val KL start": val[0],
                      "best val KL": val[best], "at iteration": result[best]["iteration"],
                      "val KL last": val[-1]})
     rows.sort(key=lambda r: r["best val KL"])
