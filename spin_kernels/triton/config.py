@@ -133,6 +133,19 @@ def launch(kernel, grid, *, device: torch.device, family: str = "head", reset_to
     _tuned(kernel, family, major, reset_to_zero, restore_value)[grid](**args)
 
 
+def flags_from_pointers(**flags: str):
+    """``triton.heuristics`` setting each constexpr flag (``HAS_BIAS="b_ptr"``) to whether its
+    pointer argument was given: an absent tensor is passed as None, which Triton specialises
+    into a constexpr, so a flag cannot disagree with its pointer and no live tensor stands in
+    for a missing one. Goes between ``triton.jit`` and the autotuner ``launch`` adds (Triton's
+    order: autotune(heuristics(jit)))."""
+    return triton.heuristics({flag: functools.partial(_given, pointer) for flag, pointer in flags.items()})
+
+
+def _given(pointer: str, args: dict) -> bool:
+    return args[pointer] is not None
+
+
 def split_align() -> int:
     return INTERPRETER_BLOCKS["BLOCK_V"] if interpreting() else GPU_SPLIT_ALIGN
 
