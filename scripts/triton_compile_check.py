@@ -1,9 +1,10 @@
 """Compile every Triton kernel of spin_kernels for sm80 and sm90 without a GPU.
 
 For each kernel, each autotuning configuration of its family (spin_kernels/triton/config.py),
-each input dtype (bf16, fp32) and each variant of its flags, Triton compiles to a cubin with its
-own ptxas; the check fails on a compile error, or when an (architecture, dtype) has no
-configuration whose shared memory fits the device (the autotuner would have nothing to run).
+each input dtype (bf16, fp32) and each variant of its flags and optional tensors (absent: None,
+as launched), Triton compiles to a cubin with its own ptxas; the check fails on a compile error,
+or when an (architecture, dtype) has no configuration whose shared memory fits the device (the
+autotuner would have nothing to run).
 It catches what the interpreter cannot: lowering errors, and configurations too large for a
 card, before a GPU session spends its minutes on them. What the cubins are like (matrix
 instructions, registers, spills, occupancy) is scripts/triton_static_audit.py's report, built
@@ -61,19 +62,29 @@ def pointer_types(dtype: str) -> dict[str, str]:
             "idx_ptr": "i64", "keep_ptr": "i32", "count_ptr": "i32"}
 
 
+# An optional tensor's pointer in a variant: ABSENT (launched as None, which Triton specialises
+# into a constexpr; the flag the kernel derives from it, flags_from_pointers, follows) or GIVEN.
+# ABSENT first, as False before True: a kernel's first combination is every flag off, its last
+# every flag on (``variants(flag_extremes=True)``).
+ABSENT, GIVEN = None, "tensor"
+OPTIONAL = [ABSENT, GIVEN]
+
+
 def kernels():
-    """(kernel, family, fixed constexprs, flags to vary) for every kernel."""
+    """(kernel, family, int arguments fixed at 1, the arguments to vary) for every kernel. What
+    varies is an optional tensor's pointer (ABSENT or GIVEN; a pointer not named is GIVEN) or a
+    constexpr flag the launcher sets itself."""
     from spin_kernels.triton.backward import grad_hidden_kernel, grad_weight_kernel, logit_grads_kernel
     from spin_kernels.triton.forward import lse_partials_kernel
 
-    head = {"HAS_BIAS": [False, True], "HAS_SOFTCAP": [False, True], "HAS_INDEX": [True]}
-    gemm = {"FILTER": [False, True], "HAS_INDEX": [True]}
+    head = {"b_ptr": OPTIONAL, "HAS_SOFTCAP": [False, True], "idx_ptr": [GIVEN]}
+    gemm = {"keep_ptr": OPTIONAL, "idx_ptr": [GIVEN]}
     # Triton specialises an int argument equal to 1 into a constant: the runtime flags of the
     # backward's products compile once more in that form, with their constant branches.
-    flags_at_one = {"FILTER": [False], "HAS_INDEX": [True]}
+    flags_at_one = {"keep_ptr": [ABSENT], "idx_ptr": [GIVEN]}
     return [
         (lse_partials_kernel, "head", {}, head),
-        (logit_grads_kernel, "producer", {}, {**head, "FILTER": [False, True], "COMPUTE_DB": [True]}),
+        (logit_grads_kernel, "producer", {}, {**head, "keep_ptr": OPTIONAL, "dbp_ptr": [GIVEN]}),
         (grad_hidden_kernel, "gemm", {}, gemm),
         (grad_weight_kernel, "gemm", {}, gemm),
         (grad_hidden_kernel, "gemm", {"first": 1, "last": 1}, flags_at_one),
@@ -87,18 +98,41 @@ def kernels():
 class Variant:
     """One compilation: a kernel with its constexprs, for one architecture and dtype path."""
 
-    kernel: object
+    kernel: object  # as launched: the triton.jit function under its heuristics
     family: str
     major: int
     dtype: str  # a DTYPES entry
     config: object  # the triton.Config of the family's candidates
     fixed: dict = field(default_factory=dict)  # int arguments specialised to 1
-    flags: dict = field(default_factory=dict)  # the constexpr flags of this variant
+    args: dict = field(default_factory=dict)  # this variant's optional pointers and constexpr flags
     aligned: bool = True  # the launch-time hints of contiguous, aligned tensors (UNIT_STRIDES ...)
 
     @property
+    def jit(self):
+        """The triton.jit function (what triton.compile takes; it does not run heuristics)."""
+        import triton
+
+        fn = self.kernel
+        while not isinstance(fn, triton.JITFunction):
+            fn = fn.fn
+        return fn
+
+    @property
     def kernel_name(self) -> str:
-        return self.kernel.fn.__name__
+        return self.jit.fn.__name__
+
+    @property
+    def absent(self) -> dict:
+        """The pointers launched as None: constexprs."""
+        return {name: None for name, value in self.args.items() if name.endswith("_ptr") and value is ABSENT}
+
+    @property
+    def flags(self) -> dict:
+        """The constexpr flags: those set by the launcher, then those the kernel's heuristics derive
+        from its pointers, as they would at launch."""
+        given = {**dict.fromkeys((n for n in self.jit.arg_names if n.endswith("_ptr")), GIVEN), **self.args}
+        derived = {flag: rule(given) for flag, rule in getattr(self.kernel, "values", {}).items()}
+        return {**{k: v for k, v in self.args.items() if not k.endswith("_ptr")}, **derived}
 
     @property
     def config_name(self) -> str:
@@ -110,15 +144,15 @@ class Variant:
 
         tiles = dict(zip(("TILE_M", "TILE_V"), _BACKWARD_TILES[self.major])) if self.family != "head" else {}
         units = dict.fromkeys(UNIT_STRIDES, 1) if self.aligned else {}
-        consts = {**self.config.kwargs, **tiles, **units, **self.fixed, **self.flags,
+        consts = {**self.config.kwargs, **tiles, **units, **self.fixed, **self.absent, **self.flags,
                   "DOT_PRECISION": dtype_path(self.dtype)[1]}
-        return {k: v for k, v in consts.items() if k in self.kernel.arg_names}
+        return {k: v for k, v in consts.items() if k in self.jit.arg_names}
 
     def attrs(self, consts: dict) -> dict:
         """tt.divisibility=16 on the pointers and DIVISIBLE_INTS (when ``aligned``), as at launch."""
         if not self.aligned:
             return {}
-        return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(self.kernel.arg_names)
+        return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(self.jit.arg_names)
                 if name not in consts and (name.endswith("_ptr") or name in DIVISIBLE_INTS)}
 
     def compile(self):
@@ -131,8 +165,8 @@ class Variant:
         types = pointer_types(dtype_path(self.dtype)[0])
         signature = {name: "constexpr" if name in consts else
                      f"*{types.get(name, 'fp32')}" if name.endswith("_ptr") else
-                     "fp32" if name in FLOAT_ARGS else "i32" for name in self.kernel.arg_names}
-        return triton.compile(ASTSource(fn=self.kernel, signature=signature, constexprs=consts,
+                     "fp32" if name in FLOAT_ARGS else "i32" for name in self.jit.arg_names}
+        return triton.compile(ASTSource(fn=self.jit, signature=signature, constexprs=consts,
                                         attrs=self.attrs(consts)),
                               target=GPUTarget("cuda", self.major * 10, 32),
                               options={"num_warps": self.config.num_warps, "num_stages": self.config.num_stages})
@@ -147,19 +181,19 @@ def variants(archs: list[int], dtypes: list[str], quick: bool = False, alignment
     """Every (kernel, architecture, dtype path, candidate configuration, flag variant, alignment).
 
     ``specialised=False`` leaves out the runtime flags' specialisations at 1; ``flag_extremes``
-    keeps only the flag variants with every flag off or every flag on."""
+    keeps only the flag variants with every flag off (every optional tensor absent) or every flag on."""
     from spin_kernels.triton.config import _FAMILIES
 
-    for kernel, family, fixed, flags in kernels():
+    for kernel, family, fixed, varied in kernels():
         if fixed and not specialised:
             continue
-        combos = list(itertools.product(*flags.values()))
+        combos = list(itertools.product(*varied.values()))
         if flag_extremes:
             combos = list(dict.fromkeys([combos[0], combos[-1]]))
         for major in archs:
             configs = _FAMILIES[family][major][:1] if quick else _FAMILIES[family][major]
             for cfg, dtype, values, aligned in itertools.product(configs, dtypes, combos, alignments):
-                yield Variant(kernel, family, major, dtype, cfg, dict(fixed), dict(zip(flags, values)), aligned)
+                yield Variant(kernel, family, major, dtype, cfg, dict(fixed), dict(zip(varied, values)), aligned)
 
 
 def refuse_interpreter() -> bool:

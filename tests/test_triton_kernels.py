@@ -384,6 +384,50 @@ def test_autotune_can_be_cut_to_two_candidates(monkeypatch):
             assert candidates(family, major) == [full[0], full[-1]]
 
 
+@pytest.mark.skipif(CUDA, reason="the interpreter's stand-in for CUDA launches, which every CUDA test takes")
+def test_autotuned_launch_runs_the_heuristics_with_absent_tensors(monkeypatch):
+    """What ``launch`` runs on CUDA, autotune(heuristics(jit)) over the sm90 candidates, run in
+    the interpreter: the autotuner tries each candidate through the kernels' heuristics, which
+    derive HAS_BIAS, HAS_INDEX, FILTER and COMPUTE_DB from pointers given as None or as
+    tensors, and the result is the plain launch's."""
+    from spin_kernels.triton import backward, config, forward
+
+    monkeypatch.setenv("SPIN_KERNELS_AUTOTUNE", "0")  # two candidates a family: still a choice to make
+    trials = []
+
+    def timer(kernel_call, quantiles):  # no GPU to time: each trial runs once, the first one wins
+        kernel_call()
+        trials.append(kernel_call)
+        return [float(len(trials))] * len(quantiles)
+
+    def tuned_launch(kernel, grid, *, device, family="head", reset_to_zero=(), restore_value=(), **args):
+        tuned = config._tuned.__wrapped__(kernel, family, 9, reset_to_zero, restore_value)  # uncached
+        tuned._do_bench = timer
+        tuned[grid](**args)
+
+    g = torch.Generator().manual_seed(21)
+    hidden, weight = torch.randn(40, 24, generator=g), torch.randn(131, 24, generator=g) / 4
+    bias, grad = torch.randn(131, generator=g), torch.randn(30, generator=g)
+    index, targets = torch.randperm(40, generator=g)[:30], torch.randint(0, 131, (30,), generator=g)
+    runs = {}
+    for name, launch in (("plain", config.launch), ("tuned", tuned_launch)):
+        monkeypatch.setattr(forward, "launch", launch)
+        monkeypatch.setattr(backward, "launch", launch)
+        runs[name] = []
+        # Every optional tensor absent (softcap on), then every one given (softcap off).
+        for b, idx, softcap, eps in ((None, None, 30.0, 0.0), (bias, index, None, 1e-3)):
+            h = hidden if idx is not None else hidden[:30]
+            logp, lse = forward.rows_logprobs(h, weight, b, targets, 1.3, softcap, index=idx)
+            runs[name] += [logp, lse, *backward.rows_grads(h, weight, b, targets, lse, grad, 1.3, softcap, True, True,
+                                                          b is not None, filter_eps=eps, index=idx)]
+    # Per combination, the forward and the three backward kernels each tried both candidates.
+    assert len(trials) == 2 * 4 * 2
+    for i, (got, want) in enumerate(zip(runs["tuned"], runs["plain"])):
+        assert (got is None) == (want is None), i
+        if want is not None:
+            assert_close(got, want, 1e-5, f"output {i}")
+
+
 def test_planner_knows_the_backward_workspace():
     from spin_kernels.memory.estimate import TRITON_WORKSPACE_BYTES
     from spin_kernels.triton.backward import DEFAULT_WORKSPACE_BYTES

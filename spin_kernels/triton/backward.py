@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .config import backward_tiles, dot_precision, launch
+from .config import backward_tiles, dot_precision, flags_from_pointers, launch
 from .tiles import live_count, logit_grad_tile, logit_tile, row_positions
 
 # The backward's scratch memory: G and the fp32 ∂h accumulator of a row block. Under 64 MiB with
@@ -45,6 +45,7 @@ from .tiles import live_count, logit_grad_tile, logit_tile, row_positions
 DEFAULT_WORKSPACE_BYTES = 56 * 2**20
 
 
+@flags_from_pointers(HAS_BIAS="b_ptr", HAS_INDEX="idx_ptr", FILTER="keep_ptr", COMPUTE_DB="dbp_ptr")
 @triton.jit
 def logit_grads_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, idx_ptr, count_ptr, lse_ptr, g_ptr, du_ptr, dbp_ptr, keep_ptr,
@@ -96,6 +97,7 @@ def tile_is_live(keep_ptr, at, FILTER: tl.constexpr):
     return live
 
 
+@flags_from_pointers(HAS_INDEX="idx_ptr", FILTER="keep_ptr")
 @triton.jit
 def grad_hidden_kernel(
     du_ptr, w_ptr, idx_ptr, count_ptr, keep_ptr, acc_ptr, dh_ptr,
@@ -142,6 +144,7 @@ def grad_hidden_kernel(
         tl.store(acc_tile, acc, mask=tile_mask)
 
 
+@flags_from_pointers(HAS_INDEX="idx_ptr", FILTER="keep_ptr")
 @triton.jit
 def grad_weight_kernel(
     du_ptr, h_ptr, idx_ptr, count_ptr, keep_ptr, dw_ptr,
@@ -243,13 +246,14 @@ def rows_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Ten
     m_tiles, v_tiles = triton.cdiv(block, tile_m), chunk // tile_v
     targets, lse, grad = targets.contiguous(), lse.float().contiguous(), grad.float().contiguous()
     du = weight.new_empty(block, chunk)
-    acc = weight.new_empty(block, h, dtype=torch.float32) if need_hidden else lse
-    dbp = weight.new_empty(m_tiles, chunk, dtype=torch.float32) if need_bias else lse
+    acc = weight.new_empty(block, h, dtype=torch.float32) if need_hidden else None
+    dbp = weight.new_empty(m_tiles, chunk, dtype=torch.float32) if need_bias else None
     filtering = filter_eps > 0
-    keep = torch.empty(m_tiles, v_tiles, dtype=torch.int32, device=device) if filtering else lse
+    keep = torch.empty(m_tiles, v_tiles, dtype=torch.int32, device=device) if filtering else None
     stride_keep = keep.stride(0) if filtering else 0
-    b = bias if bias is not None else weight
     tiles = {"TILE_M": tile_m, "TILE_V": tile_v}
+    # Always an index, unlike the forward's: the kernels see one row block at a time, and
+    # idx[rows] says where its rows sit in hidden and dh.
     idx = index if index is not None else torch.arange(m, device=device)
     precision = dot_precision(weight.dtype)
     for r_lo in range(0, m, block):
@@ -262,26 +266,30 @@ def rows_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Ten
             v_hi = min(v_lo + chunk, v)
             used_tiles = triton.cdiv(v_hi - v_lo, tile_v)
             launch(logit_grads_kernel, lambda meta, n=used_tiles: (m_tiles, n),
-                   hidden, weight, b, targets[rows], idx[rows], live, lse[rows], grad[rows], du, dbp, keep,
-                   r_hi - r_lo, v, h, v_lo, v_hi,
-                   hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                   bias.stride(0) if bias is not None else 0, du.stride(0), dbp.stride(0) if need_bias else 0,
-                   stride_keep, 1.0 / temperature, 1.0 if softcap is None else softcap, float(filter_eps),
-                   HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_INDEX=True, FILTER=filtering,
-                   COMPUTE_DB=need_bias, DOT_PRECISION=precision, **tiles, device=device, family="producer")
+                   h_ptr=hidden, w_ptr=weight, b_ptr=bias, y_ptr=targets[rows], idx_ptr=idx[rows], count_ptr=live,
+                   lse_ptr=lse[rows], g_ptr=grad[rows], du_ptr=du, dbp_ptr=dbp, keep_ptr=keep,
+                   M=r_hi - r_lo, V=v, H=h, v_lo=v_lo, v_hi=v_hi,
+                   stride_hm=hidden.stride(0), stride_hk=hidden.stride(1), stride_wv=weight.stride(0),
+                   stride_wk=weight.stride(1), stride_b=bias.stride(0) if bias is not None else 0,
+                   stride_du=du.stride(0), stride_dbp=dbp.stride(0) if need_bias else 0, stride_keep=stride_keep,
+                   inv_temp=1.0 / temperature, softcap=1.0 if softcap is None else softcap,
+                   filter_eps=float(filter_eps), HAS_SOFTCAP=softcap is not None, DOT_PRECISION=precision,
+                   **tiles, device=device, family="producer")
             if need_bias:
                 db[v_lo:v_hi] += dbp[:, :v_hi - v_lo].sum(0)  # fixed-order reduction over row tiles
             if need_hidden:
                 launch(grad_hidden_kernel, lambda meta: (m_tiles, triton.cdiv(h, meta["BLOCK_H"])),
-                       du, weight, idx[rows], live, keep, acc, dh, r_hi - r_lo, v, h, v_lo, v_hi, used_tiles,
-                       int(v_lo == 0), int(v_hi == v),
-                       du.stride(0), weight.stride(0), weight.stride(1), stride_keep, acc.stride(0), dh.stride(0),
-                       HAS_INDEX=True, FILTER=filtering, DOT_PRECISION=precision, **tiles, device=device,
-                       family="gemm")
+                       du_ptr=du, w_ptr=weight, idx_ptr=idx[rows], count_ptr=live, keep_ptr=keep, acc_ptr=acc,
+                       dh_ptr=dh, M=r_hi - r_lo, V=v, H=h, v_lo=v_lo, v_hi=v_hi, n_vtiles=used_tiles,
+                       first=int(v_lo == 0), last=int(v_hi == v),
+                       stride_du=du.stride(0), stride_wv=weight.stride(0), stride_wk=weight.stride(1),
+                       stride_keep=stride_keep, stride_acc=acc.stride(0), stride_dm=dh.stride(0),
+                       DOT_PRECISION=precision, **tiles, device=device, family="gemm")
             if need_weight:
                 launch(grad_weight_kernel, lambda meta, n=used_tiles: (n, triton.cdiv(h, meta["BLOCK_H"])),
-                       du, hidden, idx[rows], live, keep, dw, r_hi - r_lo, v, h, v_lo, v_hi, int(r_lo > 0),
-                       du.stride(0), hidden.stride(0), hidden.stride(1), stride_keep, dw.stride(0),
-                       HAS_INDEX=True, FILTER=filtering, DOT_PRECISION=precision, **tiles, device=device,
-                       family="gemm")
+                       du_ptr=du, h_ptr=hidden, idx_ptr=idx[rows], count_ptr=live, keep_ptr=keep, dw_ptr=dw,
+                       M=r_hi - r_lo, V=v, H=h, v_lo=v_lo, v_hi=v_hi, accumulate=int(r_lo > 0),
+                       stride_du=du.stride(0), stride_hm=hidden.stride(0), stride_hk=hidden.stride(1),
+                       stride_keep=stride_keep, stride_dv=dw.stride(0),
+                       DOT_PRECISION=precision, **tiles, device=device, family="gemm")
     return dh, dw, db

@@ -1,4 +1,5 @@
-"""Block configurations: a small fixed one for the interpreter, autotuned sets for sm80/sm90.
+"""Block configurations (a small fixed one for the interpreter, autotuned sets for sm80/sm90)
+and how a kernel is launched with them.
 
 The kernels take their block sizes as constexprs. Under ``TRITON_INTERPRET=1`` they run with
 ``INTERPRETER_BLOCKS`` (tiny tiles: the interpreter executes every tile in numpy). On CUDA
@@ -116,18 +117,33 @@ def _tuned(kernel, family: str, major: int, reset_to_zero: tuple[str, ...], rest
                            restore_value=list(restore_value) or None)(kernel)
 
 
-def launch(kernel, grid, *args, device: torch.device, family: str = "head", reset_to_zero: tuple[str, ...] = (),
-           restore_value: tuple[str, ...] = (), **kwargs) -> None:
-    """Run ``kernel[grid](*args, **kwargs)`` with the block configuration of its ``family``.
+def launch(kernel, grid, *, device: torch.device, family: str = "head", reset_to_zero: tuple[str, ...] = (),
+           restore_value: tuple[str, ...] = (), **args) -> None:
+    """Run ``kernel[grid](**args)`` with the block configuration of its ``family``.
 
-    ``grid`` is a function of the block sizes (a dict of the family's BLOCK_* names).
+    ``grid`` is a function of the block sizes (a dict of the family's BLOCK_* names). The
+    kernel's arguments are passed by name only: a kernel takes some twenty of them, and a
+    reordered signature must not silently swap two.
     """
     if interpreting() or device.type != "cuda":
         meta = _INTERPRETER_META[family]
-        kernel[grid(meta)](*args, **kwargs, **meta)
+        kernel[grid(meta)](**args, **meta)
         return
     major, _ = torch.cuda.get_device_capability(device)
-    _tuned(kernel, family, major, reset_to_zero, restore_value)[grid](*args, **kwargs)
+    _tuned(kernel, family, major, reset_to_zero, restore_value)[grid](**args)
+
+
+def flags_from_pointers(**flags: str):
+    """``triton.heuristics`` setting each constexpr flag (``HAS_BIAS="b_ptr"``) to whether its
+    pointer argument was given: an absent tensor is passed as None, which Triton specialises
+    into a constexpr, so a flag cannot disagree with its pointer and no live tensor stands in
+    for a missing one. Goes between ``triton.jit`` and the autotuner ``launch`` adds (Triton's
+    order: autotune(heuristics(jit)))."""
+    return triton.heuristics({flag: functools.partial(_given, pointer) for flag, pointer in flags.items()})
+
+
+def _given(pointer: str, args: dict) -> bool:
+    return args[pointer] is not None
 
 
 def split_align() -> int:

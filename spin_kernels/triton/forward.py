@@ -14,10 +14,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .config import dot_precision, launch, split_align
+from .config import dot_precision, flags_from_pointers, launch, split_align
 from .tiles import live_count, logit_tile, row_positions
 
 
+@flags_from_pointers(HAS_BIAS="b_ptr", HAS_INDEX="idx_ptr")
 @triton.jit
 def lse_partials_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, idx_ptr, count_ptr, m_ptr, l_ptr, zy_ptr,
@@ -108,14 +109,13 @@ def rows_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: 
     launch(
         lse_partials_kernel,
         lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), splits),
-        hidden, weight, bias if bias is not None else weight, targets, index if index is not None else targets, live,
-        parts[0], parts[1], parts[2],
-        m, v, h, split_size,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        bias.stride(0) if bias is not None else 0,
-        1.0 / temperature, 1.0 if softcap is None else softcap,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_INDEX=index is not None,
-        DOT_PRECISION=dot_precision(weight.dtype),
+        h_ptr=hidden, w_ptr=weight, b_ptr=bias, y_ptr=targets, idx_ptr=index, count_ptr=live,
+        m_ptr=parts[0], l_ptr=parts[1], zy_ptr=parts[2],
+        M=m, V=v, H=h, split_size=split_size,
+        stride_hm=hidden.stride(0), stride_hk=hidden.stride(1), stride_wv=weight.stride(0),
+        stride_wk=weight.stride(1), stride_b=bias.stride(0) if bias is not None else 0,
+        inv_temp=1.0 / temperature, softcap=1.0 if softcap is None else softcap,
+        HAS_SOFTCAP=softcap is not None, DOT_PRECISION=dot_precision(weight.dtype),
         device=hidden.device,
     )
     row_max, row_sum, target_logit = parts
