@@ -16,6 +16,7 @@ from .integration import (
     reference_logps,
     sequence_logps,
 )
+from .shared_prompt import SharedPromptLayout, shared_prompt_backend
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -27,6 +28,8 @@ __all__ = [
     "reference_logps",
     "register_attention",
     "sequence_logps",
+    "SharedPromptLayout",
+    "shared_prompt_backend",
     "varlen_attention",
     "varlen_backend",
 ]
