@@ -75,7 +75,8 @@ class ModelSpec:
 MODELS = {m.name: m for m in [
     ModelSpec("micro-llama", 64, 128, 1, 2, 1, 4096, False, "float32"),  # vocab >= the BPE tokenizer's
     ModelSpec("tiny-llama", 256, 704, 2, 4, 2, 32000, False, "float32"),
-    # The decoder dominates (the lm_head is 4% of its flops per token): what prompt sharing saves.
+    # The decoder dominates (23.6 MFLOP per token forward; the lm_head 4.2, and only on response rows): what
+    # prompt sharing saves.
     ModelSpec("decoder-llama", 512, 1408, 4, 8, 4, 4096, False, "float32"),
     ModelSpec("llama-3.2-1b", 2048, 8192, 16, 32, 8, 128256, True, "bfloat16"),
 ]}
@@ -197,6 +198,7 @@ class Step:
         if variant not in case.variants:
             raise ValueError(f"case {case.name} has variants {case.variants}, not {variant!r}")
         self.case, self.variant, self.device = case, variant, device
+        self.cpu_times: list[float] = []
         examples = spin_examples(case, seed)
         self.sequence_tokens = sum(ex.num_tokens for ex in examples)  # both sequences, prompt counted twice
         self.batch = pack_batch(examples, share_prompt=variant == "packed-shared").to(device)
@@ -243,8 +245,12 @@ class Step:
         return spin_loss(seq[:p], seq[p:], ref[:p], ref[p:], beta=0.1)[0]
 
     def run(self) -> Tensor:
+        cpu = time.process_time()
         loss = self._packed_loss() if self.variant in PACKED else self._padded_loss()
         loss.backward()
+        # The process's CPU time (all threads) of the step: on a shared CPU it varies less than the
+        # wall time, which also counts the time the step's threads wait for a core.
+        self.cpu_times.append(time.process_time() - cpu)
         return loss.detach()
 
     def zero_grad(self) -> None:
@@ -277,6 +283,9 @@ def _summary(case: E2ECase, variant: str, m: measure.Measured, step: Step | None
             f"{case.model.dtype}), {case.pairs} pairs, {data}: {step.tokens:,} sequence tokens "
             f"({b.num_counted:,} counted; padded layout {b.num_sequences}×{longest} = "
             f"{b.num_sequences * longest:,}), reference {case.ref}")
+    if step is not None and m.times_s and step.device.type == "cpu":
+        rec["cpu_times_s"] = step.cpu_times[-len(m.times_s):]  # the timed runs (warm-ups come first)
+        rec["cpu_median_s"] = statistics.median(rec["cpu_times_s"])
     if m.fingerprint is not None:
         rec["loss"] = m.fingerprint["out"].item()
     if rec["median_s"] and step is not None:

@@ -225,7 +225,9 @@ def e2e_markdown(record: dict) -> str:
                "sequences (prompt counted in each, the same for every variant) / median; speed-up and memory "
                "ratio against the case's first variant (padded full logits; packed-fused in the shared-prompt "
                "cases), the speed-up as the ratio of medians and as the median of per-round ratios (rounds are "
-               "round-robin, so a load that drifts between rounds cancels); peak extra = memory beyond the "
+               "round-robin, so a load that drifts between rounds cancels); CPU time = the process's CPU time "
+               "of the step, all threads (CPU only; on a shared machine it varies less than the wall time) and the "
+               "ratio of its medians; peak extra = memory beyond the "
                "model and the batch (MiB); loss: every variant computes the same loss on the same data."), ""]
     groups: dict[str, list[dict]] = {}
     for r in record["cases"]:
@@ -234,14 +236,16 @@ def e2e_markdown(record: dict) -> str:
         info = rows[0].get("case_info", {})
         lines += [f"## {case}", "", info.get("summary", ""), "",
                   "| variant | layout tokens | per pair | median step | tokens/s | speed-up | per round "
-                  "| peak extra MiB | memory ratio | loss |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| CPU time | CPU speed-up | peak extra MiB | memory ratio | loss |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         base = next((r for r in rows if r.get("baseline") and r["status"] == "ok"), None)
         for r in rows:
             if r["status"] != "ok":
-                lines.append(f"| {r['variant']} | {r['status']}: {r['note']} | | | | | | | | |")
+                lines.append(f"| {r['variant']} | {r['status']}: {r['note']} | | | | | | | | | | |")
                 continue
             speed = base["median_s"] / r["median_s"] if base else None
+            cpu_speed = base["cpu_median_s"] / r["cpu_median_s"] if base and r.get("cpu_median_s") else None
+            cpu = fmt_time(r["cpu_median_s"]) if r.get("cpu_median_s") else "–"
             mem = (base["peak_extra_bytes"] / r["peak_extra_bytes"]
                    if base and base.get("peak_extra_bytes") and r.get("peak_extra_bytes") else None)
             layout = (r.get("padded_tokens") if r["variant"] == "padded-full-logits"
@@ -250,7 +254,7 @@ def e2e_markdown(record: dict) -> str:
             per_pair = f"{layout / pairs:,.1f}" if layout and pairs else "–"
             lines.append(f"| {r['variant']} | {layout or 0:,} | {per_pair} | {fmt_time(r['median_s'])} | "
                          f"{r['tokens_per_s']:,.0f} | {fmt_ratio(speed)} | {fmt_ratio(r.get('speedup_per_round'))} | "
-                         f"{fmt_mib(r.get('peak_extra_bytes'))} | "
+                         f"{cpu} | {fmt_ratio(cpu_speed)} | {fmt_mib(r.get('peak_extra_bytes'))} | "
                          f"{fmt_ratio(mem)} | {r.get('loss', float('nan')):.4f} |")
         lines.append("")
     return "\n".join(lines)

@@ -71,6 +71,7 @@ def test_e2e_shared_prompt_case_writes_its_own_tagged_files(tmp_path):
     assert packed["baseline"] and not shared["baseline"]
     assert packed["tokens"] == shared["tokens"] and shared["layout_tokens"] < packed["layout_tokens"]
     assert abs(packed["loss"] - shared["loss"]) < 1e-5
+    assert len(shared["cpu_times_s"]) == len(shared["times_s"]) == 2 and shared["cpu_median_s"] > 0
     assert any("Tokens per pair on the UltraChat sample" in n for n in record["notes"])
     assert "| packed-shared |" in (folder / "e2e-shared.md").read_text() and (folder / "e2e-shared.png").exists()
 
