@@ -78,6 +78,14 @@ def _settings(args: argparse.Namespace, device: torch.device) -> dict:
     }
 
 
+def _load_average() -> list[float] | None:
+    """The system's 1/5/15-minute load averages: how busy a shared machine was around a run."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def _record(suite: str, env: dict, settings: dict, argv: list[str], tag: str | None = None) -> dict:
     from .dryrun import NOTE
 
@@ -161,8 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     for suite in suites:
         t0 = time.perf_counter()
         runner = run_kernels if suite == "kernels" else run_e2e
+        load_start = _load_average()
         record = runner(args, device, env, settings, argv)
         record["wall_s"] = time.perf_counter() - t0
+        record["load_average"] = {"start": load_start, "end": _load_average()}
         for path in write_run(record, args.out):
             print(f"[benchmarks] wrote {path}", flush=True)
         if args.dry_run:  # a failure is what a dry run is for: it fails the command, not just a cell

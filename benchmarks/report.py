@@ -43,6 +43,11 @@ def header(record: dict) -> list[str]:
         (f"- Timing: {s['warmup']} warm-up + {s['repeats']} timed runs per contender, round-robin in one "
          "process; medians."),
     ]
+    load = record.get("load_average") or {}
+    if load.get("start") and load.get("end"):
+        lines.append(f"- Load average (1/5/15 min) at the start {'/'.join(map(str, load['start']))}, at the end "
+                     f"{'/'.join(map(str, load['end']))}, on {env.get('cpu_count') or '?'} CPUs (a load above the "
+                     "torch threads means other processes shared the CPU)")
     for name, why in sorted(record.get("unavailable", {}).items()):
         lines.append(f"- Not run: `{name}` — {why}")
     for note in record.get("notes", []):
@@ -270,12 +275,14 @@ def _plot_e2e(record: dict, path: Path) -> Path | None:
     if not ok:
         return None
     labels = [f"{r['case']}\n{r['variant']}" for r in ok]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, max(4.5, 0.5 * len(ok))))  # room for each two-line label
     axes[0].barh(labels, [r["tokens_per_s"] for r in ok])
     axes[0].set_xlabel("tokens/s (higher is better)")
     mem = [r.get("peak_extra_bytes") or 0 for r in ok]
     axes[1].barh(labels, [m / 2**20 for m in mem])
     axes[1].set_xlabel("peak extra memory, MiB (lower is better)")
+    if not any(mem):
+        axes[1].set_title("memory not measured in this run")
     fig.suptitle(f"one SPIN step — {record['env']['device_name']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
