@@ -40,7 +40,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     run.add_argument("--ops", help="spin_loss,logprobs (default both)")
     run.add_argument("--modes", help="fwd+bwd,fwd (default both)")
     run.add_argument("--only", help="contenders to run, e.g. torch,cpu,naive,liger,cce,trl (default all)")
-    run.add_argument("--e2e-cases", help="e2e cases, comma-separated (default: tiny on CPU, llama-1b on CUDA)")
+    run.add_argument("--e2e-cases", help="e2e cases, comma-separated (default: tiny on CPU, llama-1b on CUDA; "
+                                          "'shared-prompt' = the shared-prompt cases)")
     run.add_argument("--out", type=Path, default=RESULTS, help="results root (default benchmarks/results)")
     run.add_argument("--quick", action="store_true", help="fewer repeats and a shorter GPU plan")
     run.add_argument("--warmup", type=int, help="warm-up runs per contender (default 2)")
@@ -52,6 +53,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     run.add_argument("--dry-run", action="store_true",
                      help="with --device cuda: its plan on the CPU at miniature sizes, Triton interpreted, to catch on "
                           "a CPU what would fail on the GPU (benchmarks/dryrun.py); no warm-up, 1 repeat by default")
+    run.add_argument("--tag", help="write <suite>-<tag>.json/.md/.png instead of <suite>.*, beside the suite's "
+                                   "main run (e.g. --e2e-cases shared-prompt --tag shared-prompt)")
     rep = sub.add_parser("report", help="re-render Markdown and plots from run JSONs")
     rep.add_argument("json", nargs="+", type=Path)
     chk = sub.add_parser("check-out", help="check a folder against what a device call brings back from $OUT "
@@ -75,10 +78,18 @@ def _settings(args: argparse.Namespace, device: torch.device) -> dict:
     }
 
 
-def _record(suite: str, env: dict, settings: dict, argv: list[str]) -> dict:
+def _load_average() -> list[float] | None:
+    """The system's 1/5/15-minute load averages: how busy a shared machine was around a run."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _record(suite: str, env: dict, settings: dict, argv: list[str], tag: str | None = None) -> dict:
     from .dryrun import NOTE
 
-    return {"schema": 1, "suite": suite, "created": datetime.datetime.now(datetime.UTC).isoformat(
+    return {"schema": 1, "suite": suite, "tag": tag, "created": datetime.datetime.now(datetime.UTC).isoformat(
         timespec="seconds"), "command": "python -m benchmarks " + shlex.join(argv), "env": env,
         "settings": settings, "cases": [], "unavailable": {}, "notes": [NOTE] if settings.get("dry_run") else []}
 
@@ -86,7 +97,7 @@ def _record(suite: str, env: dict, settings: dict, argv: list[str]) -> dict:
 def run_kernels(args, device, env, settings, argv) -> dict:
     from .kernels import KernelSuite, make_plan
 
-    record = _record("kernels", env, settings, argv)
+    record = _record("kernels", env, settings, argv, args.tag)
     suite = KernelSuite(device, only=_csv(args.only), warmup=settings["warmup"], repeats=settings["repeats"],
                         memory=settings["memory"], budget_s=args.budget_s, dry_run=args.dry_run)
     plan_device = torch.device("cuda") if args.dry_run else device
@@ -104,7 +115,7 @@ def run_kernels(args, device, env, settings, argv) -> dict:
 def run_e2e(args, device, env, settings, argv) -> dict:
     from .e2e import run_suite
 
-    record = _record("e2e", {**env}, settings, argv)
+    record = _record("e2e", {**env}, settings, argv, args.tag)
     cases, notes = run_suite(device, _csv(args.e2e_cases), warmup=settings["warmup"], repeats=settings["repeats"],
                              budget_s=args.e2e_budget_s, memory=settings["memory"], dry_run=args.dry_run)
     record["cases"], record["notes"] = cases, record["notes"] + notes
@@ -158,8 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     for suite in suites:
         t0 = time.perf_counter()
         runner = run_kernels if suite == "kernels" else run_e2e
+        load_start = _load_average()
         record = runner(args, device, env, settings, argv)
         record["wall_s"] = time.perf_counter() - t0
+        record["load_average"] = {"start": load_start, "end": _load_average()}
         for path in write_run(record, args.out):
             print(f"[benchmarks] wrote {path}", flush=True)
         if args.dry_run:  # a failure is what a dry run is for: it fails the command, not just a cell

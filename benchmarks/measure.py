@@ -158,6 +158,12 @@ def cpu_peak_extra(case: str, contender: str, op: str, mode: str, threads: int, 
     spec = json.dumps({"suite": suite, "case": case, "contender": contender, "op": op, "mode": mode,
                        "threads": threads})
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    if suite == "e2e":
+        # A model step frees and reallocates many tensors below glibc's (dynamic, up to 32 MiB) mmap
+        # threshold; glibc keeps such freed memory resident, so the warm run's activations would already
+        # be in VmRSS and the measured growth would be noise (0 to 160 MiB for the same step). A fixed
+        # 64 KiB threshold maps every tensor of consequence on its own and unmaps it when freed.
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     try:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.memprobe", spec], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=timeout_s, check=False)

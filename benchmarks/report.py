@@ -43,6 +43,11 @@ def header(record: dict) -> list[str]:
         (f"- Timing: {s['warmup']} warm-up + {s['repeats']} timed runs per contender, round-robin in one "
          "process; medians."),
     ]
+    load = record.get("load_average") or {}
+    if load.get("start") and load.get("end"):
+        lines.append(f"- Load average (1/5/15 min) at the start {'/'.join(map(str, load['start']))}, at the end "
+                     f"{'/'.join(map(str, load['end']))}, on {env.get('cpu_count') or '?'} CPUs (a load above the "
+                     "torch threads means other processes shared the CPU)")
     for name, why in sorted(record.get("unavailable", {}).items()):
         lines.append(f"- Not run: `{name}` — {why}")
     for note in record.get("notes", []):
@@ -220,28 +225,42 @@ def _plot_sweep(record: dict, path: Path) -> Path | None:
 def e2e_markdown(record: dict) -> str:
     lines = header(record)
     lines += [("Columns: median time of one SPIN training step (policy forward + loss + backward; no optimizer "
-               "update); tokens/s = real (non-padding) tokens of the batch / median; speed-up and memory ratio "
-               "against the padded full-logits step; peak extra = memory beyond the model and the batch (MiB); "
-               "loss: both variants compute the same loss on the same data."), ""]
+               "update); layout tokens = tokens the variant's batch holds (padding included for the padded step, "
+               "each prompt once for the shared-prompt step), per pair; tokens/s = the tokens of the pairs' "
+               "sequences (prompt counted in each, the same for every variant) / median; speed-up and memory "
+               "ratio against the case's first variant (padded full logits; packed-fused in the shared-prompt "
+               "cases), the speed-up as the ratio of medians and as the median of per-round ratios (rounds are "
+               "round-robin, so a load that drifts between rounds cancels); CPU time = the process's CPU time "
+               "of the step, all threads (CPU only; on a shared machine it varies less than the wall time) and the "
+               "ratio of its medians; peak extra = memory beyond the "
+               "model and the batch (MiB); loss: every variant computes the same loss on the same data."), ""]
     groups: dict[str, list[dict]] = {}
     for r in record["cases"]:
         groups.setdefault(r["case"], []).append(r)
     for case, rows in groups.items():
         info = rows[0].get("case_info", {})
         lines += [f"## {case}", "", info.get("summary", ""), "",
-                  "| variant | median step | tokens/s | speed-up | peak extra MiB | memory ratio | loss |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| variant | layout tokens | per pair | median step | tokens/s | speed-up | per round "
+                  "| CPU time | CPU speed-up | peak extra MiB | memory ratio | loss |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         base = next((r for r in rows if r.get("baseline") and r["status"] == "ok"), None)
         for r in rows:
             if r["status"] != "ok":
-                lines.append(f"| {r['variant']} | {r['status']}: {r['note']} | | | | | |")
+                lines.append(f"| {r['variant']} | {r['status']}: {r['note']} | | | | | | | | | | |")
                 continue
             speed = base["median_s"] / r["median_s"] if base else None
+            cpu_speed = base["cpu_median_s"] / r["cpu_median_s"] if base and r.get("cpu_median_s") else None
+            cpu = fmt_time(r["cpu_median_s"]) if r.get("cpu_median_s") else "–"
             mem = (base["peak_extra_bytes"] / r["peak_extra_bytes"]
                    if base and base.get("peak_extra_bytes") and r.get("peak_extra_bytes") else None)
-            lines.append(f"| {r['variant']} | {fmt_time(r['median_s'])} | {r['tokens_per_s']:,.0f} | "
-                         f"{fmt_ratio(speed)} | {fmt_mib(r.get('peak_extra_bytes'))} | {fmt_ratio(mem)} | "
-                         f"{r.get('loss', float('nan')):.4f} |")
+            layout = (r.get("padded_tokens") if r["variant"] == "padded-full-logits"
+                      else r.get("layout_tokens", r.get("tokens")))
+            pairs = r["case_info"].get("pairs")
+            per_pair = f"{layout / pairs:,.1f}" if layout and pairs else "–"
+            lines.append(f"| {r['variant']} | {layout or 0:,} | {per_pair} | {fmt_time(r['median_s'])} | "
+                         f"{r['tokens_per_s']:,.0f} | {fmt_ratio(speed)} | {fmt_ratio(r.get('speedup_per_round'))} | "
+                         f"{cpu} | {fmt_ratio(cpu_speed)} | {fmt_mib(r.get('peak_extra_bytes'))} | "
+                         f"{fmt_ratio(mem)} | {r.get('loss', float('nan')):.4f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -256,12 +275,14 @@ def _plot_e2e(record: dict, path: Path) -> Path | None:
     if not ok:
         return None
     labels = [f"{r['case']}\n{r['variant']}" for r in ok]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, max(4.5, 0.5 * len(ok))))  # room for each two-line label
     axes[0].barh(labels, [r["tokens_per_s"] for r in ok])
     axes[0].set_xlabel("tokens/s (higher is better)")
     mem = [r.get("peak_extra_bytes") or 0 for r in ok]
     axes[1].barh(labels, [m / 2**20 for m in mem])
     axes[1].set_xlabel("peak extra memory, MiB (lower is better)")
+    if not any(mem):
+        axes[1].set_title("memory not measured in this run")
     fig.suptitle(f"one SPIN step — {record['env']['device_name']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -275,20 +296,24 @@ def write_run(record: dict, root: Path) -> list[Path]:
     """Write JSON, Markdown and plots of one run under ``root/<device-slug>/``; returns the paths."""
     folder = Path(root) / record["env"]["device_slug"]
     folder.mkdir(parents=True, exist_ok=True)
-    suite = record["suite"]
-    json_path = folder / f"{suite}.json"
+    json_path = folder / f"{_stem(record)}.json"
     json_path.write_text(json.dumps(record, indent=1, default=str) + "\n")
     return [json_path, *render(record, folder)]
 
 
+def _stem(record: dict) -> str:
+    """``<suite>`` or, for a tagged run (``--tag``), ``<suite>-<tag>``: a tagged run has its own files."""
+    return record["suite"] + (f"-{record['tag']}" if record.get("tag") else "")
+
+
 def render(record: dict, folder: Path) -> list[Path]:
-    suite = record["suite"]
-    md = folder / f"{suite}.md"
+    stem = _stem(record)
+    md = folder / f"{stem}.md"
     paths = [md]
-    if suite == "kernels":
+    if record["suite"] == "kernels":
         md.write_text(kernels_markdown(record))
-        plots = [_plot_kernels(record, folder / "kernels.png"), _plot_sweep(record, folder / "kernels-sweep.png")]
+        plots = [_plot_kernels(record, folder / f"{stem}.png"), _plot_sweep(record, folder / f"{stem}-sweep.png")]
     else:
         md.write_text(e2e_markdown(record))
-        plots = [_plot_e2e(record, folder / "e2e.png")]
+        plots = [_plot_e2e(record, folder / f"{stem}.png")]
     return paths + [p for p in plots if p is not None]

@@ -1,18 +1,19 @@
-"""pytest-benchmark: one SPIN training step, packed + fused against padded + full logits."""
+"""pytest-benchmark: one SPIN training step, packed + fused against padded + full logits (and,
+in the shared-prompt cases, the shared-prompt layout against packed + fused)."""
 
 from __future__ import annotations
 
 import pytest
 
 from benchmarks.conftest import bench_device, bench_repeats, env_list, sync_after
-from benchmarks.e2e import CASES, DEFAULT_CASES, VARIANTS, Step, missing_dependency
+from benchmarks.e2e import CASE_GROUPS, CASES, DEFAULT_CASES, Step, missing_dependency
 
 DEVICE = bench_device()
-NAMES = env_list("SPIN_BENCH_E2E", [DEFAULT_CASES[DEVICE.type][0]])
+NAMES = [n for name in env_list("SPIN_BENCH_E2E", [DEFAULT_CASES[DEVICE.type][0]])
+         for n in CASE_GROUPS.get(name, (name,))]
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("case_name", NAMES)
+@pytest.mark.parametrize("case_name,variant", [(n, v) for n in NAMES for v in CASES[n].variants])
 def test_spin_step(benchmark, case_name, variant):
     why = missing_dependency()
     if why:

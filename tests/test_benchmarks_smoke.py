@@ -60,6 +60,22 @@ def test_e2e_runner_losses_agree(tmp_path):
     assert (folder / "e2e.md").exists() and (folder / "e2e.png").exists()
 
 
+@pytest.mark.skipif(missing_dependency() is not None, reason="packing/models helpers not importable")
+def test_e2e_shared_prompt_case_writes_its_own_tagged_files(tmp_path):
+    folder = _run(tmp_path, "--suite", "e2e", "--e2e-cases", "micro-shared", "--tag", "shared")
+    assert not (folder / "e2e.json").exists()
+    record = json.loads((folder / "e2e-shared.json").read_text())
+    packed, shared = record["cases"]
+    assert (packed["variant"], shared["variant"]) == ("packed-fused", "packed-shared")
+    assert packed["status"] == shared["status"] == "ok", record["cases"]
+    assert packed["baseline"] and not shared["baseline"]
+    assert packed["tokens"] == shared["tokens"] and shared["layout_tokens"] < packed["layout_tokens"]
+    assert abs(packed["loss"] - shared["loss"]) < 1e-5
+    assert len(shared["cpu_times_s"]) == len(shared["times_s"]) == 2 and shared["cpu_median_s"] > 0
+    assert any("Tokens per pair on the UltraChat sample" in n for n in record["notes"])
+    assert "| packed-shared |" in (folder / "e2e-shared.md").read_text() and (folder / "e2e-shared.png").exists()
+
+
 def test_cpu_memory_probe_runs_in_a_subprocess():
     probe = cpu_peak_extra("tiny", "naive", "spin_loss", "fwd+bwd", threads=1, timeout_s=120)
     assert probe["status"] == "ok", probe

@@ -8,7 +8,10 @@ measured differences to a JSON file; the tests below assert on them:
 * sharded save at step 2 -> load into a differently initialised model -> 2 more steps equals
   the uninterrupted run; the exported Hugging Face checkpoint reloads to the same weights;
 * greedy generation, each rank on its own share of prompts, gathered by example index, equals
-  single-process generation with nothing lost or duplicated.
+  single-process generation with nothing lost or duplicated;
+* shared-prompt batches (``pack_batch(..., share_prompt=True)``) of the same pairs, sharded with
+  activation checkpointing: the reference pass and a training step equal one process on today's
+  layout.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def _loss_fn(model, batch):
     return packed_spin_loss(model, batch, beta=0.1, loss_type="sigmoid", impl="torch")
 
 
-def _micro_batches() -> list:
+def _micro_batches(share_prompt: bool = False) -> list:
     """4 packed micro-batches of 1-3 pairs: rank r gets batches r and r+2."""
     from spin_kernels.packing.batch import pack_batch
     from spin_kernels.packing.example import SpinExample
@@ -70,7 +73,7 @@ def _micro_batches() -> list:
             exs.append(SpinExample(prompt_ids=ids(lp), real_ids=ids(lr), synthetic_ids=ids(ls), ref_logps=ref,
                                    index=index))
             index += 1
-        batches.append(pack_batch(exs))
+        batches.append(pack_batch(exs, share_prompt=share_prompt))
     return batches
 
 
@@ -94,6 +97,8 @@ def _reference_run(batches) -> dict:
             (loss * (b.num_pairs / total)).backward()
             loss_sum += float(loss.detach()) * b.num_pairs / total
         out["norm"].append(grad_norm_and_clip_(list(model.parameters()), MAX_NORM))
+        if step == 1:
+            out["grads1"] = {n: p.grad.clone() for n, p in model.named_parameters()}
         if step == SAVE_AT:
             out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
         opt.step()
@@ -173,6 +178,29 @@ def _reference_pass(sharded, reference_model, batches) -> dict:
             "grads_freed": all(p.grad is None for p in sharded.parameters())}
 
 
+def _shared_prompt(ref: dict) -> dict:
+    """Shared-prompt batches through FSDP2 (+ activation checkpointing): the reference pass and
+    the first training step equal one process on today's layout (``ref``: _reference_run)."""
+    from spin_kernels.distributed import apply_fsdp2, train_step
+    from spin_kernels.models import reference_logps, sequence_logps
+
+    rank = dist.get_rank()
+    shared, default = _micro_batches(share_prompt=True)[rank::WORLD], _micro_batches()[rank::WORLD]
+    sharded = apply_fsdp2(_tiny_model(0), mixed_precision=None, activation_checkpointing=True)
+    plain = _tiny_model(0)
+    # The reference pass as the trainer runs it on a fresh sharded model (no_grad, not inference mode:
+    # FSDP2 all-gather buffers first allocated under inference mode cannot be written by a later step).
+    got = [sharded.no_grad(lambda m, b: sequence_logps(m, b, impl="torch"), b) for b in shared]
+    want = [reference_logps(b, ref_model=plain, impl="torch") for b in default]
+    opt = torch.optim.AdamW(sharded.parameters(), lr=LR)
+    res = train_step(sharded, opt, shared, loss_fn=_loss_fn, max_grad_norm=MAX_NORM, keep_grads=True)
+    grads = {_name(n): _full(p.grad).clone() for n, p in sharded.model.named_parameters()}
+    return {"ref_logps_diff": max((g - w).abs().max().item() for g, w in zip(got, want)),
+            "loss_diff": abs(res.loss - ref["loss"][0]), "norm_diff": abs(res.grad_norm - ref["norm"][0]),
+            "grads": _max_rel_diff(grads, ref["grads1"]), "tokens": sum(b.num_tokens for b in shared),
+            "default_tokens": sum(b.num_tokens for b in default)}
+
+
 def _empty_init_and_broadcast(tmp: str) -> dict:
     """Build with meta parameters, shard, fill from rank 0's HF checkpoint: equals the original."""
     from spin_kernels.distributed import apply_fsdp2, empty_parameters, load_full_weights
@@ -250,6 +278,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         report["empty_init"] = _empty_init_and_broadcast(tmp)
         report.update(_generation(uninterrupted["sharded"], ref["model"]))
         report["reference"] = _reference_pass(uninterrupted["sharded"], ref["model"], batches)
+        report["shared_prompt"] = _shared_prompt(ref)
         if rank == 0:
             from transformers import AutoModelForCausalLM
 
@@ -330,6 +359,14 @@ def test_meta_init_and_rank0_broadcast_load(report):
 def test_generation_sharded_and_gathered(report):
     assert report["gen_indices"] == [0, 1, 2, 3, 4]
     assert report["gen_equal"]
+
+
+def test_shared_prompt_batches_under_fsdp2(report):
+    r = report["shared_prompt"]
+    assert r["tokens"] < r["default_tokens"], r  # the prompts were shared
+    assert r["ref_logps_diff"] < 1e-4, r
+    assert r["loss_diff"] < 1e-5 and r["norm_diff"] < 1e-5, r
+    assert r["grads"] <= 1.0, r
 
 
 def test_fsdp_demo_runs_under_torchrun(tmp_path):

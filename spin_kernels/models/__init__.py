@@ -17,6 +17,7 @@ from .integration import (
     sequence_logps,
     unwrap_model,
 )
+from .shared_prompt import SharedPromptLayout, shared_prompt_backend
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -28,6 +29,8 @@ __all__ = [
     "reference_logps",
     "register_attention",
     "sequence_logps",
+    "SharedPromptLayout",
+    "shared_prompt_backend",
     "unwrap_model",
     "varlen_attention",
     "varlen_backend",

@@ -31,6 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 ATTN_IMPLEMENTATION = "spin_varlen"
+#: The keyword through which ``packed_hidden_states`` hands a shared-prompt batch's
+#: ``SharedPromptLayout`` to every attention call (transformers passes it down untouched).
+SHARED_PROMPT_KWARG = "spin_shared_prompt"
 BACKENDS = ("flash_attn", "torch_varlen", "sdpa_loop")
 
 
@@ -134,8 +137,28 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_se
         return _torch_varlen()(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale,
                                window_size=(window - 1, 0) if window is not None else (-1, 0),
                                enable_gqa=q.shape[1] != k.shape[1])
+    return bucketed_causal_attention(q, k, v, cu_seqlens.tolist(), scale=scale, window=window, softcap=softcap,
+                                     dropout=dropout)
+
+
+def bucketed_causal_attention(q: Tensor, k: Tensor, v: Tensor, bounds: list[int], *, scale: float,
+                              window: int | None = None, softcap: float | None = None, dropout: float = 0.0,
+                              rows: Tensor | None = None, owned: Tensor | None = None) -> Tensor:
+    """The "sdpa_loop" backend: causal attention inside each sequence of ``bounds``, sequences of
+    similar length run as one right-padded batch (``_length_buckets``).
+
+    Args:
+        q: [T, Hq, D]; k, v: [T, Hkv, D].
+        bounds: host list of S+1 offsets; sequence i is rows bounds[i]:bounds[i+1] (of q, or of ``rows``).
+        rows: optional [bounds[-1]] int64 on q's device: sequence rows are q/k/v rows ``rows[n]``, so a
+            sequence may reuse rows of another (the shared-prompt layout's synthetic branch reuses the
+            prefix). owned: [bounds[-1]] bool with ``rows``: which sequence rows write their output;
+            every row of q must be owned exactly once.
+
+    Returns:
+        [T, Hq, D] in q's dtype.
+    """
     out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
     for starts, lengths in _length_buckets(bounds):
         # Sequences of similar length run as one right-padded batch: causal attention never lets a
         # real query see a key past its own position, so the padding is invisible to real rows.
@@ -145,6 +168,9 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_se
         length_t = torch.tensor(lengths, device=q.device)[:, None]
         index = start_t + torch.minimum(offsets[None, :], length_t - 1)  # [B, L], padding repeats the last row
         valid = offsets[None, :] < length_t
+        if rows is not None:
+            valid = valid & owned[index]
+            index = rows[index]
         piece = [t[index].transpose(1, 2) for t in (q, k, v)]  # [B, H, L, D]
         result = _attend(*piece, scale=scale, window=window, softcap=softcap, dropout=dropout).transpose(1, 2)
         out[index[valid]] = result[valid]
@@ -190,6 +216,8 @@ def spin_varlen_attention_forward(module, query: Tensor, key: Tensor, value: Ten
     """transformers AttentionInterface entry: query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D] ->
     ([B, Lq, Hq, D], None).
 
+    * ``spin_shared_prompt`` given (``packed_hidden_states`` on a shared-prompt batch): one packed
+      row, the layout's own attention (spin_kernels.models.shared_prompt).
     * ``cu_seq_lens_q`` given (``packed_hidden_states``): one packed row, varlen.
     * no mask, Lq = Lk, ``position_ids`` given: each row is split where its positions restart.
     * otherwise (decoding with a cache, padded prompts): causal attention under transformers' mask.
@@ -201,6 +229,14 @@ def spin_varlen_attention_forward(module, query: Tensor, key: Tensor, value: Ten
     cu = kwargs.get("cu_seq_lens_q")
     position_ids = kwargs.get("position_ids")
     varlen = functools.partial(varlen_attention, scale=scale, window=sliding_window, softcap=softcap, dropout=dropout)
+    shared = kwargs.get(SHARED_PROMPT_KWARG)
+    if shared is not None:  # a shared-prompt batch (spin_kernels.models.shared_prompt)
+        if b != 1 or lq != key.shape[2] or attention_mask is not None:
+            raise ValueError(f"{SHARED_PROMPT_KWARG} needs one packed row without a padding mask and without cached "
+                             f"keys; got batch {b}, {lq} queries, {key.shape[2]} keys")
+        out = shared.attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                               scale=scale, window=sliding_window, softcap=softcap, dropout=dropout)
+        return out.unsqueeze(0), None
     if cu is not None:
         cu_k = kwargs.get("cu_seq_lens_k")
         if cu_k is not None and cu_k is not cu and not torch.equal(cu_k, cu):

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from ..ops import linear_logprobs, linear_spin_loss
 from ..ops.sharded import is_dtensor
 from ..packing import IGNORE_INDEX, PackedBatch
-from .attention import ATTN_IMPLEMENTATION, register_attention
+from .attention import ATTN_IMPLEMENTATION, SHARED_PROMPT_KWARG, register_attention
+from .shared_prompt import SharedPromptLayout
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -109,11 +110,13 @@ def packed_hidden_states(model, batch: PackedBatch) -> Tensor:
     The call goes through the model's own ``forward`` (so wrappers' hooks run: FSDP2's
     all-gathers, peft), with ``logits_to_keep`` = no position: the lm_head sees zero rows and no
     logits are formed. The hidden states are taken from the decoder's output by a forward hook.
+    The attention gets the sequence boundaries (``cu_seq_lens_q``), or for a shared-prompt batch
+    its ``SharedPromptLayout`` (one per call, shared by all layers).
 
     Args:
         model: a prepared causal LM (``prepare_model``), on the batch's device; it may sit inside
             DDP (called through the wrapper, so that DDP synchronises its gradients).
-        batch: a PackedBatch.
+        batch: a PackedBatch (either layout).
 
     Returns:
         [T, H] in the model's dtype.
@@ -127,6 +130,11 @@ def packed_hidden_states(model, batch: PackedBatch) -> Tensor:
     def keep(module, args, output):
         captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
 
+    if batch.share_prompt:  # batch.cu_seqlens are loss sequences here, not attention spans
+        attention = {SHARED_PROMPT_KWARG: SharedPromptLayout.from_batch(batch)}
+    else:
+        attention = {"cu_seq_lens_q": batch.cu_seqlens, "cu_seq_lens_k": batch.cu_seqlens,
+                     "max_length_q": batch.max_seqlen, "max_length_k": batch.max_seqlen}
     handle = inner.get_decoder().register_forward_hook(keep)
     try:
         model(
@@ -134,10 +142,7 @@ def packed_hidden_states(model, batch: PackedBatch) -> Tensor:
             position_ids=batch.position_ids.unsqueeze(0),
             use_cache=False,
             logits_to_keep=torch.empty(0, dtype=torch.long, device=batch.device),
-            cu_seq_lens_q=batch.cu_seqlens,
-            cu_seq_lens_k=batch.cu_seqlens,
-            max_length_q=batch.max_seqlen,
-            max_length_k=batch.max_seqlen,
+            **attention,
         )
     finally:
         handle.remove()

@@ -3,6 +3,33 @@
 All sequences are concatenated into one row of T tokens; ``cu_seqlens`` marks where each
 starts. Pair p owns sequences 2p (prompt + real) and 2p+1 (prompt + synthetic), the
 interleaved order of the fused ops (spin_kernels.ops).
+
+Two layouts (``pack_batch(..., share_prompt=...)``):
+
+* default: each pair is two sequences, ``prompt + real`` and ``prompt + synthetic``; the prompt
+  is held, and run through the model, twice.
+* shared prompt: each pair is one segment of three pieces,
+
+      [ prompt[:-1] | prompt[-1] + real | prompt[-1] + synthetic ]
+        the prefix    the real branch     the synthetic branch
+
+  Every token attends to the prefix (causally, by position) and to its own branch, never to
+  the other branch (``spin_kernels.models`` applies this rule in attention); position ids of
+  both branches continue from the prefix (``len(prompt) - 1, len(prompt), ...``), so each
+  branch sees exactly what its token sees in the default layout.
+
+  The prompt's LAST token is the one exception to "computed once": it starts each branch. Its
+  hidden state is needed twice with two targets (the first real token, the first synthetic
+  token), and holding it twice as a token -- one extra token per pair, attending to the same
+  keys in both branches -- makes each response's loss rows contiguous: sequence 2p (the loss
+  sequence of the real response) is the prefix + the real branch, sequence 2p+1 is the
+  synthetic branch. ``cu_seqlens`` and ``targets`` are therefore in the same form as in the
+  default layout, with the same counted rows in the same order, and the fused ops run on all
+  T hidden rows unchanged: no index that gathers rows for the loss, no copy of a hidden row.
+  (The prefix rows all have target -100; which sequence owns them does not change any sum.)
+  Without a prompt there is no prefix and no extra token. A shared batch must go through
+  ``spin_kernels.models.packed_hidden_states`` (or the helpers on it), which hands the layout
+  to the attention: a plain model call would let each branch attend to the other.
 """
 
 from __future__ import annotations
@@ -21,18 +48,27 @@ IGNORE_INDEX = -100
 
 @dataclass
 class PackedBatch:
-    """A packed micro-batch of S = 2P sequences and T tokens.
+    """A packed micro-batch of S = 2P sequences and T tokens (see the module docstring for the
+    default and the shared-prompt layout).
 
     Attributes:
-        input_ids: [T] int64, all sequences concatenated.
-        position_ids: [T] int64, 0, 1, ... restarting at 0 in each sequence.
-        cu_seqlens: [S+1] int32, sequence i owns tokens ``cu_seqlens[i]:cu_seqlens[i+1]``.
-        max_seqlen: the longest sequence (a Python int, so attention kernels need no host sync).
+        input_ids: [T] int64, all sequences (or, shared, all segments) concatenated.
+        position_ids: [T] int64, 0, 1, ... restarting at 0 in each sequence (shared: in each
+            segment, both branches continuing from the prefix).
+        cu_seqlens: [S+1] int32, sequence i owns tokens ``cu_seqlens[i]:cu_seqlens[i+1]``: the
+            rows and boundaries the fused ops sum over. Shared: sequence 2p = prefix + real
+            branch, 2p+1 = synthetic branch (these are loss sequences, not attention spans).
+        max_seqlen: the longest prompt + response (a Python int, so attention kernels need no host
+            sync); the same value in both layouts.
         targets: [T] int64, ``targets[n]`` is the token row n predicts (``input_ids[n+1]`` of the
             same sequence) when that token is a response token; ``-100`` (ignore) for rows whose
             next token is still in the prompt and for the last row of each sequence.
         ref_logps: [S] float32 reference log-probs, interleaved like the sequences, or None.
         example_index: [P] int64, ``SpinExample.index`` of each pair.
+        segment_cu_seqlens: None in the default layout. Shared: [3P+1] int32 offsets ``seg``; pair p
+            is tokens ``seg[3p]:seg[3p+3]``: its prefix ``seg[3p]:seg[3p+1]`` (empty for a prompt of
+            0 or 1 tokens), real branch ``seg[3p+1]:seg[3p+2]``, synthetic branch
+            ``seg[3p+2]:seg[3p+3]``. What the attention reads (spin_kernels.models.shared_prompt).
     """
 
     input_ids: Tensor
@@ -42,6 +78,12 @@ class PackedBatch:
     targets: Tensor
     ref_logps: Tensor | None
     example_index: Tensor
+    segment_cu_seqlens: Tensor | None = None
+
+    @property
+    def share_prompt(self) -> bool:
+        """True for the shared-prompt layout (``pack_batch(..., share_prompt=True)``)."""
+        return self.segment_cu_seqlens is not None
 
     @property
     def num_sequences(self) -> int:
@@ -83,16 +125,21 @@ class PackedBatch:
         return self._map(lambda t: t.pin_memory())
 
 
-def pack_batch(examples: Sequence[SpinExample]) -> PackedBatch:
+def pack_batch(examples: Sequence[SpinExample], *, share_prompt: bool = False) -> PackedBatch:
     """Pack the pairs of ``examples``, in the given order, into one PackedBatch on the CPU.
 
     Args:
         examples: non-empty sequence of SpinExample. Either all of them carry ``ref_logps`` or
             none does.
+        share_prompt: False (default): each pair as two sequences, the prompt held twice. True:
+            each pair as one segment ``[prompt[:-1] | prompt[-1] + real | prompt[-1] + synthetic]``
+            (module docstring); ``SpinExample.packed_tokens(True)`` tokens per pair.
 
     Returns:
         PackedBatch with S = 2 * len(examples) sequences.
     """
+    if not isinstance(share_prompt, bool):
+        raise TypeError(f"share_prompt must be a bool, got {type(share_prompt).__name__}")
     if len(examples) == 0:
         raise ValueError("examples must hold at least one SpinExample")
     for i, ex in enumerate(examples):
@@ -105,23 +152,41 @@ def pack_batch(examples: Sequence[SpinExample]) -> PackedBatch:
     if any(with_ref) and not all(with_ref):
         raise ValueError("examples mix pairs with and without ref_logps; give all of them ref_logps or none")
 
-    sequences = list(chain.from_iterable(
-        (ex.prompt_ids + ex.real_ids, ex.prompt_ids + ex.synthetic_ids) for ex in examples))
-    prompt_lens = torch.tensor([len(ex.prompt_ids) for ex in examples], dtype=torch.int64).repeat_interleave(2)
-    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.int64)
-    input_ids = torch.tensor(list(chain.from_iterable(sequences)), dtype=torch.int64)
+    # Both layouts are runs of "pieces" of tokens: (prompt + real, prompt + synthetic) per pair, or
+    # (prefix, real branch, synthetic branch). first_pos is the position id of a piece's first token.
+    pieces: list[list[int]] = []
+    first_pos: list[int] = []
+    for ex in examples:
+        if share_prompt:
+            head, branch_pos = ex.prompt_ids[-1:], max(len(ex.prompt_ids) - 1, 0)
+            pieces += [ex.prompt_ids[:-1], head + ex.real_ids, head + ex.synthetic_ids]
+            first_pos += [0, branch_pos, branch_pos]
+        else:
+            pieces += [ex.prompt_ids + ex.real_ids, ex.prompt_ids + ex.synthetic_ids]
+            first_pos += [0, 0]
+    per_pair = len(pieces) // len(examples)
+    lengths = torch.tensor([len(s) for s in pieces], dtype=torch.int64)
+    prompt_lens = torch.tensor([len(ex.prompt_ids) for ex in examples], dtype=torch.int64).repeat_interleave(per_pair)
+    input_ids = torch.tensor(list(chain.from_iterable(pieces)), dtype=torch.int64)
 
-    cu = torch.zeros(len(sequences) + 1, dtype=torch.int64)
+    cu = torch.zeros(len(pieces) + 1, dtype=torch.int64)
     torch.cumsum(lengths, 0, out=cu[1:])
-    starts = cu[:-1].repeat_interleave(lengths)
-    position_ids = torch.arange(input_ids.shape[0], dtype=torch.int64) - starts
+    offset = torch.arange(input_ids.shape[0], dtype=torch.int64) - cu[:-1].repeat_interleave(lengths)
+    position_ids = offset + torch.tensor(first_pos, dtype=torch.int64).repeat_interleave(lengths)
 
-    # Row n predicts token n+1 of its own sequence: counted when that token is a response
-    # token, i.e. position n+1 >= prompt length and n+1 < the sequence length.
-    next_pos = position_ids + 1
-    counted = (next_pos >= prompt_lens.repeat_interleave(lengths)) & (next_pos < lengths.repeat_interleave(lengths))
+    # Row n predicts the next token of its own piece: counted when that token is a response token,
+    # i.e. its position >= the prompt length and it lies inside the piece. (A prefix row never
+    # qualifies: its next position is <= len(prompt) - 1.)
+    counted = ((position_ids + 1 >= prompt_lens.repeat_interleave(lengths))
+               & (offset + 1 < lengths.repeat_interleave(lengths)))
     shifted = torch.cat([input_ids[1:], input_ids.new_full((1,), IGNORE_INDEX)])
     targets = torch.where(counted, shifted, torch.full_like(input_ids, IGNORE_INDEX))
+
+    segments = None
+    if share_prompt:
+        # Loss sequences: prefix + real branch, then the synthetic branch (drop each pair's boundary 3p+1).
+        segments = cu
+        cu = cu[torch.arange(cu.shape[0]) % 3 != 1]
 
     ref = None
     if all(with_ref):
@@ -130,8 +195,9 @@ def pack_batch(examples: Sequence[SpinExample]) -> PackedBatch:
         input_ids=input_ids,
         position_ids=position_ids,
         cu_seqlens=cu.to(torch.int32),
-        max_seqlen=int(lengths.max()),
+        max_seqlen=max(len(ex.prompt_ids) + max(len(ex.real_ids), len(ex.synthetic_ids)) for ex in examples),
         targets=targets,
         ref_logps=ref,
         example_index=torch.tensor([ex.index for ex in examples], dtype=torch.int64),
+        segment_cu_seqlens=None if segments is None else segments.to(torch.int32),
     )

@@ -63,8 +63,20 @@ class SpinExample:
 
     @property
     def num_tokens(self) -> int:
-        """The pair's token cost in a packed batch: both sequences, the prompt counted twice."""
+        """The pair's token cost in a default packed batch: both sequences, the prompt counted twice
+        (``packed_tokens(share_prompt=False)``)."""
         return self.real_length + self.synthetic_length
+
+    def packed_tokens(self, share_prompt: bool = False) -> int:
+        """The pair's tokens in ``pack_batch(..., share_prompt=share_prompt)``.
+
+        Default layout: prompt + real + prompt + synthetic. Shared prompt: the prompt once, plus its
+        last token a second time (it starts both branches; spin_kernels.packing.batch), i.e.
+        ``len(prompt) + len(real) + len(synthetic) + 1`` (no extra token without a prompt).
+        """
+        if not share_prompt:
+            return self.num_tokens
+        return len(self.prompt_ids) + len(self.real_ids) + len(self.synthetic_ids) + min(len(self.prompt_ids), 1)
 
 
 def _check_lengths(max_length: int, max_prompt_length: int) -> None:

@@ -1,6 +1,7 @@
 """The packer: which pairs go into which micro-batch on which data-parallel rank.
 
-A pair costs ``SpinExample.num_tokens`` (both sequences; the prompt counts twice). Micro-batches
+A pair costs ``SpinExample.packed_tokens(share_prompt)``: both sequences, the prompt counted twice,
+or with ``share_prompt=True`` the prompt once (plus its last token; spin_kernels.packing.batch). Micro-batches
 are filled up to a token budget, never split a pair, and are dealt to ranks so that
 
 * every rank gets the same number of micro-batches (their gradient steps line up), and
@@ -37,15 +38,17 @@ from .example import SpinExample
 
 @dataclass
 class PackStats:
-    """How well a plan packs. Token counts include prompts (counted once per sequence).
+    """How well a plan packs. Token counts are those of the packed layout (prompts counted once per
+    sequence, or once per pair with ``share_prompt``); the padded comparisons are always the
+    conventional padded layout of two sequences per pair.
 
     Attributes:
         num_pairs, num_micro_batches (over all ranks), token_budget.
-        num_tokens: tokens of all sequences.
+        num_tokens: tokens of all micro-batches (in the planned layout).
         fill_ratio: num_tokens / (num_micro_batches * token_budget).
         padded_tokens: what the same micro-batches would hold padded to their longest sequence
             ([2 * pairs, max_len] each).
-        padding_waste: 1 - num_tokens / padded_tokens (fraction of a padded batch that is padding).
+        padding_waste: 1 - num_tokens / padded_tokens (fraction of a padded batch that packing saves).
         random_padded_tokens / random_padding_waste: the same for a conventional padded loader:
             pairs in a seeded random order, batches of the same mean pair count, each padded to its
             longest sequence.
@@ -81,10 +84,12 @@ class PackStats:
 @dataclass
 class PackPlan:
     """``micro_batches[rank][k]`` lists the indices (into the planned examples) of the pairs of
-    micro-batch k of that rank; every rank has the same number of micro-batches."""
+    micro-batch k of that rank; every rank has the same number of micro-batches. ``share_prompt``:
+    the layout the plan was costed for, and the one ``batches`` packs."""
 
     micro_batches: list[list[list[int]]]
     stats: PackStats
+    share_prompt: bool = False
 
     @property
     def num_steps(self) -> int:
@@ -96,7 +101,7 @@ class PackPlan:
         if not 0 <= rank < len(self.micro_batches):
             raise ValueError(f"rank must be in [0, {len(self.micro_batches)}), got {rank}")
         for mb in self.micro_batches[rank]:
-            yield pack_batch([examples[i] for i in mb]) if mb else None
+            yield pack_batch([examples[i] for i in mb], share_prompt=self.share_prompt) if mb else None
 
 
 def _best_fit_decreasing(order: list[int], costs: Sequence[int], budget: int) -> list[list[int]]:
@@ -210,17 +215,20 @@ def plan_micro_batches(
     num_ranks: int = 1,
     seed: int = 0,
     shuffle: bool = True,
+    share_prompt: bool = False,
 ) -> PackPlan:
     """Plan the micro-batches of one pass over ``examples`` (see the module docstring).
 
     Args:
         examples: the pairs to pack (their token counts are all that is used).
-        token_budget: the most tokens (both sequences of every pair) in one micro-batch, >= 1.
-            A single pair above it goes alone into its own micro-batch.
+        token_budget: the most tokens (of the packed layout: ``SpinExample.packed_tokens``) in one
+            micro-batch, >= 1. A single pair above it goes alone into its own micro-batch.
         num_ranks: data-parallel ranks (>= 1).
         seed: the plan is a pure function of (pair lengths, token_budget, num_ranks, seed, shuffle).
         shuffle: randomise tie-breaking, the order of micro-batches and of pairs inside them;
             False gives the plain sorted order.
+        share_prompt: cost pairs in the shared-prompt layout (``pack_batch(..., share_prompt=True)``,
+            which ``PackPlan.batches`` then uses).
 
     Returns:
         PackPlan: ``micro_batches[rank][k]`` -> indices into ``examples``; ``stats`` a PackStats.
@@ -229,10 +237,12 @@ def plan_micro_batches(
         raise ValueError(f"token_budget must be an int >= 1, got {token_budget!r}")
     if isinstance(num_ranks, bool) or not isinstance(num_ranks, int) or num_ranks < 1:
         raise ValueError(f"num_ranks must be an int >= 1, got {num_ranks!r}")
+    if not isinstance(share_prompt, bool):
+        raise TypeError(f"share_prompt must be a bool, got {type(share_prompt).__name__}")
     for i, ex in enumerate(examples):
         if not isinstance(ex, SpinExample):
             raise TypeError(f"examples[{i}] must be a SpinExample, got {type(ex).__name__}")
-    costs = [ex.num_tokens for ex in examples]
+    costs = [ex.packed_tokens(share_prompt) for ex in examples]
     rng = random.Random(seed)
     tiebreak = list(range(len(examples)))
     if shuffle:
@@ -241,4 +251,4 @@ def plan_micro_batches(
     bins = _best_fit_decreasing(order, costs, token_budget)
     bins = _split_until_multiple(bins, costs, num_ranks)
     plan = _deal_to_ranks(bins, costs, num_ranks, rng, shuffle)
-    return PackPlan(plan, _stats(plan, examples, costs, token_budget, seed))
+    return PackPlan(plan, _stats(plan, examples, costs, token_budget, seed), share_prompt=share_prompt)

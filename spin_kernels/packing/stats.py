@@ -60,9 +60,9 @@ def sample_spin_examples(tokenizer, rows: Sequence[dict], *, seed: int = 0, max_
 
 
 def packing_stats(examples: Sequence[SpinExample], token_budget: int, num_ranks: int = 1,
-                  seed: int = 0) -> PackStats:
+                  seed: int = 0, share_prompt: bool = False) -> PackStats:
     """The PackStats of ``plan_micro_batches`` for these pairs."""
-    return plan_micro_batches(examples, token_budget, num_ranks=num_ranks, seed=seed).stats
+    return plan_micro_batches(examples, token_budget, num_ranks=num_ranks, seed=seed, share_prompt=share_prompt).stats
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -78,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=1, help="synthetic draws per row")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--share-prompt", action="store_true",
+                        help="plan the shared-prompt layout (pack_batch(..., share_prompt=True))")
     args = parser.parse_args(argv)
 
     rows = load_ultrachat_sample(args.data)
@@ -97,12 +99,16 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"seed {args.seed}")
     print(f"sequence tokens: median {seq[len(seq) // 2]}, p90 {seq[int(0.9 * (len(seq) - 1))]}, max {seq[-1]}; "
           f"prompt share of tokens {sum(2 * len(ex.prompt_ids) for ex in examples) / sum(seq):.1%}")
+    default, shared = (sum(ex.packed_tokens(share) for ex in examples) for share in (False, True))
+    print(f"tokens per pair: {default / len(examples):.1f} as two sequences, {shared / len(examples):.1f} with "
+          f"the prompt shared ({shared / default - 1:+.1%}); planned layout: "
+          f"{'shared prompt' if args.share_prompt else 'two sequences'}")
     print("| budget | ranks | micro-batches | fill ratio | padding waste (same micro-batches) "
           "| padding waste (random batches, same pairs/batch) | rank imbalance | step imbalance |")
     print("|---|---|---|---|---|---|---|---|")
     for budget in args.budgets:
         for ranks in args.ranks:
-            s = packing_stats(examples, budget, ranks, args.seed)
+            s = packing_stats(examples, budget, ranks, args.seed, share_prompt=args.share_prompt)
             print(f"| {budget} | {ranks} | {s.num_micro_batches} | {s.fill_ratio:.1%} | {s.padding_waste:.1%} "
                   f"| {s.random_padding_waste:.1%} | {s.rank_imbalance:.3f} | {s.step_imbalance:.3f} |")
 
