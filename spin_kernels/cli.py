@@ -32,7 +32,7 @@ COMMANDS: dict[str, dict] = {
                  "sections": {"model": None, "data": None, "generation": None, "distributed": None}},
     "reference": {"help": "(2) add the model's log-probs of real and synthetic responses (ref_logps)",
                   "sections": {"model": None, "data": LENGTHS,
-                               "training": ("token_budget", "impl", "average_log_prob", "bf16"),
+                               "training": ("token_budget", "share_prompt", "impl", "average_log_prob", "bf16"),
                                "distributed": None}},
     "train": {"help": "(3) train the main player on pairs with ref_logps (resumable)",
               "sections": {"model": None, "data": LENGTHS, "training": None,

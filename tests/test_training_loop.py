@@ -154,3 +154,42 @@ def test_stage_subcommands_chain(tmp_path):
     AutoModelForCausalLM.from_pretrained(str(out / "model"))
     # the pairs file lacks ref_logps -> a clear error naming the field
     assert main(["train", "--model", model, "--input", str(gen), "--output-dir", str(tmp_path / "t2")]) == 2
+
+
+def test_share_prompt_flag_gives_the_two_sequence_results(tmp_path, monkeypatch):
+    """--share-prompt (reference, train and the loop's held-out pass) packs each prompt once; the
+    log-probs, the losses and the trained weights equal the two-sequence layout's up to rounding."""
+    from safetensors.torch import load_file
+
+    model = save_tiny_model(str(tmp_path / "sft"))
+    gen = tmp_path / "gen.jsonl"
+    assert main(["generate", "--model", model, "--data", _data(tmp_path, 12), "--output", str(gen),
+                 "--device", "cpu", "--max-new-tokens", "8", "--max-prompt-length", "8"]) == 0
+    lengths = ["--device", "cpu", "--max-length", "40", "--max-prompt-length", "8", "--token-budget", "90"]
+    import spin_kernels.packing as packing
+
+    layouts, pack = [], packing.pack_batch
+    monkeypatch.setattr(packing, "pack_batch", lambda ex, **kw: layouts.append(kw.get("share_prompt")) or pack(ex, **kw))
+    runs = {}
+    for name, flag in (("two", []), ("shared", ["--share-prompt"])):
+        layouts.clear()
+        pairs, out = tmp_path / f"pairs-{name}.jsonl", tmp_path / f"train-{name}"
+        assert main(["reference", "--model", model, "--input", str(gen), "--output", str(pairs), *lengths,
+                     *flag]) == 0
+        assert main(["train", "--model", model, "--input", str(pairs), "--output-dir", str(out),
+                     "--global-batch-pairs", "4", "--epochs", "1", "--learning-rate", "1e-3", *lengths, *flag]) == 0
+        assert set(layouts) == {bool(flag)}  # every batch of both passes in the asked layout
+        runs[name] = ([r["ref_logps"] for r in _jsonl(pairs)], [r["loss"] for r in _jsonl(out / "metrics.jsonl")],
+                      load_file(str(out / "model" / "model.safetensors")))
+    (ref2, loss2, w2), (ref1, loss1, w1) = runs["two"], runs["shared"]
+    torch.testing.assert_close(torch.tensor(ref1), torch.tensor(ref2), rtol=1e-5, atol=1e-4)
+    assert loss1 == pytest.approx(loss2, rel=1e-4) and len(loss1) == 3
+    assert w1.keys() == w2.keys()
+    for k in w2:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
+    # the whole loop with the flag, held-out pass included
+    run = tmp_path / "run"
+    assert main(["iterate", "--model", model, "--data", str(tmp_path / "data.jsonl"), "--output-dir", str(run),
+                 "--iterations", "1", "--global-batch-pairs", "4", "--token-budget", "90", "--save-every", "0",
+                 "--eval-fraction", "0.25", "--share-prompt", *TINY_FLAGS]) == 0
+    assert (run / "iter0" / "heldout_eval.json").exists()

@@ -167,7 +167,7 @@ def stage_reference(model, loader: Loader, rows: list[Record], cfg: SpinConfig, 
     t = cfg.training
     examples = to_examples(loader.tokenizer(model_path), rows, cfg.data)
     refs = reference_logps_for(model, examples, token_budget=t.token_budget, impl=t.impl, average=t.average_log_prob,
-                               autocast=loader.autocast, desc=desc)
+                               share_prompt=t.share_prompt, autocast=loader.autocast, desc=desc)
     out = [{**row, "ref_logps": list(ref), "reference": src} for row, ref, src in zip(rows, refs, sources)]
     bad = [(i, ref) for i, ref in enumerate(refs) if not all(map(_finite_logp, ref))]
     if bad:
@@ -501,7 +501,7 @@ def _evaluate_heldout(runner, loader: Loader, cfg: SpinConfig, t: int, pairs: li
     t_cfg = cfg.for_iteration(t)
     examples = to_examples(loader.tokenizer(cfg.model.model), pairs, cfg.data)
     sums = reference_logps_for(runner, examples, token_budget=t_cfg.token_budget, impl=t_cfg.impl, average=False,
-                               autocast=loader.autocast, desc=f"iter{t} held-out")
+                               share_prompt=t_cfg.share_prompt, autocast=loader.autocast, desc=f"iter{t} held-out")
     if t_cfg.average_log_prob:  # the margin in the convention the reference log-probs were computed in
         policy = [(r / max(1, len(ex.real_ids)), s / max(1, len(ex.synthetic_ids))) for (r, s), ex in
                   zip(sums, examples)]

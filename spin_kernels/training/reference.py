@@ -48,6 +48,7 @@ def reference_logps_for(
     token_budget: int,
     impl: str = "auto",
     average: bool = False,
+    share_prompt: bool = False,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     desc: str = "reference",
 ) -> list[tuple[float, float]]:
@@ -58,7 +59,9 @@ def reference_logps_for(
     values do not depend on anything but the data. With several ranks (FSDP) each rank scores
     its own micro-batches of ``plan_micro_batches(..., num_ranks=W)`` (an empty one still runs a
     forward, whose result is dropped: FSDP's collectives) and the values are gathered by example.
-    ``autocast()``: the compute context of the passes (``Loader.autocast``).
+    ``share_prompt``: pack each pair's prompt once (``pack_batch(..., share_prompt=True)``); the
+    values are the same up to rounding. ``autocast()``: the compute context of the passes
+    (``Loader.autocast``).
     """
     from spin_kernels.distributed import gather_by_index
     from spin_kernels.models import sequence_logps
@@ -70,11 +73,12 @@ def reference_logps_for(
     device = next(runner.parameters()).device
     was_training = runner.training
     runner.eval()
-    plan = plan_micro_batches(examples, token_budget, num_ranks=world_size(), shuffle=False)
+    plan = plan_micro_batches(examples, token_budget, num_ranks=world_size(), shuffle=False,
+                              share_prompt=share_prompt)
     local = []
     try:
         for mb in progress(iterable=plan.micro_batches[rank()], desc=desc, unit="batch"):
-            batch = pack_batch([examples[i] for i in (mb or [0])]).to(device)
+            batch = pack_batch([examples[i] for i in (mb or [0])], share_prompt=share_prompt).to(device)
             with autocast():
                 # Packed batches are known good (no value checks); non-finite log-probs are
                 # reported by the caller with the model and the row.

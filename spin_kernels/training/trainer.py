@@ -85,18 +85,21 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def rank_micro_batches(examples: list, idx: list[int], token_budget: int, device: torch.device) -> list:
+def rank_micro_batches(examples: list, idx: list[int], token_budget: int, device: torch.device,
+                       share_prompt: bool = False) -> list:
     """This rank's micro-batches of the global batch ``idx``: ``[(PackedBatch, pairs)]``.
 
     Planned with ``num_ranks = world_size()`` so every rank gets the same number; an empty
     micro-batch becomes one pair of the global batch with weight (pairs) 0, so that the rank
-    still runs the forward/backward whose FSDP collectives the others wait for.
+    still runs the forward/backward whose FSDP collectives the others wait for. ``share_prompt``:
+    the shared-prompt layout (``pack_batch(..., share_prompt=True)``).
     """
     from spin_kernels.packing import pack_batch, plan_micro_batches
 
     chunk = [examples[i] for i in idx]
-    plan = plan_micro_batches(chunk, token_budget, num_ranks=world_size(), shuffle=False)
-    return [(pack_batch([chunk[j] for j in (mb or [0])]).to(device), len(mb)) for mb in plan.micro_batches[rank()]]
+    plan = plan_micro_batches(chunk, token_budget, num_ranks=world_size(), shuffle=False, share_prompt=share_prompt)
+    return [(pack_batch([chunk[j] for j in (mb or [0])], share_prompt=share_prompt).to(device), len(mb))
+            for mb in plan.micro_batches[rank()]]
 
 
 def _loss_fn(cfg: TrainingConfig, compute: Callable[[], contextlib.AbstractContextManager]):
@@ -187,7 +190,7 @@ def train_spin(
     with progress(total=len(schedule), initial=start, desc=desc, unit="step") as bar:
         for step in range(start, len(schedule)):
             t0, lr = time.perf_counter(), scheduler.get_last_lr()[0]
-            mbs = rank_micro_batches(examples, schedule[step], cfg.token_budget, device)
+            mbs = rank_micro_batches(examples, schedule[step], cfg.token_budget, device, cfg.share_prompt)
             try:
                 res = _step(runner, optimizer, scheduler, mbs, loss_fn, cfg)
             except NonFiniteError as err:
