@@ -1,4 +1,4 @@
-"""The runner: ``python -m benchmarks run --suite kernels|e2e|all --device cpu|cuda [options]``.
+"""The runner: ``python -m benchmarks run --suite kernels|e2e|all|iteration|generation --device cpu|cuda [options]``.
 
 Writes ``<out>/<device-slug>/<suite>.json`` (environment, settings, every case with every
 repeat), ``<suite>.md`` (the tables) and PNG plots; ``<out>`` defaults to benchmarks/results.
@@ -33,7 +33,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run suites and write JSON + Markdown + PNG")
-    run.add_argument("--suite", choices=("kernels", "e2e", "all"), default="kernels")
+    run.add_argument("--suite", choices=("kernels", "e2e", "all", "iteration", "generation"), default="kernels",
+                     help="all = kernels + e2e; iteration (one whole SPIN iteration, its stages' split) and "
+                          "generation (the sampling stage, old and new ways) are CPU suites of their own")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--shapes", help="kernel cases, comma-separated: cpu-small, tiny, <head>[@N], <head>@sweep "
                                       "(default: cpu-small on CPU, the GPU plan on CUDA)")
@@ -42,6 +44,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     run.add_argument("--only", help="contenders to run, e.g. torch,cpu,naive,liger,cce,trl (default all)")
     run.add_argument("--e2e-cases", help="e2e cases, comma-separated (default: tiny on CPU, llama-1b on CUDA; "
                                           "'shared-prompt' = the shared-prompt cases)")
+    run.add_argument("--iteration-cases", help="iteration cases: before,after (default both)")
+    run.add_argument("--generation-cases", help="generation cases: ultrachat-sft,ultrachat-random,demo (default all)")
+    run.add_argument("--work-dir", type=Path, help="iteration/generation: where the SFT'd models and runs go "
+                                                   "(default $SPIN_BENCH_WORK or <tmp>/spin_kernels_bench)")
+    run.add_argument("--prompts", type=int, help="iteration: use the first N prompts of the sample (default 154)")
+    run.add_argument("--max-new-tokens", type=int, help="iteration: tokens sampled per response (default 256)")
+    run.add_argument("--sft-steps", type=int, help="iteration/generation: SFT steps of the ~10M Llama (default 40)")
     run.add_argument("--out", type=Path, default=RESULTS, help="results root (default benchmarks/results)")
     run.add_argument("--quick", action="store_true", help="fewer repeats and a shorter GPU plan")
     run.add_argument("--warmup", type=int, help="warm-up runs per contender (default 2)")
@@ -122,6 +131,37 @@ def run_e2e(args, device, env, settings, argv) -> dict:
     return record
 
 
+def run_iteration(args, device, env, settings, argv) -> dict:
+    from .iteration import run_suite
+
+    record = _record("iteration", env, settings, argv)
+    record["cases"], notes, record["info"] = run_suite(
+        device, _csv(args.iteration_cases), work_dir=args.work_dir, prompts=args.prompts,
+        max_new_tokens=args.max_new_tokens, sft_steps=args.sft_steps)
+    record["notes"] += notes
+    record["settings"] = {**settings, "repeats": 1, "warmup": 0,
+                          "timing": "one run of each case, one after the other, in one process (wall and process "
+                                    "CPU seconds)."}
+    return record
+
+
+def run_generation(args, device, env, settings, argv) -> dict:
+    from .generation import run_suite
+
+    record = _record("generation", env, settings, argv)
+    record["cases"], notes = run_suite(device, _csv(args.generation_cases), repeats=args.repeats or 2,
+                                       only=_csv(args.only), work_dir=args.work_dir)
+    record["notes"] += notes
+    reps = args.repeats or 2
+    record["settings"] = {**settings, "repeats": reps, "warmup": 1,
+                          "timing": f"1 warm-up on 4 prompts + {reps} timed rounds per contender, round-robin in one "
+                                    "process; the fastest round."}
+    return record
+
+
+RUNNERS = {"kernels": run_kernels, "e2e": run_e2e, "iteration": run_iteration, "generation": run_generation}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -168,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for suite in suites:
         t0 = time.perf_counter()
-        runner = run_kernels if suite == "kernels" else run_e2e
+        runner = RUNNERS[suite]
         load_start = _load_average()
         record = runner(args, device, env, settings, argv)
         record["wall_s"] = time.perf_counter() - t0

@@ -1,12 +1,13 @@
 """Quick tuning of the C++ CPU kernel (impl="cpu") on the cpu-small SPIN shape.
 
 Not the official benchmark (``python -m benchmarks``): a knob sweep for csrc/. For each
-configuration (store bytes, vocab tile, row tile) it times ``linear_spin_loss`` forward+backward
-(median of --repeats, after one warm-up) next to the GEMM floor measured in the same process,
-and, with --memory, the peak RSS growth of one warm run in a fresh process (VmHWM - VmRSS, as
-benchmarks/memprobe.py does).
+configuration (store bytes, vocab tile, row tile, engine; or ``rule``: what ``impl="cpu"`` runs,
+this machine's measured rule) it times ``linear_spin_loss`` forward+backward (median and
+minimum of --repeats, after one warm-up, configurations alternated round by round) next to
+the GEMM floor of both engines measured in the same process, and, with --memory, the peak RSS
+growth of one warm run in a fresh process (VmHWM - VmRSS, as benchmarks/memprobe.py does).
 
-    python -m benchmarks.cpu_kernel_tuning --threads 2 --configs 0:512:256,0:512:256:blas,94M:512:256 --memory
+    python -m benchmarks.cpu_kernel_tuning --threads 2 --configs rule,0:512:256,0:512:256:blas,94M:512:256 --memory
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import time
 import torch
 
 from spin_kernels.ops.autograd import LinearSPINLossFunction
-from spin_kernels.ops.backends.cpu_backend import CpuFused
+from spin_kernels.ops.backends.cpu_backend import CpuFused, default_gemm
+from spin_kernels.ops.backends.cpu_rule import cpu_model
 from spin_kernels.ops.backends.torch_chunked import TorchChunked
 from spin_kernels.ops.options import SpinOptions
 
@@ -44,7 +46,10 @@ def make_inputs(pairs=4, seq_len=512, prompt=128, hidden=1024, vocab=32000, seed
 
 
 def parse_config(text: str) -> dict:
-    """"store:vocab_tile:row_tile[:gemm]", e.g. "0:512:256" or "94M:512:256:blas"."""
+    """"store:vocab_tile:row_tile[:gemm]", e.g. "0:512:256" or "94M:512:256:blas"; "rule": {}
+    (CpuFused's defaults: the measured rule)."""
+    if text == "rule":
+        return {}
     store, vt, rt, *gemm = text.split(":")
     mult = {"K": 2**10, "M": 2**20, "G": 2**30}
     store_bytes = int(float(store[:-1]) * mult[store[-1]]) if store[-1] in mult else int(store)
@@ -62,13 +67,22 @@ CLOCK = time.perf_counter
 
 
 def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = CLOCK()
+    return statistics.median(timed_rounds({"": fn}, repeats)[""])
+
+
+def timed_rounds(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Every fn once to warm up, then ``repeats`` rounds of each in turn: a drift of a shared
+    machine hits all alike."""
+    for fn in fns.values():
         fn()
-        times.append(CLOCK() - t0)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = CLOCK()
+            fn()
+            times[name].append(CLOCK() - t0)
+            gc.collect()
+    return times
 
 
 def peak_extra_mib(config: dict, threads: int) -> float:
@@ -76,7 +90,8 @@ def peak_extra_mib(config: dict, threads: int) -> float:
     code = f"""
 import gc, json, torch
 from benchmarks.cpu_kernel_tuning import make_inputs, step
-from spin_kernels.ops.backends.cpu_backend import CpuFused
+from spin_kernels.ops.backends.cpu_backend import CpuFused, default_gemm
+from spin_kernels.ops.backends.cpu_rule import cpu_model
 from spin_kernels.ops.backends.torch_chunked import TorchChunked
 torch.set_num_threads({threads})
 inp = make_inputs(); backend = CpuFused(**{config!r})
@@ -110,24 +125,35 @@ def main(argv=None) -> int:
     counted = int((inputs[2] != IGNORE).sum())
     h, w = inputs[0].detach(), inputs[1].detach()
     a = h[:counted]
-    gemm_s = timed(lambda: torch.mm(a, w.t()), args.repeats)
-    rate = 2 * counted * h.shape[1] * w.shape[0] / gemm_s
-    floor_s = 6 * counted * h.shape[1] * w.shape[0] / rate
+    work = 2 * counted * h.shape[1] * w.shape[0]
+    products = {"torch.mm": lambda: torch.mm(a, w.t())}
+    if default_gemm() == "onednn":
+        products["onednn"] = lambda: torch.ops.spin_kernels_cpu.matmul(a, w.t(), "onednn")
+    gemm_times = timed_rounds(products, args.repeats)
+    rates = {name: work / min(t) for name, t in gemm_times.items()}
+    best = max(rates, key=rates.get)
+    floor_s = 3 * work / rates[best]
     clock = "CPU" if args.cpu_time else "wall"
-    print(f"cpu-small layout with {args.pairs} pairs, fp32, {args.threads} threads, {clock} time, "
-          f"N counted={counted}: GEMM {rate / 1e9:.0f} GFLOP/s, floor 6NHV = {floor_s:.3f} s")
-    runs = [(text, CpuFused(**parse_config(text))) for text in args.configs.split(",")]
+    rule = CpuFused().rule()
+    print(f"{cpu_model()}, cpu-small layout with {args.pairs} pairs, fp32, {args.threads} threads, {clock} time "
+          f"(minimum of {args.repeats}), N counted={counted}: GEMM "
+          + ", ".join(f"{n} {r / 1e9:.0f} GFLOP/s" for n, r in rates.items())
+          + f"; floor 6NHV at {best}'s rate = {floor_s:.3f} s; rule: {rule.describe()}", flush=True)
+    runs = {text: CpuFused(**parse_config(text)) for text in args.configs.split(",")}
     if args.compare_torch:
-        runs.append(("impl=torch", TorchChunked()))
-    for text, backend in runs:
+        runs["impl=torch"] = TorchChunked()
 
-        def run(backend=backend):
+    def run(backend):
+        def once():
             step(inputs, backend)
             inputs[0].grad = inputs[1].grad = None
+        return once
 
-        t = timed(run, args.repeats)
-        gc.collect()
-        line = f"{text:>16}: {t:.3f} s = {t / floor_s:.3f} x floor"
+    times = timed_rounds({text: run(backend) for text, backend in runs.items()}, args.repeats)
+    for text, backend in runs.items():
+        t = min(times[text])
+        line = (f"{text:>16}: min {t:.3f} s = {t / floor_s:.3f} x floor, median {statistics.median(times[text]):.3f} s"
+                + (f" (gemm={backend.gemm}, store_bytes={backend.store_bytes})" if isinstance(backend, CpuFused) else ""))
         if args.memory and isinstance(backend, CpuFused):
             line += f", peak extra {peak_extra_mib(parse_config(text), args.threads):.0f} MiB"
         print(line, flush=True)

@@ -20,13 +20,9 @@ PACKAGES = ("torch", "triton", "transformers", "liger-kernel", "cut-cross-entrop
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from spin_kernels.ops.backends.cpu_rule import cpu_model as model
+
+    return model()
 
 
 def device_name(device: torch.device) -> str:
@@ -87,6 +83,11 @@ def environment(device: torch.device) -> dict:
         "git": git_commit(),
         "impls": {"available": sorted(_FACTORIES), "unavailable": dict(_UNAVAILABLE)},
     }
+    if device.type == "cpu" and "cpu" in _FACTORIES:  # the rule impl="cpu" runs under (measured once, cached)
+        from spin_kernels.ops.backends.cpu_rule import cpu_rule
+
+        rule = cpu_rule()
+        env["cpu_rule"] = {"describe": rule.describe(), **rule.to_json(), "source": rule.source}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env["gpu"] = {"name": props.name, "total_memory_bytes": props.total_memory,

@@ -40,9 +40,11 @@ def header(record: dict) -> list[str]:
          f"{env['torch_threads']} torch threads"),
         "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None),
         f"- Commit: {git.get('commit') or 'unknown'}{' (uncommitted changes)' if git.get('dirty') else ''}",
-        (f"- Timing: {s['warmup']} warm-up + {s['repeats']} timed runs per contender, round-robin in one "
-         "process; medians."),
+        "- Timing: " + s.get("timing", f"{s['warmup']} warm-up + {s['repeats']} timed runs per contender, "
+                                         "round-robin in one process; medians."),
     ]
+    if env.get("cpu_rule"):
+        lines.append(f"- CPU kernel rule (impl=\"cpu\"/\"auto\"): {env['cpu_rule']['describe']}")
     load = record.get("load_average") or {}
     if load.get("start") and load.get("end"):
         lines.append(f"- Load average (1/5/15 min) at the start {'/'.join(map(str, load['start']))}, at the end "
@@ -126,7 +128,27 @@ def kernels_markdown(record: dict) -> str:
                          f" | {fmt_mib(None if peak is None else peak - grads)}"
                          f" | {fmt_ratio(mem_ratio)} | {_max_err(r)} |")
         lines.append("")
+        best = _best_engine_floor(rows, info, mode)
+        if best is not None:
+            lines += [best, ""]
     return "\n".join(lines)
+
+
+def _best_engine_floor(rows: list[dict], info: dict, mode: str) -> str | None:
+    """The minimal work at the faster matrix engine's measured rate (torch.mm or oneDNN), and
+    each of ours against it: the CPU kernel's target (issue 17: <= 1.05x in fwd+bwd)."""
+    floors = [r for r in rows if r["status"] == "ok" and r["kind"] == "floor" and r.get("tflops")]
+    if not floors:
+        return None
+    fastest = max(floors, key=lambda r: r["tflops"])
+    head = info["head"]
+    work = (6 if mode == "fwd+bwd" else 2) * info["counted_rows"] * head["hidden"] * head["vocab"]
+    floor_s = work / (fastest["tflops"] * 1e12)
+    engine = "torch.mm" if fastest["contender"] == "gemm" else fastest["contender"].split(":")[-1]
+    ours = [f"`{r['contender']}` {r['median_s'] / floor_s:.2f}×" for r in rows
+            if r["status"] == "ok" and r["kind"] == "ours"]
+    return (f"Floor at the faster engine ({engine}, {fastest['tflops']:.3g} TFLOP/s): "
+            f"{'6' if mode == 'fwd+bwd' else '2'}·N·H·V = {fmt_time(floor_s)}; " + ", ".join(ours) + " of it.")
 
 
 def _colors(record: dict) -> dict[str, str]:
@@ -313,6 +335,11 @@ def render(record: dict, folder: Path) -> list[Path]:
     if record["suite"] == "kernels":
         md.write_text(kernels_markdown(record))
         plots = [_plot_kernels(record, folder / f"{stem}.png"), _plot_sweep(record, folder / f"{stem}-sweep.png")]
+    elif record["suite"] in ("iteration", "generation"):  # their own modules render them (tables only)
+        import importlib
+
+        md.write_text(importlib.import_module(f"benchmarks.{record['suite']}").markdown(record))
+        plots = []
     else:
         md.write_text(e2e_markdown(record))
         plots = [_plot_e2e(record, folder / f"{stem}.png")]

@@ -11,6 +11,13 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The C++ kernel's rule (oneDNN or BLAS, keep or recompute logits) is measured once per machine
+# and cached under the user's cache dir; the suite runs the unmeasured default instead, so that
+# results do not depend on a measurement of a loaded CI machine and nothing is written to the
+# home directory (subprocesses inherit it). tests/test_cpu_kernel.py forces each rule and
+# exercises the measurement and its cache in a temporary directory.
+os.environ.setdefault("SPIN_KERNELS_CPU_RULE", "default")
+
 
 def available_impls() -> list[str]:
     """The impls that run on CPU tensors in this environment (triton has its own interpreter tests)."""

@@ -374,3 +374,108 @@ print("WARNINGS:", len(caught), caught[0].message if caught else "")
     assert out.returncode == 0, out.stderr
     assert "ERROR: impl='cpu' is not available" in out.stdout and "spin_kernels._C" in out.stdout
     assert "WARNINGS: 1" in out.stdout and "falls back to impl='torch'" in out.stdout
+
+
+# --------------------------------------------------------------------------- the machine's rule
+
+cpu_rule_mod = pytest.importorskip("spin_kernels.ops.backends.cpu_rule")
+RULES = [f"{engine}:{logits}" for engine in ("onednn", "blas") for logits in ("keep", "recompute")]
+
+
+@pytest.fixture
+def rule_env(monkeypatch, tmp_path):
+    """SPIN_KERNELS_CPU_RULE and the cache dir under the test's control; no rule memoised."""
+    monkeypatch.setenv(cpu_rule_mod.ENV_CACHE_DIR, str(tmp_path / "cache"))
+    monkeypatch.delenv(cpu_rule_mod.ENV_RULE, raising=False)  # conftest's "default"
+    monkeypatch.setattr(cpu_rule_mod, "_RULES", {})
+    return monkeypatch
+
+
+@pytest.mark.parametrize("forced", RULES)
+def test_each_forced_rule_runs_its_path_and_matches_float64(rule_env, forced):
+    """SPIN_KERNELS_CPU_RULE forces each (engine, keep/recompute) pair; CpuFused() (what impl="cpu"
+    and impl="auto" build) follows it, and every path matches the float64 reference forward and
+    backward."""
+    engine, logits = forced.split(":")
+    if engine == "onednn" and cpu_backend.default_gemm() != "onednn":
+        pytest.skip("this torch does not export oneDNN's matmul")
+    rule_env.setenv(cpu_rule_mod.ENV_RULE, forced)
+    backend = CpuFused(parts=2, row_tile=6, vocab_tile=16)
+    assert backend.gemm == engine
+    assert backend.store_bytes == (cpu_rule_mod.DEFAULT_STORE_BUDGET if logits == "keep" else 0)
+    stores = []
+    kernel_forward = backend._forward
+    rule_env.setattr(backend, "_forward", lambda *a, **k: stores.append(a[5] if len(a) > 5 else k.get("store"))
+                     or kernel_forward(*a, **k))
+    case = make_case(random_lengths(4, 19, seed=21), 14, 57, bias=True, seed=22)
+    options = {"bias": True, "softcap": 6.0}
+    ref_case = case.float64()
+    ref, _ = naive_linear_spin_loss(ref_case.hidden, ref_case.weight, case.targets, case.cu_seqlens,
+                                    ref_case.ref_logps, beta=0.3, **_naive_kwargs(ref_case, options))
+    _check_against_reference(case, _spin_loss(case, backend, options), ref_case, ref, 2e-5, 6e-5)
+    assert stores and all((s is not None) == (logits == "keep") for s in stores)
+
+
+def test_bad_rule_override_names_the_variable(rule_env):
+    for bad in ("mkl:keep", "onednn", "blas:keep:lots"):
+        rule_env.setenv(cpu_rule_mod.ENV_RULE, bad)
+        with pytest.raises(ValueError, match=f"SPIN_KERNELS_CPU_RULE='{bad}'"):
+            CpuFused().gemm
+    rule_env.setenv(cpu_rule_mod.ENV_RULE, "blas:keep:96M")
+    assert CpuFused().store_bytes == 96 * 2**20
+
+
+def test_the_measured_rule_is_cached_and_reused(rule_env):
+    """Measured once per key, written to the cache, read back by later processes (here: an
+    emptied memo), measured again only when asked (``measure``), for another thread count, or
+    when the file is unreadable."""
+    calls = []
+
+    def fake_measure(key):
+        calls.append(key["threads"])
+        return cpu_rule_mod.CpuRule("blas", len(calls) % 2 == 1, 123 << 20, "measured", key, {"n": len(calls)})
+
+    rule_env.setattr(cpu_rule_mod, "measure_rule", fake_measure)
+    first = cpu_rule_mod.cpu_rule(2)
+    assert (first.source, first.gemm, first.keep_logits, first.store_budget) == ("measured", "blas", True, 123 << 20)
+    assert first.path and os.path.exists(first.path) and calls == [2]
+    rule_env.setattr(cpu_rule_mod, "_RULES", {})  # a new process
+    again = cpu_rule_mod.cpu_rule(2)
+    assert (again.source, again.keep_logits, again.measurements) == ("cache", True, {"n": 1}) and calls == [2]
+    assert cpu_rule_mod.cpu_rule(1).source == "measured" and calls == [2, 1]  # another key
+    rule_env.setenv(cpu_rule_mod.ENV_RULE, "measure")
+    assert cpu_rule_mod.cpu_rule(2).keep_logits is True and calls == [2, 1, 2]  # measured anew (3rd call: keep)
+    rule_env.setenv(cpu_rule_mod.ENV_RULE, "auto")
+    rule_env.setattr(cpu_rule_mod, "_RULES", {})
+    with open(first.path, "w") as fh:
+        fh.write("{not json")
+    assert cpu_rule_mod.cpu_rule(2).source == "measured" and calls == [2, 1, 2, 2]
+
+
+def test_the_measurement_picks_the_faster_candidates(rule_env):
+    """The real probe, shrunk: it times every engine this torch has and keep vs recompute, and
+    the rule is the faster of each (by the minimum of the alternated repeats)."""
+    for name, value in (("PROBE_ROWS", 64), ("PROBE_HIDDEN", 32), ("PROBE_VOCAB", 256)):
+        rule_env.setattr(cpu_rule_mod, name, value)
+    rule = cpu_rule_mod.measure_rule(cpu_rule_mod.machine_key())
+    forward, spin = rule.measurements["forward_s"], rule.measurements["spin_fwd_bwd_s"]
+    assert set(forward) == ({"onednn", "blas"} if cpu_backend.default_gemm() == "onednn" else {"blas"})
+    assert all(len(t) == cpu_rule_mod.PROBE_REPEATS and min(t) > 0 for t in [*forward.values(), *spin.values()])
+    assert min(forward[rule.gemm]) == min(min(t) for t in forward.values())
+    assert rule.keep_logits == (min(spin["keep"]) <= min(spin["recompute"]))
+
+
+def test_kept_logits_cost_the_largest_pair_not_the_budget():
+    """cpu-small (4 pairs of 768 counted rows, V 32,000, row blocks of 512): each pair's logits
+    are kept on their own, 93.75 MiB, well inside the 256 MiB budget; small pairs are grouped to
+    at least two row blocks; a pair over the budget is recomputed."""
+    from spin_kernels.ops.backends.cpu_backend import store_rows_for
+
+    budget = cpu_rule_mod.DEFAULT_STORE_BUDGET
+    rows = store_rows_for([768] * 4, budget, 32000, 512)
+    assert rows == 1024 and pair_groups([0, 768, 1536, 2304, 3072], rows) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert 768 * 32000 * 4 == 93.75 * 2**20
+    assert store_rows_for([40] * 10, budget, 32000, 512) == 1024  # ~25 pairs per group
+    assert store_rows_for([3000, 40], budget, 128256, 512) == 523  # 256 MiB / (4 B * 128256): the 40 only
+    assert store_rows_for([3000], budget, 128256, 512) == 0
+    assert store_rows_for([768], 0, 32000, 512) == 0

@@ -186,6 +186,75 @@ def test_generation_is_seeded_batched_and_resumable(tmp_path):
     assert [r["synthetic"] for r in other] != [r["synthetic"] for r in full]
 
 
+@pytest.mark.parametrize("settings", [
+    {"generation_seeding": "example", "generation_order": "length", "generation_token_budget": 50},
+    {"backend": "continuous", "generation_order": "length", "generation_batch_size": 3, "generation_chunk_size": 4},
+], ids=["sorted-budget", "continuous"])
+def test_sorted_and_continuous_generation_resume_to_the_uninterrupted_rows(tmp_path, settings):
+    """Per-example seeds: sorted, token-budgeted and continuously batched generation sample the
+    same rows as plain batches in file order, an interrupted file resumes to exactly the rows of
+    an uninterrupted run, and rows made under other batching settings are sampled again."""
+    from transformers import AutoModelForCausalLM
+
+    from spin_kernels.training.generation import generate_synthetic, plan_generation
+
+    path = save_tiny_model(str(tmp_path / "m"))
+    model, tok = AutoModelForCausalLM.from_pretrained(path), demo_tokenizer()
+    records = [dict(r, index=i) for i, r in enumerate(MarkovTask().sample(10, seed=1))]
+    records[3]["prompt"] = records[3]["prompt"] * 3  # prompts of different token lengths
+    kwargs = dict(max_prompt_length=8, seed=7, model_path=path)
+    cfg = GenerationConfig(max_new_tokens=6, **{"generation_batch_size": 4, **settings})
+    plan = plan_generation(records, str(tmp_path / "x.jsonl"), cfg, tokenizer=tok, max_prompt_length=8, seed=7,
+                           model_path=path)
+    assert plan.batches[0][0]["index"] == 3 and len(plan.batches) > 2  # the longest prompt first; several batches
+    full = generate_synthetic(model, tok, records, cfg, str(tmp_path / "a.jsonl"), **kwargs)
+    assert [r["index"] for r in full] == list(range(10))
+    assert any(r["finished"] for r in full) and any(r["synthetic_tokens"] for r in full)
+    plain = generate_synthetic(model, tok, records, GenerationConfig(max_new_tokens=6, generation_batch_size=4,
+                                                                     generation_seeding="example"),
+                               str(tmp_path / "plain.jsonl"), **kwargs)
+    assert [(r["synthetic"], r["finished"]) for r in full] == [(r["synthetic"], r["finished"]) for r in plain]
+
+    lines = (tmp_path / "a.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "b.jsonl").write_text("".join(lines[:2] + lines[5:7]) + lines[7][:9])
+    resumed = generate_synthetic(model, tok, records, cfg, str(tmp_path / "b.jsonl"), **kwargs)
+    assert resumed == full
+    assert (tmp_path / "b.jsonl").read_text() == (tmp_path / "a.jsonl").read_text()
+
+    # The plain run's rows are the same text, but from other batching settings: not reused.
+    (tmp_path / "c.jsonl").write_text((tmp_path / "plain.jsonl").read_text())
+    again = plan_generation(records, str(tmp_path / "c.jsonl"), cfg, tokenizer=tok, max_prompt_length=8, seed=7,
+                            model_path=path)
+    assert len(again.dropped) == 10 and "sampling was" in again.dropped[0][1]
+
+
+def test_default_generation_settings_record_what_they_always_did():
+    """Rows written before the batching options existed stay current under the defaults."""
+    from spin_kernels.training.provenance import sampling_settings
+
+    assert sampling_settings(GenerationConfig(), 7) == {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 256,
+                                                        "seed": 7, "batch_size": 16, "backend": "hf"}
+    with pytest.raises(ConfigError, match="generation.generation_seeding: 'batch' needs backend 'hf'"):
+        GenerationConfig(backend="continuous", generation_seeding="batch")
+
+
+def test_prompt_batches_sort_by_length_and_respect_the_token_budget():
+    from spin_kernels.training.generation import prompt_batches
+
+    records = [{"index": i} for i in range(6)]
+    lengths = {0: 3, 1: 9, 2: 1, 3: 9, 4: 5, 5: 2}
+    cfg = GenerationConfig(max_new_tokens=1, generation_batch_size=3, generation_order="length",
+                           generation_token_budget=21)
+    batches = [[r["index"] for r in b] for b in prompt_batches(records, lengths, cfg)]
+    assert batches == [[1, 3], [4, 0, 5], [2]]  # 2 x (9 + 1) <= 21 < 3 x 10; 3 x (5 + 1); longest first
+    plain = GenerationConfig(generation_batch_size=4)
+    assert [[r["index"] for r in b] for b in prompt_batches(records, None, plain)] == [[0, 1, 2, 3], [4, 5]]
+    chunks = GenerationConfig(backend="continuous", generation_batch_size=2, generation_chunk_size=4)
+    assert [[r["index"] for r in b] for b in prompt_batches(records, None, chunks)] == [[0, 1, 2, 3], [4, 5]]
+    with pytest.raises(ValueError, match="need the prompt lengths"):
+        prompt_batches(records, None, cfg)
+
+
 # --------------------------------------------------------------------------- schedule and checkpoints
 
 

@@ -289,3 +289,23 @@ def test_lora_two_processes_kill_resume_and_merge(setup):
     examples = to_examples(demo_tokenizer(), pairs, DataConfig(max_length=40, max_prompt_length=8))
     ref = reference_logps(pack_batch(examples), ref_model=frozen, impl="torch")
     assert ref.tolist() == pytest.approx([v for p in pairs for v in p["ref_logps"]], rel=RTOL)
+
+
+def test_continuous_generation_under_two_processes_writes_the_one_process_rows(setup):
+    """--backend continuous, prompts sorted by length, 5 chunks of 5 dealt to 2 ranks (the last
+    round a padding repeat): the ranks step together until both are done (every forward all-
+    gathers the layers) and write the rows one process writes."""
+    tmp, args, env = setup
+    at = {a: args[args.index(a) + 1] for a in ("--model", "--data")}
+    gen = ["generate", "--model", at["--model"], "--data", at["--data"], "--device", "cpu", "--max-length", "40",
+           "--max-prompt-length", "8", "--max-new-tokens", "12", "--backend", "continuous", "--generation-order",
+           "length", "--generation-batch-size", "2", "--generation-chunk-size", "5"]
+    one, two = tmp / "continuous-1.jsonl", tmp / "continuous-2.jsonl"
+    assert main([*gen, "--output", str(one)]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+           "-m", "spin_kernels.cli", *gen, "--output", str(two)]
+    res = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = _jsonl(one)
+    assert [r["index"] for r in rows] == list(range(25)) and rows[0]["source"]["sampling"]["backend"] == "continuous"
+    assert two.read_text() == one.read_text()

@@ -11,11 +11,14 @@ import torch
 from spin_kernels.packing import tokenize_prompt, tokenize_response
 
 
-def _padded(tokenizer, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _padded(tokenizer, rows: list[dict], max_prompt_length: int = 64,
+            max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     seqs, labels = [], []
     for r in rows:
-        p = tokenize_prompt(tokenizer, r["prompt"], max_prompt_length=64)
+        p = tokenize_prompt(tokenizer, r["prompt"], max_prompt_length=max_prompt_length)
         y = tokenize_response(tokenizer, r["real"])
+        if max_length is not None:  # a cut response loses its EOS, as in tokenize_example
+            y = y[:max(0, max_length - len(p))]
         seqs.append(p + y)
         labels.append([-100] * len(p) + y)
     width = max(len(s) for s in seqs)
@@ -28,9 +31,11 @@ def _padded(tokenizer, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def sft_train(model, tokenizer, rows: list[dict], *, steps: int, batch_size: int, lr: float, seed: int,
-              warmup_steps: int = 0) -> list[float]:
+              warmup_steps: int = 0, max_prompt_length: int = 64, max_length: int | None = None) -> list[float]:
     """``steps`` AdamW steps of next-token cross-entropy on the responses (mean over response
-    tokens), cycling through seeded permutations of ``rows``; returns the per-step losses."""
+    tokens), cycling through seeded permutations of ``rows``; returns the per-step losses.
+    Prompts keep their last ``max_prompt_length`` tokens; with ``max_length``, responses are cut
+    so that prompt + response fit it."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)))
@@ -41,7 +46,7 @@ def sft_train(model, tokenizer, rows: list[dict], *, steps: int, batch_size: int
         if len(order) < batch_size:
             order += torch.randperm(len(rows), generator=g).tolist()
         idx, order = order[:batch_size], order[batch_size:]
-        ids, mask, lab = _padded(tokenizer, [rows[i] for i in idx])
+        ids, mask, lab = _padded(tokenizer, [rows[i] for i in idx], max_prompt_length, max_length)
         loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
         loss.backward()
         opt.step()

@@ -195,10 +195,41 @@ class GenerationConfig(Section):
     max_new_tokens: int = option(256, "tokens sampled per synthetic response (paper: 256)", check=positive)
     temperature: float = option(1.0, "sampling temperature (paper: 1.0)", check=positive)
     top_p: float = option(1.0, "nucleus sampling top_p (paper: 1.0)", check=probability)
-    generation_batch_size: int = option(16, "prompts per generate() call (left-padded, KV cache)",
-                                        check=positive)
-    generation_seed: int = option(1234, "seed of the sampler (each batch is seeded from it and its position)")
-    backend: Literal["hf", "vllm"] = option("hf", "generation backend: Hugging Face generate or vLLM (if installed)")
+    generation_batch_size: int = option(16, "prompts per batch: per generate() call (hf: left-padded, KV cache), "
+                                        "or running at once (continuous)", check=positive)
+    generation_seed: int = option(1234, "seed of the sampler (each batch, or each example, is seeded from it)")
+    backend: Literal["hf", "continuous", "vllm"] = option(
+        "hf", "generation backend: 'hf' transformers generate() on static batches; 'continuous' continuous "
+        "batching (a finished response's slot takes the next prompt at once; per-example seeds); 'vllm' one vLLM "
+        "engine per stage (if installed; untested)")
+    generation_order: Literal["input", "length"] = option(
+        "input", "prompts into batches in file order, or sorted by prompt length, longest first (rows are written in "
+        "file order either way)")
+    generation_token_budget: int = option(
+        0, "most tokens of one batch, counted as prompts x (longest prompt + max_new_tokens); 0: only "
+        "--generation-batch-size bounds a batch", check=non_negative)
+    generation_seeding: Literal["auto", "batch", "example"] = option(
+        "auto", "'batch': each batch sampled from the seed (seed, batch number), as before; 'example': each prompt from "
+        "its own seed (seed, example index), whatever its batch-mates; 'auto': batch for hf, example for continuous "
+        "and vllm (which cannot do batch)")
+    generation_chunk_size: int = option(
+        0, "continuous: prompts per chunk, the unit that is written and resumed (0: 8 x --generation-batch-size)",
+        check=non_negative)
+
+    def _check_together(self) -> None:
+        if self.generation_seeding == "batch" and self.backend != "hf":
+            raise ConfigError(f"generation.generation_seeding: 'batch' needs backend 'hf'; {self.backend!r} seeds "
+                              f"each example (use 'example' or 'auto')")
+
+    def seeding(self) -> str:
+        """The seeding in force: "batch" or "example" (see generation_seeding)."""
+        if self.generation_seeding == "auto":
+            return "batch" if self.backend == "hf" else "example"
+        return self.generation_seeding
+
+    def chunk_size(self) -> int:
+        """Prompts per resumable chunk of the continuous backend."""
+        return self.generation_chunk_size or 8 * self.generation_batch_size
 
 
 @dataclass

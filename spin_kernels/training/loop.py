@@ -207,7 +207,7 @@ def run_generate(cfg: SpinConfig, output: str) -> list[Record]:
         tokenizer = loader.tokenizer(model_path)
         plan = plan_generation(records, output, cfg.generation, max_prompt_length=cfg.data.max_prompt_length,
                                model_path=model_path, model_label=_label(cfg, model_path),
-                               seed=cfg.generation.generation_seed, on_stale=cfg.data.on_stale)
+                               seed=cfg.generation.generation_seed, on_stale=cfg.data.on_stale, tokenizer=tokenizer)
         model = loader.runner(model_path) if plan.todo else None
         return stage_generate(model, tokenizer, records, cfg, output, seed=cfg.generation.generation_seed,
                               model_path=model_path)
@@ -473,7 +473,7 @@ def _iteration_is_current(cfg: SpinConfig, loader: Loader, t: int, train: list[R
             continue
         plan = plan_generation(records, path, cfg.generation, max_prompt_length=cfg.data.max_prompt_length,
                                model_path=opponent, model_label=_label(cfg, opponent), seed=s,
-                               on_stale=cfg.data.on_stale)
+                               on_stale=cfg.data.on_stale, tokenizer=loader.tokenizer(opponent))
         if plan.todo:
             return False
         rows.append([plan.done[r["index"]] for r in records])

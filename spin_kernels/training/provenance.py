@@ -9,8 +9,8 @@ another opponent, other sampling settings or other length limits. So every row c
   ``example`` a digest of the prompt and the real response, ``opponent`` the model it was
   sampled with (``{path, digest}``: the path is for people, the digest of its weights is what
   is compared), ``sampling`` the settings that decide the sample (temperature, top_p,
-  max_new_tokens, the seed and the batch size that, with the batch number, seed each batch, the
-  backend).
+  max_new_tokens, the seed, how prompts are batched and seeded, the backend:
+  ``sampling_settings``).
 * ``reference`` rows (``pairs.jsonl``): ``reference = {pair, model, max_length,
   max_prompt_length, average_log_prob}``: ``pair`` a digest of prompt, real and synthetic
   response, ``model`` the scoring model as above, and the settings the log-probs depend on.
@@ -69,9 +69,26 @@ def model_stamp(path: str, label: str | None = None) -> dict[str, str]:
 
 
 def sampling_settings(cfg: GenerationConfig, seed: int) -> dict[str, Any]:
-    """The settings that decide a sampled row (with its batch number)."""
-    return {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
-            "seed": seed, "batch_size": cfg.generation_batch_size, "backend": cfg.backend}
+    """The settings that decide a sampled row: the distribution, the seed, how prompts are put
+    into batches (with ``batch`` seeding a row's sample depends on its batch; with ``example``
+    seeding only through the rounding of the logits by the batch shape, still recorded so that
+    rows of two batchings are never mixed) and the backend.
+
+    The batching options are recorded only when they differ from the original scheme (file
+    order, batches of generation_batch_size, batch seeds), so rows written before they existed
+    stay current under the defaults.
+    """
+    settings = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
+                "seed": seed, "batch_size": cfg.generation_batch_size, "backend": cfg.backend}
+    if cfg.generation_order != "input":
+        settings["order"] = cfg.generation_order
+    if cfg.generation_token_budget:
+        settings["token_budget"] = cfg.generation_token_budget
+    if cfg.seeding() != "batch":
+        settings["seeding"] = cfg.seeding()
+    if cfg.backend != "hf":
+        settings["chunk_size"] = cfg.chunk_size()
+    return settings
 
 
 def generation_source(record: dict[str, Any], opponent: dict[str, str], sampling: dict[str, Any],

@@ -3,13 +3,16 @@
 The kernels (``torch.ops.spin_kernels_cpu.rows_forward`` / ``rows_backward``) never hold more
 than a fixed workspace of logits: per thread one [row_tile, vocab_tile] fp32 tile and a
 [row_tile, H] share of dhidden (plus, for bf16/fp16 inputs, an fp32 copy of one weight tile),
-independent of N and V. Matrix products run in oneDNN when this torch exports it (on AMD
-EPYC ~2.2x faster than the wheels' MKL), else in BLAS (``gemm``).
+independent of N and V. Matrix products run in oneDNN or in BLAS (``gemm``).
 
 The SPIN path computes the gradients in the forward pass: a forward over the counted rows, the
-SPIN epilogue, then the gradient pass, which recomputes the logits (8·N·H·V flops, no memory
-beyond the workspace). ``store_bytes`` > 0 trades memory for the 6·N·H·V path: groups of whole
-pairs whose logits fit the store keep them from the forward to the gradient pass.
+SPIN epilogue, then the gradient pass. It either keeps the logits of groups of whole pairs from
+the forward to the gradient pass (6·N·H·V flops; ``store_bytes`` bounds the memory) or
+recomputes them (8·N·H·V, no memory beyond the workspace; ``store_bytes=0``).
+
+By default both choices (the engine and keep vs recompute) come from this machine's measured
+rule (``cpu_rule.py``: measured once, cached on disk, ``SPIN_KERNELS_CPU_RULE`` overrides);
+``CpuFused(gemm=..., store_bytes=...)`` given explicitly overrides the rule.
 
 Importing this module raises ImportError when the extension was not built, which the registry
 records as the reason impl="cpu" is unavailable.
@@ -37,7 +40,6 @@ _OPS = torch.ops.spin_kernels_cpu
 
 DEFAULT_VOCAB_TILE = 512
 DEFAULT_MAX_ROW_TILE = 512
-DEFAULT_STORE_BYTES = 0
 GEMMS = ("auto", "onednn", "blas")
 
 
@@ -49,28 +51,67 @@ def default_row_tile(hidden_size: int) -> int:
 
 
 def default_gemm() -> str:
-    """The engine gemm="auto" uses on this installation: "onednn" or "blas"."""
+    """The engine the C++ kernels use for gemm="auto" (oneDNN when this torch exports it, else
+    "blas"); the Python backend's "auto" means the measured rule's engine (``cpu_rule``)."""
     return _OPS.default_gemm()
 
 
+def store_rows_for(pair_rows: list[int], store_bytes: int, vocab: int, row_tile: int) -> int:
+    """Rows of logits the SPIN path keeps at once (0: recompute every pair).
+
+    Enough for the largest pair that fits ``store_bytes`` alone, and for groups of at least two
+    row blocks (small pairs are grouped so that each block of the kernel still has ``row_tile``
+    rows: the weight is read once per block), never more than ``store_bytes``. The store
+    actually allocated is the largest group formed (``pair_groups``), so keeping costs about the
+    largest pair's logits, not the whole budget.
+    """
+    budget_rows = store_bytes // (4 * vocab)
+    fitting = [n for n in pair_rows if n <= budget_rows]
+    if not fitting:
+        return 0
+    return min(budget_rows, max(max(fitting), 2 * row_tile))
+
+
 class CpuFused(Backend):
-    """The C++ kernels. ``store_bytes`` bounds the SPIN path's kept logits (0: recompute them);
-    ``parts`` (threads sharing the vocabulary; default torch.get_num_threads()), ``row_tile``
-    and ``vocab_tile`` shape the tiling (tests use tiny tiles to exercise every boundary on small
-    shapes); ``gemm`` picks the matrix-product engine: "auto", "onednn" or "blas"."""
+    """The C++ kernels.
+
+    Args:
+        store_bytes: bytes of logits the SPIN path may keep (0: recompute them; None: the
+            measured rule's choice, ``cpu_rule``).
+        parts: threads sharing the vocabulary (default torch.get_num_threads()).
+        row_tile, vocab_tile: the tiling (tests use tiny tiles to exercise every boundary on
+            small shapes).
+        gemm: the matrix-product engine: "onednn", "blas" or "auto" (the measured rule's).
+    """
 
     name = "cpu"
 
-    def __init__(self, store_bytes: int = DEFAULT_STORE_BYTES, parts: int | None = None,
+    def __init__(self, store_bytes: int | None = None, parts: int | None = None,
                  row_tile: int | None = None, vocab_tile: int = DEFAULT_VOCAB_TILE, gemm: str = "auto"):
-        if store_bytes < 0 or (parts is not None and parts < 1) or (row_tile is not None and row_tile < 1) \
-                or vocab_tile < 1:
+        if (store_bytes is not None and store_bytes < 0) or (parts is not None and parts < 1) \
+                or (row_tile is not None and row_tile < 1) or vocab_tile < 1:
             raise ValueError("store_bytes must be >= 0; parts, row_tile and vocab_tile >= 1")
         if gemm not in GEMMS:
             raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
-        self.store_bytes = int(store_bytes)
-        self.parts, self.row_tile, self.vocab_tile, self.gemm = parts, row_tile, int(vocab_tile), gemm
+        self._store_bytes = None if store_bytes is None else int(store_bytes)
+        self.parts, self.row_tile, self.vocab_tile, self._gemm = parts, row_tile, int(vocab_tile), gemm
         self._reference = TorchChunked()  # float64 (gradcheck precision) is the torch path's job
+
+    @property
+    def gemm(self) -> str:
+        """The engine passed to the kernels: the one asked for, or the rule's for "auto"."""
+        return self._gemm if self._gemm != "auto" else self.rule().gemm
+
+    @property
+    def store_bytes(self) -> int:
+        """The SPIN path's logits budget: the one asked for, or the rule's (0 if it recomputes)."""
+        return self._store_bytes if self._store_bytes is not None else self.rule().store_bytes
+
+    def rule(self):
+        """This machine's rule for the current thread count (``cpu_rule.cpu_rule``)."""
+        from .cpu_rule import cpu_rule
+
+        return cpu_rule()
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -139,7 +180,8 @@ class CpuFused(Backend):
         ref = ref_logps.to(f32)
         num_pairs = max(rows.num_seqs // 2, 1)
         pair_offsets = rows.offsets[::2].tolist()  # host copy: the tiling is decided on the host
-        store_rows = self.store_bytes // (4 * vocab)
+        pair_rows = [b - a for a, b in zip(pair_offsets, pair_offsets[1:])]
+        store_rows = store_rows_for(pair_rows, self.store_bytes, vocab, self._tiling(h.shape[1])[1])
         groups = pair_groups(pair_offsets, store_rows) if store_rows else [(0, len(pair_offsets) - 1)]
         kept = [n for n in (pair_offsets[q] - pair_offsets[p] for p, q in groups) if n <= store_rows]
         store = h.new_empty(max(kept) * vocab, dtype=f32) if kept else None
@@ -163,4 +205,4 @@ def make_backend() -> Backend:
     return CpuFused()
 
 
-__all__ = ["CpuFused", "make_backend", "default_row_tile", "default_gemm"]
+__all__ = ["CpuFused", "make_backend", "default_row_tile", "default_gemm", "store_rows_for"]
