@@ -165,14 +165,18 @@ def _run_seed(demo: DemoConfig, cfg: SpinConfig, seed: int, root: str) -> dict[s
     controls = {"SFT lr": AutoModelForCausalLM.from_pretrained(sft_dir),
                 "SPIN lr": AutoModelForCausalLM.from_pretrained(sft_dir)}
 
+    def kls(name: str, model) -> dict[str, float]:
+        """The loop's summary columns of one model: test KL, its standard error, validation KL."""
+        kl, se = _kl(model, tokenizer, task, test)
+        return {f"KL {name}": kl, f"KL {name} se": se, f"val KL {name}": _kl(model, tokenizer, task, val)[0]}
+
     def after_iteration(t: int, model_dir: str, summary: dict[str, Any]) -> dict[str, Any]:
-        out = {"KL SPIN": _kl(model_dir, tokenizer, task, test), "val KL SPIN": _kl(model_dir, tokenizer, task, val)[0]}
+        out = kls("SPIN", model_dir)
         spin_lr = cfg.for_iteration(t).learning_rate
         for name, lr in (("SFT lr", demo.sft_lr), ("SPIN lr", spin_lr)) if demo.controls else ():
             sft_train(controls[name], tokenizer, train, steps=steps_per_iter[t], batch_size=2 * t_cfg.global_batch_pairs,
                       lr=lr, seed=seed + 100 + t, warmup_steps=round(t_cfg.warmup_ratio * steps_per_iter[t]))
-            out["KL SFT-control" + ("" if name == "SFT lr" else " (SPIN lr)")] = sequence_kl(controls[name], tokenizer, task, test)
-            out["val KL SFT-control" + ("" if name == "SFT lr" else " (SPIN lr)")] = sequence_kl(controls[name], tokenizer, task, val)[0]
+            out.update(kls("SFT-control" + ("" if name == "SFT lr" else " (SPIN lr)"), controls[name]))
         return out
 
     spin_cfg = dataclasses.replace(
@@ -187,7 +191,9 @@ def _run_seed(demo: DemoConfig, cfg: SpinConfig, seed: int, root: str) -> dict[s
         rows[0].update({"KL SFT-control": kl0, "KL SFT-control (SPIN lr)": kl0, "val KL SFT-control": val0,
                         "val KL SFT-control (SPIN lr)": val0})
     for s in summaries:
-        rows.append({"iteration": s["iteration"], **{k: s[k] for k in s if k.startswith(("KL", "val KL"))},
+        kl = {k: (s[k], s[f"{k} se"]) if f"{k} se" in s else s[k] for k in s
+              if k.startswith(("KL", "val KL")) and not k.endswith(" se")}  # (mean, se) as for the start
+        rows.append({"iteration": s["iteration"], **kl,
                      "heldout accuracy": s["heldout/accuracy"], "heldout margin": s["heldout/margin"],
                      "loss": s["loss last"], "accuracy": s["accuracy"], "logp real": s["logp real"],
                      "logp synthetic": s["logp synthetic"], "synthetic len": s["synthetic/mean_tokens"]})
