@@ -19,7 +19,8 @@ Cases (``--generation-cases``): ``ultrachat-sft`` (the iteration suite's ~10M-pa
 its short SFT on the UltraChat sample: responses end at varied lengths; 154 prompts),
 ``ultrachat-random`` (the same Llama with random weights: no response ends before
 max_new_tokens, the case where continuous batching has nothing to gain), ``demo`` (the embedded
-demo's 77k-parameter model after its SFT, the demo's 256 prompts: short, varied responses).
+demo's 77k-parameter model after ``DemoConfig.sft_steps`` SFT steps without the demo's early
+stopping, so a little more trained than the demo's start; its 256 prompts: short, varied responses).
 
 Contenders run in alternation, ``repeats`` rounds (default 2), after one warm-up of each on a
 few prompts; a contender's figure is its fastest round (wall and process CPU seconds are both
@@ -56,9 +57,9 @@ def _contenders(batch: int, sorted_batch: int, budget: int, slots: tuple[int, in
 #: the stage does by default, or, for the demo, what the demo runs: batches of 128).
 CASES: dict[str, dict[str, Any]] = {
     "ultrachat-sft": {"max_new_tokens": 256, "max_prompt_length": 256,
-                      "contenders": _contenders(16, 64, 64 * 384, (16, 32))},
+                      "contenders": _contenders(16, 64, 64 * 384, (16, 32, 64))},
     "ultrachat-random": {"max_new_tokens": 64, "max_prompt_length": 256, "prompts": 64,
-                         "contenders": _contenders(16, 64, 64 * 192, (16, 32))},
+                         "contenders": _contenders(16, 64, 64 * 192, (16, 32, 64))},
     "demo": {"max_new_tokens": 24, "max_prompt_length": 8, "contenders": _contenders(128, 256, 256 * 32, (128, 256))},
 }
 REFERENCE = "hf"
@@ -93,8 +94,8 @@ def _random_model(work: Path) -> str:
 
 
 def _demo_model(work: Path):
-    """The demo's starting model (its SFT, as ``spin-kernels demo`` makes it) and its 256 training
-    prompts."""
+    """The demo's model after ``sft_steps`` SFT steps (the demo itself stops earlier, on
+    validation) and its 256 training prompts."""
     from spin_kernels.demo.run import DemoConfig
     from spin_kernels.demo.sft import sft_train
     from spin_kernels.demo.task import MarkovTask

@@ -76,6 +76,38 @@ def test_e2e_shared_prompt_case_writes_its_own_tagged_files(tmp_path):
     assert "| packed-shared |" in (folder / "e2e-shared.md").read_text() and (folder / "e2e-shared.png").exists()
 
 
+def test_iteration_suite_splits_one_small_iteration(tmp_path):
+    folder = _run(tmp_path / "out", "--suite", "iteration", "--work-dir", str(tmp_path / "work"), "--prompts", "6",
+                  "--max-new-tokens", "6", "--sft-steps", "1")
+    record = json.loads((folder / "iteration.json").read_text())
+    assert [c["case"] for c in record["cases"]] == ["before", "after"]
+    for case in record["cases"]:
+        assert case["status"] == "ok", case
+        stages = case["stages"]
+        assert list(stages) == ["generate", "reference", "train", "other"]
+        assert abs(sum(s["share"] for s in stages.values()) - 1) < 1e-9
+        assert stages["generate"]["prompts"] == stages["reference"]["pairs"] == 6
+        assert stages["train"]["steps"] == 1 and stages["train"]["tokens"] == stages["reference"]["tokens"] > 0
+    assert record["cases"][1]["generation"]["backend"] == "continuous"
+    assert "**before → after**" in (folder / "iteration.md").read_text()
+
+
+def test_generation_suite_per_example_contenders_sample_the_same_rows(tmp_path, monkeypatch):
+    from benchmarks import generation
+
+    small = dict(generation.CASES["ultrachat-random"], prompts=6, max_new_tokens=5)
+    monkeypatch.setitem(generation.CASES, "ultrachat-random", small)
+    folder = _run(tmp_path / "out", "--suite", "generation", "--work-dir", str(tmp_path / "work"), "--generation-cases",
+                  "ultrachat-random", "--only", "hf-sorted,continuous")
+    record = json.loads((folder / "generation.json").read_text())
+    by = {c["contender"]: c for c in record["cases"]}
+    assert set(by) == {"hf", "hf-sorted", "continuous-16", "continuous-32", "continuous-64"}
+    assert all(c["status"] == "ok" and c["prompts"] == 6 for c in by.values()), record["cases"]
+    assert len({by[n]["rows_digest"] for n in ("hf-sorted", "continuous-16", "continuous-32", "continuous-64")}) == 1
+    assert by["hf"]["speedup"] == 1.0 and all(c["speedup"] > 0 for c in by.values())
+    assert "| continuous-32 |" in (folder / "generation.md").read_text()
+
+
 def test_cpu_memory_probe_runs_in_a_subprocess():
     probe = cpu_peak_extra("tiny", "naive", "spin_loss", "fwd+bwd", threads=1, timeout_s=120)
     assert probe["status"] == "ok", probe
