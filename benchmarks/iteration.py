@@ -40,7 +40,7 @@ SFT = {"steps": 40, "batch_size": 8, "lr": 1e-3, "warmup_steps": 5, "max_prompt_
 #: The generation options of each case.
 GENERATION: dict[str, dict[str, Any]] = {
     "before": {},
-    "after": {"backend": "continuous", "generation_order": "length", "generation_batch_size": 32},
+    "after": {"backend": "continuous", "generation_order": "length", "generation_batch_size": 64},
 }
 #: The iteration: the paper's sampling (256 new tokens, temperature 1), lengths for a 512-token model.
 SETTINGS = {"data": {"max_length": 512, "max_prompt_length": 256},
