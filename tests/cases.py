@@ -1,7 +1,9 @@
-"""Random packed-batch cases shared by the op tests of every impl."""
+"""Random packed-batch cases shared by the op tests of every impl; a free port for the
+multi-process tests."""
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 
 import torch
@@ -83,3 +85,10 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what
     scale = expected.abs().max().item() if expected.numel() else 0.0
     err = (actual - expected).abs().max().item() if expected.numel() else 0.0
     assert err <= rtol * scale + 1e-12, f"{what}: max error {err:.3e} > {rtol:.1e} x scale {scale:.3e}"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from cases import free_port
 
 WORLD = 2
 STEPS = 4
@@ -292,17 +292,11 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("fsdp2"))
     t0 = time.perf_counter()
-    mp.spawn(_worker, args=(_free_port(), tmp), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), tmp), nprocs=WORLD, join=True)
     print(f"2-rank FSDP2 scenarios took {time.perf_counter() - t0:.1f} s")
     with open(os.path.join(tmp, "report.json")) as f:
         r = json.load(f); print(json.dumps(r, indent=1)); return r
@@ -374,7 +368,7 @@ def test_fsdp_demo_runs_under_torchrun(tmp_path):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "spin_kernels.demo.fsdp", "--out", str(tmp_path / "out"), "--steps", "2", "--prompts", "4"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))

@@ -31,13 +31,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from cases import free_port
 
 WORLD = 2
 V, H = 97, 32
@@ -454,16 +454,10 @@ def _worker(rank: int, port: int, tmp: str, part: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(tmp_path_factory, part: str) -> dict:
     tmp = str(tmp_path_factory.mktemp(f"sharded-{part}"))
     t0 = time.perf_counter()
-    mp.spawn(_worker, args=(_free_port(), tmp, part), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), tmp, part), nprocs=WORLD, join=True)
     print(f"2-rank {part} scenarios took {time.perf_counter() - t0:.1f} s")
     with open(os.path.join(tmp, "report.json")) as f:
         r = json.load(f)
