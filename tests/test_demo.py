@@ -123,14 +123,20 @@ def test_miniature_demo_run(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--output-dir", str(out), "--iterations", "2", "--train-examples", "16", "--eval-examples",
             "40", "--sft-steps", "2", "--hidden-size", "16", "--global-batch-pairs", "8", "--epochs", "1",
-            "--max-new-tokens", "8", "--threads", "1"]
+            "--max-new-tokens", "8", "--threads", "1", "--seeds", "2"]
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     assert [r["iteration"] for r in res["rows"]] == ["SFT start", 0, 1]
-    for r in res["rows"]:
+    assert [s["seed"] for s in res["per_seed"]] == [0, 1] and (out / "seed1" / "spin" / "iter1").is_dir()
+    for i, r in enumerate(res["rows"]):
         assert r["KL SPIN"] > 0 and r["KL SFT-control"] > 0 and math.isfinite(r["KL SPIN se"])
+        for key in ("KL SPIN", "KL SFT-control", "KL SFT-control (SPIN lr)"):  # means of the seeds' own changes
+            changes = [s["rows"][i][key][0] - s["rows"][0][key][0] for s in res["per_seed"]]
+            assert r[f"Δ {key}"] == pytest.approx(sum(changes) / 2)
+            assert r[key] == pytest.approx(sum(s["rows"][i][key][0] for s in res["per_seed"]) / 2)
+    assert res["rows"][0]["Δ KL SPIN"] == 0.0
     text = (out / "results.md").read_text()
     assert "KL SPIN" in text and "| SFT start |" in text
     assert "KL SFT-control" in capsys.readouterr().out
-    assert (out / "spin" / "iter1" / "metrics.png").exists()
+    assert (out / "seed0" / "spin" / "iter1" / "metrics.png").exists()
     assert main(argv) == 0  # a previous demo run in the same directory is replaced, not an error

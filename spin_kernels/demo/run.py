@@ -53,7 +53,7 @@ class DemoConfig(Section):
     stop_prob: float = option(0.1, "EOS probability in every state (mean response length ~ 1/stop_prob - 1)")
     max_len: int = option(16, "letters after which EOS is forced")
     task_seed: int = option(0, "seed of the (first) task: its chains, samples and model")
-    seeds: int = option(1, "task seeds to run (task_seed, task_seed + 1, ...): means and standard errors across "
+    seeds: int = option(3, "task seeds to run (task_seed, task_seed + 1, ...): means and standard errors across "
                         "them", check=at_least_one)
     train_examples: int = option(256, "SPIN training pairs (prompt, real response); the SFT data too")
     val_examples: int = option(512, "validation samples: SFT early stopping, the loop's held-out pairs, settings")
@@ -204,7 +204,10 @@ def _run_seed(demo: DemoConfig, cfg: SpinConfig, seed: int, root: str) -> dict[s
 
 def _aggregate(per_seed: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per iteration: with one seed its values (KL ± standard error over the test
-    samples); with several, the mean and the standard error across seeds."""
+    samples); with several, the mean and the standard error across seeds. ``Δ KL …``: the change
+    from each seed's own SFT start, averaged over the seeds (the starts differ between tasks, so
+    the paired change is what the seeds agree or disagree on), with its standard error across
+    seeds (none for one seed)."""
     out = []
     for i, row in enumerate(per_seed[0]["rows"]):
         agg: dict[str, Any] = {"iteration": row["iteration"]}
@@ -216,6 +219,9 @@ def _aggregate(per_seed: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 means = [v[0] for v in values]
                 agg[key] = sum(means) / len(means)
                 agg[f"{key} se"] = values[0][1] if len(values) == 1 else _se(means)
+                changes = [s["rows"][i][key][0] - s["rows"][0][key][0] for s in per_seed if i < len(s["rows"])]
+                agg[f"Δ {key}"] = sum(changes) / len(changes)
+                agg[f"Δ {key} se"] = _se(changes) if len(changes) > 1 else None
             else:
                 agg[key] = sum(values) / len(values)
         out.append(agg)
@@ -228,9 +234,9 @@ def _se(values: list[float]) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
-COLUMNS = ["iteration", "KL SPIN", "KL SPIN se", "KL SFT-control", "KL SFT-control se",
-           "KL SFT-control (SPIN lr)", "KL SFT-control (SPIN lr) se", "heldout accuracy", "loss", "accuracy", "logp real",
-           "logp synthetic", "synthetic len"]
+COLUMNS = ["iteration", "KL SPIN", "KL SPIN se", "Δ KL SPIN", "Δ KL SPIN se", "KL SFT-control", "Δ KL SFT-control",
+           "KL SFT-control (SPIN lr)", "Δ KL SFT-control (SPIN lr)", "Δ KL SFT-control (SPIN lr) se",
+           "heldout accuracy", "loss", "accuracy", "logp real", "logp synthetic", "synthetic len"]
 
 
 def write_results(root: str, rows: list[dict[str, Any]], per_seed: list[dict[str, Any]], demo: DemoConfig,
@@ -246,7 +252,9 @@ def write_results(root: str, rows: list[dict[str, Any]], per_seed: list[dict[str
     entropy = sum(s["entropy"] for s in per_seed) / n
     text = (f"# spin-kernels demo: does SPIN help? (task seeds {[s['seed'] for s in per_seed]})\n\n"
             f"KL(p_data || p_theta) in nats per sequence on {demo.eval_examples} test samples per seed (exact "
-            f"per-token KLs summed along each sample, averaged; se = {se}); p_data entropy {entropy:.3f} "
+            f"per-token KLs summed along each sample, averaged; se = {se}); Δ KL: the change from each seed's "
+            f"SFT start" + (", mean over the seeds (se across them)" if n > 1 else "") + f"; p_data entropy "
+            f"{entropy:.3f} "
             f"nats/sequence. Start: SFT on {demo.train_examples} pairs, early-stopped on {demo.val_examples} "
             f"validation samples ({sft}). SPIN: {t.optimizer} lr {t.learning_rate}, beta {t.beta}, {t.epochs} "
             f"epochs/iteration, {t.global_batch_pairs} pairs/step; held-out accuracy on {demo.heldout_pairs} "

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     # The test KL is not looked at here (a handful of samples keeps it cheap), nor the controls.
-    demo = DemoConfig(task_seed=args.task_seed, threads=args.threads, eval_examples=16, controls=False)
+    demo = DemoConfig(task_seed=args.task_seed, seeds=1, threads=args.threads, eval_examples=16, controls=False)
     rows = []
     shared_sft = None
     for opt, lr, beta in itertools.product(*GRID.values()):
