@@ -92,3 +92,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def traceable_examples(spec, ref=False):
+    """SpinExamples from ``spec`` = [(prompt, real, synthetic) lengths], every token id distinct
+    (so each token is traceable through a packed batch); indices 100, 101, ...; with ``ref``,
+    ref_logps (-1 - p, -2 - p)."""
+    from spin_kernels.packing import SpinExample
+
+    out, token = [], 0
+    for p, (lp, lr, ls) in enumerate(spec):
+        ids = list(range(token, token + lp + lr + ls))
+        token += lp + lr + ls
+        out.append(SpinExample(ids[:lp], ids[lp:lp + lr], ids[lp + lr:], index=100 + p,
+                               ref_logps=(-1.0 - p, -2.0 - p) if ref else None))
+    return out

@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
+from cases import traceable_examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -111,20 +112,10 @@ def test_truncation_rules(row, max_prompt, extra):
 lengths = st.tuples(st.integers(0, 12), st.integers(1, 12), st.integers(1, 12))
 
 
-def _examples(spec, ref=False):
-    out, token = [], 0
-    for p, (lp, lr, ls) in enumerate(spec):
-        ids = list(range(token, token + lp + lr + ls))  # distinct ids: every token is traceable
-        token += lp + lr + ls
-        out.append(SpinExample(ids[:lp], ids[lp:lp + lr], ids[lp + lr:], index=100 + p,
-                               ref_logps=(-1.0 - p, -2.0 - p) if ref else None))
-    return out
-
-
 @FAST
 @given(spec=st.lists(lengths, min_size=1, max_size=6), ref=st.booleans())
 def test_pack_batch_layout(spec, ref):
-    examples = _examples(spec, ref)
+    examples = traceable_examples(spec, ref)
     b = pack_batch(examples)
     assert b.num_pairs == len(examples) and b.num_sequences == 2 * len(examples)
     assert b.cu_seqlens.dtype == torch.int32 and b.input_ids.dtype == torch.int64
@@ -154,7 +145,7 @@ def test_pack_batch_layout(spec, ref):
 
 
 def test_pack_batch_errors_and_moves():
-    examples = _examples([(2, 3, 4), (1, 1, 1)], ref=True)
+    examples = traceable_examples([(2, 3, 4), (1, 1, 1)], ref=True)
     b = pack_batch(examples)
     moved = b.to("cpu")
     assert isinstance(moved, PackedBatch) and torch.equal(moved.input_ids, b.input_ids)
@@ -187,7 +178,7 @@ def _plan_tokens(plan, examples):
 @given(spec=st.lists(pair_lengths, min_size=0, max_size=60), budget=st.integers(40, 600),
        num_ranks=st.integers(1, 4), seed=st.integers(0, 3), shuffle=st.booleans())
 def test_packer_properties(spec, budget, num_ranks, seed, shuffle):
-    examples = _examples(spec)
+    examples = traceable_examples(spec)
     plan = plan_micro_batches(examples, budget, num_ranks=num_ranks, seed=seed, shuffle=shuffle)
     assert len(plan.micro_batches) == num_ranks
     assert len({len(rank) for rank in plan.micro_batches}) == 1  # same number of steps on every rank
@@ -219,7 +210,7 @@ def test_packer_properties(spec, budget, num_ranks, seed, shuffle):
 
 
 def test_fewer_pairs_than_ranks_get_empty_micro_batches():
-    examples = _examples([(1, 2, 3), (2, 2, 2), (3, 3, 3)])
+    examples = traceable_examples([(1, 2, 3), (2, 2, 2), (3, 3, 3)])
     plan = plan_micro_batches(examples, 1000, num_ranks=4)
     assert plan.num_steps == 1 and plan.stats.num_empty == 1
     assert sorted(len(rank[0]) for rank in plan.micro_batches) == [0, 1, 1, 1]
@@ -231,15 +222,15 @@ def test_fewer_pairs_than_ranks_get_empty_micro_batches():
 
 def test_packer_argument_errors():
     with pytest.raises(ValueError, match="token_budget"):
-        plan_micro_batches(_examples([(1, 1, 1)]), 0)
+        plan_micro_batches(traceable_examples([(1, 1, 1)]), 0)
     with pytest.raises(ValueError, match="num_ranks"):
-        plan_micro_batches(_examples([(1, 1, 1)]), 10, num_ranks=0)
+        plan_micro_batches(traceable_examples([(1, 1, 1)]), 10, num_ranks=0)
     with pytest.raises(TypeError, match="SpinExample"):
         plan_micro_batches([(1, 1, 1)], 10)
 
 
 def test_seed_changes_order_not_quality():
-    examples = _examples([(i % 7, 1 + i % 13, 1 + (5 * i) % 17) for i in range(80)])
+    examples = traceable_examples([(i % 7, 1 + i % 13, 1 + (5 * i) % 17) for i in range(80)])
     a = plan_micro_batches(examples, 200, seed=0)
     b = plan_micro_batches(examples, 200, seed=1)
     assert a.micro_batches != b.micro_batches

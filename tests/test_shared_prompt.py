@@ -14,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from cases import assert_close
+from cases import assert_close, traceable_examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_models_packed import DEFAULT_RTOL, RTOL, VOCAB, _lora_policy, make_model, param_grads
@@ -56,16 +56,6 @@ def default_to_shared(examples) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.int64)
 
 
-def _examples(spec, ref=False):
-    out, token = [], 0
-    for p, (lp, lr, ls) in enumerate(spec):
-        ids = list(range(token, token + lp + lr + ls))  # distinct ids: every token is traceable
-        token += lp + lr + ls
-        out.append(SpinExample(ids[:lp], ids[lp:lp + lr], ids[lp + lr:], index=100 + p,
-                               ref_logps=(-1.0 - p, -2.0 - p) if ref else None))
-    return out
-
-
 def edge_examples(seed: int = 1) -> list[SpinExample]:
     """Random pairs plus the edge cases: single-token responses, a one-token prompt, no prompt."""
     g = torch.Generator().manual_seed(seed)
@@ -98,7 +88,7 @@ def test_shared_layout_by_hand():
 @given(spec=st.lists(st.tuples(st.integers(0, 12), st.integers(1, 12), st.integers(1, 12)), min_size=1, max_size=6),
        ref=st.booleans())
 def test_shared_layout_stands_for_the_default_one(spec, ref):
-    examples = _examples(spec, ref)
+    examples = traceable_examples(spec, ref)
     d, s = pack_batch(examples), pack_batch(examples, share_prompt=True)
     rows = default_to_shared(examples)
     assert rows.shape[0] == d.num_tokens and set(rows.tolist()) == set(range(s.num_tokens))  # every row stands for one
@@ -133,7 +123,7 @@ def test_shared_layout_errors():
 
 
 def test_planner_costs_the_shared_layout():
-    examples = _examples([(30, 5, 5)] * 4)  # 70 tokens as two sequences, 41 shared
+    examples = traceable_examples([(30, 5, 5)] * 4)  # 70 tokens as two sequences, 41 shared
     default = plan_micro_batches(examples, 140, shuffle=False)
     shared = plan_micro_batches(examples, 140, shuffle=False, share_prompt=True)
     assert [len(mb) for mb in default.micro_batches[0]] == [2, 2]
