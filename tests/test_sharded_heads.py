@@ -28,6 +28,7 @@ measured to a JSON file and the tests below assert on it:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -95,6 +96,25 @@ def _rel(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
+@contextlib.contextmanager
+def _full_tensor_calls():
+    """Records the shape of every DTensor.full_tensor call (a gather) made inside the block."""
+    from torch.distributed.tensor import DTensor
+
+    seen: list[tuple[int, ...]] = []
+    original = DTensor.full_tensor
+
+    def recording(self, *a, **k):
+        seen.append(tuple(self.shape))
+        return original(self, *a, **k)
+
+    DTensor.full_tensor = recording
+    try:
+        yield seen
+    finally:
+        DTensor.full_tensor = original
+
+
 def _gathered_ops(rank: int) -> dict:
     from torch import nn
     from torch.distributed.fsdp import fully_shard
@@ -102,50 +122,39 @@ def _gathered_ops(rank: int) -> dict:
 
     from spin_kernels.distributed import gathered
 
-    calls = {"full_tensor": 0}
-    original = DTensor.full_tensor
-
-    def counting(self, *a, **k):
-        calls["full_tensor"] += 1
-        return original(self, *a, **k)
-
-    DTensor.full_tensor = counting
     report = {}
-    try:
-        for dtype in (torch.float64, torch.float32):
-            for op in ("spin", "logprobs"):
-                torch.manual_seed(0)
-                head = nn.Linear(H, V, bias=True).to(dtype)
-                w0, b0 = head.weight.detach().clone(), head.bias.detach().clone()
-                want = _unsharded(op, w0, b0, dtype)
-                fully_shard(head)
-                rows = _rank_rows(rank, dtype)
-                hidden = rows[0].clone().requires_grad_(True)
-                calls["full_tensor"] = 0
+    for dtype in (torch.float64, torch.float32):
+        for op in ("spin", "logprobs"):
+            torch.manual_seed(0)
+            head = nn.Linear(H, V, bias=True).to(dtype)
+            w0, b0 = head.weight.detach().clone(), head.bias.detach().clone()
+            want = _unsharded(op, w0, b0, dtype)
+            fully_shard(head)
+            rows = _rank_rows(rank, dtype)
+            hidden = rows[0].clone().requires_grad_(True)
+            with _full_tensor_calls() as seen:
                 with gathered(head.weight, head.bias) as (w, b):
                     assert not isinstance(w, DTensor) and w.shape == (V, H)
                     loss = _loss(op, hidden, w, b, rows)
-                forward_gathers = calls["full_tensor"]
+                forward_gathers = len(seen)
                 loss.backward()
-                backward_gathers = calls["full_tensor"] - forward_gathers
-                dw, db = head.weight.grad, head.bias.grad
-                key = f"{op}-{str(dtype)[6:]}"
-                report[key] = {
-                    "loss": _rel(loss.detach(), want["loss"][rank]),
-                    "dh": _rel(hidden.grad, want["dh"][rank]),
-                    "dw": _rel(dw.full_tensor(), want["dw"]),
-                    "db": _rel(db.full_tensor(), want["db"]),
-                    "grad_placements": [str(dw.placements), str(db.placements)],
-                    "local_rows": dw.to_local().shape[0],
-                    "forward_gathers": forward_gathers, "backward_gathers": backward_gathers,
-                }
-                # One SGD step on the sharded head equals the step with the mean gradient.
-                torch.optim.SGD(head.parameters(), lr=0.5).step()
-                report[key]["step"] = max(_rel(head.weight.full_tensor(), w0 - 0.5 * want["dw"]),
-                                          _rel(head.bias.full_tensor(), b0 - 0.5 * want["db"]))
-                report[key]["moved"] = float((head.weight.full_tensor() - w0).abs().max())
-    finally:
-        DTensor.full_tensor = original
+                backward_gathers = len(seen) - forward_gathers
+            dw, db = head.weight.grad, head.bias.grad
+            key = f"{op}-{str(dtype)[6:]}"
+            report[key] = {
+                "loss": _rel(loss.detach(), want["loss"][rank]),
+                "dh": _rel(hidden.grad, want["dh"][rank]),
+                "dw": _rel(dw.full_tensor(), want["dw"]),
+                "db": _rel(db.full_tensor(), want["db"]),
+                "grad_placements": [str(dw.placements), str(db.placements)],
+                "local_rows": dw.to_local().shape[0],
+                "forward_gathers": forward_gathers, "backward_gathers": backward_gathers,
+            }
+            # One SGD step on the sharded head equals the step with the mean gradient.
+            torch.optim.SGD(head.parameters(), lr=0.5).step()
+            report[key]["step"] = max(_rel(head.weight.full_tensor(), w0 - 0.5 * want["dw"]),
+                                      _rel(head.bias.full_tensor(), b0 - 0.5 * want["db"]))
+            report[key]["moved"] = float((head.weight.full_tensor() - w0).abs().max())
     report["layouts"] = _tensor_parallel_layouts(rank)
     report["refused"] = _refused()
     return report
@@ -211,13 +220,6 @@ def _direct_ops(rank: int) -> dict:
 
     from spin_kernels import LinearSPINLoss
 
-    calls = {"full_tensor": 0}
-    original = DTensor.full_tensor
-
-    def counting(self, *a, **k):
-        calls["full_tensor"] += 1
-        return original(self, *a, **k)
-
     report = {}
     # "scaled": each rank weights its loss differently (as a trainer weighting ranks by their share
     # of the pairs does): the mesh average must be of the scaled contributions.
@@ -232,18 +234,15 @@ def _direct_ops(rank: int) -> dict:
             assert isinstance(head.weight, DTensor)
             rows = _rank_rows(rank, dtype)
             hidden = rows[0].clone().requires_grad_(True)
-            DTensor.full_tensor, calls["full_tensor"] = counting, 0
-            try:
+            with _full_tensor_calls() as seen:
                 if op == "module":
                     _, targets, cu, ref, _ = rows
                     loss = LinearSPINLoss(beta=0.5, impl="torch")(hidden, head.weight, targets, cu, ref, head.bias)[0]
                 else:
                     loss = _loss("spin" if op == "scaled" else op, hidden, head.weight, head.bias, rows)
-                forward_gathers = calls["full_tensor"]
+                forward_gathers = len(seen)
                 (loss * scales[rank]).backward()
-                backward_gathers = calls["full_tensor"] - forward_gathers
-            finally:
-                DTensor.full_tensor = original
+                backward_gathers = len(seen) - forward_gathers
             dw, db = head.weight.grad, head.bias.grad
             torch.optim.SGD(head.parameters(), lr=0.5).step()
             report[f"{op}-{str(dtype)[6:]}"] = {
@@ -265,7 +264,6 @@ def _sharded_model_step(rank: int) -> dict:
     mean of the ranks' gradients. The model called through apply_fsdp2's inner module is refused."""
     from test_fsdp2 import _micro_batches, _tiny_model
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
 
     from spin_kernels.distributed import apply_fsdp2
     from spin_kernels.models import packed_spin_loss
@@ -288,19 +286,9 @@ def _sharded_model_step(rank: int) -> dict:
         fully_shard(layer)
     fully_shard(model.lm_head)
     fully_shard(model)
-    seen = []
-    original = DTensor.full_tensor
-
-    def counting(self, *a, **k):
-        seen.append(tuple(self.shape))
-        return original(self, *a, **k)
-
-    DTensor.full_tensor = counting
-    try:
+    with _full_tensor_calls() as seen:
         loss, _ = packed_spin_loss(model, batches[rank], impl="torch")
         loss.backward()
-    finally:
-        DTensor.full_tensor = original
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
     torch.optim.SGD(model.parameters(), lr=lr).step()
     weights = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
