@@ -1,11 +1,15 @@
-"""Memory planner: will a SPIN iteration fit, and what is the cheapest configuration that does.
+"""Memory planner: will a SPIN iteration fit, where is its peak, and what is the cheapest
+configuration that does.
 
     from spin_kernels.memory import plan, recommend
-    print(plan("llama3-70b", num_gpus=8, gpu_memory_gib=80, cpu_offload=True).table())
+    p = plan("llama3-70b", num_gpus=8, gpu_memory_gib=80, cpu_offload=True)
+    print(p.table())          # every moment; the peak and the term that sets it
 """
 
-from .estimate import GiB, Plan, PlanOptions, gpu_counts, plan, recommend
+from .commands import launch_command, trainer_flags
+from .estimate import Plan, Point, gpu_counts, plan, recommend
 from .models import PRESETS, ModelSpec, resolve_model, spec_from_config
+from .options import GiB, PlanOptions
 
 __all__ = [
            "PRESETS",
@@ -13,9 +17,12 @@ __all__ = [
            "ModelSpec",
            "Plan",
            "PlanOptions",
+           "Point",
            "gpu_counts",
+           "launch_command",
            "plan",
            "recommend",
            "resolve_model",
            "spec_from_config",
+           "trainer_flags",
 ]

@@ -1,0 +1,138 @@
+"""The time estimate's method (``spin_kernels.memory.cost``) checked on CPU against the iteration suite.
+
+The iteration suite (``benchmarks/iteration.py``) times the stages of one SPIN iteration of a
+9.4M-parameter Llama on the UltraChat sample (154 prompts). This check estimates the same stages
+with the same FLOP and byte counts the GPU estimates use, from rates of *this* CPU measured here
+beforehand with micro-benchmarks (no stage time enters them):
+
+* ``flops``: a [4096, 384] x [384, 1024] fp32 matrix product (the model's MLP shape), best of 5;
+* ``hbm``: a 256 MiB tensor copy (read + write), best of 5;
+* ``decode_overhead_s``: one decoding step of the model at batch 1 (compute negligible: 19 MFLOP)
+  divided by its layers: the per-layer cost of transformers' ``generate`` on this machine.
+
+Utilisations are 1 (the micro-benchmarks are what this CPU reaches); the estimate is compared with
+the ``before`` case (transformers generate, batches of 16: the trainer's default backend) of an
+iteration-suite result of the same CPU model and thread count when there is one, else with
+whatever result file is given, flagged as another machine.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def _best(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def cpu_rates(model_dir: str | None = None):
+    """DeviceRates of this CPU at torch's current thread count, measured now."""
+    from spin_kernels.memory.cost import DeviceRates
+
+    a, b = torch.randn(4096, 384), torch.randn(384, 1024)
+    flops = 2 * 4096 * 384 * 1024 / _best(lambda: a @ b)
+    src = torch.empty(64 * 2**20)
+    src.fill_(1.0)
+    dst = torch.empty_like(src)
+    bandwidth = 2 * src.numel() * 4 / _best(lambda: dst.copy_(src))
+    overhead = _decode_overhead(model_dir) if model_dir else 0.0
+    return DeviceRates(f"CPU ({torch.get_num_threads()} threads, measured here)", flops, bandwidth, link=float("inf"),
+                       pcie=float("inf"), mfu=1.0, mem_util=1.0, link_util=1.0, decode_overhead_s=overhead)
+
+
+def _decode_overhead(model_dir: str) -> float:
+    """Seconds per layer of one decoding step at batch 1 (transformers' generate, 32 new tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.randint(3, model.config.vocab_size, (1, 64))
+    steps = 32
+
+    def run():
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                           pad_token_id=model.config.eos_token_id)
+
+    return _best(run, 3) / steps / model.config.num_hidden_layers
+
+
+def data_size(info: dict, case: dict):
+    """The iteration's DataSize: the sample's prompts and real responses as the loop tokenised and cut
+    them (mean lengths from the reference stage's tokens), and the measured mean generated length."""
+    from spin_kernels.memory.cost import DataSize
+    from spin_kernels.packing import load_ultrachat_sample, sample_tokenizer
+    from spin_kernels.packing.example import tokenize_prompt
+
+    tok = sample_tokenizer()
+    rows = load_ultrachat_sample()[:info["prompts"]]
+    limit = info["settings"]["data"]["max_prompt_length"]
+    prompt = sum(len(tokenize_prompt(tok, r["prompt"], max_prompt_length=limit)) for r in rows) / len(rows)
+    gen = case["stages"]["generate"]["tokens"] / case["stages"]["generate"]["prompts"]
+    pairs = case["stages"]["reference"]["pairs"]
+    real = case["stages"]["reference"]["tokens"] / pairs - 2 * prompt - gen
+    return DataSize(prompts=pairs, prompt_tokens=prompt, real_tokens=real, generated_tokens=gen,
+                    epochs=info["settings"]["training"]["epochs"],
+                    global_batch_pairs=info["settings"]["training"]["global_batch_pairs"])
+
+
+def iteration_plan(info: dict, case: dict):
+    """The plan of the iteration suite's run: one CPU process, fp32, the C++ loss."""
+    from spin_kernels.memory import plan, spec_from_config
+
+    m = info["model"]
+    spec = spec_from_config({"num_hidden_layers": m["num_hidden_layers"], "hidden_size": m["hidden_size"],
+                             "intermediate_size": m["intermediate_size"], "num_attention_heads": m["num_attention_heads"],
+                             "num_key_value_heads": m["num_key_value_heads"], "vocab_size": 4096,
+                             "tie_word_embeddings": m["tie_word_embeddings"]}, name="iteration-llama")
+    s = info["settings"]
+    return plan(spec, device="cpu", num_gpus=1, fsdp=False, mixed_precision=None, token_budget=s["training"][
+        "token_budget"], max_seqlen=s["data"]["max_length"], prompt_len=s["data"]["max_prompt_length"],
+        max_new_tokens=info["max_new_tokens"], gen_batch=case["generation"]["generation_batch_size"],
+        activation_checkpointing=False, attention="sdpa_loop", loss_impl="cpu", process_gib=0.0)
+
+
+def check(result_path: Path, rates=None) -> dict:
+    """Estimated against measured stage times of the ``before`` case of ``result_path``."""
+    from benchmarks.env import cpu_model
+    from spin_kernels.memory.cost import estimate_time
+
+    record = json.loads(Path(result_path).read_text())
+    case = next(c for c in record["cases"] if c["case"] == "before" and c["status"] == "ok")
+    rates = rates or cpu_rates()
+    est = estimate_time(iteration_plan(record["info"], case), data_size(record["info"], case), rates)
+    measured = {"generation": case["stages"]["generate"]["wall_s"], "reference": case["stages"]["reference"]["wall_s"],
+                "training": case["stages"]["train"]["wall_s"]}
+    stages = {}
+    for s, key in zip(est.stages, measured):
+        stages[key] = {"estimated_s": s.seconds, "measured_s": measured[key], "ratio": s.seconds / measured[key],
+                       "bound": s.bound, "parts": s.parts}
+    same = record["env"]["cpu_model"] == cpu_model() and record["env"]["torch_threads"] == torch.get_num_threads()
+    return {"result": str(result_path), "measured_on": f"{record['env']['cpu_model']}, "
+            f"{record['env']['torch_threads']} threads, {record['created']}", "same_machine": same,
+            "rates": {"flops": rates.flops, "bandwidth": rates.hbm, "decode_overhead_s": rates.decode_overhead_s,
+                      "name": rates.name},
+            "data": {k: getattr(est.data, k) for k in ("prompts", "prompt_tokens", "real_tokens", "generated_tokens",
+                                                       "epochs")}, "stages": stages}
+
+
+def markdown_lines(result: dict) -> list[str]:
+    r = result["rates"]
+    lines = ["", "## Time estimate, checked on CPU against the iteration suite", "",
+             f"Rates measured here: {r['flops'] / 1e9:.0f} GFLOP/s (fp32 GEMM), {r['bandwidth'] / 1e9:.1f} GB/s (copy), "
+             f"{r['decode_overhead_s'] * 1e6:.0f} us per layer and decoding step; compared with "
+             f"`{result['result']}` ({result['measured_on']}; "
+             f"{'this CPU model and thread count' if result['same_machine'] else 'ANOTHER machine: rates do not apply'}).",
+             "", "| stage | estimated | measured | estimated / measured | limit |", "|---|---|---|---|---|"]
+    for name, s in result["stages"].items():
+        lines.append(f"| {name} | {s['estimated_s']:.1f} s | {s['measured_s']:.1f} s | {s['ratio']:.2f} | {s['bound']} |")
+    return lines
