@@ -1,4 +1,5 @@
-"""The runner: ``python -m benchmarks run --suite kernels|e2e|all|iteration|generation|planner --device cpu|cuda [options]``.
+"""The runner: ``python -m benchmarks run --suite SUITE --device cpu|cuda [options]``, SUITE one of kernels, e2e,
+all, iteration, generation, planner.
 
 Writes ``<out>/<device-slug>/<suite>.json`` (environment, settings, every case with every
 repeat), ``<suite>.md`` (the tables) and PNG plots; ``<out>`` defaults to benchmarks/results.

@@ -1,19 +1,22 @@
 """The time estimate's method (``spin_kernels.memory.cost``) checked on CPU against the iteration suite.
 
 The iteration suite (``benchmarks/iteration.py``) times the stages of one SPIN iteration of a
-9.4M-parameter Llama on the UltraChat sample (154 prompts). This check estimates the same stages
-with the same FLOP and byte counts the GPU estimates use, from rates of *this* CPU measured here
-beforehand with micro-benchmarks (no stage time enters them):
+9.4M-parameter Llama on the UltraChat sample. This check estimates the same stages with the same
+FLOP and byte counts the GPU estimates use, from rates of *this* CPU measured here beforehand with
+micro-benchmarks (no stage time enters them):
 
 * ``flops``: a [4096, 384] x [384, 1024] fp32 matrix product (the model's MLP shape), best of 5;
 * ``hbm``: a 256 MiB tensor copy (read + write), best of 5;
 * ``decode_overhead_s``: one decoding step of the model at batch 1 (compute negligible: 19 MFLOP)
   divided by its layers: the per-layer cost of transformers' ``generate`` on this machine.
 
-Utilisations are 1 (the micro-benchmarks are what this CPU reaches); the estimate is compared with
-the ``before`` case (transformers generate, batches of 16: the trainer's default backend) of an
-iteration-suite result of the same CPU model and thread count when there is one, else with
-whatever result file is given, flagged as another machine.
+The machine is shared with other jobs, so time is counted in **process CPU seconds**, for the
+rates (``time.process_time`` around each micro-benchmark) and for the stages (the iteration suite
+records each stage's CPU seconds beside its wall time): a process that waits for the CPU
+accumulates no CPU time. Utilisations are 1 (the micro-benchmarks are what this CPU reaches); the
+estimate is compared with the ``before`` case (transformers generate, batches of 16: the trainer's
+default backend) of an iteration-suite result of the same CPU model and thread count when there is
+one, else with whatever result file is given, flagged as another machine.
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ import torch
 
 
 def _best(fn, repeats: int = 5) -> float:
+    """The smallest process CPU time of ``fn`` over ``repeats`` runs (after one warm-up)."""
     fn()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
     return min(times)
 
 
@@ -46,7 +50,7 @@ def cpu_rates(model_dir: str | None = None):
     dst = torch.empty_like(src)
     bandwidth = 2 * src.numel() * 4 / _best(lambda: dst.copy_(src))
     overhead = _decode_overhead(model_dir) if model_dir else 0.0
-    return DeviceRates(f"CPU ({torch.get_num_threads()} threads, measured here)", flops, bandwidth, link=float("inf"),
+    return DeviceRates(f"CPU ({torch.get_num_threads()} threads, per CPU second)", flops, bandwidth, link=float("inf"),
                        pcie=float("inf"), mfu=1.0, mem_util=1.0, link_util=1.0, decode_overhead_s=overhead)
 
 
@@ -90,10 +94,9 @@ def iteration_plan(info: dict, case: dict):
     from spin_kernels.memory import plan, spec_from_config
 
     m = info["model"]
-    spec = spec_from_config({"num_hidden_layers": m["num_hidden_layers"], "hidden_size": m["hidden_size"],
-                             "intermediate_size": m["intermediate_size"], "num_attention_heads": m["num_attention_heads"],
-                             "num_key_value_heads": m["num_key_value_heads"], "vocab_size": 4096,
-                             "tie_word_embeddings": m["tie_word_embeddings"]}, name="iteration-llama")
+    keys = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+            "tie_word_embeddings")
+    spec = spec_from_config({**{k: m[k] for k in keys}, "vocab_size": 4096}, name="iteration-llama")
     s = info["settings"]
     return plan(spec, device="cpu", num_gpus=1, fsdp=False, mixed_precision=None, token_budget=s["training"][
         "token_budget"], max_seqlen=s["data"]["max_length"], prompt_len=s["data"]["max_prompt_length"],
@@ -110,15 +113,19 @@ def check(result_path: Path, rates=None) -> dict:
     case = next(c for c in record["cases"] if c["case"] == "before" and c["status"] == "ok")
     rates = rates or cpu_rates()
     est = estimate_time(iteration_plan(record["info"], case), data_size(record["info"], case), rates)
-    measured = {"generation": case["stages"]["generate"]["wall_s"], "reference": case["stages"]["reference"]["wall_s"],
-                "training": case["stages"]["train"]["wall_s"]}
+    names = {"generation": "generate", "reference": "reference", "training": "train"}
     stages = {}
-    for s, key in zip(est.stages, measured):
-        stages[key] = {"estimated_s": s.seconds, "measured_s": measured[key], "ratio": s.seconds / measured[key],
+    for s, key in zip(est.stages, names):
+        measured = case["stages"][names[key]]
+        stages[key] = {"estimated_cpu_s": s.seconds, "measured_cpu_s": measured["cpu_s"],
+                       "measured_wall_s": measured["wall_s"], "ratio": s.seconds / measured["cpu_s"],
                        "bound": s.bound, "parts": s.parts}
     same = record["env"]["cpu_model"] == cpu_model() and record["env"]["torch_threads"] == torch.get_num_threads()
+    load = record.get("load_average") or {}
     return {"result": str(result_path), "measured_on": f"{record['env']['cpu_model']}, "
             f"{record['env']['torch_threads']} threads, {record['created']}", "same_machine": same,
+            "load_average": load, "prompts": record["info"]["prompts"], "max_new_tokens": record["info"][
+                "max_new_tokens"],
             "rates": {"flops": rates.flops, "bandwidth": rates.hbm, "decode_overhead_s": rates.decode_overhead_s,
                       "name": rates.name},
             "data": {k: getattr(est.data, k) for k in ("prompts", "prompt_tokens", "real_tokens", "generated_tokens",
@@ -127,12 +134,18 @@ def check(result_path: Path, rates=None) -> dict:
 
 def markdown_lines(result: dict) -> list[str]:
     r = result["rates"]
+    load = result.get("load_average") or {}
     lines = ["", "## Time estimate, checked on CPU against the iteration suite", "",
-             f"Rates measured here: {r['flops'] / 1e9:.0f} GFLOP/s (fp32 GEMM), {r['bandwidth'] / 1e9:.1f} GB/s (copy), "
-             f"{r['decode_overhead_s'] * 1e6:.0f} us per layer and decoding step; compared with "
-             f"`{result['result']}` ({result['measured_on']}; "
-             f"{'this CPU model and thread count' if result['same_machine'] else 'ANOTHER machine: rates do not apply'}).",
-             "", "| stage | estimated | measured | estimated / measured | limit |", "|---|---|---|---|---|"]
+             f"Rates measured here, per process CPU second: {r['flops'] / 1e9:.0f} GFLOP (fp32 GEMM), "
+             f"{r['bandwidth'] / 1e9:.1f} GB (copy), {r['decode_overhead_s'] * 1e6:.0f} us per layer and decoding "
+             f"step; compared with the CPU seconds of each stage in `{result['result']}` ({result['measured_on']}, "
+             f"{result['prompts']} prompts, {result['max_new_tokens']} new tokens; load average "
+             f"{'/'.join(map(str, load.get('start') or []))} at its start on a shared machine; "
+             + ("this CPU model and thread count)." if result["same_machine"] else
+                "ANOTHER machine: rates do not apply)."),
+             "", "| stage | estimated CPU s | measured CPU s (wall) | estimated / measured | limit |",
+             "|---|---|---|---|---|"]
     for name, s in result["stages"].items():
-        lines.append(f"| {name} | {s['estimated_s']:.1f} s | {s['measured_s']:.1f} s | {s['ratio']:.2f} | {s['bound']} |")
+        lines.append(f"| {name} | {s['estimated_cpu_s']:.1f} | {s['measured_cpu_s']:.1f} ({s['measured_wall_s']:.1f}) "
+                     f"| {s['ratio']:.2f} | {s['bound']} |")
     return lines

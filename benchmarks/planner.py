@@ -13,8 +13,8 @@ configuration and per moment; the bound holds when every configuration's peak ra
 Models are small Llamas saved with ``save_pretrained`` (``MODELS``: narrow 4 x 256, vocabulary 8,000;
 wide 2 x 384, vocabulary 32,000, where the embeddings and lm_head are most of the model, as at 70B
 per rank), batches fixed-length pairs (128-token prompt, two 128-token responses) filling the token
-budget exactly (a shared-prompt pair is 385 tokens), 2 micro-batches per optimizer step, 2 steps. Memory is affected by other processes
-far less than time (every figure is this process's own resident set), so configurations run one
+budget exactly (a shared-prompt pair is 385 tokens), 2 micro-batches per optimizer step, 2 steps.
+Memory is affected by other processes far less than time (every figure is this process's own resident set), so configurations run one
 at a time but on a shared machine. QLoRA under FSDP is not measured: the trainer runs a 4-bit base
 in one process only.
 """
@@ -147,7 +147,7 @@ def compare(case: Case, ranks: dict[int, dict]) -> dict:
     peak_measured = max(measured.values())
     return {"case": case.name, "status": "ok", "config": asdict(case), "measured": measured, "predicted": predicted,
             "peak_measured": peak_measured, "peak_predicted": p.train_peak, "ratio": p.train_peak / peak_measured,
-            "peak_moment_measured": max(measured, key=measured.get), "peak": p.peak_summary(),
+            "peak_moment_measured": max(measured, key=measured.get), "peak": p.peak_summary(MOMENTS, 2**20),
             "moment_ratio": {m: predicted[m] / measured[m] if measured[m] else None for m in MOMENTS},
             "baseline_rss": {r: v["baseline_rss"] for r, v in ranks.items()}, "tokens": r0["tokens"],
             "counted_fraction": r0["counted_fraction"], "trainable": r0["trainable"]}
@@ -167,7 +167,8 @@ def run_suite(cases: list[str] | None = None, work_dir: Path | None = None) -> t
             results.append({"case": case.name, "status": "error", "config": asdict(case), "note": str(exc)[-1500:]})
     notes = [f"Bound: predicted / measured within {BOUND[0]:.2f}-{BOUND[1]:.2f} for every configuration's peak.",
              "Measured: peak resident set above the process's baseline (after imports and a warm-up step of the same "
-             "configuration whose model is then dropped), glibc mmap threshold 64 KiB, 1 thread per process; the larger rank.",
+             "configuration whose model is then dropped), glibc mmap threshold 64 KiB, 1 thread per process; the "
+             "larger rank.",
              f"Batches: pairs of a {PROMPT}-token prompt and two {RESPONSE}-token responses filling the token budget, "
              "2 micro-batches per step, 2 optimizer steps; the trainer's model loading, optimizer, micro-batches "
              "and step (train_step), impl auto (the C++ loss, SPIN_KERNELS_CPU_RULE=default)."]
@@ -227,8 +228,8 @@ def markdown(record: dict) -> str:
     if ok:
         lo, hi = min(c["ratio"] for c in ok), max(c["ratio"] for c in ok)
         inside = sum(BOUND[0] <= c["ratio"] <= BOUND[1] for c in ok)
-        lines += ["", f"Peak ratio predicted / measured: {lo:.3f}-{hi:.3f}; {inside} of {len(ok)} configurations within "
-                      f"{BOUND[0]:.2f}-{BOUND[1]:.2f}. Per-moment cells: predicted / measured MiB (ratio)."]
+        lines += ["", f"Peak ratio predicted / measured: {lo:.3f}-{hi:.3f}; {inside} of {len(ok)} configurations "
+                      f"within {BOUND[0]:.2f}-{BOUND[1]:.2f}. Per-moment cells: predicted / measured MiB (ratio)."]
         base = [v for c in ok for v in c["baseline_rss"].values()]
         lines.append(f"Non-tensor memory of a process (its resident set after imports and the warm-up, the baseline "
                      f"above): {min(base) / 2**20:,.0f}-{max(base) / 2**20:,.0f} MiB.")

@@ -1,8 +1,9 @@
 """Random packed-batch cases shared by the op tests of every impl; a free port for the
-multi-process tests."""
+multi-process tests; a tiny model and data for runs of the loop."""
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass, field
 
@@ -107,3 +108,18 @@ def traceable_examples(spec, ref=False):
         out.append(SpinExample(ids[:lp], ids[lp:lp + lr], ids[lp + lr:], index=100 + p,
                                ref_logps=(-1.0 - p, -2.0 - p) if ref else None))
     return out
+
+
+def tiny_model_and_data(folder, pairs: int, seed: int, layers: int = 2) -> tuple[str, str]:
+    """(model directory, data file) of a run on CPU: the demo's random tiny Llama and ``pairs`` rows
+    of its Markov task (prompt, real), written under ``folder``."""
+    import json
+
+    from spin_kernels.demo.task import MarkovTask
+    from spin_kernels.demo.tiny import save_tiny_model
+
+    model = save_tiny_model(os.path.join(folder, "sft"), layers=layers)
+    data = os.path.join(folder, "data.jsonl")
+    with open(data, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in MarkovTask().sample(pairs, seed=seed))
+    return model, data

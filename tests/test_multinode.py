@@ -18,10 +18,7 @@ import sys
 
 import pytest
 import torch
-from cases import free_port
-
-from spin_kernels.demo.task import MarkovTask
-from spin_kernels.demo.tiny import save_tiny_model
+from cases import free_port, tiny_model_and_data
 
 ARGS = ["iterate", "--iterations", "1", "--global-batch-pairs", "8", "--token-budget", "120", "--device", "cpu",
         "--generation-batch-size", "5", "--max-length", "40", "--max-prompt-length", "8", "--max-new-tokens", "12",
@@ -32,11 +29,9 @@ TIMEOUT = 600
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("spin-multinode")
-    model = save_tiny_model(str(tmp / "sft"), layers=2)
-    data = tmp / "data.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in MarkovTask().sample(21, seed=3)))
+    model, data = tiny_model_and_data(tmp, pairs=21, seed=3)
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
-    return tmp, [*ARGS, "--model", model, "--data", str(data)], env
+    return tmp, [*ARGS, "--model", model, "--data", data], env
 
 
 def _launcher(*launch: str) -> list[str]:

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--attention", choices=ATTENTION, default=d.attention)
     ap.add_argument("--loss-impl", choices=LOSS_IMPLS, default=d.loss_impl)
     ap.add_argument("--host-memory", type=float, default=d.host_memory_gib, help="GiB of host memory per node")
+    ap.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node,
+                    help="more GPUs than this: one torchrun per node (c10d rendezvous at HEAD_NODE)")
     ap.add_argument("--no-recommend", action="store_true", help="only the requested configuration")
     ap.add_argument("--data", default="DATA.jsonl", help="data file written into the printed command")
     ap.add_argument("--output-dir", default="runs/spin", help="run directory written into the printed command")
@@ -97,7 +99,7 @@ def options_from_args(args: argparse.Namespace) -> PlanOptions:
         activation_checkpointing=not args.no_activation_checkpointing, share_prompt=args.share_prompt,
         reference_mode=args.reference, gen_batch=args.gen_batch, prompt_len=args.prompt_len,
         max_new_tokens=args.max_new_tokens, attention=args.attention, loss_impl=args.loss_impl,
-        host_memory_gib=args.host_memory)
+        host_memory_gib=args.host_memory, gpus_per_node=args.gpus_per_node)
 
 
 def print_time(p, args: argparse.Namespace) -> None:

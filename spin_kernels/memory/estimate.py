@@ -98,11 +98,12 @@ class Plan:
     def fits(self) -> bool:
         return self.peak <= self.usable and self.host_per_node <= self.options.host_memory_gib * GiB
 
-    def peak_summary(self) -> str:
-        """"<moment> (<where>), <GiB>; set by <term> (<GiB>)"."""
-        p = self.peak_point
+    def peak_summary(self, moments: tuple[str, ...] | None = None, unit: float = GiB) -> str:
+        """"<moment> (<where>), <size>; set by <term> (<size>)" of the largest point (among ``moments``)."""
+        p = max((pt for pt in self.points if moments is None or pt.moment in moments), key=lambda pt: pt.total)
         term, value = p.set_by()
-        return f"{p.moment} ({p.where}), {p.total / GiB:.1f} GiB; set by {term} ({value / GiB:.2f} GiB)"
+        name = "GiB" if unit == GiB else "MiB"
+        return f"{p.moment} ({p.where}), {p.total / unit:.1f} {name}; set by {term} ({value / unit:.2f} {name})"
 
     def table(self) -> str:
         from .render import plan_table
@@ -176,7 +177,7 @@ def _inference_points(m: ModelSpec, o: PlanOptions, base: dict) -> list[Point]:
     one_layer = T.layer_activation_bytes(m, o) * o.token_budget
     reference = Point("reference pass", "one layer of a micro-batch, no grad",
                       {**base, **root, **layers, "activations of one layer (no grad)": one_layer,
-                       "loss logits / workspace": step.loss_transient})
+                       "loss logits / workspace (no grad)": step.loss_no_grad})
     generation = Point("generation", "one generate call", {**base, **root, **layers, **T.generation_terms(m, o)})
     return [reference, generation]
 

@@ -55,7 +55,8 @@ def _cell(c: dict) -> str:
 def markdown(model: str, gpus: list[int], memories: list[float]) -> str:
     rows = cells(model, gpus, memories)
     by = {(c["gpus"], c["memory"], c["mode"]): c for c in rows}
-    lines = ["| GPUs | GPU memory | full fine-tuning | LoRA (rank 16) | QLoRA (NF4, rank 16) |", "|---|---|---|---|---|"]
+    lines = ["| GPUs | GPU memory | full fine-tuning | LoRA (rank 16) | QLoRA (NF4, rank 16) |",
+             "|---|---|---|---|---|"]
     for mem in memories:
         for g in gpus:
             lines.append(f"| {g} | {mem:g} GiB | " + " | ".join(_cell(by[(g, mem, mode)]) for mode in MODES) + " |")

@@ -70,7 +70,7 @@ CPU_RUNTIME_SLACK = 5 * 2**20
 def model_states(m: ModelSpec, o: PlanOptions) -> dict[str, float]:
     """Per-rank bytes of what persists across the iteration: parameters (and NF4 absmax),
     sharded gradients (during a training step only), optimizer states, a frozen reference."""
-    w, tb = o.world, trainable_bytes(o)
+    w, tb, s = o.world, trainable_bytes(o), OPTIMIZER_STATES[o.optimizer]
     t = trainable_params(m, o)
     if o.finetune == "full":
         params = m.num_params * tb / w
@@ -82,7 +82,7 @@ def model_states(m: ModelSpec, o: PlanOptions) -> dict[str, float]:
         "checkpoint pages kept mapped (CPU QLoRA)": cpu_mapped_checkpoint(m, o),
         "CPU runtime slack (heap, caches)": float(CPU_RUNTIME_SLACK) if o.device == "cpu" else 0.0,
         "gradients (sharded)": t * tb / w,
-        f"optimizer states ({o.optimizer}: {OPTIMIZER_STATES[o.optimizer]})": OPTIMIZER_STATES[o.optimizer] * t * tb / w,
+        f"optimizer states ({o.optimizer}: {s})": s * t * tb / w,
         "reference model (frozen, sharded)": m.num_params * o.compute_bytes / w
         if o.reference_mode == "frozen-model" else 0.0,
     }
@@ -235,6 +235,7 @@ class StepMemory:
     loss_transient: float  # logits chunk / store / workspace, during the loss only
     loss_backward: float = 0.0  # the naive loss's logits gradient, at the start of backward
     head_grad: float = 0.0  # dW of the lm_head inside loss_persist (a gradient from then on)
+    loss_no_grad: float = 0.0  # the reference pass's log-probs without gradients: chunk / tiles / workspace
 
 
 def step_memory(m: ModelSpec, o: PlanOptions) -> StepMemory:
@@ -268,25 +269,29 @@ def step_memory(m: ModelSpec, o: PlanOptions) -> StepMemory:
     rows = o.counted_fraction * t
     if o.loss_impl == "naive":
         logits = 4 * m.vocab * rows
-        return StepMemory(saved, layer_forward, backward, scores, logits, 0.0, logits)
+        return StepMemory(saved, layer_forward, backward, scores, logits, 0.0, logits, loss_no_grad=logits)
     head = m.embedding_params if o.finetune == "full" else 0
     if o.loss_impl == "fused":
-        return StepMemory(saved, layer_forward, backward, scores, b * (t * m.hidden + head) + 8 * rows,
-                          float(TRITON_WORKSPACE_BYTES), head_grad=b * head)
+        workspace = float(TRITON_WORKSPACE_BYTES)
+        return StepMemory(saved, layer_forward, backward, scores, b * (t * m.hidden + head) + 8 * rows, workspace,
+                          head_grad=b * head, loss_no_grad=workspace)
     dh_rows = t if o.loss_impl == "cpu" else rows
     persist = 4 * (dh_rows * m.hidden + head) + 8 * rows
     if o.loss_impl == "cpu":
         # The logits store of one group of whole pairs (at least two row tiles), and one thread's
-        # [row tile, vocab tile] logits and [row tile, H] dhidden share per torch thread (one here).
+        # [row tile, vocab tile] logits and [row tile, H] dhidden share per torch thread (one here);
+        # a forward without gradients keeps no store.
         tile = min(CPU_MAX_ROW_TILE, max(64, (1 << 19) // m.hidden))
-        transient = 4 * m.vocab * min(rows, max(o.max_seqlen * 2 * o.counted_fraction, 2 * tile),
-                                      o.loss_chunk_bytes // (4 * m.vocab))
-        transient += 4 * tile * (CPU_VOCAB_TILE + m.hidden)
+        no_grad = 4 * tile * (CPU_VOCAB_TILE + m.hidden)
+        transient = no_grad + 4 * m.vocab * min(rows, max(o.max_seqlen * 2 * o.counted_fraction, 2 * tile),
+                                                o.loss_chunk_bytes // (4 * m.vocab))
     else:
-        transient = min(o.loss_chunk_bytes, 4 * m.vocab * rows)
+        transient = no_grad = min(o.loss_chunk_bytes, 4 * m.vocab * rows)
     if b != 4:
         transient += 4 * m.embedding_params  # the fp32 copy of a low-precision head
-    return StepMemory(saved, layer_forward, backward, scores, persist, transient, head_grad=4 * head)
+        no_grad += 4 * m.embedding_params
+    return StepMemory(saved, layer_forward, backward, scores, persist, transient, head_grad=4 * head,
+                      loss_no_grad=no_grad)
 
 
 # -- generation ----------------------------------------------------------------------------------
