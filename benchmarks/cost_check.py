@@ -5,10 +5,12 @@ The iteration suite (``benchmarks/iteration.py``) times the stages of one SPIN i
 FLOP and byte counts the GPU estimates use, from rates of *this* CPU measured here beforehand with
 micro-benchmarks (no stage time enters them):
 
-* ``flops``: a [4096, 384] x [384, 1024] fp32 matrix product (the model's MLP shape), best of 5;
-* ``hbm``: a 256 MiB tensor copy (read + write), best of 5;
-* ``decode_overhead_s``: one decoding step of the model at batch 1 (compute negligible: 19 MFLOP)
-  divided by its layers: the per-layer cost of transformers' ``generate`` on this machine.
+* ``flops``: a [4096, 384] x [384, 1024] fp32 matrix product (the model's MLP shape), best of 10;
+* ``hbm``: a 256 MiB tensor copy (read + write), best of 10;
+* ``decode_overhead_s``: one decoding step of a random model of the same shape at the run's
+  generation batch (16) after prompts of its prompt limit (256 tokens), divided by its layers, on
+  one thread, best of 5: the per-layer cost of transformers' ``generate`` there (its FLOPs are a
+  few percent of it at this size).
 
 The machine is shared with other jobs, so time is counted in **process CPU seconds**, for the
 rates (``time.process_time`` around each micro-benchmark) and for the stages (the iteration suite
@@ -39,35 +41,46 @@ def _best(fn, repeats: int = 5) -> float:
     return min(times)
 
 
-def cpu_rates(model_dir: str | None = None):
-    """DeviceRates of this CPU at torch's current thread count, measured now."""
+def cpu_rates(model_dir: str | None = None, batch: int = 16, prompt: int = 256):
+    """DeviceRates of this CPU at torch's current thread count, measured now (the decoding step of
+    ``batch`` sequences after ``prompt`` tokens: the generation batch and prompt limit of the run
+    it is compared with)."""
     from spin_kernels.memory.cost import DeviceRates
 
     a, b = torch.randn(4096, 384), torch.randn(384, 1024)
-    flops = 2 * 4096 * 384 * 1024 / _best(lambda: a @ b)
+    flops = 2 * 4096 * 384 * 1024 / _best(lambda: a @ b, 10)
     src = torch.empty(64 * 2**20)
     src.fill_(1.0)
     dst = torch.empty_like(src)
-    bandwidth = 2 * src.numel() * 4 / _best(lambda: dst.copy_(src))
-    overhead = _decode_overhead(model_dir) if model_dir else 0.0
+    bandwidth = 2 * src.numel() * 4 / _best(lambda: dst.copy_(src), 10)
+    overhead = _decode_overhead(model_dir, batch, prompt) if model_dir else 0.0
     return DeviceRates(f"CPU ({torch.get_num_threads()} threads, per CPU second)", flops, bandwidth, link=float("inf"),
                        pcie=float("inf"), mfu=1.0, mem_util=1.0, link_util=1.0, decode_overhead_s=overhead)
 
 
-def _decode_overhead(model_dir: str) -> float:
-    """Seconds per layer of one decoding step at batch 1 (transformers' generate, 32 new tokens)."""
+def _decode_overhead(model_dir: str, batch: int, prompt: int) -> float:
+    """CPU seconds per layer of one decoding step of ``batch`` sequences (transformers' generate from
+    random ``prompt``-token prompts, 32 new tokens, random weights of the model's shape), on one thread: a
+    second thread that spin-waits while the machine is oversubscribed would count CPU time that
+    does no work. At this size the step is small matrix products, the KV cache's copies and the
+    framework's per-op work, not FLOPs: the rate of the step itself."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = torch.randint(3, model.config.vocab_size, (1, 64))
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt))
     steps = 32
 
     def run():
         with torch.no_grad():
-            model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                           pad_token_id=model.config.eos_token_id)
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
+                           do_sample=True, pad_token_id=model.config.eos_token_id)
 
-    return _best(run, 3) / steps / model.config.num_hidden_layers
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _best(run, 5) / steps / model.config.num_hidden_layers
+    finally:
+        torch.set_num_threads(threads)
 
 
 def data_size(info: dict, case: dict):

@@ -196,7 +196,10 @@ def time_check(env: dict, results: Path, work_dir: Path | None = None, path: Pat
         torch.manual_seed(0)
         LlamaForCausalLM(LlamaConfig(vocab_size=4096, pad_token_id=0, eos_token_id=1, bos_token_id=None,
                                      **MODEL)).save_pretrained(model_dir)
-    return check(path, cpu_rates(str(model_dir)))
+    record = json.loads(Path(path).read_text())
+    case = next(c for c in record["cases"] if c["case"] == "before" and c["status"] == "ok")
+    return check(path, cpu_rates(str(model_dir), case["generation"]["generation_batch_size"],
+                                 record["info"]["settings"]["data"]["max_prompt_length"]))
 
 
 def _mib(x: float | None) -> str:
@@ -208,8 +211,8 @@ def markdown(record: dict) -> str:
 
     lines = header(record)
     lines += ["| configuration | model | ranks | mode | AC | shared prompt | optimizer | tokens | measured peak MiB "
-              "(moment) | predicted MiB | predicted / measured | forward | backward | optimizer step | plan's "
-              "peak and the term that sets it |", "|" + "---|" * 15]
+              "(moment) | predicted MiB | predicted / measured | forward | backward | optimizer step | the plan's "
+              "training peak and the term that sets it |", "|" + "---|" * 15]
     ok = [c for c in record["cases"] if c["status"] == "ok"]
     for c in record["cases"]:
         k = c["config"]
