@@ -14,9 +14,9 @@ Models are small Llamas saved with ``save_pretrained`` (``MODELS``: narrow 4 x 2
 wide 2 x 384, vocabulary 32,000, where the embeddings and lm_head are most of the model, as at 70B
 per rank), batches fixed-length pairs (128-token prompt, two 128-token responses) filling the token
 budget exactly (a shared-prompt pair is 385 tokens), 2 micro-batches per optimizer step, 2 steps.
-Memory is affected by other processes far less than time (every figure is this process's own resident set), so configurations run one
-at a time but on a shared machine. QLoRA under FSDP is not measured: the trainer runs a 4-bit base
-in one process only.
+Memory is affected by other processes far less than time (every figure is this process's own
+resident set), so configurations run one at a time but on a shared machine. QLoRA under FSDP is
+not measured: the trainer runs a 4-bit base in one process only.
 """
 
 from __future__ import annotations
