@@ -73,58 +73,64 @@ def _ds(m, o: PlanOptions) -> tuple[float, float]:
 A100 = dict(gpu_memory_gib=80.0)
 PUBLISHED = [
     Reference("llama3-8b", "8 x 80 GB, full, AdamW", PlanOptions(num_gpus=8, optimizer="adamw", **A100), "", "",
-              "DeepSpeed counts model states only (18 B/param: fp16 weights, fp32 masters and two states, fp16 "
-              "gradients); we add fp32 gradients, the foreach step's fp32 copy (4 B/param), the root unit, activations "
-              "and the process. accelerate is one device, no sharding."),
+              "DeepSpeed: 18 B/param of model states (fp16 weights, fp32 masters, two states, fp16 gradients) + 4 x "
+              "the largest layer, nothing else. Ours: 16 B/param (FSDP casts each unit to bf16 when it is gathered, "
+              "no standing bf16 copy) + the foreach step's copy, and in backward the unsharded root (2 GiB), two "
+              "layers, an 8,192-token micro-batch's activations, gradients in flight, the loss's dW and the process "
+              "(1.5 GiB). accelerate: one device, no sharding, no activations."),
     Reference("mistral-7b", "8 x 80 GB, full, AdamW", PlanOptions(num_gpus=8, optimizer="adamw", **A100), "", "",
-              "As above; the small vocabulary (32k) makes the root unit small."),
+              "As for Llama-3-8B; a 32k vocabulary makes the root unit and the loss's dW 4 x smaller."),
     Reference("llama3-70b", "8 x 141 GB, full, RMSprop (SPIN), budget 4096",
               PlanOptions(num_gpus=8, gpu_memory_gib=141.0, token_budget=4096), "", "",
-              "DeepSpeed's 18 B/param assumes Adam (2 states); RMSprop has one, but the fp32 gradients and the "
-              "foreach copy bring us to 16 B/param of model states: the step's 132.9 GiB does not fit 126.9 usable."),
+              "DeepSpeed's 18 B/param assumes Adam; with RMSprop our model states are 12 B/param, but the foreach "
+              "step's fp32 copy of the shard makes the step 16 B/param: 132.9 GiB with the process, above the 126.9 "
+              "usable at any token budget (recommended instead: CPU offload, or 16 GPUs)."),
     Reference("llama3-70b", "8 x 80 GB, full, CPU offload, AdamW, budget 4096",
               PlanOptions(num_gpus=8, optimizer="adamw", cpu_offload=True, token_budget=4096, **A100),
               "13.9 GiB per GPU (Llama 3.1 70B, 8 x A100, CPU offload + fused optimizer, batch 2 x 2,048)",
               "torchtune README, 'Memory and training speed'",
-              "DeepSpeed prices the GPU at 4 x largest layer (4.2 GB) and the host at 18 x 1.5 B/param; we count the "
-              "unsharded root (embeddings + lm_head, 3.9 GiB in bf16), two layers, activations, the loss and the "
-              "process on the GPU; the host: pinned shards rounded to powers of two, fp32 states and rank 0's full "
-              "copy. torchtune keeps no fp32 master copy on the GPU either and steps a fused optimizer on the host."),
+              "DeepSpeed prices the GPU at 4 x the largest layer only and the host at 18 x 1.5 B/param. Our GPU "
+              "bound adds to torchtune's layout the unsharded root kept through backward with its gradient and the "
+              "loss's dW (3.9 + 3.9 GiB at a 128k vocabulary: apply_fsdp2 does not reshard the root after forward), "
+              "gradients in flight (4.8 GiB) and the process (1.5 GiB); torchtune reports allocated memory."),
     Reference("llama3-70b", "8 x 80 GB, LoRA r16, budget 4096",
               PlanOptions(num_gpus=8, finetune="lora", reference_mode="lora-disabled", token_budget=4096, **A100),
               "27.6 GiB per GPU (Llama 3.1 70B LoRA, 8 x A100, batch 2 x 2,048)", "torchtune README",
-              "Frozen base in bf16 (17.6 GB per GPU sharded over 8); we add the unsharded root, two layers, "
-              "activations (checkpointed) and the process; torchtune's LoRA recipe is the same layout."),
+              "The frozen bf16 base is 16.5 GiB per GPU either way; ours adds the unsharded root (3.9 GiB) and the "
+              "process (1.5 GiB). DeepSpeed and accelerate have no LoRA mode."),
     Reference("llama3-8b", "1 x 48 GB, LoRA r16, budget 4096",
               PlanOptions(num_gpus=1, gpu_memory_gib=48.0, finetune="lora", reference_mode="lora-disabled",
                           token_budget=4096, fsdp=False),
               "30.3 GiB (Llama 3.1 8B LoRA, 1 x A6000, batch 2 x 2,048, compile)", "torchtune README",
-              "One process, bf16 base (15 GiB); torchtune computes full logits in chunks (128k vocabulary) where our "
-              "fused loss keeps none, and keeps every activation of its compiled graph."),
+              "Ours holds no [tokens, vocabulary] logits (the fused loss), torchtune's cross-entropy materialises "
+              "them in fp32 chunks (4,096 x 128,256 x 4 B = 2 GiB, and their gradient); the rest of the gap is its "
+              "recipe's settings (compile, activation checkpointing) that the README row does not state."),
     Reference("llama3-8b", "1 x 24 GB, QLoRA r16, budget 4096",
               PlanOptions(num_gpus=1, gpu_memory_gib=24.0, finetune="lora", quantize="nf4",
                           reference_mode="lora-disabled", token_budget=4096),
               "7.4 GiB (Llama 3.1 8B QLoRA, 1 x 4090, batch 2 x 2,048)", "torchtune README",
-              "NF4 base 3.8 GiB + bf16 embeddings and lm_head (2 GiB); torchtune's QLoRA recipe also offloads "
-              "activations to the CPU."),
+              "Ours: NF4 base 3.25 GiB + absmax 0.4 GiB (bitsandbytes without double quantization) + bf16 "
+              "embeddings and lm_head 2 GiB + the process 0.5 GiB; torchtune (torchao NF4, double-quantized "
+              "scales) reports allocated memory."),
     Reference("llama2-70b", "16 x 80 GB (2 nodes), full, AdamW, budget 4096",
               PlanOptions(num_gpus=16, optimizer="adamw", token_budget=4096, **A100),
               "ran on 16 x A100 80 GB, 1 TB RAM per node (no per-GPU peak published)",
               "Hugging Face blog 'Fine-tuning Llama 2 70B using PyTorch FSDP'",
-              "Our bound says the foreach AdamW step needs more than 72 GiB usable; a fused AdamW (or FSDP1's flat "
-              "parameters, one foreach group per flat tensor) removes most of that copy."),
+              "Model states alone are 64 GiB per GPU (16 B/param over 16 GPUs); the backward (82.9 GiB) and the "
+              "foreach step (81.8 GiB) are above 72 GiB usable in our bound, so the published run's settings must "
+              "differ (its FSDP1 flat parameters, optimizer implementation and batch are not all stated)."),
     Reference("llama2-70b", "2 x 24 GB, QLoRA r16, FSDP + CPU offload, budget 2048",
               PlanOptions(num_gpus=2, gpu_memory_gib=24.0, finetune="lora", quantize="nf4",
                           reference_mode="lora-disabled", cpu_offload=True, token_budget=2048, gen_batch=4),
               "trained on 2 x 24 GB (RTX 3090/4090) with gradient checkpointing and CPU offload",
               "Answer.AI, 'You can now train a 70b language model at home' (2024-03-06)",
-              "Priced, not run by our trainer (QLoRA is one process there); the NF4 absmax (4 GB at 70B) is "
-              "replicated on each rank unless offloaded with the shards."),
+              "Consistent: our bound is 7.4 GiB per GPU at 2,048 tokens. Priced, not run by our trainer (its QLoRA "
+              "is one process); offloaded, the NF4 absmax (4 GB at 70B) is on the host."),
 ]
 
 
-def _gib(x: float) -> str:
-    return f"{x / GiB:,.1f}"
+def _gib(x: float | None) -> str:
+    return "–" if x is None else f"{x / GiB:,.1f}"
 
 
 def reference_rows() -> list[dict]:
@@ -133,24 +139,27 @@ def reference_rows() -> list[dict]:
         m = resolve_model(r.model)
         p: Plan = plan(m, r.options)
         ds_gpu, ds_host = _ds(m, r.options)
-        rows.append({"model": m.name, "params": m.num_params, "setup": r.setup, "ours": p.peak, "usable": p.usable,
-                     "fits": p.fits, "set_by": p.peak_summary(), "host": p.host_per_node, "ds_gpu": ds_gpu,
-                     "ds_host": ds_host, "accelerate": accelerate_adam(m.num_params,
-                                                                       "bfloat16" if r.options.mixed_precision else
-                                                                       "float32"),
+        full = r.options.finetune == "full"  # DeepSpeed's and accelerate's estimates know full fine-tuning only
+        dtype = "bfloat16" if r.options.mixed_precision else "float32"
+        rows.append({"model": m.name, "params": m.num_params, "setup": r.setup, "train": p.train_peak,
+                     "ours": p.peak, "usable": p.usable, "fits": p.fits, "host": p.host_per_node,
+                     "set_by": p.peak_summary(("forward", "backward", "optimizer step")),
+                     "ds_gpu": ds_gpu if full else None, "ds_host": ds_host if full else None,
+                     "accelerate": accelerate_adam(m.num_params, dtype) if full else None,
                      "published": r.published, "source": r.source, "why": r.why})
     return rows
 
 
 def markdown() -> str:
-    lines = ["| model | setup | ours: peak per GPU, GiB (fits?) | ours: host per node, GiB | DeepSpeed ZeRO-3: per GPU "
-             "/ host per node, GiB | accelerate (Adam, one device), GiB | published | why they differ |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | setup | ours: training peak per GPU, GiB, and what sets it | ours: iteration peak (with "
+             "generation) of usable, GiB | ours: host per node, GiB | DeepSpeed ZeRO-3: per GPU / host per node, GiB | "
+             "accelerate (Adam, one device), GiB | published | why they differ |", "|---|---|---|---|---|---|---|---|---|"]
     for r in reference_rows():
         pub = f"{r['published']} ({r['source']})" if r["published"] else "–"
-        lines.append(f"| {r['model']} ({r['params'] / 1e9:.2f}B) | {r['setup']} | {_gib(r['ours'])} of "
-                     f"{_gib(r['usable'])} ({'yes' if r['fits'] else 'no'}); {r['set_by']} | {_gib(r['host'])} | "
-                     f"{_gib(r['ds_gpu'])} / {_gib(r['ds_host'])} | {_gib(r['accelerate'])} | {pub} | {r['why']} |")
+        ds = "–" if r["ds_gpu"] is None else f"{_gib(r['ds_gpu'])} / {_gib(r['ds_host'])}"
+        lines.append(f"| {r['model']} ({r['params'] / 1e9:.2f}B) | {r['setup']} | {_gib(r['train'])}: {r['set_by']} | "
+                     f"{_gib(r['ours'])} of {_gib(r['usable'])} ({'fits' if r['fits'] else 'does not fit'}) | "
+                     f"{_gib(r['host'])} | {ds} | {_gib(r['accelerate'])} | {pub} | {r['why']} |")
     return "\n".join(lines)
 
 
