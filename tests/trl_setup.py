@@ -49,6 +49,14 @@ def spin_rows(n: int = 8, *, offset: int = 0) -> list[dict]:
              "synthetic": rows[i + 1]["real"][:90 + 30 * (i % 5)]} for i, r in enumerate(rows[:n])]
 
 
+def near_tie_rows(n: int = 8) -> list[dict]:
+    """``spin_rows`` whose synthetic response is the real one with its words in reverse order:
+    pairs of near-equal length, so the chosen-minus-rejected log-prob gaps are a few nats, of the
+    order of the policy's noise, and their order across a batch differs between policy and
+    reference (what makes "aot"'s sorting matter)."""
+    return [{**r, "synthetic": " ".join(reversed(r["real"].split()))} for r in spin_rows(n)]
+
+
 def as_dpo(rows: list[dict]) -> list[dict]:
     """The same rows with DPO's column names."""
     return [{"prompt": r["prompt"], "chosen": r["real"], "rejected": r["synthetic"]} for r in rows]
@@ -127,12 +135,15 @@ def compare(dpo: dict, spin: dict, beta: float) -> dict:
 REFERENCES = ("ref_model", "precomputed", "column", "peft")
 
 
-def parity_case(out: str, tok, models, loss_type: str, reference: str) -> dict:
+def parity_case(out: str, tok, models, loss_type, reference: str, rows: list[dict] | None = None, **config) -> dict:
     """TRL's DPOTrainer and SPINTrainer on the first micro-batch of the same rows.
 
     ``reference``: "ref_model" (a live frozen copy), "precomputed" (each trainer precomputes its
     own), "column" (TRL's precomputed values handed to SPINTrainer as a ``ref_logps`` column),
-    "peft" (a LoRA policy, ``models`` ignored, reference = the adapter disabled).
+    "peft" (a LoRA policy, ``models`` ignored, reference = the adapter disabled). ``loss_type``: a
+    name or a list; ``config``: more ``DPOConfig`` fields for both trainers (``loss_weights``,
+    ``label_smoothing``, ``f_divergence_type``, ``ld_alpha``, ...); ``rows``: SPIN rows (default
+    ``spin_rows(8)``).
 
     Returns:
         {"dpo": first_step(...), "spin": first_step(...), "diff": compare(...), "trainers": (dpo, spin)}
@@ -142,7 +153,7 @@ def parity_case(out: str, tok, models, loss_type: str, reference: str) -> dict:
 
     from spin_kernels.integrations.trl import SPINTrainer
 
-    rows = spin_rows(8)
+    rows = [dict(r) for r in rows] if rows is not None else spin_rows(8)
     kw = {}
     if reference == "peft":
         from peft import LoraConfig
@@ -155,7 +166,7 @@ def parity_case(out: str, tok, models, loss_type: str, reference: str) -> dict:
         policy, ref = models
         make = {"model": lambda: copy.deepcopy(policy), "ref_model": lambda: copy.deepcopy(ref)}
     precompute = reference in ("precomputed", "column")
-    args = dpo_config(os.path.join(out, "dpo"), loss_type=loss_type, precompute_ref_log_probs=precompute)
+    args = dpo_config(os.path.join(out, "dpo"), loss_type=loss_type, precompute_ref_log_probs=precompute, **config)
     dpo = DPOTrainer(model=make["model"](), ref_model=make["ref_model"](), args=args, processing_class=tok,
                      train_dataset=datasets.Dataset.from_list(as_dpo(rows)), **kw)
     want = first_step(dpo)
@@ -163,7 +174,7 @@ def parity_case(out: str, tok, models, loss_type: str, reference: str) -> dict:
         ds = dpo.train_dataset
         for row, c, r in zip(rows, ds["ref_chosen_logps"], ds["ref_rejected_logps"]):
             row["ref_logps"] = [c, r]
-    args = dpo_config(os.path.join(out, "spin"), loss_type=loss_type, precompute_ref_log_probs=precompute)
+    args = dpo_config(os.path.join(out, "spin"), loss_type=loss_type, precompute_ref_log_probs=precompute, **config)
     spin = SPINTrainer(model=make["model"](), ref_model=make["ref_model"](), args=args, processing_class=tok,
                        train_dataset=datasets.Dataset.from_list(rows), **kw)
     got = first_step(spin)
