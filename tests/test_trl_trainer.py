@@ -25,8 +25,8 @@ pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 from trl_setup import (  # noqa: E402
-    METRIC_RTOL, RTOL, as_dpo, dpo_config, near_tie_rows, parity_case, policy_and_reference, spin_rows, tiny_llama,
-    tokenizer)
+    LOSS_CASES, METRIC_RTOL, REFERENCE_CASES, RTOL, SORTING, as_dpo, dpo_config, loss_case, parity_case, policy_and_reference, spin_rows,
+    tiny_llama, tokenizer)
 from trl import DPOTrainer  # noqa: E402
 
 from spin_kernels.integrations.dpo_losses import LOSS_TYPES  # noqa: E402
@@ -79,23 +79,6 @@ def test_loss_and_gradients_equal_trl_dpo(tmp_path, tok, models, loss_type, refe
     _assert_parity(case["diff"], float(want["loss"]))
 
 
-# Every TRL loss type, alone, with the options it reads, and lists of them with loss_weights.
-# beta 0.5: the fp32 rounding of TRL's and our sums of ~100 log-probs (~4e-5 absolute, either
-# side) moves a gradient by about beta * |l''/l'| * 4e-5 relative; at beta 2 apo_down's two
-# opposite sigmoid terms reach 1.2e-4 (measured), at 0.5 every type stays under 3e-5.
-LOSS_CASES = [
-    ("sigmoid", {}), ("hinge", {}), ("ipo", {}), ("exo_pair", {"label_smoothing": 1e-3}), ("nca_pair", {}),
-    ("robust", {"label_smoothing": 0.1}), ("bco_pair", {}), ("sppo_hard", {}), ("aot", {"label_smoothing": 0.1}),
-    ("aot_unpaired", {"label_smoothing": 0.1}), ("apo_zero", {}), ("apo_down", {}), ("discopop", {}),
-    ("sft", {}), ("sigmoid_norm", {}),
-    (["sigmoid", "sft"], {"loss_weights": [1.0, 0.5]}),
-    (["hinge", "ipo", "aot", "bco_pair"], {"loss_weights": [0.3, 1.0, 2.0, 0.7], "label_smoothing": 0.2}),
-    ("sigmoid", {"f_divergence_type": "forward_kl"}), ("ipo", {"f_divergence_type": "js_divergence"}),
-    ("robust", {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.5, "label_smoothing": 0.1}),
-    ("sigmoid", {"ld_alpha": 0.5}), (["ipo", "sft"], {"ld_alpha": 0.3}),
-]
-
-
 def _case_id(case) -> str:
     loss_type, config = case
     name = "+".join(loss_type) if isinstance(loss_type, list) else loss_type
@@ -115,9 +98,8 @@ def test_loss_cases_cover_every_trl_loss_type():
 @pytest.mark.parametrize("case", LOSS_CASES, ids=_case_id)
 def test_every_trl_loss_type_equals_trl_dpo(tmp_path, tok, models, case):
     loss_type, config = case
-    sorting = loss_type in ("aot", "aot_unpaired")
-    result = parity_case(str(tmp_path), tok, models, loss_type, "ref_model", rows=near_tie_rows() if sorting else None,
-                         beta=0.5, **config)
+    sorting = loss_type in SORTING
+    result = loss_case(str(tmp_path), tok, models, case)
     dpo, spin = result["trainers"]
     assert dpo.loss_types == list(spin.dpo_loss.loss_types) == ([loss_type] if isinstance(loss_type, str) else loss_type)
     # Discriminating settings: the batch's sort orders differ between policy and reference (aot's
@@ -135,13 +117,21 @@ def test_every_trl_loss_type_equals_trl_dpo(tmp_path, tok, models, case):
     _assert_parity(result["diff"], float(result["dpo"]["loss"]))
 
 
-@pytest.mark.parametrize("loss_type, reference, config", [
-    ("ipo", "precomputed", {}), (["sigmoid", "sft"], "column", {"loss_weights": [1.0, 1.0]}),
-    ("apo_zero", "peft", {}), ("sigmoid", "precomputed", {"ld_alpha": 0.5}),
-])
-def test_loss_types_with_every_reference(tmp_path, tok, models, loss_type, reference, config):
-    result = parity_case(str(tmp_path), tok, models, loss_type, reference, beta=0.5, **config)
+@pytest.mark.parametrize("case, reference", REFERENCE_CASES, ids=lambda c: _case_id(c) if isinstance(c, tuple) else c)
+def test_loss_types_with_every_reference(tmp_path, tok, models, case, reference):
+    result = loss_case(str(tmp_path), tok, models, case, reference)
     _assert_parity(result["diff"], float(result["dpo"]["loss"]))
+
+
+def test_dpo_loss_refuses_what_trl_refuses():
+    from spin_kernels.integrations.dpo_losses import DPOLoss
+
+    with pytest.raises(ValueError, match=r"applies to loss types .* not \['aot'\]"):
+        DPOLoss(loss_types=("sigmoid", "aot"), loss_weights=(1.0, 1.0), f_divergence_type="forward_kl")
+    with pytest.raises(ValueError, match="one weight per loss_type"):
+        DPOLoss(loss_types=("sigmoid", "sft"), loss_weights=(1.0,))
+    with pytest.raises(ValueError, match="f_divergence_type='kl'"):
+        DPOLoss(f_divergence_type="kl")
 
 
 def test_ld_alpha_refuses_reference_columns_computed_elsewhere(tmp_path, tok, models):

@@ -179,3 +179,32 @@ def parity_case(out: str, tok, models, loss_type, reference: str, rows: list[dic
                        train_dataset=datasets.Dataset.from_list(rows), **kw)
     got = first_step(spin)
     return {"dpo": want, "spin": got, "diff": compare(want, got, spin.beta), "trainers": (dpo, spin)}
+
+
+# Every TRL loss type, alone with the options it reads, lists of them with loss_weights, the
+# f-divergences and ld_alpha; run by ``loss_case`` at beta 0.5: the fp32 rounding of TRL's and our
+# sums of ~100 log-probs (~4e-5 absolute, either side) moves a gradient by about
+# beta * |l''/l'| * 4e-5 relative; at beta 2 apo_down's two opposing sigmoid terms reach 1.2e-4
+# (measured), at 0.5 every case stays under 3e-5.
+LOSS_CASES = [
+    ("sigmoid", {}), ("hinge", {}), ("ipo", {}), ("exo_pair", {"label_smoothing": 1e-3}), ("nca_pair", {}),
+    ("robust", {"label_smoothing": 0.1}), ("bco_pair", {}), ("sppo_hard", {}), ("aot", {"label_smoothing": 0.1}),
+    ("aot_unpaired", {"label_smoothing": 0.1}), ("apo_zero", {}), ("apo_down", {}), ("discopop", {}),
+    ("sft", {}), ("sigmoid_norm", {}),
+    (["sigmoid", "sft"], {"loss_weights": [1.0, 0.5]}),
+    (["hinge", "ipo", "aot", "bco_pair"], {"loss_weights": [0.3, 1.0, 2.0, 0.7], "label_smoothing": 0.2}),
+    ("sigmoid", {"f_divergence_type": "forward_kl"}), ("ipo", {"f_divergence_type": "js_divergence"}),
+    ("robust", {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.5, "label_smoothing": 0.1}),
+    ("sigmoid", {"ld_alpha": 0.5}), (["ipo", "sft"], {"ld_alpha": 0.3}),
+]
+# The other reference sources with loss types that take the generic path (linear_logprobs into DPOLoss).
+REFERENCE_CASES = [(("ipo", {}), "precomputed"), ((["sigmoid", "sft"], {"loss_weights": [1.0, 1.0]}), "column"),
+                   (("apo_zero", {}), "peft"), (("sigmoid", {"ld_alpha": 0.5}), "precomputed")]
+SORTING = ("aot", "aot_unpaired")  # sort across the batch: run on near_tie_rows, where the sort matters
+
+
+def loss_case(out: str, tok, models, case, reference: str = "ref_model") -> dict:
+    """``parity_case`` for one of ``LOSS_CASES``: beta 0.5, the sorting losses on ``near_tie_rows``."""
+    loss_type, config = case
+    rows = near_tie_rows() if loss_type in SORTING else None
+    return parity_case(out, tok, models, loss_type, reference, rows=rows, **{"beta": 0.5, **config})

@@ -32,6 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# TRL's rule: the f-DPO reparameterisation leaves a beta * log Z(x) term that cancels only in a
+# chosen-minus-rejected score difference; the other losses have no f-divergence form.
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,10 @@ class DPOLoss:
                              f"{list(self.loss_types)}")
         if self.f_divergence_type not in F_DIVERGENCES:
             raise ValueError(f"f_divergence_type={self.f_divergence_type!r}: expected one of {F_DIVERGENCES}")
+        others = [t for t in self.loss_types if t not in F_DIVERGENCE_LOSSES]
+        if self.f_divergence_type != "reverse_kl" and others:
+            raise ValueError(f"f_divergence_type={self.f_divergence_type!r} applies to loss types {F_DIVERGENCE_LOSSES} "
+                             f"only (as in TRL), not {others}")
 
     @classmethod
     def from_config(cls, args) -> DPOLoss:
