@@ -25,8 +25,8 @@ pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 from trl_setup import (  # noqa: E402
-    LOSS_CASES, METRIC_RTOL, REFERENCE_CASES, RTOL, SORTING, as_dpo, dpo_config, loss_case, parity_case, policy_and_reference, spin_rows,
-    tiny_llama, tokenizer)
+    LOSS_CASES, METRIC_RTOL, REFERENCE_CASES, RTOL, SORTING, TOKEN_METRICS, as_dpo, dpo_config, loss_case, parity_case,
+    policy_and_reference, spin_rows, tiny_llama, tokenizer, trained_policy_and_reference)
 from trl import DPOTrainer  # noqa: E402
 
 from spin_kernels.integrations.dpo_losses import LOSS_TYPES  # noqa: E402
@@ -76,7 +76,7 @@ def test_loss_and_gradients_equal_trl_dpo(tmp_path, tok, models, loss_type, refe
         refl = spin._reference_logps(spin.ref_model, packed)
         margin = spin.beta * ((pol[0::2] - refl[0::2]) - (pol[1::2] - refl[1::2]))
         assert (margin > 1).any() and (margin < 1).any(), margin
-    _assert_parity(case["diff"], float(want["loss"]))
+    _assert_parity(case["diff"], float(case["dpo"]["loss"]))
 
 
 def _case_id(case) -> str:
@@ -153,6 +153,25 @@ def test_ld_segments_split_each_sequence_at_the_shorter_completion():
     # sequences: rows [0, 7) [7, 12) [12, 14) [14, 18); scored rows: 2..5, 9..10, 12, 14..16
     assert batch.cu_seqlens.tolist() == [0, 7, 12, 14, 18]
     assert seg == [0, 4, 7, 11, 12, 13, 14, 15, 18], seg
+
+
+def test_trl_token_metrics_equal_trl_dpo(tmp_path, tok):
+    """TRL's entropy, logits/chosen, logits/rejected and mean_token_accuracy, computed by the fused
+    op beside its log-sum-exp (``linear_spin_loss(token_metrics=True)``, docs/ops.md), on a model
+    that has learned the rows (the metrics are far from a fresh model's ~log V, 0, 0)."""
+    from spin_kernels.integrations.trl import _fused_token_metrics
+
+    if not _fused_token_metrics():
+        pytest.skip("linear_spin_loss has no token_metrics yet (the ops' issue-27 item 2)")
+    case = parity_case(str(tmp_path), tok, trained_policy_and_reference(tok), "sigmoid", "ref_model")
+    want, got = case["dpo"]["metrics"], case["spin"]["metrics"]
+    print({k: (want[k], got[k]) for k in TOKEN_METRICS})
+    assert 0.2 < want["mean_token_accuracy"] < 0.9 and want["entropy"] < 7.0, want  # log 4096 = 8.3
+    assert abs(want["logits/chosen"] - want["logits/rejected"]) > 1e-3, want
+    for k in ("entropy", "logits/chosen", "logits/rejected"):
+        assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6), (k, want[k], got[k])
+    assert got["mean_token_accuracy"] == want["mean_token_accuracy"], (want, got)
+    _assert_parity(case["diff"], float(case["dpo"]["loss"]))
 
 
 def test_peft_policy_reference_is_the_adapter_disabled(tmp_path, tok):

@@ -32,6 +32,7 @@ RTOL, ATOL = 1e-4, 1e-7
 METRIC_RTOL = 2e-6
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
            "logps/rejected", "num_tokens")
+TOKEN_METRICS = ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy")  # TRL's, over tokens
 
 
 def tokenizer():
@@ -73,6 +74,27 @@ def tiny_llama(tok, *, seed: int = 0, tie: bool = False):
     return LlamaForCausalLM(cfg)
 
 
+def trained_policy_and_reference(tok, *, steps: int = 40, noise: float = 0.02):
+    """(policy, reference) where the reference has learned the rows (``steps`` Adam steps of plain
+    next-token loss on prompt + real response): its top-1 predictions hit (~2/3 of the real
+    responses' tokens), its entropy is well below log V and its logits' means move away from 0, so
+    TRL's per-token metrics discriminate (on a fresh model they are ~0, ~log V and ~0)."""
+    ref = tiny_llama(tok)
+    sequences = [torch.tensor(tok(r["prompt"] + r["real"])["input_ids"][:96])[None] for r in spin_rows(8)]
+    opt = torch.optim.Adam(ref.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = sum(ref(input_ids=x, labels=x).loss for x in sequences) / len(sequences)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    policy = copy.deepcopy(ref)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * noise)
+    return policy, ref.requires_grad_(False)
+
+
 def policy_and_reference(tok, *, noise: float = 0.02, seed: int = 0):
     """(policy, reference): the policy is the reference plus noise, so that rewards are not all 0."""
     ref = tiny_llama(tok, seed=seed)
@@ -101,7 +123,7 @@ def first_step(trainer) -> dict:
     loss = trainer.compute_loss(trainer.model, inputs)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    metrics = {k: trainer._metrics["train"][k][-1] for k in METRICS}
+    metrics = {k: trainer._metrics["train"][k][-1] for k in METRICS + TOKEN_METRICS if trainer._metrics["train"][k]}
     if "completion_mask" in inputs:  # TRL: [chosen_0..B-1, rejected_0..B-1]; counted rows exclude the first token
         counts = inputs["completion_mask"][:, 1:].sum(1)
         b = counts.shape[0] // 2

@@ -36,9 +36,12 @@ Every ``loss_type`` of TRL's DPOTrainer is trained with TRL's semantics (``dpo_l
 Logged metrics keep TRL's names so dashboards carry over: ``rewards/chosen`` (= SPIN's
 ``rewards/real``), ``rewards/rejected`` (``rewards/synthetic``), ``rewards/margins``
 (``rewards/margin``), ``rewards/accuracies`` (``rewards/accuracy``), ``logps/chosen``,
-``logps/rejected``, ``num_tokens``. TRL's ``entropy``, ``logits/chosen``, ``logits/rejected`` and
-``mean_token_accuracy`` need vocabulary-wide statistics of every token, which the fused loss does
-not compute; they are not logged.
+``logps/rejected``, ``num_tokens``. TRL's per-token ``entropy``, ``logits/chosen``,
+``logits/rejected`` and ``mean_token_accuracy`` are per-row reductions the fused pass can
+accumulate beside its log-sum-exp: they are logged (``TOKEN_METRICS``, averaged over the tokens of
+all processes as TRL does) when the installed ``linear_spin_loss`` takes ``token_metrics=True``
+(the ops' API of issue 27, docs/ops.md), for "sigmoid" / "hinge"; the other loss types' fused
+log-probs (``linear_logprobs``) do not offer them yet.
 
 Refused, with a message naming the option: ``use_weighting`` (WPO needs every token's sum of
 squared probabilities over the vocabulary), ``truncation_mode="keep_end"`` (deprecated by TRL),
@@ -55,6 +58,7 @@ the distributed path is a model sharded with ``fully_shard`` before it is handed
 from __future__ import annotations
 
 import copy
+import functools
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -86,7 +90,24 @@ METRIC_NAMES = {
     "logps/real": "logps/chosen",
     "logps/synthetic": "logps/rejected",
 }
+# TRL's per-token metrics -> (the fused op's token-weighted mean, the token counts it is over):
+# ``linear_spin_loss(..., token_metrics=True)`` (docs/ops.md). TRL averages them over the tokens of
+# all processes, so each is logged as gathered sum(mean * tokens) / gathered sum(tokens).
+TOKEN_METRICS = {
+    "entropy": ("entropy", ("tokens/real", "tokens/synthetic")),
+    "logits/chosen": ("logits/real", ("tokens/real",)),
+    "logits/rejected": ("logits/synthetic", ("tokens/synthetic",)),
+    "mean_token_accuracy": ("token_accuracy/real", ("tokens/real",)),
+}
 _REF = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def _fused_token_metrics() -> bool:
+    """Whether the installed ``linear_spin_loss`` computes TRL's per-token metrics in its fused pass
+    (``token_metrics=``, the ops' issue-27 API). Until it does, they are not logged."""
+    import inspect
+
+    return "token_metrics" in inspect.signature(linear_spin_loss).parameters
 
 
 def spin_columns(dataset):
@@ -318,6 +339,7 @@ class SPINTrainer(DPOTrainer):
                                  "(sharded the same way) or use precompute_ref_log_probs=True")
             ref_model = copy.deepcopy(model).requires_grad_(False)
         self.impl = impl
+        self._token_metrics = _fused_token_metrics()
         with _dtensor_aware_hash():
             super().__init__(model, ref_model=ref_model, args=args,
                              data_collator=data_collator or PackedPreferenceCollator(max_length=args.max_length),
@@ -398,10 +420,11 @@ class SPINTrainer(DPOTrainer):
             ref = ref.to(hidden.device)
             if self.dpo_loss.is_spin_loss and self.ld_alpha is None:
                 weight = head.pop("weight")
+                token = {"token_metrics": True} if self._token_metrics else {}
                 loss, metrics = linear_spin_loss(hidden, weight, batch.targets, batch.cu_seqlens, ref,
                                                  beta=self.beta, loss_type=self.dpo_loss.loss_types[0],
                                                  ignore_index=IGNORE_INDEX, impl=self.impl, check_values=False,
-                                                 **head)
+                                                 **token, **head)
             else:
                 seq, sums = self._head_logps(hidden, head, batch)
                 loss = self.dpo_loss(_pair_logps(seq, sums, ref.to(seq.dtype), batch, inputs.get("completion_lengths")))
@@ -412,14 +435,25 @@ class SPINTrainer(DPOTrainer):
         return loss
 
     def _log_metrics(self, mode: str, metrics: dict[str, Tensor], batch: PackedBatch) -> None:
-        """TRL's metric names, averaged over all pairs of all processes (micro-batches may differ in size)."""
+        """TRL's metric names: the rewards and log-probs averaged over all pairs of all processes
+        (micro-batches may differ in size), the per-token metrics (when the fused op gave them) over
+        all their tokens, as TRL does; one gather, one host sync."""
         pairs = float(batch.num_pairs)
         device = self.accelerator.device
-        sums = torch.stack([metrics[k].to(device, torch.float64) for k in METRIC_NAMES]) * pairs
-        counts = torch.tensor([pairs, float(batch.num_tokens)], dtype=torch.float64, device=device)
-        total = self.accelerator.gather(torch.cat([sums, counts])[None]).sum(0).tolist()  # one host sync
+        f64 = functools.partial(torch.as_tensor, dtype=torch.float64, device=device)
+        values = [f64(metrics[k]) * pairs for k in METRIC_NAMES]
+        token_names = [name for name, (key, _) in TOKEN_METRICS.items() if key in metrics]
+        for name in token_names:
+            key, counted = TOKEN_METRICS[name]
+            tokens = sum(f64(metrics[c]) for c in counted)
+            values += [f64(metrics[key]) * tokens, tokens]
+        values += [f64(pairs), f64(float(batch.num_tokens))]
+        total = self.accelerator.gather(torch.stack(values)[None]).sum(0).tolist()
         for i, spin_name in enumerate(METRIC_NAMES):
             self._metrics[mode][METRIC_NAMES[spin_name]].append(total[i] / total[-2])
+        for j, name in enumerate(token_names):
+            value, tokens = total[len(METRIC_NAMES) + 2 * j:len(METRIC_NAMES) + 2 * j + 2]
+            self._metrics[mode][name].append(value / tokens if tokens > 0 else 0.0)  # TRL: 0.0 without tokens
         if mode == "train":
             self._total_train_tokens += int(total[-1])
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
