@@ -205,7 +205,10 @@ class DataConfig(Section):
 
 
 @dataclass
-class GenerationConfig(Section):
+class SamplingOptions(Section):
+    """The ``generation`` section: how the opponent samples (translated into a transformers
+    ``GenerationConfig``, or vLLM's ``SamplingParams``, by spin_kernels.training.generation)."""
+
     SECTION: ClassVar[str] = "generation"
 
     max_new_tokens: int = option(256, "tokens sampled per synthetic response (paper: 256)", check=positive)
@@ -340,7 +343,7 @@ SCHEDULED = ("learning_rate", "beta", "epochs")
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
-    "generation": GenerationConfig,
+    "generation": SamplingOptions,
     "training": TrainingConfig,
     "loop": LoopConfig,
     "distributed": DistributedConfig,
@@ -351,7 +354,7 @@ SECTIONS: dict[str, type] = {
 class SpinConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    generation: SamplingOptions = field(default_factory=SamplingOptions)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)

@@ -51,7 +51,7 @@ import torch
 
 from . import provenance
 from .config import ConfigError
-from .config import GenerationConfig as SamplingOptions
+from .config import SamplingOptions
 from .data import JsonlAppender, Record, read_jsonl, write_jsonl_atomic
 from .parallel import as_runner, barrier, is_main, progress, rank, world_size
 

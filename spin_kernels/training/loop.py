@@ -37,7 +37,7 @@ from typing import Any
 
 from . import provenance
 from .config import SCHEDULED, ConfigError, SpinConfig, config_from_dict, save_config
-from .data import Record, check_ref_logps, load_sft_data, read_jsonl, read_stage_rows
+from .data import Record, check_row_ref_logps, load_sft_data, read_jsonl, read_stage_rows
 from .checkpoint import trained_model_key
 from .generation import generate_synthetic, plan_generation
 from .loading import Loader, check_impl
@@ -140,7 +140,7 @@ def current_pairs(path: str, rows: list[Record], sources: list[dict[str, Any]], 
             problem = f"line {n + 1}: {why}"
         else:
             try:
-                check_ref_logps(pair.get("ref_logps"), f"line {n + 1}")
+                check_row_ref_logps(pair.get("ref_logps"), f"line {n + 1}")
             except ConfigError as exc:
                 problem = str(exc)
     if problem is None:
