@@ -79,16 +79,6 @@ def _expected(name: str, tp: Any, value: Any) -> ConfigError:
     return ConfigError(f"{name}: expected {type_name(tp)}, got {type(value).__name__} {value!r}")
 
 
-def _read_scalar(text: str, tp: Any) -> Any:
-    """``text`` as an int, float or bool, or unchanged where it does not spell one."""
-    if tp is bool:
-        return {"true": True, "yes": True, "false": False, "no": False}.get(text.strip().lower(), text)
-    try:
-        return tp(text)
-    except ValueError:
-        return text
-
-
 def parse_value(value: Any, tp: Any, name: str, *, text: bool = False) -> Any:
     """``value`` as the annotation ``tp``, or a ConfigError naming ``name``: the one reader of YAML
     values and flag text. With ``text`` a string is a flag's text: ``none`` for an optional field,
@@ -128,7 +118,11 @@ def parse_value(value: Any, tp: Any, name: str, *, text: bool = False) -> Any:
             raise _expected(name, tp, value)
         return [parse_value(v, get_args(tp)[0], f"{name}[{i}]", text=text) for i, v in enumerate(value)]
     if isinstance(value, str) and (tp is float or (text and tp in (int, bool))):
-        value = _read_scalar(value, tp)
+        try:  # a number or true/false/yes/no; unchanged where the text spells none
+            value = {"true": True, "yes": True, "false": False, "no": False}.get(value.strip().lower(), value) \
+                if tp is bool else tp(value)
+        except ValueError:
+            pass
     ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
           float: isinstance(value, (int, float)) and not isinstance(value, bool), str: isinstance(value, str)}.get(tp)
     if not ok:

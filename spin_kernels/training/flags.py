@@ -1,17 +1,12 @@
 """Command-line flags of the config sections, on ``transformers.HfArgumentParser``'s public API.
 
-HfArgumentParser makes one flag per field of a *flag view* of each section: a dataclass with the
-section's field names, each ``str | None`` (a bool: ``bool | None``) defaulting to None, "not
-given", with the section's help (and the default shown), metavar and argument group. Parsed
-(``parse_args_into_dataclasses``, or argparse's ``parse_args`` under the CLI's subcommands), the
-texts given are read by the one type walker of YAML and flag text (``config.parse_value``) and
-applied over the YAML file of ``--config`` and the defaults: defaults < YAML < flags. Each section
-checks its ranges when built, so errors name the flag and the field (``--beta (training.beta):
-expected float, got str 'abc'``; ``training.warmup_ratio: must be in [0, 1), got 1.5``).
-
-The rest is argparse's documented extension points: two ``Action`` classes (one spelling per
-flag, ``--max-length``; ``--x`` / ``--no-x`` booleans, so an optional bool such as ``--fsdp`` has
-three states) and, in ``parse_known_args``, "did you mean" for a mistyped flag.
+HfArgumentParser makes the flags from a *flag view* of each section (``flag_view``: the section's
+fields, each ``str | None`` or ``bool | None``, None meaning "not given") and parses them; the texts
+given are read by the type walker of YAML and flag text (``config.parse_value``) and applied over
+the YAML file of ``--config`` and the defaults (defaults < YAML < flags). The sections check their
+ranges when built, so every error names the flag and the field (``--beta (training.beta):
+expected float, got str 'abc'``). Two argparse Actions give one spelling per flag and ``--x`` /
+``--no-x`` booleans (so ``--fsdp`` has three states); ``parse_known_args`` adds "did you mean".
 """
 
 from __future__ import annotations
@@ -86,8 +81,9 @@ def flag_view(cls: type, only: tuple[str, ...] | None = None, defaults: Any = No
         if "const" in f.metadata:  # the flag alone means this value (--include-previous: 1)
             meta.update(nargs="?", const=str(f.metadata["const"]))
         specs.append((f.name, str | None, dataclasses.field(default=None, metadata=meta)))
-    return dataclasses.make_dataclass(f"{cls.__name__}Flags", specs, namespace={
-        "section": cls, "_argument_group_name": f"{cls.SECTION} options"})  # HfArgumentParser groups --help by it
+    # _argument_group_name: HfArgumentParser's documented hook that groups --help by section
+    return dataclasses.make_dataclass(f"{cls.__name__}Flags", specs,
+                                      namespace={"_argument_group_name": f"{cls.SECTION} options"})
 
 
 def apply_flags(obj: Any, given: Mapping[str, Any]) -> Any:
