@@ -50,8 +50,7 @@ IterationHook = Callable[[int, str, dict[str, Any]], dict[str, Any] | None]
 #: Held-out prompts are sampled from seeds offset from the training ones (other random streams).
 HELDOUT_SEED_OFFSET = 1_000_000
 
-__all__ = ["HELDOUT_SEED_OFFSET", "LOCK_FILE", "iteration_model_dir", "iteration_stages", "run_iterations",
-           "write_summary"]
+__all__ = ["HELDOUT_SEED_OFFSET", "iteration_stages", "run_iterations", "write_summary"]
 
 
 def run_iterations(cfg: SpinConfig, *, on_iteration_end: IterationHook | None = None,

@@ -64,6 +64,21 @@ def response_rows(tokenizer, samples: list[tuple[list[int], bool]]) -> list[dict
              "finished": finished} for tokens, finished in samples]
 
 
+class ModelSampler:
+    """The base of the samplers that sample with the stage's model (in this process, sharded or
+    not): they keep the model, the tokenizer, the options and the stage's seed."""
+
+    static_batches: ClassVar[bool] = True
+    uses_model: ClassVar[bool] = True
+    one_process: ClassVar[bool] = False
+
+    def __init__(self, model, tokenizer, cfg: SamplingOptions, *, seed: int, model_path: str | None = None):
+        self.model, self.tokenizer, self.cfg, self.seed = model, tokenizer, cfg, seed
+
+    def close(self) -> None:
+        pass
+
+
 _SAMPLERS: dict[tuple[str, str], type] = {}
 
 
@@ -102,5 +117,5 @@ def _register_builtin() -> None:
 
 _register_builtin()
 
-__all__ = ["Sampler", "SamplingOptions", "check_processes", "choose", "example_seeds", "register_sampler",
+__all__ = ["ModelSampler", "Sampler", "SamplingOptions", "check_processes", "choose", "example_seeds", "register_sampler",
            "response_rows"]

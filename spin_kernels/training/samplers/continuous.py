@@ -13,7 +13,7 @@ import torch
 
 from ..data import Record
 from ..parallel import as_runner, world_size
-from . import SamplingOptions, example_seeds, response_rows
+from . import ModelSampler, SamplingOptions, example_seeds, response_rows
 
 
 def _any_rank_busy(device: torch.device):
@@ -50,19 +50,11 @@ def continuous_responses(model, tokenizer, prompt_ids: list[list[int]], cfg: Sam
     return response_rows(tokenizer, samples)
 
 
-class ContinuousSampler:
+class ContinuousSampler(ModelSampler):
     """Continuous batching over each chunk of the stage, per-example seeds."""
 
-    static_batches: ClassVar[bool] = False
-    uses_model: ClassVar[bool] = True
-    one_process: ClassVar[bool] = False
-
-    def __init__(self, model, tokenizer, cfg: SamplingOptions, *, seed: int, model_path: str | None = None):
-        self.model, self.tokenizer, self.cfg, self.seed = model, tokenizer, cfg, seed
+    static_batches: ClassVar[bool] = False  # slots are refilled: a batch is a chunk (the unit resumed)
 
     def sample(self, number: int, records: list[Record], prompt_ids: list[list[int]]) -> list[dict[str, Any]]:
         return continuous_responses(self.model, self.tokenizer, prompt_ids, self.cfg,
                                     example_seeds(self.seed, records))
-
-    def close(self) -> None:
-        pass

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..data import Record
-from . import SamplingOptions, example_seeds, response_rows
+from . import ModelSampler, SamplingOptions, example_seeds, response_rows
 
 
 def batch_seed(seed: int, batch_number: int) -> int:
@@ -79,21 +79,13 @@ def sample_responses(model, tokenizer, prompt_ids: list[list[int]], cfg: Samplin
     return response_rows(tokenizer, samples)
 
 
-class HfSampler:
+class HfSampler(ModelSampler):
     """``model.generate`` per batch, the global RNG seeded from (seed, batch number)."""
 
-    static_batches: ClassVar[bool] = True
-    uses_model: ClassVar[bool] = True
-    one_process: ClassVar[bool] = False
-
-    def __init__(self, model, tokenizer, cfg: SamplingOptions, *, seed: int, model_path: str | None = None):
-        self.model, self.tokenizer, self.cfg, self.seed = model, tokenizer, cfg, seed
+    static_batches: ClassVar[bool] = True  # a batch is decoded together: its count and token budget cut it
 
     def sample(self, number: int, records: list[Record], prompt_ids: list[list[int]]) -> list[dict[str, Any]]:
         return sample_responses(self.model, self.tokenizer, prompt_ids, self.cfg, batch_seed(self.seed, number))
-
-    def close(self) -> None:
-        pass
 
 
 class HfExampleSampler(HfSampler):
