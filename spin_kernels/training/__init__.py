@@ -9,9 +9,9 @@ resume; ``run_generate`` / ``run_reference`` / ``run_train`` one stage each; ``S
 every option.
 """
 
+from .commands import run_generate, run_reference, run_train
 from .config import ConfigError, SpinConfig, config_from_dict
 from .generation import generate_synthetic
-from .commands import run_generate, run_reference, run_train
 from .loop import run_iterations
 from .reference import reference_logps_for, to_examples
 from .trainer import TrainResult, train_spin
