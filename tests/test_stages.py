@@ -8,10 +8,9 @@ import json
 import os
 
 import pytest
+from cases import tiny_model_and_data
 
 from spin_kernels.cli import main
-from spin_kernels.demo.task import MarkovTask
-from spin_kernels.demo.tiny import save_tiny_model
 from spin_kernels.training import config_from_dict
 from spin_kernels.training.config import ConfigError, GenerationConfig
 from spin_kernels.training.loading import Loader
@@ -25,13 +24,11 @@ FLAGS = ["--device", "cpu", "--max-length", "40", "--max-prompt-length", "8", "-
 def finished(tmp_path_factory):
     """A finished 1-iteration run with held-out pairs: (model, data, run directory)."""
     tmp = tmp_path_factory.mktemp("stages")
-    model = save_tiny_model(str(tmp / "sft"))
-    data = tmp / "d.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in MarkovTask().sample(16, seed=1)))
+    model, data = tiny_model_and_data(tmp, 16)
     run = tmp / "run"
-    assert main(["iterate", "--model", model, "--data", str(data), "--output-dir", str(run), "--iterations", "1",
+    assert main(["iterate", "--model", model, "--data", data, "--output-dir", str(run), "--iterations", "1",
                  "--eval-fraction", "0.25", *FLAGS]) == 0
-    return model, str(data), run
+    return model, data, run
 
 
 @pytest.fixture
