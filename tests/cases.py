@@ -1,5 +1,5 @@
 """Random packed-batch cases shared by the op tests of every impl; a free port for the
-multi-process tests."""
+multi-process tests; traceable examples; a tiny model and data file for small SPIN runs."""
 
 from __future__ import annotations
 
@@ -107,3 +107,17 @@ def traceable_examples(spec, ref=False):
         out.append(SpinExample(ids[:lp], ids[lp:lp + lr], ids[lp + lr:], index=100 + p,
                                ref_logps=(-1.0 - p, -2.0 - p) if ref else None))
     return out
+
+
+def tiny_model_and_data(tmp, rows: int, seed: int = 1) -> tuple[str, str]:
+    """A tiny Llama saved in ``tmp/sft`` and ``rows`` Markov-task rows in ``tmp/d.jsonl``: the
+    inputs of a small SPIN run on CPU, as (model directory, data file)."""
+    import json
+
+    from spin_kernels.demo.task import MarkovTask
+    from spin_kernels.demo.tiny import save_tiny_model
+
+    model = save_tiny_model(str(tmp / "sft"))
+    data = tmp / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in MarkovTask().sample(rows, seed=seed)))
+    return model, str(data)
