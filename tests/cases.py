@@ -1,7 +1,7 @@
 """Helpers shared by the test modules (no test module imports another): random packed-batch
 cases and the float64 check of the op tests of every impl, the device and impl in use, tiny
-transformers models of each architecture and the FSDP2 tests' model and micro-batches, a free port
-for the multi-process tests."""
+transformers models of each architecture and the FSDP2 tests' model and micro-batches, a tiny
+model and data file for small SPIN runs, a free port for the multi-process tests."""
 
 from __future__ import annotations
 
@@ -278,6 +278,20 @@ def fsdp_micro_batches(share_prompt: bool = False) -> list:
             index += 1
         batches.append(pack_batch(exs, share_prompt=share_prompt))
     return batches
+
+
+def tiny_model_and_data(tmp, rows: int, seed: int = 1) -> tuple[str, str]:
+    """A tiny Llama saved in ``tmp/sft`` and ``rows`` Markov-task rows in ``tmp/d.jsonl``: the
+    inputs of a small SPIN run on CPU, as (model directory, data file)."""
+    import json
+
+    from spin_kernels.demo.task import MarkovTask
+    from spin_kernels.demo.tiny import save_tiny_model
+
+    model = save_tiny_model(str(tmp / "sft"))
+    data = tmp / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in MarkovTask().sample(rows, seed=seed)))
+    return model, str(data)
 
 
 # --------------------------------------------------------------------------- processes

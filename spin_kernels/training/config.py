@@ -201,7 +201,7 @@ class DataConfig(Section):
 @dataclass
 class SamplingOptions(Section):
     """The ``generation`` section: how the opponent samples (translated into a transformers
-    ``GenerationConfig``, or vLLM's ``SamplingParams``, by spin_kernels.training.generation)."""
+    ``GenerationConfig``, or vLLM's ``SamplingParams``, by spin_kernels.training.samplers)."""
 
     SECTION: ClassVar[str] = "generation"
 
