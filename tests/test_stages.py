@@ -12,7 +12,7 @@ from cases import tiny_model_and_data
 
 from spin_kernels.cli import main
 from spin_kernels.training import config_from_dict
-from spin_kernels.training.config import ConfigError, GenerationConfig
+from spin_kernels.training.config import ConfigError, SamplingOptions
 from spin_kernels.training.loading import Loader
 
 FLAGS = ["--device", "cpu", "--max-length", "40", "--max-prompt-length", "8", "--max-new-tokens", "12",
@@ -135,7 +135,7 @@ def test_single_stage_commands_load_no_model_when_their_output_is_current(finish
 def test_each_backend_and_seeding_has_one_sampler(settings, name, static, uses_model):
     from spin_kernels.training.samplers import check_processes, choose
 
-    cfg = GenerationConfig(**settings)
+    cfg = SamplingOptions(**settings)
     cls = choose(cfg)
     assert (cls.__name__, cls.static_batches, cls.uses_model) == (name, static, uses_model)
     check_processes(cfg, sharded=False)

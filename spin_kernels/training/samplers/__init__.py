@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Protocol
 
 from ..config import ConfigError
-from ..config import GenerationConfig as SamplingOptions
+from ..config import SamplingOptions
 from ..data import Record
 
 

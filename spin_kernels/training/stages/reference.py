@@ -12,7 +12,7 @@ from typing import Any
 
 from .. import provenance
 from ..config import ConfigError, SpinConfig
-from ..data import Record, check_ref_logps, read_jsonl, write_jsonl_atomic
+from ..data import Record, check_row_ref_logps, read_jsonl, write_jsonl_atomic
 from ..parallel import barrier, is_main
 from ..reference import reference_logps_for, to_examples
 from . import Models, model_label
@@ -80,7 +80,7 @@ def current_pairs(path: str, rows: list[Record], sources: list[dict[str, Any]], 
             problem = f"line {n + 1}: {why}"
         else:
             try:
-                check_ref_logps(pair.get("ref_logps"), f"line {n + 1}")
+                check_row_ref_logps(pair.get("ref_logps"), f"line {n + 1}")
             except ConfigError as exc:
                 problem = str(exc)
     if problem is None:
