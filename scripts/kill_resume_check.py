@@ -78,9 +78,9 @@ def _where(run: Path) -> str:
         it = run / f"iter{t}"
         if (it / "model").is_dir():
             return f"iter{t} done"
-        ckpts = sorted(p.name for p in (it / "checkpoints").glob("step-*")) if (it / "checkpoints").is_dir() else []
-        if ckpts:
-            return f"iter{t} training after {ckpts[-1]}"
+        index = it / "checkpoints" / "index.json"
+        if index.exists():  # the latest complete checkpoint (spin_kernels.training.checkpoint)
+            return f"iter{t} training after step-{json.loads(index.read_text())['step']}"
         if (it / "pairs.jsonl").exists():
             return f"iter{t} training (no checkpoint yet)"
         if (it / "generated.jsonl").exists():
