@@ -404,3 +404,10 @@ def test_fsdp_demo_runs_under_torchrun(tmp_path):
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "step 2: loss" in res.stdout and (tmp_path / "out" / "hf" / "config.json").exists()
+
+
+def test_sharded_model_is_a_deprecated_name_of_the_model_runner():
+    import spin_kernels.distributed as distributed
+
+    with pytest.warns(DeprecationWarning, match="ShardedModel is now ModelRunner"):
+        assert distributed.ShardedModel is distributed.ModelRunner

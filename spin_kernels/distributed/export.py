@@ -22,15 +22,10 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from .env import barrier, rank
-from .fsdp import ModelRunner
+from .fsdp import inner_model
 from .init import tied_aliases
 
 INFO_FILE = "spin_info.json"
-
-
-def _inner(model: nn.Module) -> nn.Module:
-    """The wrapped HF model of a ModelRunner (so the names carry no ``model.`` prefix)."""
-    return model.model if isinstance(model, ModelRunner) else model
 
 
 def fsync_dir(path: str) -> None:
@@ -110,8 +105,8 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     Hugging Face checkpoint; ``load_full_weights`` fills the aliases back in.
     """
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    sd = get_model_state_dict(_inner(model), options=opts)
-    for names in tied_aliases(_inner(model)):
+    sd = get_model_state_dict(inner_model(model), options=opts)
+    for names in tied_aliases(inner_model(model)):
         for alias in names[1:]:
             sd.pop(alias, None)
     return sd
@@ -131,5 +126,5 @@ def export_hf(path: str, model: nn.Module, *, tokenizer: Any = None, dtype: torc
     if rank() == 0:
         if dtype is not None:
             sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-        save_model_dir(_inner(model), tokenizer, path, state_dict=sd, max_shard_size=max_shard_size)
+        save_model_dir(inner_model(model), tokenizer, path, state_dict=sd, max_shard_size=max_shard_size)
     barrier()

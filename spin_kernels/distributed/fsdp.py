@@ -67,6 +67,12 @@ class ModelRunner(nn.Module):
         return out
 
 
+def inner_model(model: nn.Module) -> nn.Module:
+    """The model a ``ModelRunner`` wraps (parameter names as in its Hugging Face checkpoint), or
+    ``model`` itself."""
+    return model.model if isinstance(model, ModelRunner) else model
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated transformer blocks of a Hugging Face model (PEFT-wrapped or not).
 

@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .env import all_reduce_sum, world_size
-from .fsdp import ModelRunner
+from .fsdp import inner_model
 
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
@@ -186,8 +186,7 @@ def train_step(
         scheduler.step()
     if not keep_grads:
         optimizer.zero_grad(set_to_none=True)
-    inner = model.model if isinstance(model, ModelRunner) else model  # names as in the HF checkpoint
-    broken = nonfinite_names(inner.named_parameters())
+    broken = nonfinite_names(inner_model(model).named_parameters())
     if _any_rank(bool(broken), device):
         raise NonFiniteError("parameters", _step_ids(micro_batches, example_ids),
                              f"after the optimizer step, e.g. {broken[:3]}")

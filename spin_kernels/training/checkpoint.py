@@ -63,8 +63,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from spin_kernels.distributed import ModelRunner
 from spin_kernels.distributed.env import barrier, rank, world_size
+from spin_kernels.distributed.fsdp import inner_model
 from spin_kernels.distributed.export import fsync_dir, read_info, save_model_dir
 
 from .config import ConfigError
@@ -88,7 +88,7 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict[str, torch.Tensor]:
     """This process's generators, as tensors (a checkpoint holds no pickled Python objects)."""
-    version, mt, gauss = random.getstate()
+    _, mt, gauss = random.getstate()
     state = {"python": torch.tensor(mt, dtype=torch.int64), "python_gauss": _maybe(gauss),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -124,10 +124,6 @@ def _maybe(value: float | None) -> torch.Tensor:
 # -- the Stateful objects of a run ---------------------------------------------------------------
 
 
-def _inner(model) -> torch.nn.Module:
-    return model.model if isinstance(model, ModelRunner) else model
-
-
 _TRAINED = StateDictOptions(ignore_frozen_params=True)
 
 
@@ -135,7 +131,7 @@ class ModelState:
     """The parameters of ``model`` (a runner or a module) that train, by Hugging Face name."""
 
     def __init__(self, model):
-        self.model = _inner(model)
+        self.model = inner_model(model)
 
     def state_dict(self) -> dict[str, Any]:
         return get_model_state_dict(self.model, options=_TRAINED)
@@ -150,7 +146,7 @@ class OptimizerState:
     """The state of ``optimizer`` over ``model``'s parameters, by parameter name (any number of ranks)."""
 
     def __init__(self, model, optimizer: torch.optim.Optimizer):
-        self.model, self.optimizer = _inner(model), optimizer
+        self.model, self.optimizer = inner_model(model), optimizer
 
     def state_dict(self) -> dict[str, Any]:
         return get_optimizer_state_dict(self.model, self.optimizer)
@@ -394,6 +390,7 @@ class Checkpointer:
                    f"or starting weights) than this run")
         if self.on_stale == "error":
             raise ConfigError(f"--resume: {message}; remove {self.root} or rerun with --on-stale regenerate")
+        barrier()  # every rank has read the index before rank 0 removes it
         if rank() == 0:
             print(f"spin-kernels: warning: {message}; training starts over", file=sys.stderr)
             _remove_all_but(self.root, None)
@@ -427,7 +424,7 @@ class Checkpointer:
         from .lora import ADAPTER_DIR, export_target, full_precision_state, is_lora, merged_state_dict
         from .parallel import is_sharded
 
-        model = _inner(runner)
+        model = inner_model(runner)
         full = full_state_dict(runner) if is_sharded(runner) else None  # a collective: the weights on rank 0
         if rank() == 0:
             info = {**info, "training_key": self.key}
