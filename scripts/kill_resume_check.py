@@ -10,7 +10,7 @@ starts a fresh run directory, kills it after a random delay (uniform from the st
 the uninterrupted run's wall time), resumes with ``--resume``, kills again, ... until a resume
 finishes; the
 trial's files are then compared with the uninterrupted run's. Trials repeat until ``--kills``
-kills happened. ``--at checkpoint`` kills instead 0-0.5 s after each step checkpoint the trial has
+kills happened. ``--at checkpoint`` kills instead 0-0.1 s after each step checkpoint the trial has
 not seen yet is complete (its index written): every kill then resumes from a checkpoint, which
 random delays reach only in the short training windows of this run. With ``--procs 2`` the run is ``torchrun --nproc_per_node 2`` (FSDP2, gloo);
 kills alternate between the launcher alone (its ranks must then end by themselves: they are
@@ -125,21 +125,28 @@ def _setup(root: Path) -> list[str]:
     return [*ARGS, "--model", model, "--data", str(data)]
 
 
+def _checkpoints(run: Path) -> set:
+    """(iteration, step) of each complete step checkpoint of ``run`` (named by an index)."""
+    found = set()
+    for index in run.glob("iter*/checkpoints/index.json"):
+        try:
+            found.add((index.parent.parent.name, json.loads(index.read_text())["step"]))
+        except (OSError, ValueError, KeyError):
+            continue
+    return found
+
+
 def _after_new_checkpoint(proc: subprocess.Popen, run: Path, seen: set, rng: random.Random) -> float | None:
-    """Wait until a step checkpoint not in ``seen`` is complete, then 0-0.5 s; the seconds waited
-    (None: the run ended first)."""
+    """Wait until a step checkpoint not in ``seen`` is complete, then 0-0.1 s (a step of this run
+    takes about that long); the seconds waited (None: the run ended first)."""
     t0 = time.perf_counter()
     while proc.poll() is None:
-        for index in run.glob("iter*/checkpoints/index.json"):
-            try:
-                key = (index.parent.parent.name, json.loads(index.read_text())["step"])
-            except (OSError, ValueError, KeyError):
-                continue
-            if key not in seen:
-                seen.add(key)
-                time.sleep(rng.uniform(0, 0.5))
-                return time.perf_counter() - t0
-        time.sleep(0.005)
+        new = _checkpoints(run) - seen
+        if new:
+            seen |= new
+            time.sleep(rng.uniform(0, 0.1))
+            return time.perf_counter() - t0
+        time.sleep(0.002)
     return None
 
 
@@ -167,6 +174,7 @@ def run_check(procs: int, kills: int, seed: int, root: Path, log=print, at: str 
         run = root / f"trial{trial}"
         starts, resume, seen = 0, [], set()
         while True:
+            seen |= _checkpoints(run)  # the one it resumes from is not new
             proc = _start(procs, [*args, "--output-dir", str(run), *resume])
             starts += 1
             rc = None
@@ -214,7 +222,7 @@ def run_check(procs: int, kills: int, seed: int, root: Path, log=print, at: str 
 
 
 _WHEN = {"random": "after random delays (uniform from 0.8 x that start-up to the whole run's time)",
-         "checkpoint": "0-0.5 s after each step checkpoint it had not yet reached was complete"}
+         "checkpoint": "0-0.1 s after each step checkpoint it had not yet reached was complete"}
 
 
 def report(result: dict, command: str) -> str:
