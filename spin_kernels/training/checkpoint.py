@@ -25,8 +25,8 @@ Layout in ``out_dir``::
                             conversion: spin_kernels.distributed.export), stamped with the key
 
 A checkpoint exists once the index names it: a save killed halfway leaves a directory the index
-does not name, which is ignored and removed by the next save. Nothing is unpickled with
-``weights_only=False``: DCP's non-tensor entries are read with ``weights_only=True`` and its
+does not name, which is ignored and removed by the next save. Nothing is unpickled without
+restriction: DCP's non-tensor entries are read with ``weights_only=True`` and its
 ``.metadata`` file by an unpickler that admits only DCP's metadata classes.
 
     ckpt = Checkpointer(run_states(runner, optimizer, scheduler), out_dir, key=key, num_steps=n, save_every=50)
