@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from cases import free_port
+from cases import fsdp_micro_batches as _micro_batches
+from cases import fsdp_tiny_model as _tiny_model
 
 WORLD = 2
 STEPS = 4
@@ -37,45 +39,10 @@ MAX_NORM = 0.5
 TOL = {"rtol": 1e-5, "atol": 1e-6}  # fp32 rounding: the reduce-scatter sums in another order
 
 
-def _tiny_model(seed: int):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    from spin_kernels.models import prepare_model
-
-    torch.manual_seed(seed)
-    return prepare_model(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32))
-
-
 def _loss_fn(model, batch):
     from spin_kernels.models import packed_spin_loss
 
     return packed_spin_loss(model, batch, beta=0.1, loss_type="sigmoid", impl="torch")
-
-
-def _micro_batches(share_prompt: bool = False) -> list:
-    """4 packed micro-batches of 1-3 pairs: rank r gets batches r and r+2."""
-    from spin_kernels.packing.batch import pack_batch
-    from spin_kernels.packing.example import SpinExample
-
-    g = torch.Generator().manual_seed(123)
-
-    def ids(n):
-        return torch.randint(3, 96, (n,), generator=g).tolist()
-
-    batches, index = [], 0
-    for pairs in (2, 1, 3, 2):
-        exs = []
-        for _ in range(pairs):
-            lp, lr, ls = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((2, 6), (2, 9), (2, 9)))
-            ref = (-torch.rand(2, generator=g) * 20 - 10).tolist()
-            exs.append(SpinExample(prompt_ids=ids(lp), real_ids=ids(lr), synthetic_ids=ids(ls), ref_logps=ref,
-                                   index=index))
-            index += 1
-        batches.append(pack_batch(exs, share_prompt=share_prompt))
-    return batches
 
 
 def _name(n: str) -> str:

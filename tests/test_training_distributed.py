@@ -212,7 +212,7 @@ def _alive(pid: int) -> bool:
 
 def test_ranks_end_with_their_launcher(setup):
     """kill -9 of the torchrun launcher alone: its ranks must not live on (and keep writing the run)."""
-    from spin_kernels.training.loop import LOCK_FILE
+    from spin_kernels.training.rundir import LOCK_FILE
 
     tmp, args, env = setup
     run = tmp / "orphaned"

@@ -18,7 +18,7 @@ import torch
 from spin_kernels.cli import main
 from spin_kernels.demo.task import MarkovTask
 from spin_kernels.demo.tiny import save_tiny_model
-from spin_kernels.training.loop import LOCK_FILE
+from spin_kernels.training.rundir import LOCK_FILE
 
 FLAGS = ["--device", "cpu", "--max-length", "40", "--max-prompt-length", "8", "--max-new-tokens", "12",
          "--learning-rate", "1e-3", "--epochs", "1", "--global-batch-pairs", "4", "--generation-batch-size", "4",

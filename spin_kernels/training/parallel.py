@@ -73,8 +73,9 @@ def resolve_fsdp(cfg: SpinConfig) -> bool:
     if multi and not fsdp:
         raise ConfigError("distributed.fsdp: false, but this process is one of several (WORLD_SIZE > 1); "
                           "multi-process runs shard the model with FSDP (drop --no-fsdp)")
-    if fsdp and cfg.generation.backend == "vllm":
-        raise ConfigError("generation.backend: 'vllm' runs in one process; use 'hf' with FSDP")
+    from .samplers import check_processes
+
+    check_processes(cfg.generation, sharded=fsdp)
     return fsdp
 
 
