@@ -297,7 +297,7 @@ def _sharded_model_step(rank: int) -> dict:
            "weights": max(_rel(weights[n], start[n] - lr * mean_grads[n]) for n in start),
            "moved": max(float((weights[n] - start[n]).abs().max()) for n in start),
            "head_gathered": seen.count(tuple(model.lm_head.weight.shape))}
-    # apply_fsdp2's layout: the embeddings belong to the ShardedModel root; the inner model alone cannot run.
+    # apply_fsdp2's layout: the embeddings belong to the ModelRunner root; the inner model alone cannot run.
     sharded = apply_fsdp2(fsdp_tiny_model(0), mixed_precision=None)
     try:
         packed_spin_loss(sharded.model, batches[rank], impl="torch")
@@ -386,7 +386,7 @@ def _trl_run(layout: str, out: str, *, sharded: bool) -> dict:
         fully_shard(model)
         return model
 
-    import spin_kernels.distributed.gathering as gathered_module
+    import spin_kernels.distributed.full_params as gathered_module
     from spin_kernels.ops.sharded import is_dtensor
 
     gather_full, dtensor_gathers = gathered_module.gather_full, []

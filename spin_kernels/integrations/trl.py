@@ -74,7 +74,7 @@ except ImportError as exc:  # pragma: no cover - exercised by the import-guard t
     raise ImportError("spin_kernels.integrations.trl needs TRL: pip install trl "
                       "(pip install 'spin_kernels[trl]' installs the tested version, TRL 1.16)") from exc
 
-from ..distributed.gathering import unsharded_lm_head
+from ..distributed.full_params import unsharded_lm_head
 from ..models import is_prepared, packed_hidden_states, prepare_model, unwrap_model
 from ..ops import linear_logprobs, linear_spin_loss
 from ..ops.objective import spin_metrics
