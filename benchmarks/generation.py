@@ -118,9 +118,9 @@ def _demo_model(work: Path):
 
 
 def _generation_config(case: str, options: dict[str, Any]):
-    from spin_kernels.training.config import GenerationConfig
+    from spin_kernels.training.config import SamplingOptions
 
-    return GenerationConfig(max_new_tokens=CASES[case]["max_new_tokens"], **options)
+    return SamplingOptions(max_new_tokens=CASES[case]["max_new_tokens"], **options)
 
 
 def _run_stage(model, tok, rows, cfg, model_dir: str, max_prompt_length: int, out: Path) -> tuple[float, float, list]:

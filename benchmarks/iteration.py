@@ -7,8 +7,9 @@ UltraChat sample (all 154 prompts, the offline BPE tokenizer) with a ~10M-parame
 parameters) that first gets a short SFT on the same sample (``sft_model``: AdamW, cached in the
 work directory), so that it ends its responses at varied lengths as a real opponent does.
 
-Each stage is timed by wrapping the loop's own stage functions (``loop.stage_generate``,
-``loop.stage_reference``, ``loop.train_spin``) for the run: wall seconds, process CPU seconds,
+Each stage is timed by wrapping the functions the loop's stages call (``stages.generate``'s
+``sample_plan``, ``stages.reference.run``, ``stages.train``'s ``train_spin``) for the run: wall
+seconds, process CPU seconds,
 share of the iteration's wall time, and tokens/s (generate: sampled tokens; reference: tokens of
 the packed real and synthetic sequences scored; train: the tokens of every optimizer step's
 global batch, as metrics.jsonl counts them). "other" is the rest of the iteration (loading,
@@ -95,11 +96,12 @@ def model_info(path: str) -> dict:
 
 @contextlib.contextmanager
 def timed_stages(out: dict[str, dict]):
-    """Wrap the loop's stage functions so that each call adds its wall/CPU seconds (and what it
-    produced) to ``out[stage]``."""
-    from spin_kernels.training import loop
+    """Wrap the work of the loop's stages so that each call adds its wall/CPU seconds (and what it
+    produced) to ``out[stage]`` (loading the model stays in "other")."""
+    from spin_kernels.training.stages import generate, reference, train
 
-    originals = {"generate": loop.stage_generate, "reference": loop.stage_reference, "train": loop.train_spin}
+    targets = {"generate": (generate, "sample_plan"), "reference": (reference, "run"), "train": (train, "train_spin")}
+    originals = {stage: getattr(module, name) for stage, (module, name) in targets.items()}
 
     def wrap(stage, fn):
         def run(*args, **kwargs):
@@ -113,13 +115,13 @@ def timed_stages(out: dict[str, dict]):
             return result
         return run
 
-    loop.stage_generate = wrap("generate", loop.stage_generate)
-    loop.stage_reference = wrap("reference", loop.stage_reference)
-    loop.train_spin = wrap("train", loop.train_spin)
+    for stage, (module, name) in targets.items():
+        setattr(module, name, wrap(stage, originals[stage]))
     try:
         yield
     finally:
-        loop.stage_generate, loop.stage_reference, loop.train_spin = originals.values()
+        for stage, (module, name) in targets.items():
+            setattr(module, name, originals[stage])
 
 
 def run_case(name: str, model_dir: str, rows: list[dict], run_dir: Path, *, max_new_tokens: int | None = None

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .training import loop
+    from .training import commands, loop
     from .training.flags import config_from_args, section_from_args
 
     if args.command == "demo":
@@ -83,13 +83,13 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     cfg = config_from_args(args).validate()
     if args.command == "generate":
-        rows = loop.run_generate(cfg, args.output)
+        rows = commands.run_generate(cfg, args.output)
         print(f"{len(rows)} synthetic responses in {args.output}")
     elif args.command == "reference":
-        rows = loop.run_reference(cfg, args.input, args.output)
+        rows = commands.run_reference(cfg, args.input, args.output)
         print(f"{len(rows)} pairs with ref_logps in {args.output}")
     elif args.command == "train":
-        print(f"final model: {loop.run_train(cfg, args.input, cfg.loop.output_dir)}")
+        print(f"final model: {commands.run_train(cfg, args.input, cfg.loop.output_dir)}")
     elif args.command == "iterate":
         loop.run_iterations(cfg)
     return 0

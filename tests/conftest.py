@@ -19,16 +19,23 @@ if not torch.cuda.is_available():
 os.environ.setdefault("SPIN_KERNELS_CPU_RULE", "default")
 
 
-def available_impls() -> list[str]:
-    """The impls that run on CPU tensors in this environment (triton has its own interpreter tests)."""
-    from spin_kernels.ops.backends import _FACTORIES
-
-    return [name for name in ("torch", "cpu") if name in _FACTORIES]
+#: Every op impl; a test taking the ``impl`` fixture runs once per impl, on CPU tensors, and is
+#: reported as skipped, with the reason, where an impl cannot run here.
+IMPLS = ("torch", "cpu", "triton")
 
 
-def pytest_generate_tests(metafunc):
-    if "impl" in metafunc.fixturenames:
-        metafunc.parametrize("impl", available_impls())
+@pytest.fixture(params=IMPLS)
+def impl(request) -> str:
+    from cases import impl_unavailable
+
+    name = request.param
+    if name == "triton" and not torch.cuda.is_available():
+        pytest.skip("impl=triton on CPU runs in the Triton interpreter: tests/test_triton_kernels.py and "
+                    "tests/test_padded_rows.py test it on interpreter-sized cases (and bf16 only on CUDA)")
+    why = impl_unavailable(name, torch.device("cpu"))
+    if why:
+        pytest.skip(why)
+    return name
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from test_models_packed import ARCHS, VOCAB, make_model
+from cases import ARCHS, VOCAB, make_model
 
 from spin_kernels.models.decoding import ExampleSampler, continuous_generate, example_seed
 

@@ -5,8 +5,9 @@ measured differences to a JSON file; the tests below assert on them:
 * training steps (gradient accumulation over packed micro-batches of unequal size, global-norm
   clipping that is active, AdamW) give the same losses, gradients and weights as one process
   that sees all micro-batches, with and without activation checkpointing;
-* sharded save at step 2 -> load into a differently initialised model -> 2 more steps equals
-  the uninterrupted run; the exported Hugging Face checkpoint reloads to the same weights;
+* a checkpoint (spin_kernels.training.checkpoint.Checkpointer) at step 2 -> load into a differently
+  initialised model -> 2 more steps equals the uninterrupted run, under FSDP and in one process
+  (the same format, resharded); the exported Hugging Face checkpoint reloads to the same weights;
 * greedy generation, each rank on its own share of prompts, gathered by example index, equals
   single-process generation with nothing lost or duplicated;
 * shared-prompt batches (``pack_batch(..., share_prompt=True)``) of the same pairs, sharded with
@@ -25,6 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from cases import free_port
+from cases import fsdp_micro_batches as _micro_batches
+from cases import fsdp_tiny_model as _tiny_model
 
 WORLD = 2
 STEPS = 4
@@ -36,45 +39,10 @@ MAX_NORM = 0.5
 TOL = {"rtol": 1e-5, "atol": 1e-6}  # fp32 rounding: the reduce-scatter sums in another order
 
 
-def _tiny_model(seed: int):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    from spin_kernels.models import prepare_model
-
-    torch.manual_seed(seed)
-    return prepare_model(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32))
-
-
 def _loss_fn(model, batch):
     from spin_kernels.models import packed_spin_loss
 
     return packed_spin_loss(model, batch, beta=0.1, loss_type="sigmoid", impl="torch")
-
-
-def _micro_batches(share_prompt: bool = False) -> list:
-    """4 packed micro-batches of 1-3 pairs: rank r gets batches r and r+2."""
-    from spin_kernels.packing.batch import pack_batch
-    from spin_kernels.packing.example import SpinExample
-
-    g = torch.Generator().manual_seed(123)
-
-    def ids(n):
-        return torch.randint(3, 96, (n,), generator=g).tolist()
-
-    batches, index = [], 0
-    for pairs in (2, 1, 3, 2):
-        exs = []
-        for _ in range(pairs):
-            lp, lr, ls = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((2, 6), (2, 9), (2, 9)))
-            ref = (-torch.rand(2, generator=g) * 20 - 10).tolist()
-            exs.append(SpinExample(prompt_ids=ids(lp), real_ids=ids(lr), synthetic_ids=ids(ls), ref_logps=ref,
-                                   index=index))
-            index += 1
-        batches.append(pack_batch(exs, share_prompt=share_prompt))
-    return batches
 
 
 def _name(n: str) -> str:
@@ -122,16 +90,23 @@ def _max_rel_diff(a: dict, b: dict) -> float:
     return worst
 
 
+def _checkpointer(model, opt, run_dir: str):
+    from spin_kernels.training.checkpoint import Checkpointer, ModelState, OptimizerState
+
+    return Checkpointer({"model": ModelState(model), "optimizer": OptimizerState(model, opt)}, run_dir,
+                        num_steps=STEPS, save_every=SAVE_AT)
+
+
 def _sharded_run(batches, *, ac: bool, seed: int = 0, ckpt: str | None = None, resume: str | None = None,
                  export: str | None = None) -> dict:
-    from spin_kernels.distributed import apply_fsdp2, export_hf, load_checkpoint, save_checkpoint, train_step
+    from spin_kernels.distributed import apply_fsdp2, export_hf, train_step
 
     rank = dist.get_rank()
     sharded = apply_fsdp2(_tiny_model(seed), mixed_precision=None, activation_checkpointing=ac)
     opt = torch.optim.AdamW(sharded.parameters(), lr=LR)
     first = 1
     if resume:
-        first = load_checkpoint(resume, sharded, opt)["step"] + 1
+        first = _checkpointer(sharded, opt, resume).load() + 1
     mine = batches[rank::WORLD]
     out = {"loss": {}, "norm": {}}
     for step in range(first, STEPS + 1):
@@ -140,7 +115,7 @@ def _sharded_run(batches, *, ac: bool, seed: int = 0, ckpt: str | None = None, r
         if step == SAVE_AT:
             out["grads"] = {_name(n): _full(p.grad).clone() for n, p in sharded.model.named_parameters()}
             if ckpt:
-                save_checkpoint(ckpt, sharded, opt, step=step)
+                _checkpointer(sharded, opt, ckpt).save(step)
     out["weights"] = {_name(n): _full(p.detach()).clone() for n, p in sharded.model.named_parameters()}
     if export:
         export_hf(export, sharded)
@@ -285,6 +260,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             exported = AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "hf"), dtype=torch.float32)
             report["export"] = _max_rel_diff({n: p.detach() for n, p in exported.named_parameters()},
                                              ref["weights"])
+            report["tmp"] = tmp
             with open(os.path.join(tmp, "report.json"), "w") as f:
                 json.dump(report, f)
         dist.barrier()
@@ -335,6 +311,27 @@ def test_sharded_checkpoint_resume_equals_uninterrupted(report):
     assert r["loss_diff"] < 1e-6, r
 
 
+def test_the_two_rank_checkpoint_resumes_in_one_process(report):
+    """One format: the checkpoint the 2 FSDP ranks wrote loads into a plain model and optimizer in
+    this process (no process group; DCP reshards), and the remaining steps reach the weights of the
+    one-process run that never stopped."""
+    from spin_kernels.distributed import grad_norm_and_clip_
+
+    batches = _micro_batches()
+    ref = _reference_run(batches)
+    model = _tiny_model(1)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    assert _checkpointer(model, opt, os.path.join(report["tmp"], "ckpt")).load() == SAVE_AT
+    total = sum(b.num_pairs for b in batches)
+    for _ in range(SAVE_AT, STEPS):
+        opt.zero_grad(set_to_none=True)
+        for b in batches:
+            (_loss_fn(model, b)[0] * (b.num_pairs / total)).backward()
+        grad_norm_and_clip_(list(model.parameters()), MAX_NORM)
+        opt.step()
+    assert _max_rel_diff({n: p.detach() for n, p in model.named_parameters()}, ref["weights"]) <= 1.0
+
+
 def test_export_hf_reloads_the_trained_weights(report):
     assert report["export"] <= 1.0, report["export"]
 
@@ -374,3 +371,10 @@ def test_fsdp_demo_runs_under_torchrun(tmp_path):
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "step 2: loss" in res.stdout and (tmp_path / "out" / "hf" / "config.json").exists()
+
+
+def test_sharded_model_is_a_deprecated_name_of_the_model_runner():
+    import spin_kernels.distributed as distributed
+
+    with pytest.warns(DeprecationWarning, match="ShardedModel is now ModelRunner"):
+        assert distributed.ShardedModel is distributed.ModelRunner

@@ -335,7 +335,7 @@ def test_the_printed_commands_run(tmp_path, capsys):
     QLoRA (one process). The requested and recommended commands write to different directories."""
     from cases import tiny_model_and_data
 
-    model, data = tiny_model_and_data(tmp_path, pairs=8, seed=1)
+    model, data = tiny_model_and_data(tmp_path, rows=8, seed=1, layers=2)
     common = [model, "--device", "cpu", "--gpu-memory", "4", "--no-mixed-precision", "--attention", "sdpa_loop",
               "--loss-impl", "torch", "--max-seqlen", "40", "--prompt-len", "8", "--max-new-tokens", "12",
               "--token-budget", "256", "--gen-batch", "4", "--data", data]

@@ -11,7 +11,7 @@ import itertools
 
 import pytest
 import torch
-from cases import assert_close
+from cases import ARCHS, VOCAB, assert_close, lora_policy, make_model, model_rtol, param_grads
 
 from spin_kernels.models import (
     lm_head_kwargs,
@@ -27,46 +27,6 @@ from spin_kernels.ops import spin_loss
 from spin_kernels.packing import SpinExample, pack_batch
 
 transformers = pytest.importorskip("transformers")
-
-VOCAB = 97
-COMMON = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 64}
-# Sliding windows shorter than the sequences and strong softcaps, so that both matter.
-ARCHS = {
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
-    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": 5}),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {"use_sliding_window": True,
-                                                                      "sliding_window": 4, "max_window_layers": 1}),
-    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM, {
-        "sliding_window": 6, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0,
-        "query_pre_attn_scalar": 8}),
-    "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM, {"logits_scaling": 2.0}),
-}
-# The oracle's attention: transformers' "eager", its reference implementation of every architecture.
-# Not the default one: with transformers 4.54 to 5.17 (4.54.1, 4.57.6 and 5.17.0 tried) Gemma-2
-# defaults to "sdpa", whose kernel silently drops attn_logit_softcapping, so "the model alone" would
-# be another model than the one configured (9.4e-3 from the packed log-probs in float64).
-ORACLE_ATTENTION = "eager"
-# "float64" models are not float64 throughout in transformers: RMSNorm casts to float32 (Llama,
-# Mistral, Qwen2, Granite, Gemma-2) and eager attention takes its softmax in float32. Two
-# computations that differ in float64 rounding can therefore differ by float32 rounding after a
-# norm; a leak or a wrong window shows up as errors of 1e-2 or more.
-RTOL = {"gemma2": 1e-5}
-DEFAULT_RTOL = 1e-6
-
-
-def make_model(arch: str, seed: int = 0, **overrides):
-    """A tiny float64 model of ``arch`` on the oracle's attention; ``overrides`` change its config."""
-    config_cls, model_cls, extra = ARCHS[arch]
-    torch.manual_seed(seed)
-    config = config_cls(**COMMON, **{**extra, **overrides}, attn_implementation=ORACLE_ATTENTION)
-    model = model_cls(config).double()
-    with torch.no_grad():  # larger weights than the init, so that attention patterns are far from uniform
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(4.0)
-    return model
-
 
 def make_examples(num_pairs: int = 3, seed: int = 1, ref: bool = False) -> list[SpinExample]:
     g = torch.Generator().manual_seed(seed)
@@ -90,12 +50,6 @@ def per_sequence_logps(model, batch) -> torch.Tensor:
     return torch.stack(out)
 
 
-def param_grads(model, loss) -> dict[str, torch.Tensor]:
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
-    return {n: g for (n, _), g in zip(named, grads) if g is not None}
-
-
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_packed_logps_and_grads_match_each_sequence_alone(arch):
     reference = make_model(arch)
@@ -105,7 +59,7 @@ def test_packed_logps_and_grads_match_each_sequence_alone(arch):
 
     got = sequence_logps(model, batch, impl="torch")
     want = per_sequence_logps(reference, batch)
-    rtol = RTOL.get(arch, DEFAULT_RTOL)
+    rtol = model_rtol(arch)
     assert_close(got, want, rtol, f"{arch} logps")
 
     got_grads = param_grads(model, (weights * got).sum())
@@ -142,7 +96,7 @@ def test_prepared_model_cannot_leak_even_with_default_use_cache(arch):
     for r, batch in enumerate(rows):
         for s, e in itertools.pairwise(batch.cu_seqlens.tolist()):
             alone = reference(batch.input_ids[s:e][None], use_cache=False).logits[0]
-            assert_close(out.logits[r, s:e], alone, RTOL.get(arch, DEFAULT_RTOL), f"{arch} row {r} tokens {s}:{e}")
+            assert_close(out.logits[r, s:e], alone, model_rtol(arch), f"{arch} row {r} tokens {s}:{e}")
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -159,7 +113,7 @@ def test_unprepared_packed_forward_with_cache_leaks(arch):
     leaked = model(input_ids=ids, position_ids=pos, use_cache=True).logits[0, s:e]
     assert (leaked - alone).abs().max() > 1e-3
     fine = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0, s:e]
-    assert_close(fine, alone, RTOL.get(arch, DEFAULT_RTOL), f"{arch} without cache")
+    assert_close(fine, alone, model_rtol(arch), f"{arch} without cache")
 
 
 def test_lm_head_kwargs_per_architecture():
@@ -178,7 +132,7 @@ def test_lm_head_with_bias_is_used():
     model = prepare_model(copy.deepcopy(reference))
     assert lm_head_kwargs(model)["bias"] is model.lm_head.bias
     batch = pack_batch(make_examples())
-    assert_close(sequence_logps(model, batch, impl="torch"), per_sequence_logps(reference, batch), DEFAULT_RTOL,
+    assert_close(sequence_logps(model, batch, impl="torch"), per_sequence_logps(reference, batch), model_rtol("llama"),
                  "bias")
 
 
@@ -197,17 +151,10 @@ def test_packed_hidden_states_shape_and_errors():
         packed_spin_loss(model, batch)
 
 
-def _lora_policy(base):
-    peft = pytest.importorskip("peft")
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                             init_lora_weights=False)  # random B: the adapter changes the model
-    return peft.get_peft_model(base, config)
-
-
 def test_three_reference_modes_agree_and_loss_matches():
     base = make_model("llama")
     frozen = prepare_model(copy.deepcopy(base)).requires_grad_(False)
-    policy = prepare_model(_lora_policy(copy.deepcopy(base)))
+    policy = prepare_model(lora_policy(copy.deepcopy(base)))
     policy.train()
     examples = make_examples(num_pairs=4)
     batch = pack_batch(examples)
@@ -216,7 +163,7 @@ def test_three_reference_modes_agree_and_loss_matches():
     from_policy = reference_logps(batch, policy=policy, impl="torch")
     assert not from_frozen.is_inference() and not from_frozen.requires_grad
     assert_close(from_policy, from_frozen, 1e-12, "policy with adapter disabled vs frozen model")
-    assert_close(from_frozen, per_sequence_logps(base, batch), DEFAULT_RTOL, "frozen vs transformers alone")
+    assert_close(from_frozen, per_sequence_logps(base, batch), model_rtol("llama"), "frozen vs transformers alone")
 
     values = from_frozen.tolist()
     for p, ex in enumerate(examples):
@@ -231,7 +178,7 @@ def test_three_reference_modes_agree_and_loss_matches():
 
     loss, metrics = packed_spin_loss(policy, batch, beta=0.5, impl="torch", ref_logps=from_policy)
     want, _ = spin_loss(with_adapter[0::2], with_adapter[1::2], from_frozen[0::2], from_frozen[1::2], beta=0.5)
-    assert_close(loss, want, DEFAULT_RTOL, "SPIN loss")
+    assert_close(loss, want, model_rtol("llama"), "SPIN loss")
     assert set(metrics) >= {"rewards/margin", "rewards/accuracy"}
     loss.backward()
     lora_grads = [p.grad for n, p in policy.named_parameters() if "lora_" in n]

@@ -29,7 +29,7 @@ TIMEOUT = 600
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("spin-multinode")
-    model, data = tiny_model_and_data(tmp, pairs=21, seed=3)
+    model, data = tiny_model_and_data(tmp, rows=21, seed=3, layers=2)
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     return tmp, [*ARGS, "--model", model, "--data", data], env
 

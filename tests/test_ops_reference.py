@@ -5,47 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cases import IGNORE, assert_close, grads, make_case, random_lengths
+from cases import IGNORE, OPTIONS, RTOL, assert_close, check_logprobs, grads, head_kwargs, make_case, random_lengths
 from spin_kernels import LinearSPINLoss, linear_logprobs, linear_spin_loss, spin_loss
 from spin_kernels.ops.naive import naive_linear_logprobs, naive_linear_spin_loss
-
-# rtol of results against the float64 reference: outputs accumulate in fp32; gradients are
-# returned in the input dtype, so bf16/fp16 gradients carry their rounding.
-RTOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-5, 2e-3), torch.bfloat16: (2e-5, 1e-2),
-        torch.float64: (1e-10, 1e-10)}
-
-OPTIONS = [
-    {},
-    {"bias": True},
-    {"temperature": 0.7},
-    {"softcap": 2.5},
-    {"average": True},
-    {"bias": True, "temperature": 1.3, "softcap": 4.0, "average": True},
-]
-
-
-def _head_kwargs(case, options):
-    kw = {k: v for k, v in options.items() if k != "bias"}
-    return dict(bias=case.bias, **kw)
-
-
-def _check_logprobs(case, impl, options, dtype):
-    out = linear_logprobs(case.hidden, case.weight, case.targets, case.cu_seqlens, impl=impl,
-                          **_head_kwargs(case, options))
-    ref_case = case.float64()
-    ref = naive_linear_logprobs(ref_case.hidden, ref_case.weight, case.targets, case.cu_seqlens,
-                                **_head_kwargs(ref_case, options))
-    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    rtol_out, rtol_grad = RTOL[dtype]
-    assert_close(out, ref, rtol_out, "logps")
-    upstream = torch.randn(out.shape[0], dtype=torch.float64, device=out.device)
-    got = grads((out.double() * upstream).sum(), [case.hidden, case.weight, case.bias])
-    want = grads((ref * upstream).sum(), [ref_case.hidden, ref_case.weight, ref_case.bias])
-    for name, g, w, x in zip(("hidden", "weight", "bias"), got, want, (case.hidden, case.weight, case.bias)):
-        if x is None:
-            continue
-        assert g.dtype == x.dtype, f"d{name} dtype"
-        assert_close(g, w, rtol_grad, f"d{name}")
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(o) or "plain")
@@ -53,7 +15,7 @@ def _check_logprobs(case, impl, options, dtype):
 def test_linear_logprobs_matches_float64_reference(impl, dtype, options):
     lengths = random_lengths(5, 23, seed=1) + [0, 1, 1, 0, 37]  # odd sizes, empty, single-token
     case = make_case(lengths, 19, 131, dtype=dtype, bias=options.get("bias", False), seed=2)
-    _check_logprobs(case, impl, options, dtype)
+    check_logprobs(case, impl, options, dtype)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge"])
@@ -64,11 +26,11 @@ def test_linear_spin_loss_matches_float64_reference(impl, dtype, options, loss_t
     case = make_case(lengths, 17, 97, dtype=dtype, bias=options.get("bias", False), seed=4)
     beta = 0.3 if loss_type == "sigmoid" else 0.01  # hinge: keep margins around the kink's both sides
     loss, metrics = linear_spin_loss(case.hidden, case.weight, case.targets, case.cu_seqlens, case.ref_logps,
-                                     beta=beta, loss_type=loss_type, impl=impl, **_head_kwargs(case, options))
+                                     beta=beta, loss_type=loss_type, impl=impl, **head_kwargs(case, options))
     ref_case = case.float64()
     ref_loss, ref_metrics = naive_linear_spin_loss(
         ref_case.hidden, ref_case.weight, case.targets, case.cu_seqlens, ref_case.ref_logps, beta=beta,
-        loss_type=loss_type, **_head_kwargs(ref_case, options))
+        loss_type=loss_type, **head_kwargs(ref_case, options))
     rtol_out, rtol_grad = RTOL[dtype]
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert_close(loss, ref_loss, rtol_out, "loss")
@@ -87,7 +49,7 @@ def test_float64_inputs_give_float64_results(impl):
     if impl != "torch":
         pytest.skip("float64 is the torch path's (gradcheck) precision")
     case = make_case([4, 7, 0, 9], 6, 11, dtype=torch.float64, bias=True, seed=5)
-    _check_logprobs(case, impl, {"bias": True, "softcap": 3.0}, torch.float64)
+    check_logprobs(case, impl, {"bias": True, "softcap": 3.0}, torch.float64)
 
 
 def test_gradcheck_linear_logprobs():

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cases import IGNORE, assert_close, grads, make_case, random_lengths
-from test_triton_kernels import CUDA, DEVICE, needs_cuda, on_device
+from cases import (CUDA, DEVICE, IGNORE, assert_close, grads, impl_unavailable, make_case, needs_cuda, needs_impl,
+                   on_device, random_lengths)
 
 from spin_kernels import linear_logprobs, linear_spin_loss
 from spin_kernels.ops.layout import CountedRows
@@ -49,6 +49,7 @@ def test_padded_layout_of_unchecked_garbage_stays_in_range():
 
 
 @pytest.mark.skipif(CUDA, reason="the interpreter's comparison; CUDA runs the test below")
+@needs_impl("triton")
 @pytest.mark.parametrize("workspace", [2**20, 1], ids=["one-block", "16-row-blocks"])
 def test_triton_kernels_padded_equal_exact_in_the_interpreter(workspace):
     """Padded and exact layouts through the kernels; with 16-row blocks the padded layout has
@@ -80,10 +81,9 @@ def test_triton_kernels_padded_equal_exact_in_the_interpreter(workspace):
 
 @pytest.mark.parametrize("path", ["torch", "cpu", "triton"])
 def test_unchecked_values_give_the_checked_result_on_good_input(path):
-    from conftest import available_impls
-
-    if path != "triton" and (CUDA or path not in available_impls()):
-        pytest.skip(f"impl={path} does not run on {DEVICE} here")
+    why = impl_unavailable(path, DEVICE)
+    if why:
+        pytest.skip(why)
     impl = path
     case = on_device(make_case([11, 8, 0, 14, 6, 9], 16, 50, bias=True, seed=6))
     results = []
@@ -97,6 +97,7 @@ def test_unchecked_values_give_the_checked_result_on_good_input(path):
         assert torch.equal(a, b)
 
 
+@needs_impl("triton")
 def test_unchecked_bad_values_on_triton_give_numbers_not_memory_errors():
     """Targets are only compared inside the kernels and indices are clamped: out-of-range
     targets and a malformed cu_seqlens produce (meaningless) finite numbers."""
@@ -126,6 +127,7 @@ def test_no_sequence_but_rows_is_a_shape_error_even_unchecked():
 
 
 @needs_cuda
+@needs_impl("triton")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_cuda_fused_spin_step_never_synchronises(dtype):
     """linear_spin_loss(impl="triton", check_values=False) forward + backward under

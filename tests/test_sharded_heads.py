@@ -262,15 +262,15 @@ def _sharded_model_step(rank: int) -> dict:
     """packed_spin_loss on an FSDP2 model whose lm_head is its own unit (a DTensor when the loss
     reads it), each rank its own micro-batch, then one SGD step: equals one process stepping on the
     mean of the ranks' gradients. The model called through apply_fsdp2's inner module is refused."""
-    from test_fsdp2 import _micro_batches, _tiny_model
+    from cases import fsdp_micro_batches, fsdp_tiny_model
     from torch.distributed.fsdp import fully_shard
 
     from spin_kernels.distributed import apply_fsdp2
     from spin_kernels.models import packed_spin_loss
 
     lr = 0.5
-    batches = _micro_batches()[:WORLD]
-    ref = _tiny_model(0)
+    batches = fsdp_micro_batches()[:WORLD]
+    ref = fsdp_tiny_model(0)
     start = {n: p.detach().clone() for n, p in ref.named_parameters()}
     mean_grads, losses = {}, []
     for b in batches:
@@ -281,7 +281,7 @@ def _sharded_model_step(rank: int) -> dict:
         for n, p in ref.named_parameters():
             mean_grads[n] = mean_grads.get(n, 0) + p.grad / WORLD
 
-    model = _tiny_model(0)
+    model = fsdp_tiny_model(0)
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model.lm_head)
@@ -297,8 +297,8 @@ def _sharded_model_step(rank: int) -> dict:
            "weights": max(_rel(weights[n], start[n] - lr * mean_grads[n]) for n in start),
            "moved": max(float((weights[n] - start[n]).abs().max()) for n in start),
            "head_gathered": seen.count(tuple(model.lm_head.weight.shape))}
-    # apply_fsdp2's layout: the embeddings belong to the ShardedModel root; the inner model alone cannot run.
-    sharded = apply_fsdp2(_tiny_model(0), mixed_precision=None)
+    # apply_fsdp2's layout: the embeddings belong to the ModelRunner root; the inner model alone cannot run.
+    sharded = apply_fsdp2(fsdp_tiny_model(0), mixed_precision=None)
     try:
         packed_spin_loss(sharded.model, batches[rank], impl="torch")
         out["outside_root"] = "accepted"
@@ -386,7 +386,7 @@ def _trl_run(layout: str, out: str, *, sharded: bool) -> dict:
         fully_shard(model)
         return model
 
-    import spin_kernels.distributed.gathering as gathered_module
+    import spin_kernels.distributed.full_params as gathered_module
     from spin_kernels.ops.sharded import is_dtensor
 
     gather_full, dtensor_gathers = gathered_module.gather_full, []

@@ -14,10 +14,9 @@ import copy
 
 import pytest
 import torch
-from cases import assert_close, traceable_examples
+from cases import VOCAB, assert_close, lora_policy, make_model, model_rtol, param_grads, traceable_examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_models_packed import DEFAULT_RTOL, RTOL, VOCAB, _lora_policy, make_model, param_grads
 
 from spin_kernels.models import (
     SharedPromptLayout,
@@ -218,7 +217,7 @@ def test_logps_and_every_gradient_equal_the_default_layout(arch):
     model = prepare_model(make_model(arch))
     examples = edge_examples()
     d, s = pack_batch(examples), pack_batch(examples, share_prompt=True)
-    rtol = RTOL.get(arch, DEFAULT_RTOL)
+    rtol = model_rtol(arch)
     assert_close(packed_hidden_states(model, s)[default_to_shared(examples)], packed_hidden_states(model, d), rtol,
                  f"{arch} hidden states")
 
@@ -252,7 +251,7 @@ def test_changing_the_real_response_leaves_the_synthetic_alone(arch):
     with torch.no_grad():
         before = sequence_logps(model, pack_batch(examples, share_prompt=True), impl="torch")
         after = sequence_logps(model, pack_batch(changed, share_prompt=True), impl="torch")
-    assert_close(after[1::2], before[1::2], RTOL.get(arch, DEFAULT_RTOL), f"{arch} synthetic logps")
+    assert_close(after[1::2], before[1::2], model_rtol(arch), f"{arch} synthetic logps")
     assert (after[0::2][[0, 2]] - before[0::2][[0, 2]]).abs().min() > 1e-3  # the real ones did change
 
 
@@ -263,19 +262,19 @@ def test_flex_backend_inside_a_model_forward(monkeypatch):
     want = reference_logps(pack_batch(examples), ref_model=model, impl="torch")
     monkeypatch.setattr(shared_module, "shared_prompt_backend", lambda *a, **k: "flex")
     got = reference_logps(pack_batch(examples, share_prompt=True), ref_model=model, impl="torch")
-    assert_close(got, want, RTOL["gemma2"], "flex, gemma2")
+    assert_close(got, want, model_rtol("gemma2"), "flex, gemma2")
 
 
 def test_reference_modes_on_shared_batches():
     base = make_model("llama")
     frozen = prepare_model(copy.deepcopy(base)).requires_grad_(False)
-    policy = prepare_model(_lora_policy(copy.deepcopy(base)))
+    policy = prepare_model(lora_policy(copy.deepcopy(base)))
     policy.train()
     examples = edge_examples()
     d, s = pack_batch(examples), pack_batch(examples, share_prompt=True)
     want = reference_logps(d, ref_model=frozen, impl="torch")
-    assert_close(reference_logps(s, ref_model=frozen, impl="torch"), want, DEFAULT_RTOL, "frozen")
-    assert_close(reference_logps(s, policy=policy, impl="torch"), want, DEFAULT_RTOL, "LoRA disabled")
+    assert_close(reference_logps(s, ref_model=frozen, impl="torch"), want, model_rtol("llama"), "frozen")
+    assert_close(reference_logps(s, policy=policy, impl="torch"), want, model_rtol("llama"), "LoRA disabled")
     values = want.tolist()
     for p, ex in enumerate(examples):
         ex.ref_logps = (values[2 * p], values[2 * p + 1])
@@ -284,11 +283,11 @@ def test_reference_modes_on_shared_batches():
     # The policy pass (adapter on) on the shared batch: same loss and LoRA gradients as the default one.
     assert policy.training
     losses = [packed_spin_loss(policy, b, beta=0.5, impl="torch", ref_logps=want)[0] for b in (s, d)]
-    assert_close(losses[0], losses[1], DEFAULT_RTOL, "LoRA SPIN loss")
+    assert_close(losses[0], losses[1], model_rtol("llama"), "LoRA SPIN loss")
     grads = [param_grads(policy, loss) for loss in losses]
     assert grads[0] and set(grads[0]) == set(grads[1]) and all("lora_" in n for n in grads[0])
     for name, g in grads[1].items():
-        assert_close(grads[0][name], g, DEFAULT_RTOL * 10, f"LoRA grad {name}")
+        assert_close(grads[0][name], g, model_rtol("llama") * 10, f"LoRA grad {name}")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlexAttention's backward)")

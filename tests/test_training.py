@@ -1,16 +1,16 @@
-"""Unit tests of the training layer: config, data, the packed SPIN step, generation, checkpoints."""
+"""Unit tests of the training layer: config, data, the packed SPIN step, generation (checkpoints:
+tests/test_checkpoint.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 
 from spin_kernels.demo.task import MarkovTask
 from spin_kernels.demo.tiny import demo_tokenizer, save_tiny_model, tiny_llama
-from spin_kernels.training.config import ConfigError, DataConfig, GenerationConfig, SpinConfig, config_from_dict
+from spin_kernels.training.config import ConfigError, DataConfig, SamplingOptions, SpinConfig, config_from_dict
 from spin_kernels.training.data import JsonlAppender, load_sft_data, read_jsonl
 
 # --------------------------------------------------------------------------- config
@@ -167,7 +167,7 @@ def test_generation_is_seeded_batched_and_resumable(tmp_path):
     path = save_tiny_model(str(tmp_path / "m"))
     model, tok = AutoModelForCausalLM.from_pretrained(path), demo_tokenizer()
     records = [dict(r, index=i) for i, r in enumerate(MarkovTask().sample(10, seed=1))]
-    cfg = GenerationConfig(max_new_tokens=6, generation_batch_size=4)
+    cfg = SamplingOptions(max_new_tokens=6, generation_batch_size=4)
     full = generate_synthetic(model, tok, records, cfg, str(tmp_path / "a.jsonl"), max_prompt_length=8, seed=7,
                               model_path=path)
     assert [r["index"] for r in full] == list(range(10))
@@ -203,14 +203,14 @@ def test_sorted_and_continuous_generation_resume_to_the_uninterrupted_rows(tmp_p
     records = [dict(r, index=i) for i, r in enumerate(MarkovTask().sample(10, seed=1))]
     records[3]["prompt"] = records[3]["prompt"] * 3  # prompts of different token lengths
     kwargs = dict(max_prompt_length=8, seed=7, model_path=path)
-    cfg = GenerationConfig(max_new_tokens=6, **{"generation_batch_size": 4, **settings})
+    cfg = SamplingOptions(max_new_tokens=6, **{"generation_batch_size": 4, **settings})
     plan = plan_generation(records, str(tmp_path / "x.jsonl"), cfg, tokenizer=tok, max_prompt_length=8, seed=7,
                            model_path=path)
     assert plan.batches[0][0]["index"] == 3 and len(plan.batches) > 2  # the longest prompt first; several batches
     full = generate_synthetic(model, tok, records, cfg, str(tmp_path / "a.jsonl"), **kwargs)
     assert [r["index"] for r in full] == list(range(10))
     assert any(r["finished"] for r in full) and any(r["synthetic_tokens"] for r in full)
-    plain = generate_synthetic(model, tok, records, GenerationConfig(max_new_tokens=6, generation_batch_size=4,
+    plain = generate_synthetic(model, tok, records, SamplingOptions(max_new_tokens=6, generation_batch_size=4,
                                                                      generation_seeding="example"),
                                str(tmp_path / "plain.jsonl"), **kwargs)
     assert [(r["synthetic"], r["finished"]) for r in full] == [(r["synthetic"], r["finished"]) for r in plain]
@@ -232,10 +232,10 @@ def test_default_generation_settings_record_what_they_always_did():
     """Rows written before the batching options existed stay current under the defaults."""
     from spin_kernels.training.provenance import sampling_settings
 
-    assert sampling_settings(GenerationConfig(), 7) == {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 256,
+    assert sampling_settings(SamplingOptions(), 7) == {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 256,
                                                         "seed": 7, "batch_size": 16, "backend": "hf"}
     with pytest.raises(ConfigError, match="generation.generation_seeding: 'batch' needs backend 'hf'"):
-        GenerationConfig(backend="continuous", generation_seeding="batch")
+        SamplingOptions(backend="continuous", generation_seeding="batch")
 
 
 def test_prompt_batches_sort_by_length_and_respect_the_token_budget():
@@ -243,19 +243,19 @@ def test_prompt_batches_sort_by_length_and_respect_the_token_budget():
 
     records = [{"index": i} for i in range(6)]
     lengths = {0: 3, 1: 9, 2: 1, 3: 9, 4: 5, 5: 2}
-    cfg = GenerationConfig(max_new_tokens=1, generation_batch_size=3, generation_order="length",
+    cfg = SamplingOptions(max_new_tokens=1, generation_batch_size=3, generation_order="length",
                            generation_token_budget=21)
     batches = [[r["index"] for r in b] for b in prompt_batches(records, lengths, cfg)]
     assert batches == [[1, 3], [4, 0, 5], [2]]  # 2 x (9 + 1) <= 21 < 3 x 10; 3 x (5 + 1); longest first
-    plain = GenerationConfig(generation_batch_size=4)
+    plain = SamplingOptions(generation_batch_size=4)
     assert [[r["index"] for r in b] for b in prompt_batches(records, None, plain)] == [[0, 1, 2, 3], [4, 5]]
-    chunks = GenerationConfig(backend="continuous", generation_batch_size=2, generation_chunk_size=4)
+    chunks = SamplingOptions(backend="continuous", generation_batch_size=2, generation_chunk_size=4)
     assert [[r["index"] for r in b] for b in prompt_batches(records, None, chunks)] == [[0, 1, 2, 3], [4, 5]]
     with pytest.raises(ValueError, match="need the prompt lengths"):
         prompt_batches(records, None, cfg)
 
 
-# --------------------------------------------------------------------------- schedule and checkpoints
+# --------------------------------------------------------------------------- schedule (checkpoints: test_checkpoint.py)
 
 
 def test_global_batches_cover_each_epoch_once():
@@ -267,27 +267,6 @@ def test_global_batches_cover_each_epoch_once():
     assert sorted(epoch0) == list(range(10)) == sorted(epoch1)
     assert steps[:3] != steps[3:]
     assert global_batches(10, 4, 2, seed=3) == steps
-
-
-def test_checkpoint_dirs_are_atomic(tmp_path):
-    from spin_kernels.training.checkpoint import latest_step_checkpoint, load_weights_into, save_model_dir
-
-    tok = demo_tokenizer()
-    model = tiny_llama(len(tok), hidden_size=16, layers=1, intermediate_size=32)
-    root = tmp_path / "checkpoints"
-    save_model_dir(model, tok, str(root / "step-2"), state={"step": 2})
-    os.makedirs(root / ".tmp-step-4")  # a save killed halfway
-    os.makedirs(root / "step-5")  # no trainer state: not a checkpoint
-    assert latest_step_checkpoint(str(root)) == (2, str(root / "step-2"))
-    other = tiny_llama(len(tok), hidden_size=16, layers=1, intermediate_size=32, seed=1)
-    load_weights_into(other, str(root / "step-2"))
-    for a, b in zip(model.parameters(), other.parameters()):
-        assert torch.equal(a, b)
-    with torch.no_grad():
-        next(model.parameters()).add_(1)
-    save_model_dir(model, tok, str(root / "step-2"), state={"step": 2})  # replaced in place
-    load_weights_into(other, str(root / "step-2"))
-    assert torch.equal(next(model.parameters()), next(other.parameters()))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

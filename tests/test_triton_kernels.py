@@ -14,8 +14,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from cases import IGNORE, assert_close, grads, make_case, random_lengths
-from test_ops_reference import OPTIONS, RTOL, _check_logprobs, _head_kwargs
+from cases import (CUDA, DEVICE, IGNORE, OPTIONS, RTOL, assert_close, check_logprobs, grads, head_kwargs, make_case,
+                   needs_cuda, on_device, random_lengths)
 
 from spin_kernels import linear_logprobs, linear_spin_loss
 from spin_kernels.ops.autograd import LinearLogprobsFunction
@@ -24,21 +24,7 @@ from spin_kernels.ops.backends.triton_backend import TritonBackend, filter_eps_f
 from spin_kernels.ops.naive import naive_linear_logprobs, naive_linear_spin_loss
 from spin_kernels.ops.options import HeadOptions, SpinOptions
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-
-
-def on_device(case):
-    """The case's tensors moved to DEVICE (leaves that require grad stay leaves)."""
-    def move(t):
-        return None if t is None else t.detach().to(DEVICE).requires_grad_(t.requires_grad)
-
-    case.hidden, case.weight, case.bias = move(case.hidden), move(case.weight), move(case.bias)
-    case.targets, case.cu_seqlens, case.ref_logps = (case.targets.to(DEVICE), case.cu_seqlens.to(DEVICE),
-                                                      case.ref_logps.to(DEVICE))
-    return case
 
 
 def test_triton_backend_is_resolved():
@@ -50,12 +36,12 @@ def test_triton_backend_is_resolved():
 def test_linear_logprobs_matches_float64_reference(dtype, options):
     lengths = random_lengths(5, 23, seed=1) + [0, 1, 1, 0, 37]  # odd sizes, empty, single-token
     case = on_device(make_case(lengths, 19, 131, dtype=dtype, bias=options.get("bias", False), seed=2))
-    _check_logprobs(case, "triton", options, dtype)
+    check_logprobs(case, "triton", options, dtype)
 
 
 def _spin(case, impl, beta, loss_type, options):
     return linear_spin_loss(case.hidden, case.weight, case.targets, case.cu_seqlens, case.ref_logps, beta=beta,
-                            loss_type=loss_type, impl=impl, **_head_kwargs(case, options))
+                            loss_type=loss_type, impl=impl, **head_kwargs(case, options))
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge"])
@@ -70,7 +56,7 @@ def test_linear_spin_loss_matches_float64_reference_and_torch(dtype, options, lo
     ref_case = case.float64()
     ref_loss, ref_metrics = naive_linear_spin_loss(
         ref_case.hidden, ref_case.weight, case.targets, case.cu_seqlens, ref_case.ref_logps, beta=beta,
-        loss_type=loss_type, **_head_kwargs(ref_case, options))
+        loss_type=loss_type, **head_kwargs(ref_case, options))
     rtol_out, rtol_grad = RTOL[dtype]
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert_close(loss, ref_loss, rtol_out, "loss")

@@ -18,7 +18,7 @@ import torch
 from spin_kernels.cli import main
 from spin_kernels.demo.task import MarkovTask
 from spin_kernels.demo.tiny import save_tiny_model
-from spin_kernels.training.loop import LOCK_FILE
+from spin_kernels.training.rundir import LOCK_FILE
 
 FLAGS = ["--device", "cpu", "--max-length", "40", "--max-prompt-length", "8", "--max-new-tokens", "12",
          "--learning-rate", "1e-3", "--epochs", "1", "--global-batch-pairs", "4", "--generation-batch-size", "4",
@@ -78,7 +78,7 @@ def test_nonfinite_step_stops_the_run_naming_step_examples_and_cause(base, tmp_p
 def test_nonfinite_loss_names_the_micro_batch(base, tmp_path):
     """A loss that turns NaN in one micro-batch: the step is not applied and the error names exactly
     that micro-batch's examples (train_step, one process)."""
-    from spin_kernels.distributed import NonFiniteError, ShardedModel, train_step
+    from spin_kernels.distributed import NonFiniteError, ModelRunner, train_step
 
     model = torch.nn.Linear(3, 1)
     before = [p.detach().clone() for p in model.parameters()]
@@ -93,7 +93,7 @@ def test_nonfinite_loss_names_the_micro_batch(base, tmp_path):
 
     good, bad = Batch([0, 1], torch.ones(2, 3)), Batch([5, 7], torch.tensor([[1.0, float("nan"), 0.0]] * 2))
     with pytest.raises(NonFiniteError) as info:
-        train_step(ShardedModel(model), opt, [good, bad], loss_fn=loss_fn, max_grad_norm=1.0)
+        train_step(ModelRunner(model), opt, [good, bad], loss_fn=loss_fn, max_grad_norm=1.0)
     assert info.value.quantity == "loss" and info.value.examples == [5, 7]
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing applied
 

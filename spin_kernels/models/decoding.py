@@ -244,6 +244,67 @@ class _Running:
     length: int  # tokens in the slot's cache
 
 
+class _Schedule:
+    """The host side of continuous batching, in Python ints: prompts waiting, sequences running
+    in slots, free slots (lowest first), and the results. A function of the prompts alone."""
+
+    def __init__(self, prompts: Sequence[Sequence[int]], slots: int, max_new_tokens: int, eos: set[int]):
+        self.prompts, self.max_new_tokens, self.eos = prompts, max_new_tokens, eos
+        self.waiting = collections.deque(range(len(prompts)))
+        self.running: dict[int, _Running] = {}
+        self.free = list(range(slots))
+        self.results: list[tuple[list[int], bool] | None] = [None] * len(prompts)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def admit(self) -> tuple[list[int], list[tuple[int, int]]]:
+        """This step's work: the running slots that decode a token, and (slot, prompt) of the
+        prompts admitted into free slots."""
+        decode = sorted(self.running)
+        admitted = []
+        while self.free and self.waiting:
+            admitted.append((self.free.pop(0), self.waiting.popleft()))
+        return decode, admitted
+
+    def packed(self, decode: list[int], admitted: list[tuple[int, int]]):
+        """The step's packed row: token ids, position ids, and (slot, length) of each prefill."""
+        ids = [self.running[s].tokens[-1] for s in decode] + [t for _, r in admitted for t in self.prompts[r]]
+        pos = [self.running[s].length for s in decode] + [i for _, r in admitted for i in range(len(self.prompts[r]))]
+        return ids, pos, [(s, len(self.prompts[r])) for s, r in admitted]
+
+    def advance(self, decode: list[int], admitted: list[tuple[int, int]], sample: Callable[[list[int]], list[int]]):
+        """Take the step's sampled tokens (``sample(streams)``, one per decoding and admitted
+        slot, in that order): append them, end what reached EOS or max_new_tokens, free its slot."""
+        for s, r in admitted:
+            self.running[s] = _Running(r, r, [], len(self.prompts[r]))
+        order = decode + [s for s, _ in admitted]
+        tokens = sample([self.running[s].row for s in order])
+        for s, token in zip(order, tokens):
+            run = self.running[s]
+            if s in decode:
+                run.length += 1  # the token fed this step is now in the cache
+            if token in self.eos or len(run.tokens) + 1 >= self.max_new_tokens:
+                if token not in self.eos:
+                    run.tokens.append(token)
+                self.results[run.request] = (run.tokens, token in self.eos)
+                del self.running[s]
+                self.free.append(s)
+            else:
+                run.tokens.append(token)
+        self.free.sort()
+
+
+def _check_request(prompts: Sequence[Sequence[int]], sampler: ExampleSampler, slots: int, max_new_tokens: int):
+    if slots < 1 or max_new_tokens < 1:
+        raise ValueError(f"slots and max_new_tokens must be >= 1, got {slots}, {max_new_tokens}")
+    if len(sampler.generators) != len(prompts):
+        raise ValueError(f"sampler has {len(sampler.generators)} streams for {len(prompts)} prompts")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+
+
 @torch.no_grad()
 def continuous_generate(model, prompts: Sequence[Sequence[int]], sampler: ExampleSampler, *, slots: int,
                         max_new_tokens: int, eos_token_id: int | Sequence[int] | None,
@@ -266,75 +327,45 @@ def continuous_generate(model, prompts: Sequence[Sequence[int]], sampler: Exampl
         ``[(tokens, finished)]`` per prompt: the sampled ids before EOS, and whether EOS came
         before max_new_tokens ran out.
     """
-    if slots < 1 or max_new_tokens < 1:
-        raise ValueError(f"slots and max_new_tokens must be >= 1, got {slots}, {max_new_tokens}")
-    if len(sampler.generators) != len(prompts):
-        raise ValueError(f"sampler has {len(sampler.generators)} streams for {len(prompts)} prompts")
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+    _check_request(prompts, sampler, slots, max_new_tokens)
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     device = next(model.parameters()).device
-    slots = max(1, min(slots, len(prompts))) if prompts else 1
-    capacity = max((len(p) for p in prompts), default=1) + max_new_tokens
-    cache = SlotCache(slots, capacity)
-    waiting = collections.deque(range(len(prompts)))
-    running: dict[int, _Running] = {}
-    free = list(range(slots))
-    results: list[tuple[list[int], bool] | None] = [None] * len(prompts)
+    schedule = _Schedule(prompts, max(1, min(slots, len(prompts))) if prompts else 1, max_new_tokens, eos)
+    cache = SlotCache(len(schedule.free), max((len(p) for p in prompts), default=1) + max_new_tokens)
     was_training = model.training
     model.eval()
     _ACTIVE.append(cache)
     try:
         with _decode_attention(model):
             while True:
-                mine = bool(waiting or running)
-                if sync is not None and not sync(mine):
+                mine = schedule.busy
+                if not (sync(mine) if sync is not None else mine):
                     break
-                if not mine and sync is None:
-                    break
-                decode = sorted(running)
-                admitted = []
-                while free and waiting:
-                    admitted.append((free.pop(0), waiting.popleft()))
+                decode, admitted = schedule.admit()
+                # a rank without work keeps the others company: one token into slot 0
+                ids, pos, prefill = schedule.packed(decode, admitted) if mine else ([0], [0], [(0, 1)])
+                logits = _forward(model, cache, decode, pos[:len(decode)], ids, pos, prefill, device)
                 if mine:
-                    ids = [running[s].tokens[-1] for s in decode] + [t for _, r in admitted for t in prompts[r]]
-                    pos = [running[s].length for s in decode] + [i for _, r in admitted for i in range(len(prompts[r]))]
-                    prefill = [(s, len(prompts[r])) for s, r in admitted]
-                else:  # a rank without work keeps the others company: one token into slot 0
-                    ids, pos, prefill = [0], [0], [(0, 1)]
-                _set_step(cache, decode, [running[s].length for s in decode], prefill, device)
-                keep = list(range(len(decode)))
-                end = len(decode)
-                for _, length in prefill:
-                    end += length
-                    keep.append(end - 1)
-                logits = model(input_ids=torch.tensor([ids], device=device),
-                               position_ids=torch.tensor([pos], device=device), use_cache=False,
-                               logits_to_keep=torch.tensor(keep, device=device)).logits[0]
-                if not mine:
-                    continue
-                for s, r in admitted:
-                    running[s] = _Running(r, r, [], len(prompts[r]))
-                order = decode + [s for s, _ in admitted]
-                tokens = sampler.sample(logits, [running[s].row for s in order]).tolist()
-                for s, token in zip(order, tokens):
-                    run = running[s]
-                    if s in decode:
-                        run.length += 1  # the token fed this step is now in the cache
-                    if token in eos or len(run.tokens) + 1 >= max_new_tokens:
-                        if token not in eos:
-                            run.tokens.append(token)
-                        results[run.request] = (run.tokens, token in eos)
-                        del running[s]
-                        free.append(s)
-                    else:
-                        run.tokens.append(token)
-                free.sort()
+                    schedule.advance(decode, admitted, lambda rows: sampler.sample(logits, rows).tolist())
     finally:
         _ACTIVE.pop()
         cache.step = None
         model.train(was_training)
-    return results  # type: ignore[return-value]
+    return schedule.results  # type: ignore[return-value]
+
+
+def _forward(model, cache: SlotCache, decode: list[int], decode_pos: list[int], ids: list[int], pos: list[int],
+             prefill: list[tuple[int, int]], device: torch.device) -> Tensor:
+    """One packed step through ``model``: [decode tokens + prefilled tokens] -> the logits of each
+    decode token and of each prefill's last token, [len(decode) + len(prefill), V]."""
+    _set_step(cache, decode, decode_pos, prefill, device)
+    keep = list(range(len(decode)))
+    end = len(decode)
+    for _, length in prefill:
+        end += length
+        keep.append(end - 1)
+    return model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([pos], device=device),
+                 use_cache=False, logits_to_keep=torch.tensor(keep, device=device)).logits[0]
 
 
 def _set_step(cache: SlotCache, decode: list[int], decode_pos: list[int], prefill: list[tuple[int, int]],

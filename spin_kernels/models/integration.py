@@ -87,7 +87,7 @@ def _require_gatherable_embeddings(model) -> None:
     """A model whose embeddings FSDP2 sharded under an outer root cannot run by itself.
 
     FSDP2 gathers a parameter in the forward of the FSDP module that owns it. If the embeddings'
-    owner is not inside ``model`` (``apply_fsdp2`` puts them in the ``ShardedModel`` root), calling
+    owner is not inside ``model`` (``apply_fsdp2`` puts them in the ``ModelRunner`` root), calling
     ``model`` directly hands the embedding a DTensor and PyTorch fails deep inside with "mixed
     torch.Tensor and DTensor"; this says what to do instead.
     """
@@ -99,7 +99,7 @@ def _require_gatherable_embeddings(model) -> None:
     if any(isinstance(m, FSDPModule) and any(e is embeddings for e in m.modules()) for m in model.modules()):
         return
     raise ValueError(f"model ({type(model).__name__}) has sharded input embeddings (a DTensor) but no FSDP module "
-                     "inside it gathers them: it was sharded under an outer FSDP root (apply_fsdp2's ShardedModel). "
+                     "inside it gathers them: it was sharded under an outer FSDP root (apply_fsdp2's ModelRunner). "
                      "Run the call through that root, e.g. sharded(packed_spin_loss, batch), so that the root's "
                      "parameters are gathered")
 

@@ -75,72 +75,82 @@ def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def typed(value: Any, tp: Any, name: str) -> Any:
-    """``value`` (already typed: from YAML or Python) checked against the annotation ``tp``; an int
-    is widened to float and every float must be finite (no hyper-parameter can be inf or nan).
-    Raises ConfigError naming ``name``."""
+def _expected(name: str, tp: Any, value: Any) -> ConfigError:
+    return ConfigError(f"{name}: expected {type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def parse_value(value: Any, tp: Any, name: str, *, text: bool = False) -> Any:
+    """``value`` as the annotation ``tp``, or a ConfigError naming ``name``: the one reader of YAML
+    values and flag text. With ``text`` a string is a flag's text: ``none`` for an optional field,
+    numbers, ``true``/``false``, comma lists (``--lora-targets q_proj,v_proj`` gives the YAML list
+    [q_proj, v_proj]; ``--beta 0.1,0.5`` one value per iteration). Otherwise (YAML, Python) the
+    value must have its type already, except that an int is taken for a float and a float spelled
+    as a string (PyYAML reads ``5e-7``, without a dot, so) is read. Types only: ranges, finiteness
+    and empty lists are the section's checks (``Section.__post_init__``)."""
+    text = text and isinstance(value, str)
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in get_args(tp):
+        arms = get_args(tp)
+        if type(None) in arms and (value is None or (text and value.strip().lower() in ("none", "null"))):
             return None
-        for arg in get_args(tp):
-            if arg is not type(None):
-                try:
-                    return typed(value, arg, name)
-                except ConfigError as exc:
-                    if "must be a finite" in str(exc):
-                        raise
-        # A per-iteration list field given one wrong value: say what one value should be.
-        shown = [a for a in get_args(tp) if isinstance(value, list) or get_origin(a) is not list]
-        want = type_name(Union[tuple(shown)]) if len(shown) > 1 else type_name(shown[0])
-        raise ConfigError(f"{name}: expected {want}, got {type(value).__name__} {value!r}")
+        # A value or a per-iteration list (or a count or a bool): try the reading the value
+        # suggests first (a list for a list or a text with a comma; numbers before bools).
+        lists = [a for a in arms if get_origin(a) is list]
+        scalars = sorted((a for a in arms if a not in lists and a is not type(None)), key=lambda a: a is bool)
+        many = isinstance(value, list) or (text and "," in value)
+        errors = []
+        for arm in (lists + scalars) if many else (scalars + lists):
+            try:
+                return parse_value(value, arm, name, text=text)
+            except ConfigError as exc:
+                errors.append(exc)
+        if many and lists:
+            raise errors[0]  # names the list's element that is wrong
+        raise _expected(name, Union[tuple(a for a in arms if a not in lists)] if scalars else tp, value)
     if origin is Literal:
         if value not in get_args(tp):
-            raise ConfigError(f"{name}: expected {type_name(tp)}, got {value!r}")
+            raise _expected(name, tp, value)
         return value
     if origin is list:
+        if text:
+            value = [part.strip() for part in value.split(",")]
         if not isinstance(value, list):
-            raise ConfigError(f"{name}: expected {type_name(tp)}, got {type(value).__name__} {value!r}")
-        return [typed(v, get_args(tp)[0], f"{name}[{i}]") for i, v in enumerate(value)]
-    if tp is float and isinstance(value, str):
-        try:  # YAML 1.1 (PyYAML) reads "5e-7" (no dot) as a string; take it as the float it spells
-            value = float(value)
+            raise _expected(name, tp, value)
+        return [parse_value(v, get_args(tp)[0], f"{name}[{i}]", text=text) for i, v in enumerate(value)]
+    if isinstance(value, str) and (tp is float or (text and tp in (int, bool))):
+        try:  # a number or true/false/yes/no; unchanged where the text spells none
+            value = {"true": True, "yes": True, "false": False, "no": False}.get(value.strip().lower(), value) \
+                if tp is bool else tp(value)
         except ValueError:
             pass
     ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
           float: isinstance(value, (int, float)) and not isinstance(value, bool), str: isinstance(value, str)}.get(tp)
     if not ok:
-        raise ConfigError(f"{name}: expected {type_name(tp)}, got {type(value).__name__} {value!r}")
-    if tp is float:
-        if not math.isfinite(value):
-            raise ConfigError(f"{name}: must be a finite number, got {value}")
-        return float(value)
-    return value
+        raise _expected(name, tp, value)
+    return float(value) if tp is float else value
 
 
 class Section:
-    """Base of the config sections: ``__post_init__`` checks every field's type (``typed``) and
-    range (its ``check``), then the section's joint constraints (``_check_together``), so a
-    section never exists with a bad value, however it was built (defaults, YAML, flags, code)."""
+    """Base of the config sections: ``__post_init__`` reads every field's value as its type
+    (``parse_value``), checks that floats are finite (no hyper-parameter can be inf or nan) and
+    the field's range (its ``check``), then the section's joint constraints (``_check_together``),
+    so a section never exists with a bad value, however it was built (defaults, YAML, flags, code)."""
 
     SECTION: ClassVar[str] = ""
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls._argument_group_name = f"{cls.SECTION} options"  # HfArgumentParser groups --help by it
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
             name = f"{self.SECTION}.{f.name}"
-            value = typed(getattr(self, f.name), hints[f.name], name)
-            check = f.metadata.get("check")
-            for i, v in enumerate(value if isinstance(value, list) else [value]):
-                why = check(v) if check is not None and v is not None else None
-                if why:
-                    raise ConfigError(f"{name}{f'[{i}]' if isinstance(value, list) else ''}: {why}")
+            value = parse_value(getattr(self, f.name), hints[f.name], name)
             if isinstance(value, list) and not value:
                 raise ConfigError(f"{name}: an empty list")
+            check = f.metadata.get("check")
+            for i, v in enumerate(value if isinstance(value, list) else [value]):
+                why = (f"must be a finite number, got {v}" if isinstance(v, float) and not math.isfinite(v)
+                       else check(v) if check is not None and v is not None else None)
+                if why:
+                    raise ConfigError(f"{name}{f'[{i}]' if isinstance(value, list) else ''}: {why}")
             object.__setattr__(self, f.name, value)
         self._check_together()
 
@@ -189,7 +199,10 @@ class DataConfig(Section):
 
 
 @dataclass
-class GenerationConfig(Section):
+class SamplingOptions(Section):
+    """The ``generation`` section: how the opponent samples (translated into a transformers
+    ``GenerationConfig``, or vLLM's ``SamplingParams``, by spin_kernels.training.samplers)."""
+
     SECTION: ClassVar[str] = "generation"
 
     max_new_tokens: int = option(256, "tokens sampled per synthetic response (paper: 256)", check=positive)
@@ -324,7 +337,7 @@ SCHEDULED = ("learning_rate", "beta", "epochs")
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
-    "generation": GenerationConfig,
+    "generation": SamplingOptions,
     "training": TrainingConfig,
     "loop": LoopConfig,
     "distributed": DistributedConfig,
@@ -335,7 +348,7 @@ SECTIONS: dict[str, type] = {
 class SpinConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    generation: SamplingOptions = field(default_factory=SamplingOptions)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)

@@ -161,8 +161,10 @@ def load_sft_data(cfg: DataConfig) -> list[Record]:
     return out
 
 
-def check_ref_logps(value: Any, where: str) -> tuple[float, float]:
-    """``ref_logps`` of a pairs row: two finite log-probabilities (<= 0), real then synthetic."""
+def check_row_ref_logps(value: Any, where: str) -> tuple[float, float]:
+    """``ref_logps`` of a pairs row (JSON): two finite log-probabilities (<= 0), real then synthetic;
+    errors name ``where`` (file and line). The ops check the tensor form at their entry
+    (spin_kernels.ops.validation.check_ref_logps)."""
     if not isinstance(value, list) or len(value) != 2:
         got = f"{len(value)} values" if isinstance(value, list) else f"{type(value).__name__} {value!r}"[:80]
         raise ConfigError(f"{where}: field 'ref_logps' must be a list of 2 numbers [log p(real), log p(synthetic)], "
@@ -204,7 +206,7 @@ def read_stage_rows(path: str, need: tuple[str, ...], what: str) -> list[Record]
         if "synthetic" in need and not isinstance(row["synthetic"], str):
             raise ConfigError(f"{where}: field 'synthetic' must be a string, got {type(row['synthetic']).__name__}")
         if "ref_logps" in need:
-            check_ref_logps(row["ref_logps"], where)
+            check_row_ref_logps(row["ref_logps"], where)
         rows.append(row)
     if not rows:
         raise ConfigError(f"{what}: {path} holds no rows")

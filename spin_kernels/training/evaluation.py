@@ -32,9 +32,6 @@ import shlex
 import subprocess
 from typing import Any
 
-HELDOUT_KEYS = ("heldout/accuracy", "heldout/margin", "heldout/logp_real_per_token")
-SYNTHETIC_KEYS = ("synthetic/mean_tokens", "synthetic/finished", "synthetic/distinct2", "synthetic/duplicates")
-
 
 def split_heldout(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(training, held-out) records: a seeded ``fraction`` of the distinct prompts (at least one

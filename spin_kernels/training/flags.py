@@ -1,17 +1,12 @@
-"""Command-line flags for the config sections, made by ``transformers.HfArgumentParser``.
+"""Command-line flags of the config sections, on ``transformers.HfArgumentParser``'s public API.
 
-Each subcommand parses the sections it uses (``SectionParser(sections=...)``): one flag per
-field (``--max-length``), its help from the field's metadata, its choices from ``Literal``
-annotations. Three things are ours, on top of HF's parser:
-
-* values parse into the field's type with errors that name the flag and the field
-  (``--beta (training.beta): expected float, got str 'abc'``), ``none`` for optional fields and
-  comma lists; ranges are checked by the sections themselves (``Section.__post_init__``);
-* booleans are ``--x`` / ``--no-x`` (``argparse.BooleanOptionalAction``), so an optional bool
-  (``--fsdp``) has three states: on, off, unset;
-* a flag that is not given stays out of the namespace, so the YAML file of ``--config`` (and a
-  command's own defaults, e.g. the demo's) keep their values: defaults < YAML < flags
-  (``config_from_args``).
+HfArgumentParser makes the flags from a *flag view* of each section (``flag_view``: the section's
+fields, each ``str | None`` or ``bool | None``, None meaning "not given") and parses them; the texts
+given are read by the type walker of YAML and flag text (``config.parse_value``) and applied over
+the YAML file of ``--config`` and the defaults (defaults < YAML < flags). The sections check their
+ranges when built, so every error names the flag and the field (``--beta (training.beta):
+expected float, got str 'abc'``). Two argparse Actions give one spelling per flag and ``--x`` /
+``--no-x`` booleans (so ``--fsdp`` has three states); ``parse_known_args`` adds "did you mean".
 """
 
 from __future__ import annotations
@@ -20,128 +15,38 @@ import argparse
 import dataclasses
 import difflib
 import types
+import typing
+from collections.abc import Mapping
 from typing import Any, Literal, Union, get_args, get_origin
 
 from transformers import HfArgumentParser
 
-from .config import SECTIONS, ConfigError, SpinConfig, config_from_dict, load_yaml, type_name
-
-#: The section that owns each field name (names are unique across sections).
-OWNER = {f.name: sec for sec, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+from .config import SECTIONS, SpinConfig, config_from_dict, load_yaml, parse_value
 
 
-def parse_text(text: str, tp: Any, name: str) -> Any:
-    """One command-line string as the annotation ``tp``: ``none`` for optional fields, ints,
-    floats (``5e-7``), comma-separated lists, one of a ``Literal``'s strings."""
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        inner = [a for a in get_args(tp) if a is not type(None)]
-        if len(inner) < len(get_args(tp)) and text.strip().lower() in ("none", "null"):
-            return None
-        # Several types (a value or a per-iteration list; a count or a bool): a list when the text
-        # has a comma, else the first scalar that parses (numbers before bools).
-        lists = [a for a in inner if get_origin(a) is list]
-        scalars = sorted((a for a in inner if a not in lists), key=lambda a: a is bool)
-        errors = []
-        for arg in (lists + scalars) if "," in text else (scalars + lists):
-            try:
-                return parse_text(text, arg, name)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise errors[0]  # the error of the reading the text suggests (the value's, without a comma)
-    if origin is list:
-        return [parse_text(part.strip(), get_args(tp)[0], f"{name}[{i}]") for i, part in enumerate(text.split(","))]
-    if origin is Literal:
-        if text not in get_args(tp):
-            raise ConfigError(f"{name}: expected {type_name(tp)}, got {text!r}")
-        return text
-    if tp in (int, float):
-        try:
-            return tp(text)
-        except ValueError:
-            raise ConfigError(f"{name}: expected {type_name(tp)}, got str {text!r}") from None
-    if tp is bool:
-        low = text.strip().lower()
-        if low not in ("true", "false", "yes", "no"):
-            raise ConfigError(f"{name}: expected bool, got {text!r}")
-        return low in ("true", "yes")
-    return text
+class Flag(argparse.Action):
+    """A value flag, spelled one way (``--max-length``; HfArgumentParser also offers
+    ``--max_length``); stores the text, which ``parse_value`` reads."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any):
+        super().__init__([s for s in option_strings if "_" not in s], dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
 
 
-class SectionParser(HfArgumentParser):
-    """The flags of the config ``sections`` ({section: field names, or None for all of them}),
-    ``--config YAML``, and any ``extra`` dataclasses (e.g. the demo's), with the defaults shown
-    in --help taken from ``base``. A value that does not parse raises ConfigError (naming the flag
-    and the field); argparse's own errors (an unknown flag, a missing value) exit as usual."""
+class Switch(argparse.Action):
+    """``--x`` / ``--no-x`` for a bool field; absent, the field keeps its YAML or default value."""
 
-    def __init__(self, sections: dict[str, tuple[str, ...] | None] | None = None, *, base: Any = None,
-                 extra: tuple[Any, ...] = (), **kwargs: Any):
-        self._spin_only = dict(sections or {})
-        self._spin_bad_value: str | None = None
-        self._spin_base = base if base is not None else SpinConfig()
-        self._spin_extra = {type(obj): obj for obj in extra}
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
-        super().__init__([SECTIONS[s] for s in self._spin_only] + list(self._spin_extra), **kwargs)
-        if self._spin_only:
-            self.add_argument("--config", metavar="YAML", help="YAML file with sections " + ", ".join(SECTIONS)
-                              + " (nested mappings of the fields below); flags override it")
+    def __init__(self, option_strings: list[str], dest: str, type: Any = None, **kwargs: Any):
+        flag = next(s for s in option_strings if "_" not in s)  # the bool itself takes no text: no type
+        super().__init__([flag, "--no-" + flag[2:]], dest, nargs=0, **kwargs)
 
-    def _add_dataclass_arguments(self, dtype: Any) -> None:
-        self._spin_section = getattr(dtype, "SECTION", "")
-        self._spin_defaults = self._spin_extra.get(dtype) or getattr(self._spin_base, self._spin_section)
-        super()._add_dataclass_arguments(dtype)
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, not option_string.startswith("--no-"))
 
-    def _parse_dataclass_field(self, parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
-        only = self._spin_only.get(self._spin_section)
-        if only is not None and field.name not in only:
-            return
-        hint = field.type  # resolved by HfArgumentParser
-        default = getattr(self._spin_defaults, field.name)
-        shown = ("required" if field.metadata.get("required") else "default: none") if default is None \
-            else f"default: {default}"
-        text = f"{field.metadata.get('help', '')} ({shown})"
-        flag = "--" + field.name.replace("_", "-")
-        if hint is bool or hint == (bool | None):  # --x / --no-x; an optional bool stays unset when absent
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, dest=field.name,
-                                default=argparse.SUPPRESS, help=text)
-            return
-        shadow = dataclasses.field(default=default, metadata={"help": text, "metavar": field.metadata.get(
-            "metavar") or _metavar(hint)})
-        # HfArgumentParser takes X and Optional[X]; a value-or-list field (X | list[X]) is parsed
-        # by parse_text alone.
-        plain = get_origin(hint) not in (Union, types.UnionType) or len(
-            [a for a in get_args(hint) if a is not type(None)]) == 1
-        shadow.name, shadow.type = field.name, hint if plain and get_origin(hint) is not list else str
-        super()._parse_dataclass_field(parser, shadow)
-        action = parser._actions[-1]
-        if "const" in field.metadata:  # the flag alone means this value (--include-previous = 1)
-            action.nargs, action.const = "?", field.metadata["const"]
-        for alias in [o for o in action.option_strings if "_" in o]:  # one spelling: --max-length
-            action.option_strings.remove(alias)
-            parser._option_string_actions.pop(alias)
-        action.type = self._parser_of(hint, f"{flag} ({self._spin_section}.{field.name})")
-        action.choices, action.default, action.required = None, argparse.SUPPRESS, False
-
-    def _parser_of(self, hint: Any, name: str):
-        def parse(text: str) -> Any:
-            try:
-                return parse_text(text, hint, name)
-            except ConfigError as exc:
-                self._spin_bad_value = str(exc)
-                raise argparse.ArgumentTypeError(str(exc)) from None
-        return parse
-
-    def error(self, message: str):
-        bad = self._spin_bad_value
-        if bad is not None:
-            self._spin_bad_value = None
-            raise ConfigError(bad)
-        if message.startswith("unrecognized arguments:"):
-            flags = [s for a in self._actions for s in a.option_strings]
-            hints = [f"{w} (did you mean {m[0]}?)" for w in message.split(":", 1)[1].split() if w.startswith("--")
-                     and (m := difflib.get_close_matches(w.split("=")[0], flags, n=1))]
-            message += "".join(f"; {h}" for h in hints)
-        return super().error(message)
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings)
 
 
 def _metavar(tp: Any) -> str:
@@ -156,27 +61,95 @@ def _metavar(tp: Any) -> str:
     return {int: "N", float: "X", str: "STR"}.get(tp, "VALUE")
 
 
-def _given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in vars(args).items() if k in names}
+def flag_view(cls: type, only: tuple[str, ...] | None = None, defaults: Any = None) -> type:
+    """The dataclass HfArgumentParser makes the flags of section ``cls`` from (its fields ``only``,
+    all by default), every field None unless given; --help shows the values of ``defaults``."""
+    defaults = defaults if defaults is not None else cls()
+    hints = typing.get_type_hints(cls)
+    specs = []
+    for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
+        value, hint = getattr(defaults, f.name), hints[f.name]
+        shown = f"default: {value}" if value is not None else "required" if f.metadata.get("required") \
+            else "default: none"
+        meta: dict[str, Any] = {"help": f"{f.metadata.get('help', '')} ({shown})"}
+        if hint in (bool, bool | None):
+            specs.append((f.name, bool | None, dataclasses.field(default=None, metadata={**meta, "action": Switch})))
+            continue
+        meta.update(action=Flag, metavar=f.metadata.get("metavar") or _metavar(hint))
+        if "const" in f.metadata:  # the flag alone means this value (--include-previous: 1)
+            meta.update(nargs="?", const=str(f.metadata["const"]))
+        specs.append((f.name, str | None, dataclasses.field(default=None, metadata=meta)))
+    # _argument_group_name: HfArgumentParser's documented hook that groups --help by section
+    return dataclasses.make_dataclass(f"{cls.__name__}Flags", specs,
+                                      namespace={"_argument_group_name": f"{cls.SECTION} options"})
 
 
-def config_from_args(args: argparse.Namespace, base: SpinConfig | None = None) -> SpinConfig:
-    """Defaults < ``base`` < the YAML file of ``--config`` < the flags given on the command line."""
+def apply_flags(obj: Any, given: Mapping[str, Any]) -> Any:
+    """A copy of the section ``obj`` with the flags ``given`` ({field: text, or None where not
+    given}) read as its fields' types; the copy checks its ranges when built."""
+    hints = typing.get_type_hints(type(obj))
+    values = {f.name: parse_value(given[f.name], hints[f.name],
+                                  f"--{f.name.replace('_', '-')} ({obj.SECTION}.{f.name})", text=True)
+              for f in dataclasses.fields(obj) if given.get(f.name) is not None}
+    return dataclasses.replace(obj, **values) if values else obj
+
+
+def config_from_args(args: argparse.Namespace | Mapping[str, Any], base: SpinConfig | None = None) -> SpinConfig:
+    """Defaults < ``base`` < the YAML file of ``--config`` < the flags given on the command line
+    (``args``: the parsed namespace, or its ``vars``)."""
+    given = args if isinstance(args, Mapping) else vars(args)
     cfg = base or SpinConfig()
-    if getattr(args, "config", None):
-        cfg = config_from_dict(load_yaml(args.config), cfg)
-    cfg = dataclasses.replace(cfg)
-    for sec, cls in SECTIONS.items():
-        given = _given(args, cls)
-        if given:
-            setattr(cfg, sec, dataclasses.replace(getattr(cfg, sec), **given))  # checked in __post_init__
-    return cfg
+    if given.get("config"):
+        cfg = config_from_dict(load_yaml(given["config"]), cfg)
+    return dataclasses.replace(cfg, **{sec: apply_flags(getattr(cfg, sec), given) for sec in SECTIONS})
 
 
 def section_from_args(args: argparse.Namespace, obj: Any) -> Any:
     """A copy of the dataclass ``obj`` with its flags given on the command line applied."""
-    return dataclasses.replace(obj, **_given(args, type(obj)))
+    return apply_flags(obj, vars(args))
 
 
-__all__ = ["OWNER", "SectionParser", "config_from_args", "parse_text", "section_from_args"]
+class SectionParser(HfArgumentParser):
+    """The flags of the config ``sections`` ({section: field names, or None for all of them}),
+    ``--config YAML``, and those of any ``extra`` section objects (e.g. the demo's), with the
+    defaults shown in --help taken from ``base`` and the ``extra`` objects. A value that does not
+    read as its type raises ConfigError (``apply_flags``); argparse's own errors (an unknown flag,
+    a missing value) exit as usual."""
+
+    def __init__(self, sections: dict[str, tuple[str, ...] | None] | None = None, *, base: Any = None,
+                 extra: tuple[Any, ...] = (), **kwargs: Any):
+        self.base, self.extra = base if base is not None else SpinConfig(), tuple(extra)
+        views = [flag_view(SECTIONS[s], only, getattr(self.base, s)) for s, only in (sections or {}).items()]
+        views += [flag_view(type(obj), None, obj) for obj in self.extra]
+        flags = {f.name.replace("_", "-"): f.metadata["action"] for view in views for f in dataclasses.fields(view)}
+        self.flag_names = ["--config", *(f"--{n}" for n in flags), *(f"--no-{n}" for n, a in flags.items() if a is Switch)]
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(views, **kwargs)
+        if sections:
+            self.add_argument("--config", metavar="YAML", help="YAML file with sections " + ", ".join(SECTIONS)
+                              + " (nested mappings of the fields below); flags override it")
+
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse's, except that an unknown flag close to one of ours is taken for a typo of it:
+        stop with "did you mean" (the CLI's subcommands parse here, the unknown are reported above)."""
+        parsed, rest = super().parse_known_args(args, namespace)
+        hints = [f"{w} (did you mean {m[0]}?)" for w in rest if w.startswith("--")
+                 and (m := difflib.get_close_matches(w.split("=")[0], self.flag_names, n=1))]
+        if hints:
+            self.error(f"unrecognized arguments: {' '.join(rest)}; " + "; ".join(hints))
+        return parsed, rest
+
+    def parse_args_and_config(self, args: list[str] | None = None) -> tuple[Any, ...]:
+        """TrlParser's shape: ``(SpinConfig, *extra objects, Namespace of the other arguments)``, each
+        over its defaults (``base``, the ``extra`` objects), the YAML file of ``--config`` and the
+        flags given, in that order of priority."""
+        *views, other = self.parse_args_into_dataclasses(args, look_for_args_file=False)
+        if not isinstance(other, argparse.Namespace):
+            views, other = [*views, other], argparse.Namespace()
+        given = {k: v for view in [other, *views] for k, v in vars(view).items()}
+        return (config_from_args(given, self.base), *[apply_flags(obj, given) for obj in self.extra], other)
+
+
+__all__ = ["Flag", "SectionParser", "Switch", "apply_flags", "config_from_args", "flag_view", "section_from_args"]

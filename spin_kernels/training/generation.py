@@ -2,21 +2,18 @@
 
 Plain, unpacked generation; the packed layout is for training only. Sampling is pure ancestral
 sampling at the paper's settings (temperature 1.0, top_p 1.0, and top_k disabled -- the
-transformers default of top_k=50 would silently truncate the distribution). Three backends
-(``generation.backend``):
-
-* ``hf`` (the default): prompts left-padded into batches and decoded with the KV cache
-  (``model.generate``); a batch runs until its longest response ends.
-* ``continuous``: continuous batching (``spin_kernels.models.decoding``): a slot whose response
-  ended takes the next prompt in the same step, so no step is spent on finished rows.
-* ``vllm``: one vLLM engine for the whole stage, released before the stage returns (import-
-  guarded; untested here: vLLM does not install on these CPU machines).
+transformers default of top_k=50 would silently truncate the distribution). Who samples a batch
+is a ``Sampler`` chosen once per stage (spin_kernels.training.samplers) from
+``generation.backend`` and the seeding: ``hf`` (the default: prompts left-padded into batches
+and decoded with the KV cache by ``model.generate``), ``continuous`` (continuous batching: a
+slot whose response ended takes the next prompt in the same step) or ``vllm`` (one vLLM engine
+for the stage; import-guarded).
 
 Batches (the unit sampled together, appended to the file and resumed): prompts in file order or
 sorted by prompt length (``generation_order``), cut by a prompt count
-(``generation_batch_size``) and optionally a token budget (``generation_token_budget``); for the
-continuous backend and vLLM a batch is a chunk of ``generation_chunk_size`` prompts. Rows are
-always written back in input order.
+(``generation_batch_size``) and optionally a token budget (``generation_token_budget``) for a
+sampler that decodes a batch together (hf); for the others a batch is a chunk of
+``generation_chunk_size`` prompts. Rows are always written back in input order.
 
 Seeds (``generation_seeding``): ``batch`` (hf's default, the original scheme) seeds the global
 RNG from (seed, batch number) before each batch; ``example`` gives every prompt its own random
@@ -31,7 +28,8 @@ records its source (prompt/response digest, the opponent's weights digest, the s
 settings including how prompts were batched and seeded, the prompt length limit:
 spin_kernels.training.provenance), and a row is reused only when that source is this run's: a
 file made from other data, another model or other settings is sampled again (or refused),
-never reused.
+never reused. ``plan_generation`` says what a file holds and what is left (no model needed);
+``sample_plan`` samples what is left; ``generate_synthetic`` does both.
 
 Several processes (FSDP): the batches still to do are dealt round-robin to the ranks; in each
 round every rank samples its own batch (the same seeds as in one process, so the same rows), the
@@ -47,157 +45,11 @@ import os
 import sys
 from typing import Any
 
-import torch
-
 from . import provenance
 from .config import ConfigError
-from .config import GenerationConfig as SamplingOptions
 from .data import JsonlAppender, Record, read_jsonl, write_jsonl_atomic
-from .parallel import as_runner, barrier, is_main, progress, rank, world_size
-
-
-def batch_seed(seed: int, batch_number: int) -> int:
-    """A distinct, reproducible seed per batch (independent of what ran before it)."""
-    return (seed * 1_000_003 + batch_number * 7_919) % (2**63 - 1)
-
-
-def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, L]`` input ids and attention mask, padded on the left so every row ends at column L-1."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[r, width - len(p):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def example_seeds(seed: int, records: list[Record]) -> list[int]:
-    """One seed per record, from (seed, its index): the ``example`` seeding."""
-    from spin_kernels.models.decoding import example_seed
-
-    return [example_seed(seed, r["index"]) for r in records]
-
-
-def _response_rows(tokenizer, samples: list[tuple[list[int], bool]]) -> list[dict]:
-    return [{"synthetic": tokenizer.decode(tokens, skip_special_tokens=True), "synthetic_tokens": len(tokens),
-             "finished": finished} for tokens, finished in samples]
-
-
-@torch.no_grad()
-def sample_responses(model, tokenizer, prompt_ids: list[list[int]], cfg: SamplingOptions, seed: int | None = None,
-                     *, seeds: list[int] | None = None) -> list[dict]:
-    """One sampled response per prompt with ``model.generate``, as one left-padded batch:
-    ``[{synthetic: str, synthetic_tokens: int, finished: bool}]``.
-
-    ``model``: a causal LM or a runner (spin_kernels.training.parallel). Seeds: ``seed`` seeds
-    the global RNG for the whole batch (``batch`` seeding), or ``seeds`` gives one per prompt
-    (``example`` seeding: greedy decoding over Gumbel-noised scores, the same distribution).
-    ``finished`` is False when max_new_tokens ran out before the EOS token.
-    """
-    from transformers import GenerationConfig, LogitsProcessorList
-
-    if (seed is None) == (seeds is None):
-        raise ValueError("sample_responses: give either seed (one per batch) or seeds (one per prompt)")
-    device = next(model.parameters()).device
-    ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
-    extra = {}
-    if seeds is None:
-        torch.manual_seed(seed)
-        if device.type == "cuda":
-            torch.cuda.manual_seed_all(seed)
-        sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
-    else:
-        from spin_kernels.models.decoding import ExampleSampler
-
-        sampler = ExampleSampler(seeds, temperature=cfg.temperature, top_p=cfg.top_p, device=device)
-        sampling = {"do_sample": False}
-        extra["logits_processor"] = LogitsProcessorList([sampler.processor()])
-    was_training = model.training
-    model.eval()
-    try:
-        # A fresh GenerationConfig: the model's own defaults (top_k, repetition penalty, ...) would
-        # sample from something other than p_theta.
-        gen = GenerationConfig(**sampling, max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                               eos_token_id=tokenizer.eos_token_id, use_cache=True)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, **extra)
-    finally:
-        model.train(was_training)
-    samples = []
-    for seq in out[:, ids.shape[1]:].tolist():
-        eos_at = seq.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in seq else None
-        samples.append((seq if eos_at is None else seq[:eos_at], eos_at is not None))
-    return _response_rows(tokenizer, samples)
-
-
-def _any_rank_busy(device: torch.device):
-    """``sync`` for continuous_generate under several processes (None in one)."""
-    if world_size() <= 1:
-        return None
-    import torch.distributed as dist
-
-    def sync(mine: bool) -> bool:
-        flag = torch.tensor([int(mine)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    return sync
-
-
-def continuous_responses(model, tokenizer, prompt_ids: list[list[int]], cfg: SamplingOptions,
-                         seeds: list[int]) -> list[dict]:
-    """One sampled response per prompt by continuous batching (``spin_kernels.models.decoding``)
-    with ``generation_batch_size`` slots (fewer when the token budget asks for it), one random
-    stream per prompt from ``seeds``; rows as ``sample_responses``'s."""
-    from spin_kernels.models.decoding import ExampleSampler, continuous_generate
-
-    runner = as_runner(model)
-    device = next(runner.parameters()).device
-    slots = cfg.generation_batch_size
-    if cfg.generation_token_budget and prompt_ids:
-        longest = max(len(p) for p in prompt_ids) + cfg.max_new_tokens
-        slots = max(1, min(slots, cfg.generation_token_budget // longest))
-    sampler = ExampleSampler(seeds, temperature=cfg.temperature, top_p=cfg.top_p, device=device)
-    samples = runner.no_grad(lambda m: continuous_generate(
-        m, prompt_ids, sampler, slots=slots, max_new_tokens=cfg.max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id, sync=_any_rank_busy(device)))
-    return _response_rows(tokenizer, samples)
-
-
-class VllmEngine:
-    """One vLLM engine for a whole generation stage (building one is the expensive part), with
-    ``SamplingParams`` matching the hf path: temperature, top_p, no top_k, max_new_tokens, one
-    seed per prompt (``example`` seeding). ``close()`` releases it (and its GPU memory) before
-    the stage returns, so that training does not start next to it.
-
-    Untested: vLLM does not install on the CPU machines this project is tested on.
-    """
-
-    def __init__(self, model_path: str, cfg: SamplingOptions):
-        try:
-            from vllm import LLM, SamplingParams
-        except ImportError as exc:
-            raise ConfigError("generation.backend: 'vllm' needs the vllm package (pip install spin_kernels[vllm])") \
-                from exc
-        self._params = SamplingParams
-        self.cfg = cfg
-        self.llm = LLM(model=model_path, seed=cfg.generation_seed)
-
-    def sample(self, prompt_ids: list[list[int]], seeds: list[int]) -> list[dict]:
-        c = self.cfg
-        params = [self._params(n=1, temperature=c.temperature, top_p=c.top_p, top_k=-1, max_tokens=c.max_new_tokens,
-                               seed=s % (2**31)) for s in seeds]
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params)
-        return [{"synthetic": o.outputs[0].text, "synthetic_tokens": len(o.outputs[0].token_ids),
-                 "finished": o.outputs[0].finish_reason == "stop"} for o in outs]
-
-    def close(self) -> None:
-        import gc
-
-        del self.llm
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+from .parallel import barrier, is_main, progress, rank, world_size
+from .samplers import Sampler, SamplingOptions, check_processes, choose
 
 
 def prompt_batches(records: list[Record], prompt_lengths: dict[Any, int] | None,
@@ -207,13 +59,14 @@ def prompt_batches(records: list[Record], prompt_lengths: dict[Any, int] | None,
     ``generation_order="length"`` and a token budget."""
     n = len(records)
     by_length = cfg.generation_order == "length"
-    budget = cfg.generation_token_budget if cfg.backend == "hf" else 0  # continuous: it bounds slots
+    static = choose(cfg).static_batches
+    budget = cfg.generation_token_budget if static else 0  # continuous: it bounds slots
     if (by_length or budget) and prompt_lengths is None:
         raise ValueError("prompt_batches: generation_order='length' and a token budget need the prompt lengths")
     order = list(range(n))
     if by_length:  # longest first (a batch too large for memory shows at once); ties in input order
         order.sort(key=lambda i: -prompt_lengths[records[i]["index"]])
-    if cfg.backend != "hf":
+    if not static:
         size = cfg.chunk_size()
         return [[records[i] for i in order[k:k + size]] for k in range(0, n, size)]
     batches: list[list[Record]] = []
@@ -231,7 +84,8 @@ def prompt_batches(records: list[Record], prompt_lengths: dict[Any, int] | None,
 
 
 class GenerationPlan:
-    """What an output file already holds for ``records`` and what is left to sample.
+    """What an output file already holds for ``records`` and what is left to sample: the plan of
+    the ``generate`` stage (spin_kernels.training.stages).
 
     Rows are reused only when their recorded ``source`` (spin_kernels.training.provenance)
     equals the one this run would write. A batch holding a stale row is sampled again whole
@@ -239,6 +93,8 @@ class GenerationPlan:
     would have written it.
 
     Attributes:
+        records, out_path, cfg, seed, model_path, max_prompt_length, tokenizer: what it was
+            planned from (and ``sample_plan`` samples with).
         sources: {index: the source a row for that record must carry}.
         batches: the records of each batch (``prompt_batches``), in sampling order.
         prompt_ids: {index: prompt token ids} when the batching needed them, else None.
@@ -246,10 +102,16 @@ class GenerationPlan:
         todo: the batch numbers still to sample.
         dropped: rows of the file that are not kept (stale, a duplicate, an unknown index),
             with the reason for each, in file order: ``[(row index or None, reason)]``.
+        desc: what progress bars and messages call the stage.
     """
 
-    def __init__(self, records: list[Record], out_path: str, sources: dict[Any, dict[str, Any]],
-                 batches: list[list[Record]], prompt_ids: dict[Any, list[int]] | None = None):
+    stage = "generate"
+
+    def __init__(self, records: list[Record], out_path: str, cfg: SamplingOptions, sources: dict[Any, dict[str, Any]],
+                 batches: list[list[Record]], prompt_ids: dict[Any, list[int]] | None = None, *, seed: int,
+                 model_path: str, max_prompt_length: int, tokenizer=None, desc: str = "generate"):
+        self.records, self.out_path, self.cfg, self.seed = records, out_path, cfg, seed
+        self.model_path, self.max_prompt_length, self.tokenizer, self.desc = model_path, max_prompt_length, tokenizer, desc
         self.sources = sources
         self.batches = batches
         self.prompt_ids = prompt_ids
@@ -282,10 +144,134 @@ class GenerationPlan:
         self.rows_in_file = rows
         self.todo = [b for b in range(len(self.batches)) if any(r["index"] not in kept for r in self.batches[b])]
 
+    @property
+    def current(self) -> bool:
+        """The file holds a current row for every record."""
+        return not self.todo
+
+    @property
+    def key(self) -> str:
+        """What the rows are made from: every record's source (models by their weights' digest)."""
+        return provenance.text_digest([{**s, "opponent": s["opponent"]["digest"]} for s in self.sources.values()])
+
+    @property
+    def reads(self) -> list[str]:
+        return [self.model_path, self.out_path]
+
+    @property
+    def left(self) -> str:
+        if not self.todo:
+            return ""
+        prompts = sum(len(self.batches[b]) for b in self.todo)
+        return f"sample {prompts} of {len(self.records)} prompt(s) in {len(self.todo)} batch(es)"
+
+    @property
+    def output(self) -> list[Record] | None:
+        """The rows in input order, when the file is complete."""
+        return None if self.todo else [self.done[r["index"]] for r in self.records]
+
+    def prompts_of(self, batch: list[Record]) -> list[list[int]]:
+        """The prompt token ids of a batch's records (cut to ``max_prompt_length``)."""
+        from spin_kernels.packing import tokenize_prompt
+
+        if self.prompt_ids is not None:
+            return [self.prompt_ids[r["index"]] for r in batch]
+        return [tokenize_prompt(self.tokenizer, r["prompt"], max_prompt_length=self.max_prompt_length) for r in batch]
+
     def describe_dropped(self, path: str) -> str:
         stale = [(i, why) for i, why in self.dropped if not why.startswith(("a duplicate", "sampled in one"))]
         shown = "; ".join(f"index {i}: {why}" for i, why in (stale or self.dropped)[:3])
         return f"{path}: {len(self.dropped)} row(s) cannot be reused ({shown})"
+
+
+def needs_prompt_lengths(cfg: SamplingOptions) -> bool:
+    """Whether batching these settings needs the prompts' token lengths (a tokenizer)."""
+    return cfg.generation_order == "length" or (choose(cfg).static_batches and cfg.generation_token_budget > 0)
+
+
+def plan_generation(records: list[Record], out_path: str, cfg: SamplingOptions, *, max_prompt_length: int,
+                    model_path: str, seed: int, on_stale: str = "regenerate",
+                    model_label: str | None = None, tokenizer=None, desc: str = "generate") -> GenerationPlan:
+    """Check what ``out_path`` holds for ``records`` (no model needed): a GenerationPlan whose
+    ``todo`` is empty when the file is complete and current. Stale rows are removed from the file
+    (``on_stale="regenerate"``, with a warning on stderr) or refused (``"error"``). ``tokenizer``
+    is needed when the batching depends on prompt lengths (``needs_prompt_lengths``) and to
+    sample the plan."""
+    from spin_kernels.packing import tokenize_prompt
+
+    opponent = provenance.model_stamp(model_path, model_label)
+    sampling = provenance.sampling_settings(cfg, seed)
+    sources = {r["index"]: provenance.generation_source(r, opponent, sampling, max_prompt_length) for r in records}
+    if len(sources) != len(records):
+        raise ValueError("generate_synthetic: record indices must be unique")
+    prompt_ids = None
+    if needs_prompt_lengths(cfg):
+        if tokenizer is None:
+            raise ValueError("plan_generation: generation_order='length' or a token budget needs the tokenizer")
+        prompt_ids = {r["index"]: tokenize_prompt(tokenizer, r["prompt"], max_prompt_length=max_prompt_length)
+                      for r in records}
+    lengths = None if prompt_ids is None else {i: len(p) for i, p in prompt_ids.items()}
+    plan = GenerationPlan(records, out_path, cfg, sources, prompt_batches(records, lengths, cfg), prompt_ids,
+                          seed=seed, model_path=model_path, max_prompt_length=max_prompt_length, tokenizer=tokenizer,
+                          desc=desc)
+    barrier()  # every rank has read the file before rank 0 rewrites it
+    if plan.dropped:
+        if on_stale == "error":
+            raise ConfigError(f"{plan.describe_dropped(out_path)}; remove the file or rerun with --on-stale regenerate")
+        if is_main():
+            print(f"spin-kernels: warning: {plan.describe_dropped(out_path)}; they are sampled again",
+                  file=sys.stderr)
+            kept = [row for row in plan.rows_in_file if isinstance(row, dict) and plan.done.get(row.get("index")) is row]
+            write_jsonl_atomic(out_path, kept)
+    barrier()
+    return plan
+
+
+def sample_plan(plan: GenerationPlan, model) -> list[Record]:
+    """Sample the batches ``plan.todo`` lists into ``plan.out_path`` with the plan's sampler and
+    return every record with its row, in input order (the file holds the same rows in the same
+    order). ``model``: the opponent (a causal LM or a runner) loaded from ``plan.model_path``;
+    None is allowed when nothing is left or the sampler loads its own (vLLM)."""
+    cls = choose(plan.cfg)
+    check_processes(plan.cfg, sharded=world_size() > 1)
+    if plan.todo:
+        if model is None and cls.uses_model:
+            raise ValueError("generate_synthetic: rows are missing but no model was given")
+        if plan.tokenizer is None:
+            raise ValueError("generate_synthetic: rows are missing but the plan has no tokenizer")
+        sampler = cls(model, plan.tokenizer, plan.cfg, seed=plan.seed, model_path=plan.model_path)
+        try:
+            _sample_rounds(plan, sampler)
+        finally:
+            sampler.close()  # before training needs the memory
+    out = [plan.done[r["index"]] for r in plan.records]
+    if is_main() and (plan.dropped or plan.todo) and list(read_jsonl(plan.out_path)) != out:
+        write_jsonl_atomic(plan.out_path, out)  # regenerated rows were appended last: back to input order
+    barrier()
+    return out
+
+
+def _sample_rounds(plan: GenerationPlan, sampler: Sampler) -> None:
+    """Sample ``plan.todo`` in rounds of one batch per rank, appending each round's rows (rank 0)
+    and adding them to ``plan.done``."""
+    from spin_kernels.distributed import gather_by_index, shard_indices
+
+    todo, batches, records, ranks = plan.todo, plan.batches, plan.records, world_size()
+    # Round j: rank r samples batch todo[j * W + r]; slots past num_real are padding repeats.
+    slots, num_real = shard_indices(len(todo), rank(), ranks)
+    bar = progress(total=len(records), initial=len(records) - sum(len(batches[b]) for b in todo), desc=plan.desc,
+                   unit="prompt")
+    with (JsonlAppender(plan.out_path) if is_main() else contextlib.nullcontext()) as sink, bar:
+        for j, slot in enumerate(slots):
+            b = todo[slot]
+            samples = sampler.sample(b, batches[b], plan.prompts_of(batches[b]))
+            mine = [{**r, **s, "source": plan.sources[r["index"]]} for r, s in zip(batches[b], samples)
+                    if r["index"] not in plan.done] if j < num_real else []
+            new = gather_by_index(mine)  # this round's rows of every rank, each once, by index
+            if is_main():
+                sink.write(new)
+            plan.done.update((row["index"], row) for row in new)
+            bar.update(sum(len(batches[todo[k]]) for k in range(j * ranks, (j + 1) * ranks) if k < len(todo)))
 
 
 def generate_synthetic(
@@ -302,7 +288,8 @@ def generate_synthetic(
     on_stale: str = "regenerate",
     desc: str = "generate",
 ) -> list[Record]:
-    """Add a ``synthetic`` response to every record, appending to ``out_path`` batch by batch.
+    """Add a ``synthetic`` response to every record, appending to ``out_path`` batch by batch
+    (``plan_generation``, then ``sample_plan``).
 
     Args:
         model: the opponent (a causal LM or a runner), loaded from ``model_path``; None is
@@ -319,98 +306,7 @@ def generate_synthetic(
         the records with ``synthetic``, ``synthetic_tokens``, ``finished`` and ``source``, in
         input order; the file holds the same rows in the same order.
     """
-    from spin_kernels.distributed import gather_by_index, shard_indices
-    from spin_kernels.packing import tokenize_prompt
-
     seed = cfg.generation_seed if seed is None else seed
-    if world_size() > 1 and cfg.backend == "vllm":
-        raise ConfigError("generation.backend: 'vllm' runs in one process; use 'hf' with several ranks")
     plan = plan_generation(records, out_path, cfg, max_prompt_length=max_prompt_length, model_path=model_path,
-                           model_label=model_label, seed=seed, on_stale=on_stale, tokenizer=tokenizer)
-    done, todo, batches = plan.done, plan.todo, plan.batches
-    if todo and model is None:
-        raise ValueError("generate_synthetic: rows are missing but no model was given")
-    seeding = cfg.seeding()
-
-    def prompts_of(batch: list[Record]) -> list[list[int]]:
-        if plan.prompt_ids is not None:
-            return [plan.prompt_ids[r["index"]] for r in batch]
-        return [tokenize_prompt(tokenizer, r["prompt"], max_prompt_length=max_prompt_length) for r in batch]
-
-    # Round j: rank r samples batch todo[j * W + r]; slots past num_real are padding repeats.
-    slots, num_real = shard_indices(len(todo), rank(), world_size())
-    bar = progress(total=len(records), initial=len(records) - sum(len(batches[b]) for b in todo), desc=desc,
-                   unit="prompt")
-    sink = JsonlAppender(out_path) if is_main() and todo else contextlib.nullcontext()
-    engine = VllmEngine(model_path, cfg) if cfg.backend == "vllm" and todo else None
-    try:
-        with sink:
-            for j, slot in enumerate(slots):
-                b = todo[slot]
-                batch = batches[b]
-                prompt_ids = prompts_of(batch)
-                if engine is not None:
-                    samples = engine.sample(prompt_ids, example_seeds(seed, batch))
-                elif cfg.backend == "continuous":
-                    samples = continuous_responses(model, tokenizer, prompt_ids, cfg, example_seeds(seed, batch))
-                elif seeding == "example":
-                    samples = sample_responses(model, tokenizer, prompt_ids, cfg, seeds=example_seeds(seed, batch))
-                else:
-                    samples = sample_responses(model, tokenizer, prompt_ids, cfg, batch_seed(seed, b))
-                mine = [{**r, **s, "source": plan.sources[r["index"]]} for r, s in zip(batch, samples)
-                        if r["index"] not in done] if j < num_real else []
-                new = gather_by_index(mine)  # this round's rows of every rank, each once, by index
-                if is_main():
-                    sink.write(new)
-                done.update((row["index"], row) for row in new)
-                bar.update(sum(len(batches[todo[k]]) for k in range(j * world_size(), (j + 1) * world_size())
-                               if k < len(todo)))
-    finally:
-        if engine is not None:
-            engine.close()  # before training needs the memory
-    bar.close()
-    out = [done[r["index"]] for r in records]
-    if is_main() and (plan.dropped or todo) and list(read_jsonl(out_path)) != out:
-        write_jsonl_atomic(out_path, out)  # regenerated rows were appended last: back to input order
-    barrier()
-    return out
-
-
-def needs_prompt_lengths(cfg: SamplingOptions) -> bool:
-    """Whether batching these settings needs the prompts' token lengths (a tokenizer)."""
-    return cfg.generation_order == "length" or (cfg.backend == "hf" and cfg.generation_token_budget > 0)
-
-
-def plan_generation(records: list[Record], out_path: str, cfg: SamplingOptions, *, max_prompt_length: int,
-                    model_path: str, seed: int, on_stale: str = "regenerate",
-                    model_label: str | None = None, tokenizer=None) -> GenerationPlan:
-    """Check what ``out_path`` holds for ``records`` (no model needed): a GenerationPlan whose
-    ``todo`` is empty when the file is complete and current. Stale rows are removed from the file
-    (``on_stale="regenerate"``, with a warning on stderr) or refused (``"error"``). ``tokenizer``
-    is needed when the batching depends on prompt lengths (``needs_prompt_lengths``)."""
-    from spin_kernels.packing import tokenize_prompt
-
-    opponent = provenance.model_stamp(model_path, model_label)
-    sampling = provenance.sampling_settings(cfg, seed)
-    sources = {r["index"]: provenance.generation_source(r, opponent, sampling, max_prompt_length) for r in records}
-    if len(sources) != len(records):
-        raise ValueError("generate_synthetic: record indices must be unique")
-    prompt_ids = None
-    if needs_prompt_lengths(cfg):
-        if tokenizer is None:
-            raise ValueError("plan_generation: generation_order='length' or a token budget needs the tokenizer")
-        prompt_ids = {r["index"]: tokenize_prompt(tokenizer, r["prompt"], max_prompt_length=max_prompt_length)
-                      for r in records}
-    lengths = None if prompt_ids is None else {i: len(p) for i, p in prompt_ids.items()}
-    plan = GenerationPlan(records, out_path, sources, prompt_batches(records, lengths, cfg), prompt_ids)
-    barrier()  # every rank has read the file before rank 0 rewrites it
-    if plan.dropped:
-        if on_stale == "error":
-            raise ConfigError(f"{plan.describe_dropped(out_path)}; remove the file or rerun with --on-stale regenerate")
-        if is_main():
-            print(f"spin-kernels: warning: {plan.describe_dropped(out_path)}; they are sampled again",
-                  file=sys.stderr)
-            kept = [row for row in plan.rows_in_file if isinstance(row, dict) and plan.done.get(row.get("index")) is row]
-            write_jsonl_atomic(out_path, kept)
-    barrier()
-    return plan
+                           model_label=model_label, seed=seed, on_stale=on_stale, tokenizer=tokenizer, desc=desc)
+    return sample_plan(plan, model)

@@ -10,8 +10,21 @@ from typing import Any
 
 from .data import read_jsonl
 
-SPIN_KEYS = ("loss", "rewards/real", "rewards/synthetic", "rewards/margin", "rewards/accuracy",
-             "logps/real", "logps/synthetic")
+# The metric schema, as the plots group it ({panel title: keys}); tests/test_metrics.py checks that
+# the producers write exactly these keys.
+#: A training step's row of metrics.jsonl: the SPIN loss and the metrics of spin_kernels.spin_loss (the
+#: trainer adds step, lr, grad_norm and counts).
+STEP_PANELS = {"loss": ("loss",), "rewards": ("rewards/real", "rewards/synthetic", "rewards/margin"),
+               "accuracy": ("rewards/accuracy",), "log-probs": ("logps/real", "logps/synthetic")}
+#: Held-out evaluation of an iteration's model (evaluation.heldout_metrics), in summary.json.
+HELDOUT_PANELS = {"held-out accuracy": ("heldout/accuracy",), "held-out margin": ("heldout/margin",),
+                  "held-out log p(real) / token": ("heldout/logp_real_per_token",)}
+#: The opponent's synthetic responses of an iteration (evaluation.synthetic_stats), in summary.json.
+SYNTHETIC_PANELS = {"synthetic responses": ("synthetic/finished", "synthetic/distinct2", "synthetic/duplicates"),
+                    "synthetic tokens": ("synthetic/mean_tokens",)}
+STEP_KEYS = tuple(k for keys in STEP_PANELS.values() for k in keys)
+HELDOUT_KEYS = (*(k for keys in HELDOUT_PANELS.values() for k in keys), "heldout/pairs")
+SYNTHETIC_KEYS = tuple(k for keys in SYNTHETIC_PANELS.values() for k in keys)
 
 
 class MetricsLogger:
@@ -67,9 +80,7 @@ def plot_metrics(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> 
     except ImportError:
         print("spin-kernels: matplotlib not installed; no plot written")
         return None
-    panels = [("loss", ["loss"]), ("rewards", ["rewards/real", "rewards/synthetic", "rewards/margin"]),
-              ("accuracy", ["rewards/accuracy"]), ("log-probs", ["logps/real", "logps/synthetic"]),
-              ("learning rate", ["lr"]), ("grad norm", ["grad_norm"])]
+    panels = [*STEP_PANELS.items(), ("learning rate", ["lr"]), ("grad norm", ["grad_norm"])]
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     steps = [r["step"] for r in rows]
     for ax, (name, keys) in zip(axes.flat, panels):
@@ -97,10 +108,7 @@ def plot_summary(rows: Sequence[dict[str, Any]], path: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    panels = [("training (last steps)", ["loss last", "accuracy"]), ("held-out accuracy", ["heldout/accuracy"]),
-              ("held-out margin", ["heldout/margin"]), ("held-out log p(real) / token", ["heldout/logp_real_per_token"]),
-              ("synthetic responses", ["synthetic/finished", "synthetic/distinct2", "synthetic/duplicates"]),
-              ("synthetic tokens", ["synthetic/mean_tokens"])]
+    panels = [("training (last steps)", ["loss last", "accuracy"]), *HELDOUT_PANELS.items(), *SYNTHETIC_PANELS.items()]
     panels = [(name, [k for k in keys if any(k in r for r in rows)]) for name, keys in panels]
     panels = [(name, keys) for name, keys in panels if keys]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)

@@ -32,7 +32,7 @@ from typing import Any
 
 import xxhash
 
-from .config import DataConfig, GenerationConfig
+from .config import DataConfig, SamplingOptions
 
 _WEIGHT_DIGESTS: dict[tuple, str] = {}
 
@@ -68,7 +68,7 @@ def model_stamp(path: str, label: str | None = None) -> dict[str, str]:
     return {"path": label or path, "digest": model_digest(path)}
 
 
-def sampling_settings(cfg: GenerationConfig, seed: int) -> dict[str, Any]:
+def sampling_settings(cfg: SamplingOptions, seed: int) -> dict[str, Any]:
     """The settings that decide a sampled row: the distribution, the seed, how prompts are put
     into batches (with ``batch`` seeding a row's sample depends on its batch; with ``example``
     seeding only through the rounding of the logits by the batch shape, still recorded so that

@@ -2,21 +2,22 @@
 
 Layout of one training run in ``out_dir``::
 
-    checkpoints/step-N/   resumable step checkpoints (spin_kernels.training.checkpoint.Checkpointer)
+    checkpoints/          resumable step checkpoints and their index.json (spin_kernels.training.checkpoint)
     metrics.jsonl         one row per logged optimizer step
     metrics.png           the curves of this run
     model/                the final model (save_pretrained, safetensors)
 
 Determinism: the data order of epoch e is a permutation seeded by (seed, e), and global batch
 k is a fixed slice of it, so "the data position" is just the optimizer step. A resumed run
-reloads weights, optimizer, scheduler and RNG states of the latest checkpoint and replays the
-same batches, reaching the same final weights as an uninterrupted run.
+reloads the trained weights, optimizer, scheduler, data position and RNG states of the latest
+checkpoint and replays the same batches, reaching the same final weights as an uninterrupted run.
 
 Under FSDP (a sharded runner, spin_kernels.training.parallel) the same global batch is planned
 with ``num_ranks=W`` and each rank accumulates its own micro-batches (the same number on every
 rank; an empty one runs a zero-weight forward/backward); ``spin_kernels.distributed.train_step``
 weights them so the loss is the mean over the global batch, and clips by the global gradient
-norm. The Checkpointer then writes sharded step checkpoints and gathers ``model/`` on rank 0.
+norm. The Checkpointer's step checkpoints are the same format in both cases (each rank writes
+its shards), and ``model/`` is gathered on rank 0.
 """
 
 from __future__ import annotations
@@ -31,9 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from . import provenance
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, run_states, seed_everything
 from .config import TrainingConfig
-from .loading import seed_everything
 from .metrics import MetricsLogger, plot_metrics, read_metrics
 from .parallel import as_runner, is_main, is_sharded, progress, rank, world_size
 
@@ -178,7 +178,7 @@ def train_spin(
     runner.train()
     optimizer = build_optimizer([p for p in runner.parameters() if p.requires_grad], cfg)
     scheduler = build_scheduler(optimizer, cfg, len(schedule))
-    ckpt = Checkpointer(runner, optimizer, scheduler, tokenizer, out_dir, key=key, num_steps=len(schedule),
+    ckpt = Checkpointer(run_states(runner, optimizer, scheduler), out_dir, key=key, num_steps=len(schedule),
                         save_every=cfg.save_every, on_stale=on_stale)
     start = ckpt.load() if resume else 0
     logger = MetricsLogger(metrics_path, tensorboard=tensorboard, resume_from_step=start if resume else None) \
@@ -205,7 +205,7 @@ def train_spin(
             ckpt.save(step + 1)
     if logger is not None:
         logger.close()
-    model_dir = ckpt.export({**(info or {}), "steps": len(schedule)})
+    model_dir = ckpt.export(runner, tokenizer, {**(info or {}), "steps": len(schedule)})
     plot = plot_metrics(read_metrics(metrics_path), f"{out_dir}/metrics.png", title=desc) if is_main() else None
     return TrainResult(model_dir, metrics_path, plot, len(schedule))
 
@@ -251,4 +251,4 @@ def _stop_message(err, step: int, num_steps: int, cfg: TrainingConfig, runner, c
     return (f"{desc}{' (iteration ' + where + ')' if where else ''}: optimizer step {step + 1} of {num_steps} "
             f"stopped before it was saved: non-finite {err.quantity} ({err.detail}); {named}. Likely cause: "
             f"{_likely_cause(err, step, cfg, next(runner.parameters()).dtype)}. Nothing non-finite was saved"
-            f"{'; the last checkpoint is ' + saved[1] if saved else ''}.")
+            f"{'; the last checkpoint is ' + saved.path if saved else ''}.")
