@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from spin_kernels.distributed.env import shutdown
 from cases import free_port
 from cases import fsdp_micro_batches as _micro_batches
 from cases import fsdp_tiny_model as _tiny_model
@@ -265,7 +266,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
                 json.dump(report, f)
         dist.barrier()
     finally:
-        dist.destroy_process_group()
+        shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from spin_kernels.distributed.env import shutdown
 from cases import free_port
 
 WORLD = 2
@@ -439,7 +440,7 @@ def _worker(rank: int, port: int, tmp: str, part: str) -> None:
                 json.dump(report, f)
         dist.barrier()
     finally:
-        dist.destroy_process_group()
+        shutdown()
 
 
 def _spawn(tmp_path_factory, part: str) -> dict:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from spin_kernels.distributed import DistEnv, ModelRunner, init_distributed
-from spin_kernels.distributed.env import barrier, rank, world_size
+from spin_kernels.distributed.env import barrier, rank, shutdown, world_size
 
 from .config import ConfigError, SpinConfig
 
@@ -105,8 +105,8 @@ def session(cfg: SpinConfig) -> Iterator[Session]:
     try:
         yield Session(True, env.device, env)
     finally:
-        if created and dist.is_initialized():
-            dist.destroy_process_group()
+        if created:
+            shutdown()
 
 
 def as_runner(model) -> ModelRunner:
