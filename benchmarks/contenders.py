@@ -133,16 +133,14 @@ class Ours(Contender):
         self.name = f"ours:{impl}"
 
     def unavailable(self, device, dry_run=False):
-        from spin_kernels.ops.backends import _FACTORIES, _UNAVAILABLE
+        from spin_kernels.ops import available_backends
         from spin_kernels.triton.config import interpreting
 
-        if self.impl not in _FACTORIES:
-            return _UNAVAILABLE.get(self.impl, "not registered")
         if self.impl == "triton" and device.type != "cuda" and not (dry_run and interpreting()):
             return "triton runs on CUDA only (the interpreter is not a benchmark)"
         if self.impl == "cpu" and (device.type != "cpu" or dry_run):
             return "the C++ impl runs on CPU only"
-        return None
+        return available_backends(device).get(self.impl, "not registered")
 
     def version(self):
         import spin_kernels
@@ -358,9 +356,9 @@ class GemmOneDnn(Gemm):
 
 def all_contenders(device: torch.device) -> list[Contender]:
     """Every contender in table order (ours first, the floor last), available or not."""
-    from spin_kernels.ops.backends import _FACTORIES, _UNAVAILABLE
+    from spin_kernels.ops import available_backends
 
-    impls = [i for i in ("triton", "cpu", "torch") if i in _FACTORIES or i in _UNAVAILABLE]
+    impls = [i for i in ("triton", "cpu", "torch") if i in available_backends(device)]
     return [*(Ours(i) for i in impls), Naive(), Liger(), CCE(), TRL(), Gemm(), GemmOneDnn()]
 
 

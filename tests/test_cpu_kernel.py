@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from cases import IGNORE, assert_close, grads, make_case, random_lengths
-from spin_kernels.ops.autograd import LinearLogprobsFunction, LinearSPINLossFunction
-from spin_kernels.ops.backends import HeadSpec, Needs
+from spin_kernels.ops import as_impl, linear_logprobs, linear_spin_loss
+from spin_kernels.ops.backends import Needs
 from spin_kernels.ops.layout import pair_groups
 from spin_kernels.ops.naive import naive_linear_logprobs, naive_linear_spin_loss
-from spin_kernels.ops.options import HeadOptions, SpinOptions
+from spin_kernels.ops.options import SpinOptions
 
 cpu_backend = pytest.importorskip("spin_kernels.ops.backends.cpu_backend",
                                   reason="the C++ extension spin_kernels._C is not built")
@@ -44,14 +44,14 @@ def _naive_kwargs(case, options):
 
 
 def _logprobs(case, backend, options):
-    return LinearLogprobsFunction.apply(case.hidden, case.weight, case.bias, case.targets, case.cu_seqlens,
-                                        HeadOptions(IGNORE, **_head(options)), backend)
+    return linear_logprobs(case.hidden, case.weight, case.targets, case.cu_seqlens, bias=case.bias,
+                           ignore_index=IGNORE, impl=as_impl(backend), **_head(options))
 
 
 def _spin_loss(case, backend, options, beta=0.3, loss_type="sigmoid"):
-    return LinearSPINLossFunction.apply(case.hidden, case.weight, case.bias, case.targets, case.cu_seqlens,
-                                        case.ref_logps, SpinOptions(IGNORE, beta=beta, loss_type=loss_type,
-                                                                    **_head(options)), backend)[0]
+    return linear_spin_loss(case.hidden, case.weight, case.targets, case.cu_seqlens, case.ref_logps, bias=case.bias,
+                            beta=beta, loss_type=loss_type, ignore_index=IGNORE, impl=as_impl(backend),
+                            **_head(options))[0]
 
 
 def _check_against_reference(case, out, ref_case, ref, rtol_out, rtol_grad):
@@ -167,13 +167,13 @@ def test_spin_path_with_kept_logits_equals_the_two_pass_path():
     rows = CountedRows.build(case.targets, case.cu_seqlens, IGNORE)
     backend = CpuFused(parts=2, row_tile=5, vocab_tile=8, store_bytes=1 << 20)
     h, w, b = case.hidden.detach(), case.weight.detach(), case.bias.detach()
-    args = (w, b, rows, case.ref_logps, 0.2, "sigmoid", True, HeadSpec(softcap=2.0), Needs())
+    args = (w, b, rows, case.ref_logps, SpinOptions(softcap=2.0, average=True, beta=0.2), Needs())
     assert h.shape[0] > rows.num_rows
     fused = backend.spin_forward_backward(h, *args)
     two_pass = Backend.spin_forward_backward(backend, h, *args)
     for a, c in zip(fused, two_pass):
         assert_close(a, c, 1e-6)
-    dh = fused[2]
+    dh = fused.dhidden
     assert dh.shape == h.shape  # zero on the rows that are not counted
     not_counted = torch.ones(h.shape[0], dtype=torch.bool)
     not_counted[rows.index] = False
@@ -224,8 +224,7 @@ def test_mixed_input_dtypes_compute_in_fp32():
     case = make_case([12, 9, 14, 7], 16, 45, seed=12)
     hidden = case.hidden.detach().bfloat16().requires_grad_()
     backend = CpuFused(parts=2, vocab_tile=8)
-    out = LinearLogprobsFunction.apply(hidden, case.weight, None, case.targets, case.cu_seqlens, HeadOptions(IGNORE),
-                                       backend)
+    out = linear_logprobs(hidden, case.weight, case.targets, case.cu_seqlens, impl=as_impl(backend))
     ref = naive_linear_logprobs(hidden.double(), case.weight.double(), case.targets, case.cu_seqlens)
     assert_close(out, ref, 2e-5, "logps")
     dh, dw = grads(out.sum(), [hidden, case.weight])

@@ -18,7 +18,7 @@ from cases import IGNORE, assert_close, grads, make_case, random_lengths
 from test_ops_reference import OPTIONS, RTOL, _check_logprobs, _head_kwargs
 
 from spin_kernels import linear_logprobs, linear_spin_loss
-from spin_kernels.ops.autograd import LinearLogprobsFunction
+from spin_kernels.ops import as_impl
 from spin_kernels.ops.backends import resolve_backend
 from spin_kernels.ops.backends.triton_backend import TritonBackend, filter_eps_for
 from spin_kernels.ops.naive import naive_linear_logprobs, naive_linear_spin_loss
@@ -185,8 +185,8 @@ def test_backward_in_row_blocks_and_vocabulary_chunks_matches_float64_reference(
     assert counted > 16 and (block < counted) == (workspace < 30_000) and (chunk < 131) == (workspace < 2**20)
     r = case.float64()
     ref = naive_linear_logprobs(r.hidden, r.weight, case.targets, case.cu_seqlens, bias=r.bias, softcap=4.0)
-    out = LinearLogprobsFunction.apply(case.hidden, case.weight, case.bias, case.targets, case.cu_seqlens,
-                                       HeadOptions(IGNORE, softcap=4.0), TritonBackend(workspace_bytes=workspace))
+    out = linear_logprobs(case.hidden, case.weight, case.targets, case.cu_seqlens, bias=case.bias, softcap=4.0,
+                          impl=as_impl(TritonBackend(workspace_bytes=workspace)))
     upstream = torch.randn(out.shape, dtype=torch.float64, device=out.device)
     got = grads((out.double() * upstream).sum(), [case.hidden, case.weight, case.bias])
     want = grads((ref * upstream.to(ref.device)).sum(), [r.hidden, r.weight, r.bias])
@@ -212,8 +212,8 @@ def test_workspace_shape_fits_the_budget():
 
 
 def _grads_with_filter(case, setting):
-    out = LinearLogprobsFunction.apply(case.hidden, case.weight, case.bias, case.targets, case.cu_seqlens,
-                                       HeadOptions(IGNORE), TritonBackend(grad_filter=setting))
+    out = linear_logprobs(case.hidden, case.weight, case.targets, case.cu_seqlens, bias=case.bias,
+                          impl=as_impl(TritonBackend(grad_filter=setting)))
     return grads(out.sum(), [case.hidden, case.weight, case.bias])
 
 

@@ -8,17 +8,25 @@
   (``objective.py``).
 
 ``doc.py`` holds the argument docs the ops share; ``naive.py`` the full-logits oracle.
+
+Backends: ``available_backends(device)`` says which ``impl`` names run on a device
+(``{name: None}`` if it does, ``{name: reason}`` if not); ``register_backend`` / ``as_impl`` add a
+configured backend under a name of its own (docs/ops.md).
 """
 
 from .api import LinearSPINLoss, linear_logprobs, linear_spin_loss
+from .backends import as_impl, available_backends, register_backend
 from .naive import naive_linear_logprobs, naive_linear_spin_loss
 from .objective import spin_loss
 
 __all__ = [
     "LinearSPINLoss",
+    "as_impl",
+    "available_backends",
     "linear_logprobs",
     "linear_spin_loss",
     "naive_linear_logprobs",
     "naive_linear_spin_loss",
+    "register_backend",
     "spin_loss",
 ]

@@ -48,7 +48,7 @@ def linear_logprobs(
                                average=average, impl=impl, check_values=check_values)
     sharding = Sharding.of(hidden, weight, bias, targets=targets, cu_seqlens=cu_seqlens)
     check_linear_inputs(hidden, weight, targets, cu_seqlens, bias)
-    return LinearLogprobsFunction.apply(hidden, weight, bias, targets, cu_seqlens, opts, None, sharding)
+    return LinearLogprobsFunction.apply(hidden, weight, bias, targets, cu_seqlens, opts, sharding)
 
 
 @with_doc
@@ -94,8 +94,7 @@ def _spin_loss(hidden: Tensor, weight: Tensor, targets: Tensor, cu_seqlens: Tens
         # No backward will come, but a Function's needs_input_grad says only requires_grad:
         # detached inputs tell the op to skip the gradients it would compute in the forward.
         hidden, weight, bias = hidden.detach(), weight.detach(), None if bias is None else bias.detach()
-    loss, seq = LinearSPINLossFunction.apply(hidden, weight, bias, targets, cu_seqlens, ref_logps, opts, None,
-                                             sharding)
+    loss, seq = LinearSPINLossFunction.apply(hidden, weight, bias, targets, cu_seqlens, ref_logps, opts, sharding)
     ref = ref_logps.detach().to(seq.dtype)
     return loss, spin_metrics(seq[0::2], seq[1::2], ref[0::2], ref[1::2], opts.beta)
 

@@ -7,11 +7,10 @@ opaque).
 * ``LinearSPINLossFunction``: gradients are computed during the forward (the loss is known
   there) and only scaled by the upstream gradient in backward, in place.
 
-Both take the tensors, the options (``options.py``) and ``backend``: None for the backend that
-``options.impl`` names (the public API), or a configured Backend instance (tests, tuning), which
-cannot cross the dispatcher and so runs the op's implementation directly; and ``sharding``: None,
-or how DTensor arguments are sharded (``sharded.Sharding``): the op then runs on their gathered
-copies, saves the sharded weight rather than its copy, and returns DTensor gradients.
+Both take the tensors, the options (``options.py``; ``options.impl`` names the backend, a
+configured one included: ``backends.register_backend``) and ``sharding``: None, or how DTensor
+arguments are sharded (``sharded.Sharding``): the op then runs on their gathered copies, saves
+the sharded weight rather than its copy, and returns DTensor gradients.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import torch
 from torch import Tensor
 
 from . import library
-from .backends import Backend, Needs
 from .options import HeadOptions, SpinOptions
 from .sharded import Sharding
 
@@ -48,17 +46,13 @@ def _scaled_(grad: Tensor, needed: bool, scale: Tensor | None) -> Tensor | None:
 class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, cu_seqlens: Tensor,
-                opts: HeadOptions, backend: Backend | None = None, sharding: Sharding | None = None) -> Tensor:
+                opts: HeadOptions, sharding: Sharding | None = None) -> Tensor:
         # Sharded: the gathered copies for the call; the weight / bias DTensors (this rank's
         # shards) are what is saved, and the backward gathers them again.
         h, w, b = (hidden, weight, bias) if sharding is None else sharding.full(hidden, weight, bias)
-        tensors = (h, w, b, targets, cu_seqlens)
-        if backend is None:
-            seq, lse = library.linear_logprobs_op(*tensors, *opts.scalars())
-        else:
-            seq, lse = library.logprobs_forward(*tensors, opts, backend)
+        seq, lse = library.linear_logprobs_op(h, w, b, targets, cu_seqlens, *opts.scalars())
         ctx.save_for_backward(h, weight, bias, targets, cu_seqlens, lse)
-        ctx.opts, ctx.backend, ctx.sharding = opts, backend, sharding
+        ctx.opts, ctx.sharding = opts, sharding
         return seq
 
     @staticmethod
@@ -68,30 +62,23 @@ class LinearLogprobsFunction(torch.autograd.Function):
         if sharding is not None:
             _, weight, bias = sharding.full(None, weight, bias)
         need = ctx.needs_input_grad[:3]
-        args = (grad_seq, hidden, weight, bias, targets, cu_seqlens, lse)
-        if ctx.backend is None:
-            dh, dw, db = library.linear_logprobs_backward_op(*args, *ctx.opts.scalars(), *need)
-        else:
-            dh, dw, db = library.logprobs_backward(*args, ctx.opts, Needs(*need), ctx.backend)
+        dh, dw, db = library.linear_logprobs_backward_op(grad_seq, hidden, weight, bias, targets, cu_seqlens, lse,
+                                                         *ctx.opts.scalars(), *need)
         grads = (dh if need[0] else None, dw if need[1] else None, db if need[2] else None)
         if sharding is not None:
             grads = sharding.grads(*grads)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 class LinearSPINLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, cu_seqlens: Tensor,
-                ref_logps: Tensor, opts: SpinOptions, backend: Backend | None = None,
-                sharding: Sharding | None = None) -> tuple[Tensor, Tensor]:
+                ref_logps: Tensor, opts: SpinOptions, sharding: Sharding | None = None) -> tuple[Tensor, Tensor]:
         if sharding is not None:  # the gathered copies, for the call only
             hidden, weight, bias = sharding.full(hidden, weight, bias)
-        tensors = (hidden, weight, bias, targets, cu_seqlens, ref_logps.detach())
-        need = ctx.needs_input_grad[:3]
-        if backend is None:
-            loss, seq, dh, dw, db = library.linear_spin_loss_op(*tensors, *opts.scalars(), *need)
-        else:
-            loss, seq, dh, dw, db = library.spin_forward(*tensors, opts, Needs(*need), backend)
+        loss, seq, dh, dw, db = library.linear_spin_loss_op(hidden, weight, bias, targets, cu_seqlens,
+                                                            ref_logps.detach(), *opts.scalars(),
+                                                            *ctx.needs_input_grad[:3])
         # In the parameters' dtypes: they are the gradients, only rescaled in backward. Sharded,
         # dweight stays whole until then: the mesh average must be of the contributions scaled by
         # each rank's upstream gradient, which may differ between ranks.
@@ -108,4 +95,4 @@ class LinearSPINLossFunction(torch.autograd.Function):
         grads = (_scaled_(dh, need[0], scale), _scaled_(dw, need[1], scale), _scaled_(db, need[2], scale))
         if ctx.sharding is not None:
             grads = ctx.sharding.grads(*grads)
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None)

@@ -15,10 +15,10 @@ its fake implementation gives the output shapes, which depend only on input shap
 
 Gradients come in the inputs' dtypes, as empty tensors where not wanted (a schema has no
 optional outputs). The scalar arguments are the fields of ``options.HeadOptions`` /
-``SpinOptions`` in order; ``impl`` names the backend, resolved inside the op. Each op's
-implementation is a plain function of the options and a Backend (``logprobs_forward``,
-``logprobs_backward``, ``spin_forward``): the Functions call it directly for a configured Backend
-instance (tests, tuning), which cannot cross the dispatcher.
+``SpinOptions`` in order; ``impl`` names the backend, resolved inside the op (a configured
+backend is a registered name too: ``backends.register_backend`` / ``as_impl``). Each op's
+implementation is a plain function of the tensors, the options and a Backend
+(``logprobs_forward``, ``logprobs_backward``, ``spin_forward``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backends import Backend, Needs, resolve_backend
+from .backends import Backend, Needs, SpinResult, resolve_backend
 from .backends.base import acc_dtype
 from .layout import CountedRows
 from .objective import spin_terms
@@ -66,9 +66,9 @@ def logprobs_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, target
     if opts.check_values:
         check_linear_values(hidden, weight, targets, cu_seqlens, opts.ignore_index)
     rows = _rows(hidden, weight, bias, targets, cu_seqlens, opts, backend)
-    logp, lse = backend.rows_forward(hidden, weight, bias, rows.targets, opts.spec, rows.index, rows.count)
-    lse_tokens = lse.new_zeros(hidden.shape[0]).index_copy_(0, rows.index, lse)
-    return rows.seq_logps(logp, opts.average), lse_tokens
+    fwd = backend.rows_forward(hidden, weight, bias, rows.targets, opts, rows.index, rows.count)
+    lse_tokens = fwd.lse.new_zeros(hidden.shape[0]).index_copy_(0, rows.index, fwd.lse)
+    return rows.seq_logps(fwd.logp, opts.average), lse_tokens
 
 
 def logprobs_backward(grad_seq: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
@@ -78,9 +78,8 @@ def logprobs_backward(grad_seq: Tensor, hidden: Tensor, weight: Tensor, bias: Te
     rows = _rows(hidden, weight, bias, targets, cu_seqlens, opts, backend)
     lse = lse_tokens[rows.index]
     grad = rows.row_grads(grad_seq.to(lse.dtype), opts.average)
-    dh, dw, db = backend.rows_backward(hidden, weight, bias, rows.targets, lse, grad, opts.spec, needs, rows.index,
-                                       rows.count)
-    return _grads_out(dh, dw, db, hidden, weight, bias)
+    grads = backend.rows_backward(hidden, weight, bias, rows.targets, lse, grad, opts, needs, rows.index, rows.count)
+    return _grads_out(*grads, hidden, weight, bias)
 
 
 def spin_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, cu_seqlens: Tensor,
@@ -92,14 +91,13 @@ def spin_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: T
         check_linear_values(hidden, weight, targets, cu_seqlens, opts.ignore_index, ref_logps)
     rows = _rows(hidden, weight, bias, targets, cu_seqlens, opts, backend)
     if needs.hidden or needs.weight or (needs.bias and bias is not None):
-        seq, loss, dh, dw, db = backend.spin_forward_backward(
-            hidden, weight, bias, rows, ref_logps, opts.beta, opts.loss_type, opts.average, opts.spec, needs)
+        out = backend.spin_forward_backward(hidden, weight, bias, rows, ref_logps, opts, needs)
     else:
-        logp, _ = backend.rows_forward(hidden, weight, bias, rows.targets, opts.spec, rows.index, rows.count)
-        seq = rows.seq_logps(logp, opts.average)
+        fwd = backend.rows_forward(hidden, weight, bias, rows.targets, opts, rows.index, rows.count)
+        seq = rows.seq_logps(fwd.logp, opts.average)
         loss, _ = spin_terms(seq, ref_logps, opts.beta, opts.loss_type, max(rows.num_seqs // 2, 1))
-        dh = dw = db = None
-    return (loss, seq) + _grads_out(dh, dw, db, hidden, weight, bias)
+        out = SpinResult(loss, seq, None, None, None)
+    return (out.loss, out.seq_logps) + _grads_out(out.dhidden, out.dweight, out.dbias, hidden, weight, bias)
 
 
 # -- the custom ops: the implementations above, the backend named by impl ---------------------

@@ -3,21 +3,23 @@
 ``api.py`` builds them with ``checked`` (the one place their values are validated); the autograd
 Functions of ``autograd.py`` carry them; the custom ops of ``library.py`` take them as scalars
 (a ``torch.library`` op takes only tensors and scalars), ``scalars()`` in field order, and
-rebuild them unchecked.
+rebuild them unchecked; the backends (``backends/``) take them whole.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from .backends import HeadSpec
 from .objective import check_loss_options
 from .validation import check_head_options
 
 
 @dataclass(frozen=True)
 class HeadOptions:
-    """How the lm_head's logits are formed and summed, and how the op runs (``doc.HEAD_ARGS``)."""
+    """How the lm_head's logits are formed and summed, and how the op runs (``doc.HEAD_ARGS``).
+
+    The logits: z = softcap·tanh(((W h + b) / temperature) / softcap) (no tanh when softcap is None).
+    """
 
     ignore_index: int = -100
     temperature: float = 1.0
@@ -37,11 +39,6 @@ class HeadOptions:
                            self.check_values)
         return replace(self, temperature=float(self.temperature),
                        softcap=None if self.softcap is None else float(self.softcap))
-
-    @property
-    def spec(self) -> HeadSpec:
-        """What a backend needs of the options to form the logits."""
-        return HeadSpec(self.temperature, self.softcap)
 
     def scalars(self) -> tuple:
         """The fields in order: the custom ops' scalar arguments."""

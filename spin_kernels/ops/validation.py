@@ -20,7 +20,6 @@ import math
 import torch
 from torch import Tensor
 
-IMPLS = ("auto", "torch", "triton", "cpu")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTS = (torch.int32, torch.int64)
 
@@ -47,8 +46,10 @@ def check_head_options(ignore_index: int, temperature: float, softcap: float | N
             raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
     if not isinstance(average, bool):
         raise TypeError(f"average must be a bool, got {type(average).__name__}")
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    from .backends import known_impls  # here: the registry's modules import the options, which import this
+
+    if impl not in known_impls():
+        raise ValueError(f"impl must be one of {known_impls()} (spin_kernels.ops.available_backends), got {impl!r}")
     if not isinstance(check_values, bool):
         raise TypeError(f"check_values must be a bool, got {type(check_values).__name__}")
 

@@ -6,12 +6,17 @@ memory budget) plus a few temporaries of the same size. Runs on any device PyTor
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from ..layout import CountedRows, pair_groups, row_grads, seq_logps
 from ..objective import spin_terms
-from .base import Backend, HeadSpec, acc_dtype, counted_rows, to_all_rows
+from .base import Backend, Grads, RowLogprobs, SpinResult, acc_dtype, counted_rows, to_all_rows
+
+if TYPE_CHECKING:
+    from ..options import HeadOptions, SpinOptions
 
 DEFAULT_LOGITS_BUDGET = 256 * 2**20  # bytes of one chunk of logits
 
@@ -24,6 +29,9 @@ class TorchChunked(Backend):
     def __init__(self, logits_budget: int = DEFAULT_LOGITS_BUDGET):
         self.logits_budget = int(logits_budget)
 
+    def __repr__(self) -> str:
+        return f"torch(logits_budget={self.logits_budget})"
+
     def chunk_rows(self, vocab: int, dtype: torch.dtype) -> int:
         """Rows per chunk so that one [rows, vocab] buffer of ``dtype`` fits the budget (>= 1)."""
         return max(1, self.logits_budget // (vocab * torch.finfo(dtype).bits // 8))
@@ -31,17 +39,17 @@ class TorchChunked(Backend):
     # -- the three pieces of math, each on one chunk ------------------------------------------
 
     @staticmethod
-    def _logits(h: Tensor, w: Tensor, b: Tensor | None, spec: HeadSpec) -> tuple[Tensor, Tensor | None]:
+    def _logits(h: Tensor, w: Tensor, b: Tensor | None, opts: HeadOptions) -> tuple[Tensor, Tensor | None]:
         """z [m, V] in w's dtype, and tanh(u / softcap) (needed by the backward) or None."""
         z = h.to(w.dtype) @ w.t()
         if b is not None:
             z.add_(b)
-        if spec.temperature != 1.0:
-            z.div_(spec.temperature)
-        if spec.softcap is None:
+        if opts.temperature != 1.0:
+            z.div_(opts.temperature)
+        if opts.softcap is None:
             return z, None
-        t = z.div_(spec.softcap).tanh_()
-        return t * spec.softcap, t
+        t = z.div_(opts.softcap).tanh_()
+        return t * opts.softcap, t
 
     @staticmethod
     def _exp_shifted_(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -58,7 +66,7 @@ class TorchChunked(Backend):
     @staticmethod
     def _backward_from_probs(
         p: Tensor, t: Tensor | None, y: Tensor, g: Tensor, h: Tensor, w: Tensor,
-        spec: HeadSpec, dh: Tensor | None, dw: Tensor | None, db: Tensor | None,
+        opts, dh: Tensor | None, dw: Tensor | None, db: Tensor | None,
     ) -> None:
         """dz = g (onehot - p), chained through softcap and temperature, into dh/dw/db.
 
@@ -69,8 +77,8 @@ class TorchChunked(Backend):
         du.scatter_add_(1, y[:, None], g[:, None])
         if t is not None:
             du.mul_(t.square_().neg_().add_(1.0))
-        if spec.temperature != 1.0:
-            du.div_(spec.temperature)
+        if opts.temperature != 1.0:
+            du.div_(opts.temperature)
         if dh is not None:
             torch.mm(du, w, out=dh)
         if dw is not None:
@@ -80,7 +88,7 @@ class TorchChunked(Backend):
 
     # -- Backend API ----------------------------------------------------------------------------
 
-    def rows_forward(self, hidden, weight, bias, targets, spec, index=None, count=None):
+    def rows_forward(self, hidden, weight, bias, targets, opts: HeadOptions, index=None, count=None):
         hidden = counted_rows(hidden, index)
         acc = acc_dtype(hidden, weight)
         w = weight.to(acc)
@@ -90,9 +98,9 @@ class TorchChunked(Backend):
         lse = hidden.new_empty(m, dtype=acc)
         step = self.chunk_rows(weight.shape[0], acc)
         for s in range(0, m, step):
-            z, _ = self._logits(hidden[s:s + step], w, b, spec)
+            z, _ = self._logits(hidden[s:s + step], w, b, opts)
             logp[s:s + step], lse[s:s + step], _ = self._exp_shifted_(z, targets[s:s + step])
-        return logp, lse
+        return RowLogprobs(logp, lse)
 
     def _alloc_grads(self, hidden, weight, bias, needs, acc):
         dh = hidden.new_empty(hidden.shape, dtype=acc) if needs.hidden else None
@@ -100,27 +108,27 @@ class TorchChunked(Backend):
         db = weight.new_zeros(weight.shape[0], dtype=acc) if (bias is not None and needs.bias) else None
         return dh, dw, db
 
-    def _backward_into(self, hidden, w, b, targets, lse, grad, spec, dh, dw, db, lo=0, hi=None):
+    def _backward_into(self, hidden, w, b, targets, lse, grad, opts, dh, dw, db, lo=0, hi=None):
         hi = hidden.shape[0] if hi is None else hi
         step = self.chunk_rows(w.shape[0], w.dtype)
         for s in range(lo, hi, step):
             e = min(s + step, hi)
-            z, t = self._logits(hidden[s:e], w, b, spec)
+            z, t = self._logits(hidden[s:e], w, b, opts)
             probs = z.sub_(lse[s - lo:e - lo, None]).exp_()
-            self._backward_from_probs(probs, t, targets[s:e], grad[s - lo:e - lo], hidden[s:e], w, spec,
+            self._backward_from_probs(probs, t, targets[s:e], grad[s - lo:e - lo], hidden[s:e], w, opts,
                                       None if dh is None else dh[s:e], dw, db)
 
-    def rows_backward(self, hidden, weight, bias, targets, lse, grad, spec, needs, index=None, count=None):
+    def rows_backward(self, hidden, weight, bias, targets, lse, grad, opts: HeadOptions, needs, index=None,
+                      count=None):
         h = counted_rows(hidden, index)
         acc = acc_dtype(h, weight)
         dh, dw, db = self._alloc_grads(h, weight, bias, needs, acc)
         w = weight.to(acc)
         self._backward_into(h, w, bias.to(acc) if bias is not None else None, targets, lse, grad.to(acc),
-                            spec, dh, dw, db)
-        return to_all_rows(dh, index, hidden.shape[0]), dw, db
+                            opts, dh, dw, db)
+        return Grads(to_all_rows(dh, index, hidden.shape[0]), dw, db)
 
-    def spin_forward_backward(self, hidden, weight, bias, rows: CountedRows, ref_logps, beta, loss_type,
-                              average, spec, needs):
+    def spin_forward_backward(self, hidden, weight, bias, rows: CountedRows, ref_logps, opts: SpinOptions, needs):
         """6·M·H·V path: tiles of whole pairs, each tile's logits used for loss and gradients.
 
         A pair larger than one chunk is done in two passes over its own rows (8·M·H·V for it).
@@ -142,18 +150,18 @@ class TorchChunked(Backend):
             local_seq = rows.seq[lo:hi] - 2 * p
             y, h = rows.targets[lo:hi], hidden[lo:hi]
             if hi - lo <= step:
-                z, t = self._logits(h, w, b, spec)
+                z, t = self._logits(h, w, b, opts)
                 logp, lse, sumexp = self._exp_shifted_(z, y)
             else:
-                logp, lse = self.rows_forward(h, weight, bias, y, spec)
-            seq = seq_logps(logp, offsets, average)
-            tile_loss, seq_grad = spin_terms(seq, ref[2 * p:2 * q], beta, loss_type, num_pairs)
-            g = row_grads(seq_grad, offsets, local_seq, average)
+                logp, lse = self.rows_forward(h, weight, bias, y, opts)
+            seq = seq_logps(logp, offsets, opts.average)
+            tile_loss, seq_grad = spin_terms(seq, ref[2 * p:2 * q], opts.beta, opts.loss_type, num_pairs)
+            g = row_grads(seq_grad, offsets, local_seq, opts.average)
             if hi - lo <= step:
                 probs = z.div_(sumexp[:, None])
-                self._backward_from_probs(probs, t, y, g, h, w, spec, None if dh is None else dh[lo:hi], dw, db)
+                self._backward_from_probs(probs, t, y, g, h, w, opts, None if dh is None else dh[lo:hi], dw, db)
             else:
-                self._backward_into(hidden, w, b, rows.targets, lse, g, spec, dh, dw, db, lo, hi)
+                self._backward_into(hidden, w, b, rows.targets, lse, g, opts, dh, dw, db, lo, hi)
             seq_out[2 * p:2 * q] = seq
             loss += tile_loss
-        return seq_out, loss, to_all_rows(dh, rows.index, num_rows), dw, db
+        return SpinResult(loss, seq_out, to_all_rows(dh, rows.index, num_rows), dw, db)
