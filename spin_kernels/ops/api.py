@@ -61,6 +61,7 @@ def linear_spin_loss(
     *,
     beta: float = 0.1,
     loss_type: str = "sigmoid",
+    pairs: str = "interleaved",
     bias: Tensor | None = None,
     ignore_index: int = -100,
     temperature: float = 1.0,
@@ -80,8 +81,9 @@ def linear_spin_loss(
     Returns:
 {spin_returns}
     """
-    opts = SpinOptions.checked(beta=beta, loss_type=loss_type, ignore_index=ignore_index, temperature=temperature,
-                               softcap=softcap, average=average, impl=impl, check_values=check_values)
+    opts = SpinOptions.checked(beta=beta, loss_type=loss_type, pairs=pairs, ignore_index=ignore_index,
+                               temperature=temperature, softcap=softcap, average=average, impl=impl,
+                               check_values=check_values)
     return _spin_loss(hidden, weight, targets, cu_seqlens, ref_logps, bias, opts)
 
 
@@ -95,8 +97,11 @@ def _spin_loss(hidden: Tensor, weight: Tensor, targets: Tensor, cu_seqlens: Tens
         # detached inputs tell the op to skip the gradients it would compute in the forward.
         hidden, weight, bias = hidden.detach(), weight.detach(), None if bias is None else bias.detach()
     loss, seq = LinearSPINLossFunction.apply(hidden, weight, bias, targets, cu_seqlens, ref_logps, opts, sharding)
+    # seq is in the interleaved order (library.spin_forward); ref_logps in the caller's.
     ref = ref_logps.detach().to(seq.dtype)
-    return loss, spin_metrics(seq[0::2], seq[1::2], ref[0::2], ref[1::2], opts.beta)
+    half = ref.shape[0] // 2
+    ref_real, ref_synthetic = (ref[0::2], ref[1::2]) if opts.pairs == "interleaved" else (ref[:half], ref[half:])
+    return loss, spin_metrics(seq[0::2], seq[1::2], ref_real, ref_synthetic, opts.beta)
 
 
 @with_doc
@@ -116,6 +121,7 @@ class LinearSPINLoss(nn.Module):
         *,
         beta: float = 0.1,
         loss_type: str = "sigmoid",
+        pairs: str = "interleaved",
         ignore_index: int = -100,
         temperature: float = 1.0,
         softcap: float | None = None,
@@ -124,7 +130,7 @@ class LinearSPINLoss(nn.Module):
         check_values: bool = True,
     ):
         super().__init__()
-        self.options = SpinOptions.checked(beta=beta, loss_type=loss_type, ignore_index=ignore_index,
+        self.options = SpinOptions.checked(beta=beta, loss_type=loss_type, pairs=pairs, ignore_index=ignore_index,
                                            temperature=temperature, softcap=softcap, average=average, impl=impl,
                                            check_values=check_values)
 
@@ -134,5 +140,5 @@ class LinearSPINLoss(nn.Module):
 
     def extra_repr(self) -> str:
         o = self.options
-        return (f"beta={o.beta}, loss_type={o.loss_type!r}, temperature={o.temperature}, "
+        return (f"beta={o.beta}, loss_type={o.loss_type!r}, pairs={o.pairs!r}, temperature={o.temperature}, "
                 f"softcap={o.softcap}, average={o.average}, impl={o.impl!r}")

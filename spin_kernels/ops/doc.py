@@ -24,14 +24,19 @@ TENSORS = """\
             (ops/sharded.py). Other layouts: TypeError naming the argument and its placement."""
 
 REF_LOGPS = """\
-        ref_logps: [S] floating, the opponent's per-sequence log-probs in the same order (no
-            gradient flows into it). Sequences are interleaved pairs: sequence 2p is the real
-            response of pair p, 2p+1 its synthetic one (S even)."""
+        ref_logps: [S] floating, the opponent's per-sequence log-probs in the same order as the
+            sequences (no gradient flows into it). S = 2P sequences form P pairs, laid out as
+            ``pairs`` says."""
 
 SPIN_OPTIONS = """\
         beta: > 0, the scale of the margin m = beta * ((logp(y) - ref(y)) - (logp(y') - ref(y'))).
         loss_type: "sigmoid" (log(1 + exp(-m)), the default, the paper's) or "hinge"
-            (max(0, 1 - m))."""
+            (max(0, 1 - m)).
+        pairs: the layout of the pairs among the sequences: "interleaved" (the default:
+            sequence 2p is the real response of pair p, 2p+1 its synthetic one; what
+            spin_kernels.packing produces) or "halves" (sequences 0..P-1 are the real
+            responses, P..2P-1 the synthetic ones in the same pair order: TRL's and Liger's
+            chosen-then-rejected concatenation). Read in place, without copying hidden."""
 
 HEAD_OPTIONS = """\
         ignore_index: the target of rows that do not count (prompt tokens, the last token of

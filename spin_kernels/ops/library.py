@@ -23,20 +23,22 @@ implementation is a plain function of the tensors, the options and a Backend
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from .backends import Backend, Needs, SpinResult, resolve_backend
 from .backends.base import acc_dtype
-from .layout import CountedRows
+from .layout import CountedRows, pair_order
 from .objective import spin_terms
 from .options import HeadOptions, SpinOptions
 from .validation import check_linear_values
 
 
 def _rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, cu_seqlens: Tensor,
-          opts: HeadOptions, backend: Backend) -> CountedRows:
-    return CountedRows.build(targets, cu_seqlens, opts.ignore_index, backend.pads_rows(hidden, weight, bias))
+          opts: HeadOptions, backend: Backend, order: Tensor | None = None) -> CountedRows:
+    return CountedRows.build(targets, cu_seqlens, opts.ignore_index, backend.pads_rows(hidden, weight, bias), order)
 
 
 def _grads_out(dh: Tensor | None, dw: Tensor | None, db: Tensor | None, hidden: Tensor, weight: Tensor,
@@ -60,6 +62,24 @@ def _grads_fake(hidden: Tensor, weight: Tensor, bias: Tensor | None, need_hidden
 # -- the implementations: plain functions of the options and a backend -----------------------
 
 
+def _outside_autocast(impl):
+    """Run ``impl`` with autocast off on its tensors' device. A custom op is opaque to autocast,
+    which would otherwise reach the matrix products inside it and round the logits to bf16/fp16;
+    the kernels compute in the inputs' dtypes with fp32 accumulation, under autocast or not."""
+    @functools.wraps(impl)
+    def run(first: Tensor, *args, **kwargs):
+        device = first.device.type
+        if not torch.is_autocast_enabled(device):
+            return impl(first, *args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return impl(first, *args, **kwargs)
+
+    return run
+
+
+@_outside_autocast
+
+
 def logprobs_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, cu_seqlens: Tensor,
                      opts: HeadOptions, backend: Backend) -> tuple[Tensor, Tensor]:
     """-> (seq_logps [S], lse [N] per token, 0 on ignored rows), in the accumulation dtype."""
@@ -71,6 +91,7 @@ def logprobs_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, target
     return rows.seq_logps(fwd.logp, opts.average), lse_tokens
 
 
+@_outside_autocast
 def logprobs_backward(grad_seq: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                       cu_seqlens: Tensor, lse_tokens: Tensor, opts: HeadOptions, needs: Needs,
                       backend: Backend) -> tuple[Tensor, Tensor, Tensor]:
@@ -82,14 +103,20 @@ def logprobs_backward(grad_seq: Tensor, hidden: Tensor, weight: Tensor, bias: Te
     return _grads_out(*grads, hidden, weight, bias)
 
 
+@_outside_autocast
 def spin_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, cu_seqlens: Tensor,
                  ref_logps: Tensor, opts: SpinOptions, needs: Needs,
                  backend: Backend) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (loss [], seq_logps [S], dhidden, dweight, dbias): the gradients for d loss = 1 where
-    ``needs`` asks (as ``_grads_out`` gives them)."""
+    ``needs`` asks (as ``_grads_out`` gives them). seq_logps are in the interleaved order
+    (real, synthetic of each pair), whatever ``opts.pairs``: the rows of a "halves" batch are
+    read through a row index in that order, and ref_logps taken in it."""
     if opts.check_values:
         check_linear_values(hidden, weight, targets, cu_seqlens, opts.ignore_index, ref_logps)
-    rows = _rows(hidden, weight, bias, targets, cu_seqlens, opts, backend)
+    order = pair_order(cu_seqlens.shape[0] - 1, opts.pairs, cu_seqlens.device)
+    if order is not None:
+        ref_logps = ref_logps[order]
+    rows = _rows(hidden, weight, bias, targets, cu_seqlens, opts, backend, order)
     if needs.hidden or needs.weight or (needs.bias and bias is not None):
         out = backend.spin_forward_backward(hidden, weight, bias, rows, ref_logps, opts, needs)
     else:
@@ -136,10 +163,10 @@ def _(grad_seq, hidden, weight, bias, targets, cu_seqlens, lse_tokens, *options_
 @torch.library.custom_op("spin_kernels::linear_spin_loss", mutates_args=())
 def linear_spin_loss_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, cu_seqlens: Tensor,
                         ref_logps: Tensor, ignore_index: int, temperature: float, softcap: float | None,
-                        average: bool, impl: str, check_values: bool, beta: float, loss_type: str,
+                        average: bool, impl: str, check_values: bool, beta: float, loss_type: str, pairs: str,
                         need_hidden: bool, need_weight: bool, need_bias: bool
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    opts = SpinOptions(ignore_index, temperature, softcap, average, impl, check_values, beta, loss_type)
+    opts = SpinOptions(ignore_index, temperature, softcap, average, impl, check_values, beta, loss_type, pairs)
     return spin_forward(hidden, weight, bias, targets, cu_seqlens, ref_logps, opts,
                         Needs(need_hidden, need_weight, need_bias), resolve_backend(impl, hidden.device))
 

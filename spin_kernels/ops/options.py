@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 from .objective import check_loss_options
-from .validation import check_head_options
+from .validation import check_head_options, check_pairs
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,14 @@ class HeadOptions:
 
 @dataclass(frozen=True)
 class SpinOptions(HeadOptions):
-    """HeadOptions and the SPIN objective's: ``beta`` and ``loss_type`` (``doc.SPIN_ARGS``)."""
+    """HeadOptions and the SPIN objective's: ``beta``, ``loss_type`` and the layout of the pairs,
+    ``pairs`` (``doc.SPIN_OPTIONS``)."""
 
     beta: float = 0.1
     loss_type: str = "sigmoid"
+    pairs: str = "interleaved"
 
     def _validated(self):
         check_loss_options(self.beta, self.loss_type)  # first, as the SPIN ops always have
+        check_pairs(self.pairs)
         return replace(super()._validated(), beta=float(self.beta))

@@ -54,6 +54,16 @@ def check_head_options(ignore_index: int, temperature: float, softcap: float | N
         raise TypeError(f"check_values must be a bool, got {type(check_values).__name__}")
 
 
+def check_pairs(pairs: str) -> None:
+    """The SPIN ops' pair layout: "interleaved" or "halves" (``layout.pair_order``)."""
+    from .layout import PAIR_LAYOUTS
+
+    if pairs not in PAIR_LAYOUTS:
+        raise ValueError(f"pairs must be one of {PAIR_LAYOUTS} (interleaved: sequence 2p real, 2p+1 synthetic; "
+                         f"halves: real responses first, then the synthetic ones in the same pair order, as TRL "
+                         f"and Liger concatenate chosen and rejected), got {pairs!r}")
+
+
 def check_linear_inputs(
     hidden: Tensor,
     weight: Tensor,

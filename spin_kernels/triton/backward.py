@@ -10,7 +10,8 @@ vocabulary in chunks. Per (block, chunk), three kernels, each the single owner o
 (no atomics: repeated runs are bitwise identical):
 
 * ``logit_grads_kernel`` recomputes the chunk's logit tiles on chip (one program per
-  row tile × vocabulary tile), forms ∂u and writes it, in the weight's dtype, into a
+  row tile × vocabulary tile), forms ∂u and writes it, in the products' dtype (the inputs', or
+  fp32 when hidden and weight differ: ``config.compute_dtype``), into a
   [block, chunk] buffer G; with it, the tile's column sums of ∂u (for ∂b, fp32) and, when the
   gradient filter is on, whether the tile matters at all;
 * ``grad_hidden_kernel``: acc[rows, cols] += G[rows, chunk] · W[chunk, cols] into the block's
@@ -39,8 +40,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .config import backward_tiles, dot_precision, flags_from_pointers, launch
-from .tiles import live_count, logit_grad_tile, logit_tile, row_positions
+from .config import backward_tiles, compute_dtype, dot_precision, flags_from_pointers, launch
+from .tiles import live_count, logit_grad_tile, logit_tile, matching, row_positions
 
 # The backward's scratch memory: G and the fp32 ∂h accumulator of a row block. Under 64 MiB with
 # room for the small per-row buffers (lse, row indices, bias partial sums).
@@ -137,6 +138,7 @@ def grad_hidden_kernel(
             du = tl.load(du_rows + local[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
             w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_wv + ks[None, :] * stride_wk,
                         mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            du, w = matching(du, w)
             acc = tl.dot(du, w, acc, input_precision=DOT_PRECISION)
     if last != 0:
         at = row_positions(idx_ptr, rows, row_mask, HAS_INDEX)
@@ -176,6 +178,7 @@ def grad_weight_kernel(
             at = row_positions(idx_ptr, rows, row_mask, HAS_INDEX)
             h = tl.load(h_ptr + at.to(tl.int64)[:, None] * stride_hm + ks[None, :] * stride_hk,
                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            du, h = matching(du, h)
             acc = tl.dot(tl.trans(du), h, acc, input_precision=DOT_PRECISION)
     out = dw_ptr + cols.to(tl.int64)[:, None] * stride_dv + ks[None, :]
     out_mask = col_mask[:, None] & k_mask[None, :]
@@ -230,13 +233,18 @@ class _Call:
     db: Tensor | None
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the products and of G (``config.compute_dtype``)."""
+        return compute_dtype(self.hidden.dtype, self.weight.dtype)
+
+    @property
     def precision(self) -> str:
-        return dot_precision(self.weight.dtype)
+        return dot_precision(self.dtype)
 
 
 @dataclass
 class _Workspace:
-    """The backward's scratch memory (``workspace_shape``): G [block, chunk] in the weight's
+    """The backward's scratch memory (``workspace_shape``): G [block, chunk] in the products'
     dtype, the fp32 ∂h accumulator of a row block, ∂b's partial sums per row tile and, with the
     gradient filter, whether each (row tile, vocabulary tile) of G is live."""
 
@@ -253,11 +261,11 @@ class _Workspace:
     def allocate(call: _Call, rows: int, budget: int) -> _Workspace:
         weight, (v, h) = call.weight, call.weight.shape
         tile_m, tile_v = backward_tiles(weight.device)
-        block, chunk = workspace_shape(rows, v, h, weight.element_size(), tile_m, tile_v, budget, call.dh is not None)
+        block, chunk = workspace_shape(rows, v, h, call.dtype.itemsize, tile_m, tile_v, budget, call.dh is not None)
         m_tiles = triton.cdiv(block, tile_m)
         return _Workspace(
             block, chunk, tile_m, tile_v,
-            du=weight.new_empty(block, chunk),
+            du=weight.new_empty(block, chunk, dtype=call.dtype),
             acc=weight.new_empty(block, h, dtype=torch.float32) if call.dh is not None else None,
             dbp=weight.new_empty(m_tiles, chunk, dtype=torch.float32) if call.db is not None else None,
             keep=weight.new_empty(m_tiles, chunk // tile_v, dtype=torch.int32) if call.filter_eps > 0 else None)
@@ -300,8 +308,6 @@ def rows_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Ten
     """
     m, v = targets.shape[0], weight.shape[0]
     dh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
-    if hidden.dtype != weight.dtype:
-        hidden = hidden.to(weight.dtype)
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight else None  # all written
     db = weight.new_zeros(v, dtype=torch.float32) if need_bias and bias is not None else None
     if m == 0 or (dh is None and dw is None and db is None):

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .config import dot_precision, flags_from_pointers, launch, split_align
+from .config import compute_dtype, dot_precision, flags_from_pointers, launch, split_align
 from .tiles import live_count, logit_tile, row_positions
 
 
@@ -79,9 +79,10 @@ def rows_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: 
     """Per-row log-probs and log-sum-exps of the counted rows.
 
     Args:
-        hidden: [M, H] float16/bfloat16/float32, any strides; cast to weight's dtype if it differs.
-            With ``index`` [M] (int64), hidden is every row [N, H] and row i is hidden[index[i]].
-        weight: [V, H] of the same family, any strides (a tied-embedding view is fine).
+        hidden: [M, H] float16/bfloat16/float32, any strides. With ``index`` [M] (int64), hidden is
+            every row [N, H] and row i is hidden[index[i]].
+        weight: [V, H] float16/bfloat16/float32, any strides (a tied-embedding view is fine). When
+            the two dtypes differ, the products run in fp32 (``config.compute_dtype``).
         bias: [V] or None. targets: [M] int64 in [0, V).
         splits: vocabulary splits of the grid (None: sized from the device).
         count: int32 [1] on the device, or None (= M): only rows i < count are live, the rest
@@ -93,8 +94,6 @@ def rows_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: 
     """
     m, h = targets.shape[0], hidden.shape[1]
     v = weight.shape[0]
-    if hidden.dtype != weight.dtype:
-        hidden = hidden.to(weight.dtype)
     logp = hidden.new_empty(m, dtype=torch.float32)
     lse = hidden.new_empty(m, dtype=torch.float32)
     if m == 0:
@@ -115,7 +114,7 @@ def rows_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: 
         stride_hm=hidden.stride(0), stride_hk=hidden.stride(1), stride_wv=weight.stride(0),
         stride_wk=weight.stride(1), stride_b=bias.stride(0) if bias is not None else 0,
         inv_temp=1.0 / temperature, softcap=1.0 if softcap is None else softcap,
-        HAS_SOFTCAP=softcap is not None, DOT_PRECISION=dot_precision(weight.dtype),
+        HAS_SOFTCAP=softcap is not None, DOT_PRECISION=dot_precision(compute_dtype(hidden.dtype, weight.dtype)),
         device=hidden.device,
     )
     row_max, row_sum, target_logit = parts

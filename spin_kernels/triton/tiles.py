@@ -37,6 +37,17 @@ def row_positions(idx_ptr, rows, row_mask, HAS_INDEX: tl.constexpr):
 
 
 @triton.jit
+def matching(a, b):
+    """The operands of a tile product as ``tl.dot`` takes them: unchanged when their dtypes agree
+    (the launcher picks that case at compile time), else both in fp32, so that a fp32 operand is
+    never rounded to its half-precision partner's dtype (``config.compute_dtype``)."""
+    if a.dtype != b.dtype:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return a, b
+
+
+@triton.jit
 def logit_tile(h_ptr, w_ptr, b_ptr, h_rows_at, cols, row_mask, col_mask, H,
                stride_hm, stride_hk, stride_wv, stride_wk, stride_b, inv_temp, softcap,
                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -56,6 +67,7 @@ def logit_tile(h_ptr, w_ptr, b_ptr, h_rows_at, cols, row_mask, col_mask, H,
         k_mask = ks < H
         a = tl.load(h_rows + ks[None, :] * stride_hk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(w_cols + ks[:, None] * stride_wk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        a, b = matching(a, b)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         bias = tl.load(b_ptr + cols.to(tl.int64) * stride_b, mask=col_mask, other=0.0)
