@@ -88,8 +88,8 @@ def kernels():
     # backward's products compile once more in that form, with their constant branches.
     flags_at_one = {"keep_ptr": [ABSENT], "idx_ptr": [GIVEN]}
     return [
-        (lse_partials_kernel, "head", {}, head),
-        (logit_grads_kernel, "producer", {}, {**head, "keep_ptr": OPTIONAL, "dbp_ptr": [GIVEN]}),
+        (lse_partials_kernel, "head", {}, {**head, "st_ptr": OPTIONAL}),
+        (logit_grads_kernel, "producer", {}, {**head, "keep_ptr": OPTIONAL, "dbp_ptr": [GIVEN], "ent_ptr": OPTIONAL}),
         (grad_hidden_kernel, "gemm", {}, gemm),
         (grad_weight_kernel, "gemm", {}, gemm),
         (grad_hidden_kernel, "gemm", {"first": 1, "last": 1}, flags_at_one),

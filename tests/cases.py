@@ -107,3 +107,13 @@ def traceable_examples(spec, ref=False):
         out.append(SpinExample(ids[:lp], ids[lp:lp + lr], ids[lp + lr:], index=100 + p,
                                ref_logps=(-1.0 - p, -2.0 - p) if ref else None))
     return out
+
+
+def cpu_kernels() -> list[str]:
+    """Every impl that runs on CPU tensors here, triton in its interpreter (conftest sets
+    TRITON_INTERPRET): the op tests' parameter ``kernel`` (conftest's ``impl`` covers the CPU
+    impls without triton, whose interpreter runs fp32/fp16 only)."""
+    from spin_kernels.ops import available_backends
+
+    available = available_backends("cpu")
+    return [name for name in ("torch", "cpu", "triton") if available.get(name, "") is None]

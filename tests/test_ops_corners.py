@@ -19,17 +19,15 @@ import warnings
 import pytest
 import torch
 
-from cases import IGNORE, assert_close, grads, make_case, random_lengths
+from cases import IGNORE, assert_close, cpu_kernels, grads, make_case, random_lengths
 from spin_kernels import LinearSPINLoss, linear_logprobs, linear_spin_loss
-from spin_kernels.ops import as_impl, available_backends
+from spin_kernels.ops import as_impl
 from spin_kernels.ops.backends import TorchChunked
 from spin_kernels.ops.backends.torch_chunked import COLUMN_BLOCKS
 from spin_kernels.ops.layout import CountedRows, pair_order
 from spin_kernels.ops.naive import naive_linear_logprobs, naive_linear_spin_loss
 
-# Every impl that runs on CPU tensors here, triton in its interpreter (conftest sets it); the
-# parameter is `kernel` because conftest parametrizes `impl` over the CPU impls only.
-IMPLS = [name for name in ("torch", "cpu", "triton") if available_backends("cpu")[name] is None]
+IMPLS = cpu_kernels()
 
 
 def _reference_grads(case, out_fn, ref_fn):

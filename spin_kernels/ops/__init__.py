@@ -1,6 +1,7 @@
 """The op layer, the only caller of kernels. One path per op, in eager and compiled modes alike:
 
-* ``api.py`` — the public functions and module: options built and validated once
+* ``api.py`` — the public functions and module on packed rows (``batched.py``: the same on
+  ``[B, T, H]`` inputs with labels, a mask and ``shift``): options built and validated once
   (``options.py``), the tensors checked (``validation.py``), then
 * ``autograd.py`` — one autograd Function per op, which calls
 * ``library.py`` — the op as a ``torch.library`` custom op (with its fake): value checks,
@@ -16,6 +17,7 @@ configured backend under a name of its own (docs/ops.md).
 
 from .api import LinearSPINLoss, linear_logprobs, linear_spin_loss
 from .backends import as_impl, available_backends, register_backend
+from .batched import batched_linear_logprobs, batched_linear_spin_loss
 from .naive import naive_linear_logprobs, naive_linear_spin_loss
 from .objective import spin_loss
 
@@ -23,6 +25,8 @@ __all__ = [
     "LinearSPINLoss",
     "as_impl",
     "available_backends",
+    "batched_linear_logprobs",
+    "batched_linear_spin_loss",
     "linear_logprobs",
     "linear_spin_loss",
     "naive_linear_logprobs",

@@ -1,7 +1,7 @@
 """The argument docs the fused ops share, written once, so that ``help()`` shows every argument.
 
-``with_doc`` fills the ``{tensors}``, ``{ref_logps}``, ``{spin_options}``, ``{head_options}``
-and ``{spin_returns}`` fields of a docstring with the parts below (indented for the ``Args:``
+``with_doc`` fills the ``{tensors}``, ``{ref_logps}``, ``{spin_options}``, ``{head_options}``,
+``{logprobs_options}`` and ``{spin_returns}`` fields of a docstring with the parts below (indented for the ``Args:``
 and ``Returns:`` sections of a function's docstring).
 """
 
@@ -36,7 +36,18 @@ SPIN_OPTIONS = """\
             sequence 2p is the real response of pair p, 2p+1 its synthetic one; what
             spin_kernels.packing produces) or "halves" (sequences 0..P-1 are the real
             responses, P..2P-1 the synthetic ones in the same pair order: TRL's and Liger's
-            chosen-then-rejected concatenation). Read in place, without copying hidden."""
+            chosen-then-rejected concatenation). Read in place, without copying hidden.
+        token_metrics: also TRL's per-token metrics, computed in the fused pass (docs/ops.md):
+            entropy, logits/real, logits/synthetic, token_accuracy/real,
+            token_accuracy/synthetic, and the counted rows tokens/real, tokens/synthetic.
+            Off (the default) costs nothing."""
+
+LOGPROBS_OPTIONS = """\
+        (cu_seqlens may be None here: one sequence of all N rows.)
+        reduction: "sum" (per sequence), "mean" (per sequence, over its counted rows) or "none"
+            (per row [N]); None: "mean" if average else "sum".
+        return_entropy: also return the entropy of each row's softmax, reduced as the log-probs
+            and differentiable as they are (computed in the same pass; off costs nothing)."""
 
 HEAD_OPTIONS = """\
         ignore_index: the target of rows that do not count (prompt tokens, the last token of
@@ -54,12 +65,14 @@ HEAD_OPTIONS = """\
 SPIN_RETURNS = """\
         (loss, metrics): loss a float32 scalar (float64 for float64 inputs), the mean over pairs;
         metrics a dict of detached scalars rewards/real, rewards/synthetic, rewards/margin,
-        rewards/accuracy, logps/real, logps/synthetic (means over pairs). When gradients are
-        needed they are computed in the forward pass."""
+        rewards/accuracy, logps/real, logps/synthetic (means over pairs), and with
+        token_metrics the token metrics. When gradients are needed they are computed in the
+        forward pass."""
 
 
 def with_doc(obj):
     """Decorator: the object's docstring with its fields filled from the parts above."""
     obj.__doc__ = obj.__doc__.format(tensors=TENSORS, ref_logps=REF_LOGPS, spin_options=SPIN_OPTIONS,
-                                     head_options=HEAD_OPTIONS, spin_returns=SPIN_RETURNS)
+                                     head_options=HEAD_OPTIONS, logprobs_options=LOGPROBS_OPTIONS,
+                                     spin_returns=SPIN_RETURNS)
     return obj

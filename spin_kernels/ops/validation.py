@@ -54,6 +54,26 @@ def check_head_options(ignore_index: int, temperature: float, softcap: float | N
         raise TypeError(f"check_values must be a bool, got {type(check_values).__name__}")
 
 
+REDUCTIONS = ("sum", "mean", "none")
+
+
+def check_flag(name: str, value: bool) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def check_reduction(reduction: str | None, average: bool) -> None:
+    """``linear_logprobs``'s reduction: None (then ``average`` decides) or one of REDUCTIONS,
+    "mean" being the only one ``average=True`` agrees with."""
+    if reduction is None:
+        return
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS} (or None: 'mean' if average else 'sum'), "
+                         f"got {reduction!r}")
+    if average is True and reduction != "mean":
+        raise ValueError(f"average=True means reduction='mean'; got reduction={reduction!r} with it")
+
+
 def check_pairs(pairs: str) -> None:
     """The SPIN ops' pair layout: "interleaved" or "halves" (``layout.pair_order``)."""
     from .layout import PAIR_LAYOUTS

@@ -48,15 +48,16 @@ from .tiles import live_count, logit_grad_tile, logit_tile, matching, row_positi
 DEFAULT_WORKSPACE_BYTES = 56 * 2**20
 
 
-@flags_from_pointers(HAS_BIAS="b_ptr", HAS_INDEX="idx_ptr", FILTER="keep_ptr", COMPUTE_DB="dbp_ptr")
+@flags_from_pointers(HAS_BIAS="b_ptr", HAS_INDEX="idx_ptr", FILTER="keep_ptr", COMPUTE_DB="dbp_ptr",
+                     HAS_ENTROPY="ent_ptr")
 @triton.jit
 def logit_grads_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, idx_ptr, count_ptr, lse_ptr, g_ptr, du_ptr, dbp_ptr, keep_ptr,
+    h_ptr, w_ptr, b_ptr, y_ptr, idx_ptr, count_ptr, lse_ptr, g_ptr, ent_ptr, du_ptr, dbp_ptr, keep_ptr,
     M, V, H, v_lo, v_hi,
-    stride_hm, stride_hk, stride_wv, stride_wk, stride_b, stride_du, stride_dbp, stride_keep,
+    stride_hm, stride_hk, stride_wv, stride_wk, stride_b, stride_ent, stride_du, stride_dbp, stride_keep,
     inv_temp, softcap, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_INDEX: tl.constexpr, FILTER: tl.constexpr,
-    COMPUTE_DB: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COMPUTE_DB: tl.constexpr, HAS_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TILE_M: tl.constexpr, TILE_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -76,10 +77,17 @@ def logit_grads_kernel(
     # tile alive in the filter.
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=float("inf"))
     g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
+    mean_logit = g  # E_p[z] = lse − H, unused without HAS_ENTROPY
+    g_entropy = g
+    if HAS_ENTROPY:  # ent_ptr: [2, M], the rows' entropies and their upstream gradients
+        entropy = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
+        g_entropy = tl.load(ent_ptr + stride_ent + rows, mask=row_mask, other=0.0)
+        mean_logit = tl.where(row_mask, lse - entropy, 0.0)  # not inf − 0 on padding rows
     z, t = logit_tile(h_ptr, w_ptr, b_ptr, row_positions(idx_ptr, rows, row_mask, HAS_INDEX), cols, row_mask,
                       col_mask, H, stride_hm, stride_hk, stride_wv, stride_wk, stride_b, inv_temp, softcap,
                       HAS_BIAS, HAS_SOFTCAP, TILE_M, TILE_V, BLOCK_K, DOT_PRECISION)
-    du, dz_unscaled = logit_grad_tile(z, t, y, cols, col_mask, lse, g, inv_temp, HAS_SOFTCAP)
+    du, dz_unscaled = logit_grad_tile(z, t, y, cols, col_mask, lse, g, inv_temp, mean_logit, g_entropy, HAS_SOFTCAP,
+                                      HAS_ENTROPY)
     du = tl.where(row_mask[:, None] & col_mask[None, :], du, 0.0)
     out = du_ptr + rows.to(tl.int64)[:, None] * stride_du + local[None, :]
     tl.store(out, du.to(du_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
@@ -223,6 +231,7 @@ class _Call:
     targets: Tensor
     lse: Tensor
     grad: Tensor
+    entropy: Tensor | None  # [2, M]: the rows' entropies and ∂L/∂entropy, or None
     idx: Tensor  # where counted row i sits in hidden and dh
     count: Tensor | None
     inv_temp: float
@@ -286,9 +295,9 @@ class _Workspace:
 def rows_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, lse: Tensor, grad: Tensor,
                temperature: float, softcap: float | None, need_hidden: bool, need_weight: bool, need_bias: bool,
                filter_eps: float = 0.0, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
-               index: Tensor | None = None, count: Tensor | None = None
-               ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of Σ_n grad[n]·logp[n] over the counted rows.
+               index: Tensor | None = None, count: Tensor | None = None, entropy: Tensor | None = None,
+               grad_entropy: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of Σ_n grad[n]·logp[n] (+ grad_entropy[n]·entropy[n]) over the counted rows.
 
     Args:
         hidden [M, H] (or every row [N, H] with ``index`` [M]), weight [V, H], bias [V] | None,
@@ -299,6 +308,8 @@ def rows_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Ten
         workspace_bytes: budget of the backward's scratch memory (``workspace_shape``).
         count: int32 [1] on the device, or None (= M): rows i >= count are padding, skipped
             (see ``rows_logprobs``); no host synchronisation either way.
+        entropy, grad_entropy: [M] float32 (both or neither): the rows' entropies from the
+            forward and ∂L/∂entropy per row, when the entropies are differentiated.
 
     Returns:
         (dhidden shaped like hidden in hidden's dtype (zero on rows not in ``index``), dweight
@@ -314,7 +325,8 @@ def rows_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Ten
         return dh, None if dw is None else dw.zero_(), db
     # Always an index, unlike the forward's: the kernels see one row block at a time, and
     # idx[rows] says where its rows sit in hidden and dh.
-    call = _Call(hidden, weight, bias, targets.contiguous(), lse.float().contiguous(), grad.float().contiguous(),
+    ent = None if grad_entropy is None else torch.stack([entropy.float(), grad_entropy.float()])
+    call = _Call(hidden, weight, bias, targets.contiguous(), lse.float().contiguous(), grad.float().contiguous(), ent,
                  index if index is not None else torch.arange(m, device=hidden.device), count, 1.0 / temperature,
                  softcap, float(filter_eps), dh, dw, db)
     ws = _Workspace.allocate(call, m, workspace_bytes)
@@ -337,13 +349,15 @@ def rows_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Ten
 
 def _logit_grads(call: _Call, ws: _Workspace, rows: slice, live: Tensor, v_lo: int, v_hi: int) -> None:
     """G = ∂u of the block's rows × the chunk's columns (and ∂b's partial sums, the filter's flags)."""
-    h, w, b = call.hidden, call.weight, call.bias
+    h, w, b, ent = call.hidden, call.weight, call.bias, call.entropy
     launch(logit_grads_kernel, lambda meta: (ws.m_tiles, triton.cdiv(v_hi - v_lo, ws.tile_v)),
            h_ptr=h, w_ptr=w, b_ptr=b, y_ptr=call.targets[rows], idx_ptr=call.idx[rows], count_ptr=live,
-           lse_ptr=call.lse[rows], g_ptr=call.grad[rows], du_ptr=ws.du, dbp_ptr=ws.dbp, keep_ptr=ws.keep,
+           lse_ptr=call.lse[rows], g_ptr=call.grad[rows], ent_ptr=None if ent is None else ent[:, rows],
+           du_ptr=ws.du, dbp_ptr=ws.dbp, keep_ptr=ws.keep,
            M=rows.stop - rows.start, V=w.shape[0], H=w.shape[1], v_lo=v_lo, v_hi=v_hi,
            stride_hm=h.stride(0), stride_hk=h.stride(1), stride_wv=w.stride(0), stride_wk=w.stride(1),
-           stride_b=b.stride(0) if b is not None else 0, stride_du=ws.du.stride(0),
+           stride_b=b.stride(0) if b is not None else 0, stride_ent=0 if ent is None else ent.stride(0),
+           stride_du=ws.du.stride(0),
            stride_dbp=ws.dbp.stride(0) if ws.dbp is not None else 0, stride_keep=ws.stride_keep,
            inv_temp=call.inv_temp, softcap=1.0 if call.softcap is None else call.softcap,
            filter_eps=call.filter_eps, HAS_SOFTCAP=call.softcap is not None, DOT_PRECISION=call.precision,

@@ -83,15 +83,21 @@ def logit_tile(h_ptr, w_ptr, b_ptr, h_rows_at, cols, row_mask, col_mask, H,
 
 
 @triton.jit
-def logit_grad_tile(z, t, y, cols, col_mask, lse, g, inv_temp,
-                    HAS_SOFTCAP: tl.constexpr):
-    """(du, dz_unscaled): du = ∂L/∂u for the tile (chained through softcap and temperature);
-    dz_unscaled = onehot − softmax, the quantity the gradient filter compares with its
-    threshold (it does not depend on the upstream scale g)."""
+def logit_grad_tile(z, t, y, cols, col_mask, lse, g, inv_temp, mean_logit, g_entropy,
+                    HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr):
+    """(du, dz_unscaled): du = ∂L/∂u for the tile (chained through softcap and temperature) of
+    L = Σ g logp (+ Σ g_entropy H with HAS_ENTROPY: ∂H/∂z = p (μ − z), μ = E_p[z] = lse − H the
+    rows' ``mean_logit``);
+    dz_unscaled = |onehot − softmax| (and |p (μ − z)|), the quantity the gradient filter compares
+    with its threshold (it does not depend on the upstream scales)."""
     p = tl.where(col_mask[None, :], tl.exp(z - lse[:, None]), 0.0)
     onehot = (cols[None, :] == y[:, None]).to(tl.float32)
     dz_unscaled = onehot - p
     du = g[:, None] * dz_unscaled
+    if HAS_ENTROPY:
+        entropy_grad = p * (mean_logit[:, None] - z)
+        du += g_entropy[:, None] * entropy_grad
+        dz_unscaled = tl.maximum(tl.abs(dz_unscaled), tl.abs(entropy_grad))
     if HAS_SOFTCAP:
         du = du * (1.0 - t * t)
     return du * inv_temp, dz_unscaled

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from .base import Backend, Grads, Needs, RowLogprobs, SpinResult
+from .base import STAT_ROWS, Backend, Grads, Needs, RowLogprobs, SpinResult, Upstream
 from .torch_chunked import TorchChunked
 
 Factory = Callable[[], Backend]
@@ -118,5 +118,5 @@ def resolve_backend(impl: str, device: torch.device) -> Backend:
     return backend
 
 
-__all__ = ["Backend", "Grads", "Needs", "RowLogprobs", "SpinResult", "TorchChunked", "as_impl",
+__all__ = ["STAT_ROWS", "Backend", "Grads", "Needs", "RowLogprobs", "SpinResult", "TorchChunked", "Upstream", "as_impl",
            "available_backends", "known_impls", "register_backend", "resolve_backend"]

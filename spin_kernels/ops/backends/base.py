@@ -7,8 +7,10 @@ only does the vocabulary-sized work on counted rows, given the op's options whol
 objective's beta, loss_type and average):
 
 * ``rows_forward``  — per-row log-prob and log-sum-exp (2·M·H·V flops) -> ``RowLogprobs``;
-* ``rows_backward`` — gradients from per-row upstream scales, recomputing logits (6·M·H·V)
-  -> ``Grads``;
+  with ``opts.row_stats`` also the per-row statistics (entropy, mean logit, top-1 hit) from the
+  same logit tiles, and nothing of them otherwise;
+* ``rows_backward`` — gradients from per-row upstream scales (``Upstream``: of the log-probs,
+  and of the entropies when they are differentiated), recomputing logits (6·M·H·V) -> ``Grads``;
 * ``spin_forward_backward`` — the SPIN loss with its gradients computed in the forward
   -> ``SpinResult``. The default here chains the two above with the shared epilogue (8·M·H·V,
   no host sync); a backend that can hold whole pairs in a tile overrides it with the 6·M·H·V path.
@@ -57,11 +59,28 @@ class Needs:
     bias: bool = True
 
 
+STAT_ROWS = ("entropy", "mean_logit", "top1")  # the rows of RowLogprobs.stats
+
+
 class RowLogprobs(NamedTuple):
     """Per counted row [M], in the accumulation dtype (0 on padding rows)."""
 
     logp: Tensor  # log softmax(z)[target]
     lse: Tensor  # log Σ_v exp(z_v): what the backward recomputes the softmax from
+    # [3, M] when opts.row_stats, else None; rows STAT_ROWS: the entropy −Σ_v p_v log p_v, the
+    # mean logit (1/V) Σ_v z_v, and 1.0 where argmax_v z_v (its first maximal index, as
+    # torch.argmax) is the target, else 0.0.
+    stats: Tensor | None = None
+
+
+class Upstream(NamedTuple):
+    """What a backward gets per counted row [M]: the forward's lse, ∂L/∂logp and, when the
+    entropies are differentiated, their values and ∂L/∂entropy (both or neither)."""
+
+    lse: Tensor
+    grad: Tensor
+    entropy: Tensor | None = None
+    grad_entropy: Tensor | None = None
 
 
 class Grads(NamedTuple):
@@ -80,6 +99,7 @@ class SpinResult(NamedTuple):
     dhidden: Tensor | None
     dweight: Tensor | None
     dbias: Tensor | None
+    row_stats: Tensor | None = None  # [3, M] as RowLogprobs.stats when opts.row_stats
 
 
 def counted_rows(hidden: Tensor, index: Tensor | None) -> Tensor:
@@ -117,12 +137,12 @@ class Backend:
         """hidden [N, H] with index [M] (or [M, H]), weight [V, H], bias [V] | None, targets [M]."""
         raise NotImplementedError
 
-    def rows_backward(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, lse: Tensor,
-                      grad: Tensor, opts: HeadOptions, needs: Needs, index: Tensor | None = None,
+    def rows_backward(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                      upstream: Upstream, opts: HeadOptions, needs: Needs, index: Tensor | None = None,
                       count: Tensor | None = None) -> Grads:
-        """lse [M] from the forward, grad [M] = dL/dlogp per counted row -> the gradients in the
-        accumulation dtype (a backend may return dhidden and dweight in the inputs' dtypes when it
-        accumulates in fp32 and rounds at the end, as Triton's does)."""
+        """The gradients of Σ_n grad_n logp_n (+ grad_entropy_n entropy_n) over the counted rows,
+        in the accumulation dtype (a backend may return dhidden and dweight in the inputs' dtypes
+        when it accumulates in fp32 and rounds at the end, as Triton's does)."""
         raise NotImplementedError
 
     def spin_forward_backward(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, rows: CountedRows,
@@ -134,6 +154,7 @@ class Backend:
         fwd = self.rows_forward(hidden, weight, bias, rows.targets, opts, rows.index, rows.count)
         seq = rows.seq_logps(fwd.logp, opts.average)
         loss, seq_grad = spin_terms(seq, ref_logps, opts.beta, opts.loss_type, max(rows.num_seqs // 2, 1))
-        grads = self.rows_backward(hidden, weight, bias, rows.targets, fwd.lse, rows.row_grads(seq_grad, opts.average),
-                                   opts, needs, rows.index, rows.count)
-        return SpinResult(loss, seq, *grads)
+        grads = self.rows_backward(hidden, weight, bias, rows.targets,
+                                   Upstream(fwd.lse, rows.row_grads(seq_grad, opts.average)), opts, needs, rows.index,
+                                   rows.count)
+        return SpinResult(loss, seq, *grads, fwd.stats)

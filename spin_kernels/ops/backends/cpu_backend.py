@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..layout import CountedRows, pair_groups, row_grads, seq_logps
 from ..objective import spin_terms
-from .base import Backend, Grads, RowLogprobs, SpinResult, acc_dtype
+from .base import Backend, Grads, RowLogprobs, SpinResult, Upstream, acc_dtype
 from .torch_chunked import TorchChunked
 
 if TYPE_CHECKING:
@@ -139,12 +139,14 @@ class CpuFused(Backend):
         return 0.0 if opts.softcap is None else opts.softcap
 
     def _forward(self, h, w, b, y, opts, store=None, index=None) -> RowLogprobs:
-        return RowLogprobs(*_OPS.rows_forward(h, w, b, y, opts.temperature, self._softcap(opts), store,
-                                              *self._tiling(h.shape[1]), index, self.gemm))
+        logp, lse, stats = _OPS.rows_forward(h, w, b, y, opts.temperature, self._softcap(opts), store,
+                                             *self._tiling(h.shape[1]), index, self.gemm, opts.row_stats)
+        return RowLogprobs(logp, lse, stats if opts.row_stats else None)
 
-    def _backward(self, h, w, b, y, lse, grad, opts, dh, dw, db, store=None, index=None):
-        _OPS.rows_backward(h, w, b, y, lse.float().contiguous(), grad.float().contiguous(), opts.temperature,
-                           self._softcap(opts), store, *self._tiling(h.shape[1]), dh, dw, db, index, self.gemm)
+    def _backward(self, h, w, b, y, up: Upstream, opts, dh, dw, db, store=None, index=None):
+        lse, grad, entropy, grad_entropy = (None if t is None else t.float().contiguous() for t in up)
+        _OPS.rows_backward(h, w, b, y, lse, grad, opts.temperature, self._softcap(opts), store,
+                           *self._tiling(h.shape[1]), dh, dw, db, index, self.gemm, entropy, grad_entropy)
 
     @staticmethod
     def _alloc_grads(hidden, weight, bias, needs):
@@ -164,13 +166,13 @@ class CpuFused(Backend):
         h, w, b, y = self._kernel_inputs(hidden, weight, bias, targets)
         return self._forward(h, w, b, y, opts, index=index)
 
-    def rows_backward(self, hidden, weight, bias, targets, lse, grad, opts: HeadOptions, needs, index=None,
+    def rows_backward(self, hidden, weight, bias, targets, upstream: Upstream, opts: HeadOptions, needs, index=None,
                       count=None):
         if acc_dtype(hidden, weight, bias) == torch.float64:
-            return self._reference.rows_backward(hidden, weight, bias, targets, lse, grad, opts, needs, index)
+            return self._reference.rows_backward(hidden, weight, bias, targets, upstream, opts, needs, index)
         h, w, b, y = self._kernel_inputs(hidden, weight, bias, targets)
         dh, dw, db = self._alloc_grads(h, w, bias, needs)
-        self._backward(h, w, b, y, lse, grad, opts, dh, dw, db, index=index)
+        self._backward(h, w, b, y, upstream, opts, dh, dw, db, index=index)
         return Grads(dh, dw, db)
 
     def spin_forward_backward(self, hidden, weight, bias, rows: CountedRows, ref_logps, opts: SpinOptions, needs):
@@ -186,6 +188,7 @@ class CpuFused(Backend):
         dh, dw, db = self._alloc_grads(h, w, bias, needs)
         f32 = torch.float32
         seq_out = h.new_zeros(rows.num_seqs, dtype=f32)
+        row_stats = h.new_zeros(3, rows.num_rows, dtype=f32) if opts.row_stats else None
         loss = h.new_zeros((), dtype=f32)
         ref = ref_logps.to(f32)
         num_pairs = max(rows.num_seqs // 2, 1)
@@ -200,15 +203,17 @@ class CpuFused(Backend):
             group_store = store if hi - lo <= store_rows else None
             offsets = rows.offsets[2 * p:2 * q + 1]
             index = rows.index[lo:hi]
-            logp, lse = self._forward(h, w, b, y[lo:hi], opts, group_store, index)
+            logp, lse, stats = self._forward(h, w, b, y[lo:hi], opts, group_store, index)
+            if row_stats is not None:
+                row_stats[:, lo:hi] = stats
             seq = seq_logps(logp, offsets, opts.average)
             group_loss, seq_grad = spin_terms(seq, ref[2 * p:2 * q], opts.beta, opts.loss_type, num_pairs)
             seq_out[2 * p:2 * q] = seq
             loss += group_loss
             g = row_grads(seq_grad, offsets, rows.seq[lo:hi] - 2 * p, opts.average)
             if hi > lo and bool(g.ne(0).any()):  # hinge pairs past the margin have no gradient
-                self._backward(h, w, b, y[lo:hi], lse, g, opts, dh, dw, db, group_store, index)
-        return SpinResult(loss, seq_out, dh, dw, db)
+                self._backward(h, w, b, y[lo:hi], Upstream(lse, g), opts, dh, dw, db, group_store, index)
+        return SpinResult(loss, seq_out, dh, dw, db, row_stats)
 
 
 def make_backend() -> Backend:

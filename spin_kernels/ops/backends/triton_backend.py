@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 import triton  # noqa: F401  (ImportError here = the backend is unavailable, see backends/__init__)
 
-from .base import Backend, Grads, Needs, RowLogprobs
+from .base import Backend, Grads, Needs, RowLogprobs, Upstream
 from .torch_chunked import TorchChunked
 
 if TYPE_CHECKING:
@@ -83,21 +83,22 @@ class TritonBackend(Backend):
         from ...triton.forward import rows_logprobs
 
         return RowLogprobs(*rows_logprobs(hidden, weight, bias, targets, opts.temperature, opts.softcap,
-                                          index=_long(index), count=count))
+                                          index=_long(index), count=count, stats=opts.row_stats))
 
     def pads_rows(self, hidden, weight, bias) -> bool:
         return not self._is_f64(hidden, weight, bias)  # float64 goes to the torch path: exact rows
 
-    def rows_backward(self, hidden, weight, bias, targets, lse, grad, opts: HeadOptions, needs: Needs, index=None,
-                      count=None):
+    def rows_backward(self, hidden, weight, bias, targets, upstream: Upstream, opts: HeadOptions, needs: Needs,
+                      index=None, count=None):
         if self._is_f64(hidden, weight, bias):
-            return self._fallback.rows_backward(hidden, weight, bias, targets, lse, grad, opts, needs, index)
+            return self._fallback.rows_backward(hidden, weight, bias, targets, upstream, opts, needs, index)
         from ...triton.backward import rows_grads
 
         budget = {} if self.workspace_bytes is None else {"workspace_bytes": self.workspace_bytes}
-        return Grads(*rows_grads(hidden, weight, bias, targets, lse, grad, opts.temperature, opts.softcap,
-                                 needs.hidden, needs.weight, needs.bias, index=_long(index),
-                                 filter_eps=filter_eps_for(weight.dtype, self.grad_filter), count=count, **budget))
+        return Grads(*rows_grads(hidden, weight, bias, targets, upstream.lse, upstream.grad, opts.temperature,
+                                 opts.softcap, needs.hidden, needs.weight, needs.bias, index=_long(index),
+                                 filter_eps=filter_eps_for(weight.dtype, self.grad_filter), count=count,
+                                 entropy=upstream.entropy, grad_entropy=upstream.grad_entropy, **budget))
 
 
 def make_backend() -> Backend:
