@@ -55,10 +55,10 @@ def lse_partials_kernel(
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_hi
-        logits, _ = logit_tile(h_ptr, w_ptr, b_ptr, h_rows_at, cols, row_mask, col_mask, H,
-                               stride_hm, stride_hk, stride_wv, stride_wk, stride_b, inv_temp, softcap,
-                               HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
-        z = tl.where(col_mask[None, :], logits, float("-inf"))
+        z, _ = logit_tile(h_ptr, w_ptr, b_ptr, h_rows_at, cols, row_mask, col_mask, H,
+                          stride_hm, stride_hk, stride_wv, stride_wk, stride_b, inv_temp, softcap,
+                          HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
+        z = tl.where(col_mask[None, :], z, float("-inf"))
         # col_mask matters: a column past v_hi may be a real token that belongs to the next split.
         hit = (cols[None, :] == y[:, None]) & col_mask[None, :]
         zy += tl.sum(tl.where(hit, z, 0.0), axis=1)
@@ -68,15 +68,16 @@ def lse_partials_kernel(
         rescale = tl.exp(m_i - m_new)
         e = tl.exp(z - m_new[:, None])
         if HAS_STATS:
-            # Σ e (z − m_new), the masked columns (e = 0) left out; the running sum moves to the
-            # new max as Σ e_old (z − m_old) + (m_old − m_new) Σ e_old, then rescaled (the first
-            # block has nothing to move: its shift is 0, not −inf, so that −inf · 0 never occurs).
-            c_tile = tl.sum(tl.where(col_mask[None, :], e * (logits - m_new[:, None]), 0.0), axis=1)
+            # Σ e (z − m_new), the masked columns (z = −inf, e = 0) left out; the running sum moves
+            # to the new max as Σ e_old (z − m_old) + (m_old − m_new) Σ e_old, then rescaled (the
+            # first block has nothing to move: its shift is 0, not −inf, so that −inf · 0 never
+            # occurs). Everything from z: no second logit tile stays live (registers).
+            z_real = tl.where(col_mask[None, :], z, 0.0)
+            c_tile = tl.sum(e * (z_real - m_new[:, None]), axis=1)
             shift = tl.where(m_i == float("-inf"), 0.0, m_i - m_new)
             c_i = rescale * (c_i + shift * l_i) + c_tile
-            z_sum += tl.sum(tl.where(col_mask[None, :], logits, 0.0), axis=1)
-            earlier = col_mask[None, :] & (cols[None, :] < y[:, None])
-            before = tl.maximum(before, tl.max(tl.where(earlier, logits, float("-inf")), axis=1))
+            z_sum += tl.sum(z_real, axis=1)
+            before = tl.maximum(before, tl.max(tl.where(cols[None, :] < y[:, None], z, float("-inf")), axis=1))
         l_i = l_i * rescale + tl.sum(e, axis=1)
         m_i = m_new
     out = split.to(tl.int64) * M + rows
