@@ -302,3 +302,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cpu_kernels() -> list[str]:
+    """Every impl that runs on CPU tensors here, triton in its interpreter (conftest sets
+    TRITON_INTERPRET): the op tests' parameter ``kernel`` (conftest's ``impl`` covers the CPU
+    impls without triton, whose interpreter runs fp32/fp16 only)."""
+    from spin_kernels.ops import available_backends
+
+    available = available_backends("cpu")
+    return [name for name in ("torch", "cpu", "triton") if available.get(name, "") is None]

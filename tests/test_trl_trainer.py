@@ -159,10 +159,6 @@ def test_trl_token_metrics_equal_trl_dpo(tmp_path, tok):
     """TRL's entropy, logits/chosen, logits/rejected and mean_token_accuracy, computed by the fused
     op beside its log-sum-exp (``linear_spin_loss(token_metrics=True)``, docs/ops.md), on a model
     that has learned the rows (the metrics are far from a fresh model's ~log V, 0, 0)."""
-    from spin_kernels.integrations.trl import _fused_token_metrics
-
-    if not _fused_token_metrics():
-        pytest.skip("linear_spin_loss has no token_metrics yet (the ops' issue-27 item 2)")
     case = parity_case(str(tmp_path), tok, trained_policy_and_reference(tok), "sigmoid", "ref_model")
     want, got = case["dpo"]["metrics"], case["spin"]["metrics"]
     print({k: (want[k], got[k]) for k in TOKEN_METRICS})

@@ -39,9 +39,9 @@ Logged metrics keep TRL's names so dashboards carry over: ``rewards/chosen`` (= 
 ``logps/rejected``, ``num_tokens``. TRL's per-token ``entropy``, ``logits/chosen``,
 ``logits/rejected`` and ``mean_token_accuracy`` are per-row reductions the fused pass can
 accumulate beside its log-sum-exp: they are logged (``TOKEN_METRICS``, averaged over the tokens of
-all processes as TRL does) when the installed ``linear_spin_loss`` takes ``token_metrics=True``
-(the ops' API of issue 27, docs/ops.md), for "sigmoid" / "hinge"; the other loss types' fused
-log-probs (``linear_logprobs``) do not offer them yet.
+all processes as TRL does) from ``linear_spin_loss(token_metrics=True)`` (docs/ops.md), for
+"sigmoid" / "hinge"; the other loss types' fused log-probs (``linear_logprobs``) do not offer
+them yet.
 
 Refused, with a message naming the option: ``use_weighting`` (WPO needs every token's sum of
 squared probabilities over the vocabulary), ``truncation_mode="keep_end"`` (deprecated by TRL),
@@ -100,14 +100,6 @@ TOKEN_METRICS = {
     "mean_token_accuracy": ("token_accuracy/real", ("tokens/real",)),
 }
 _REF = ("ref_chosen_logps", "ref_rejected_logps")
-
-
-def _fused_token_metrics() -> bool:
-    """Whether the installed ``linear_spin_loss`` computes TRL's per-token metrics in its fused pass
-    (``token_metrics=``, the ops' issue-27 API). Until it does, they are not logged."""
-    import inspect
-
-    return "token_metrics" in inspect.signature(linear_spin_loss).parameters
 
 
 def spin_columns(dataset):
@@ -339,7 +331,6 @@ class SPINTrainer(DPOTrainer):
                                  "(sharded the same way) or use precompute_ref_log_probs=True")
             ref_model = copy.deepcopy(model).requires_grad_(False)
         self.impl = impl
-        self._token_metrics = _fused_token_metrics()
         with _dtensor_aware_hash():
             super().__init__(model, ref_model=ref_model, args=args,
                              data_collator=data_collator or PackedPreferenceCollator(max_length=args.max_length),
@@ -420,11 +411,10 @@ class SPINTrainer(DPOTrainer):
             ref = ref.to(hidden.device)
             if self.dpo_loss.is_spin_loss and self.ld_alpha is None:
                 weight = head.pop("weight")
-                token = {"token_metrics": True} if self._token_metrics else {}
                 loss, metrics = linear_spin_loss(hidden, weight, batch.targets, batch.cu_seqlens, ref,
                                                  beta=self.beta, loss_type=self.dpo_loss.loss_types[0],
                                                  ignore_index=IGNORE_INDEX, impl=self.impl, check_values=False,
-                                                 **token, **head)
+                                                 token_metrics=True, **head)
             else:
                 seq, sums = self._head_logps(hidden, head, batch)
                 loss = self.dpo_loss(_pair_logps(seq, sums, ref.to(seq.dtype), batch, inputs.get("completion_lengths")))

@@ -32,13 +32,13 @@ def check_impl(impl: str, device: torch.device) -> None:
         raise ConfigError(f"training.impl: 'triton' needs a CUDA device, but this run uses {device}; use --impl "
                           f"auto (the C++ kernels on CPU) or --impl cpu / torch")
     if impl == "cpu":
-        from spin_kernels.ops.backends import _FACTORIES, _UNAVAILABLE
+        from spin_kernels.ops import available_backends
 
         if device.type != "cpu":
             raise ConfigError(f"training.impl: 'cpu' runs on CPU tensors, but this run uses {device}; use --impl "
                               f"auto or triton")
-        if "cpu" not in _FACTORIES:
-            raise ConfigError(f"training.impl: 'cpu' is unavailable here: {_UNAVAILABLE.get('cpu', '')}")
+        if (why := available_backends(device)["cpu"]) is not None:
+            raise ConfigError(f"training.impl: 'cpu' is unavailable here: {why}")
 
 
 def _weight_files(path: str) -> list[str]:
