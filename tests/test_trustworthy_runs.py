@@ -280,3 +280,208 @@ def test_run_lock_unit(tmp_path):
         # flock is per open file: a second acquire in the same process is refused as well
         RunLock(path, what="x").acquire()
     lock.release()
+
+
+# --------------------------------------------------------------------------- digest what is written, check what is read
+# (issue 25 item 1: every saved model and step checkpoint records the digest of its files and of the
+# tokenizer; --resume and train verify them before reuse; a damaged one is rebuilt or refused, never used)
+
+
+def _damage(path, how: str) -> None:
+    """Damage the file ``path``: one byte flipped (size and mtime kept: what a resume must still
+    see), truncated to half, or emptied."""
+    stat = os.stat(path)
+    data = bytearray(open(path, "rb").read())
+    if how == "flip":
+        data[len(data) // 2] ^= 0x01
+        open(path, "wb").write(bytes(data))
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    elif how == "truncate":
+        open(path, "wb").write(bytes(data[:len(data) // 2]))
+    else:
+        open(path, "wb").write(b"")
+
+
+NAMED = {"flip": "has other bytes than when it was written", "truncate": "is truncated", "zero": "is empty"}
+
+
+@pytest.fixture(scope="module")
+def finished_run(base, tmp_path_factory):
+    """A finished 1-iteration run: (model, data, run directory)."""
+    tmp, model, rows = base
+    root = tmp_path_factory.mktemp("finished")
+    data = _write(root / "d.jsonl", rows)
+    assert main(_iterate(model, data, root / "run")) == 0
+    return model, data, root / "run"
+
+
+@pytest.mark.parametrize("name,how", [("model.safetensors", "flip"), ("model.safetensors", "truncate"),
+                                      ("model.safetensors", "zero"), ("config.json", "flip"),
+                                      ("tokenizer.json", "flip"), ("spin_info.json", "flip")])
+def test_a_damaged_final_model_is_refused_or_rebuilt_never_used(finished_run, tmp_path, capsys, name, how):
+    """One file of iter0/model damaged: --resume --on-stale error refuses, naming the file and what
+    to delete; --resume trains the iteration again from its pairs (a warning names the file) and
+    ends with the weights of the undamaged run."""
+    model, data, run = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    target = copy / "iter0" / "model" / name
+    _damage(target, how)
+    assert main([*_iterate(model, data, copy), "--resume", "--on-stale", "error"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert str(target) in err and f"delete {copy / 'iter0' / 'model'} to train it again" in err, err
+    assert main([*_iterate(model, data, copy), "--resume"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert str(target) in err and "is not used; its training runs again" in err, err
+    if name != "spin_info.json":
+        assert NAMED[how] in err
+    assert _same_weights(copy / "iter0" / "model", run / "iter0" / "model")
+    assert (copy / "iter0" / "model" / name).read_bytes() == (run / "iter0" / "model" / name).read_bytes()
+
+
+def test_a_damaged_step_checkpoint_is_refused_or_rebuilt_never_used(base, tmp_path, capsys):
+    """A run killed after a step checkpoint; one byte of the checkpoint's weights flipped (size and
+    mtime kept): --resume --on-stale error refuses naming the file; --resume trains from the
+    start and ends bit-equal to an uninterrupted run (the damaged state never loaded)."""
+    tmp, model, rows = base
+    data = _write(tmp_path / "d.jsonl", rows)
+    args = _iterate(model, data, tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "-m", "spin_kernels.cli", *args], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, env=dict(os.environ, TQDM_DISABLE="1"))
+    index = tmp_path / "run" / "iter0" / "checkpoints" / "index.json"
+    _wait_for(index.exists, proc, "a step checkpoint", timeout=300)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = index.parent / json.loads(index.read_text())["dir"]
+    shard = next(p for p in step.iterdir() if p.name.endswith(".distcp"))
+    _damage(shard, "flip")
+    assert main([*args, "--resume", "--on-stale", "error"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{shard} has other bytes than when it was written" in err and "delete " in err, err
+    assert main([*args, "--resume"]) == 0
+    assert f"{shard} has other bytes than when it was written" in " ".join(capsys.readouterr().err.split())
+    assert main(_iterate(model, data, tmp_path / "fresh")) == 0
+    assert _same_weights(tmp_path / "run" / "iter0" / "model", tmp_path / "fresh" / "iter0" / "model")
+
+
+def test_a_chat_template_changed_before_resume_invalidates_its_rows(base, tmp_path, capsys):
+    """The starting model's chat template edited between a run and its --resume: the rows it
+    produced (generated, pairs) and the trained model are made again (or refused with --on-stale
+    error), and the run ends exactly as a fresh run with the new template."""
+    tmp, _, rows = base
+    model = shutil.copytree(tmp / "sft", tmp_path / "sft")
+    data = _write(tmp_path / "d.jsonl", rows)
+    assert main(_iterate(str(model), data, tmp_path / "run")) == 0
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    template = (model / "chat_template.jinja").read_text() if (model / "chat_template.jinja").exists() else None
+    new = "{% for message in messages %}{{ message['content'] }}>{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    if template is not None:
+        (model / "chat_template.jinja").write_text(new)
+    else:
+        (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": new}))
+    assert main([*_iterate(str(model), data, tmp_path / "run"), "--resume", "--on-stale", "error"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "generated.jsonl: 12 row(s) cannot be reused (index 0: it was tokenised by another tokenizer" in err, err
+    assert main([*_iterate(str(model), data, tmp_path / "run"), "--resume"]) == 0
+    assert main(_iterate(str(model), data, tmp_path / "fresh")) == 0
+    for name in ("generated.jsonl", "pairs.jsonl"):
+        assert (tmp_path / "run" / "iter0" / name).read_text() == (tmp_path / "fresh" / "iter0" / name).read_text()
+    assert _same_weights(tmp_path / "run" / "iter0" / "model", tmp_path / "fresh" / "iter0" / "model")
+
+
+# --------------------------------------------------------------------------- no silent no-op iterations (item 3)
+
+
+def test_a_global_batch_of_every_pair_still_trains(base, tmp_path, capsys):
+    """--global-batch-pairs >= the pairs and one epoch: one optimizer step, which warm-up must not
+    leave at lr 0 (it would train nothing); the note says so and the model moves."""
+    tmp, model, rows = base
+    data = _write(tmp_path / "d.jsonl", rows)
+    assert main([*_iterate(model, data, tmp_path / "run"), "--global-batch-pairs", "64"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--global-batch-pairs 64 >= the 12 pairs: each epoch is one optimizer step of 12 pairs (1 step(s) in all); " \
+           "the warm-up of ceil(0.1 x 1) = 1 step is dropped" in err, err
+    metrics = _jsonl(tmp_path / "run" / "iter0" / "metrics.jsonl")
+    assert [m["lr"] for m in metrics] == [1e-3]
+    assert not _same_weights(tmp_path / "run" / "iter0" / "model", model)
+
+
+def test_an_iteration_that_changes_no_weight_is_an_error(base, tmp_path, capsys):
+    """Updates below the weights' resolution (lr 1e-30): the trained weights come out bit-identical
+    to the start, which is an error naming the schedule, not a model to continue from."""
+    tmp, model, rows = base
+    data = _write(tmp_path / "d.jsonl", rows)
+    args = [*_iterate(model, data, tmp_path / "run"), "--learning-rate", "1e-30"]
+    assert main(args) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "iter0 train: the trained weights are bit-identical to the starting model" in err
+    assert "after 3 optimizer step(s) on 12 pair(s): the iteration learned nothing" in err
+    assert "--learning-rate 1e-30, 1 warm-up step(s)" in err
+    assert not (tmp_path / "run" / "iter0" / "model").exists()
+    assert main([*args, "--resume"]) == 1  # and never taken for a finished iteration
+
+
+# --------------------------------------------------------------------------- held out means held out (item 4)
+
+
+def test_eval_data_overlapping_the_training_prompts_is_held_out(base, tmp_path, capsys):
+    """--eval-data sharing prompts with --data: those training rows are left out of training, with
+    a warning that counts them; no held-out prompt is trained on."""
+    tmp, model, rows = base
+    data = _write(tmp_path / "d.jsonl", rows)
+    held = [rows[1], rows[4], {"prompt": "9z", "real": "abc"}]
+    evals = _write(tmp_path / "e.jsonl", held)
+    assert main([*_iterate(model, data, tmp_path / "run"), "--eval-data", evals]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    shared = sorted({i for i, r in enumerate(rows) if r["prompt"] in {h["prompt"] for h in held}})
+    assert f"{len(shared)} training row(s) of {data} have a prompt of --eval-data {evals} (e.g. data rows {shared[:5]}); " \
+           f"they are left out of training" in err, err
+    trained = {r["prompt"] for r in _jsonl(tmp_path / "run" / "iter0" / "pairs.jsonl")}
+    assert not trained & {h["prompt"] for h in held}
+    assert len(_jsonl(tmp_path / "run" / "iter0" / "pairs.jsonl")) == len(rows) - len(shared)
+    assert len(_jsonl(tmp_path / "run" / "iter0" / "heldout_pairs.jsonl")) == len(held)
+
+
+# --------------------------------------------------------------------------- never overwrite inputs (item 5)
+
+
+@pytest.mark.parametrize("link", ["same path", "symbolic link", "hard link"])
+def test_an_output_that_is_an_input_is_refused(base, tmp_path, capsys, link):
+    """generate --output that is --data (the same path, a symbolic link to it, a hard link of it),
+    and reference --output that is --input: refused before anything is written."""
+    tmp, model, rows = base
+
+    def output_for(source):
+        if link == "same path":
+            return source
+        out = source.with_name("out-" + source.name)
+        (os.symlink if link == "symbolic link" else os.link)(source, out)
+        return out
+
+    data, gen = tmp_path / "d.jsonl", tmp_path / "g.jsonl"
+    _write(data, rows)
+    _write(gen, [dict(r, synthetic="ab") for r in rows])
+    before = data.read_bytes(), gen.read_bytes()
+    how = {"same path": "is", "symbolic link": "is a symbolic link to", "hard link": "is a hard link of"}[link]
+    flags = ["--device", "cpu", "--max-prompt-length", "8", "--max-length", "40"]
+    out = output_for(data)
+    assert main(["generate", "--model", model, "--data", str(data), "--output", str(out), "--max-new-tokens", "6",
+                 *flags]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--output: '{out}' {how} the input file --data '{data}'; writing it would overwrite the input" in err, err
+    out = output_for(gen)
+    assert main(["reference", "--model", model, "--input", str(gen), "--output", str(out), *flags]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--output: '{out}' {how} the input file --input '{gen}'" in err, err
+    assert (data.read_bytes(), gen.read_bytes()) == before
+
+
+def test_train_never_writes_over_its_input(base, tmp_path, capsys):
+    """train --input OUT/pairs.jsonl would recompute the ref_logps into OUT/pairs.jsonl: refused."""
+    tmp, model, rows = base
+    out = tmp_path / "t"
+    out.mkdir()
+    pairs = _write(out / "pairs.jsonl", [dict(r, synthetic="ab", ref_logps=[-1.0, -2.0]) for r in rows])
+    before = open(pairs).read()
+    assert main(["train", "--model", model, "--input", pairs, "--output-dir", str(out), *FLAGS[:6]]) == 2
+    assert "--output-dir: " in capsys.readouterr().err and open(pairs).read() == before

@@ -43,9 +43,38 @@ def split_heldout(records: list[dict], fraction: float, seed: int) -> tuple[list
     random.Random(seed).shuffle(keys)
     held = set(keys[:max(1, math.ceil(fraction * len(keys)))])
     if len(held) == len(keys):
-        raise ValueError(f"--eval-fraction {fraction} holds out all {len(keys)} distinct prompts: nothing to train on")
+        from .config import ConfigError
+
+        raise ConfigError(f"loop.eval_fraction: --eval-fraction {fraction} holds out all {len(keys)} distinct "
+                          f"prompt(s) of the {len(records)} row(s) (at least one is held out): nothing is left to "
+                          f"train on; lower it or give more data")
     train = [r for r in records if _prompt_key(r["prompt"]) not in held]
     return train, [r for r in records if _prompt_key(r["prompt"]) in held]
+
+
+def without_heldout_prompts(records: list[dict], heldout: list[dict], data: str, eval_data: str) -> list[dict]:
+    """The training ``records`` less every row whose prompt is also a held-out prompt (compared
+    by digest), so that ``--eval-data`` is held out; a warning counts them, and a ConfigError
+    says when nothing is left to train on."""
+    import sys
+
+    from .config import ConfigError
+    from .parallel import is_main
+    from .provenance import text_digest
+
+    held = {text_digest(r["prompt"]) for r in heldout}
+    overlap = [r["index"] for r in records if text_digest(r["prompt"]) in held]
+    if not overlap:
+        return records
+    if len(overlap) == len(records):
+        raise ConfigError(f"loop.eval_data: every prompt of the {len(records)} training row(s) of {data} is also a "
+                          f"prompt of {eval_data}: nothing is left to train on that is not held out")
+    if is_main():
+        print(f"spin-kernels: warning: {len(overlap)} training row(s) of {data} have a prompt of --eval-data "
+              f"{eval_data} (e.g. data rows {overlap[:5]}); they are left out of training, so that the held-out "
+              f"evaluation scores prompts the model never trained on", file=sys.stderr)
+    dropped = set(overlap)
+    return [r for r in records if r["index"] not in dropped]
 
 
 def _prompt_key(prompt: Any) -> str:

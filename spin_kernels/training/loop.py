@@ -40,6 +40,7 @@ from . import provenance
 from .config import SpinConfig
 from .data import Record, load_sft_data, read_jsonl
 from .loading import Loader, check_impl
+from .reference import check_rows_fit
 from .metrics import format_table, read_metrics, summarise_iteration
 from .parallel import barrier, is_main, session
 from .rundir import LOCK_FILE, IterationFiles, check_output_dir, check_run_dir, iteration_model_dir, single_writer
@@ -75,13 +76,27 @@ def run_iterations(cfg: SpinConfig, *, on_iteration_end: IterationHook | None = 
     check_output_dir(cfg.loop.output_dir)
     if records is None:
         records = load_sft_data(cfg.data)
+    train_rows, heldout = _split_heldout(cfg, records)
     with session(cfg) as sess, single_writer(os.path.join(cfg.loop.output_dir, LOCK_FILE), "loop.output_dir",
                                                  sess):
         check_impl(cfg.training.impl, sess.device)
         loader = Loader(cfg, sess)
-        loader.tokenizer(cfg.model.model)
+        tokenizer = loader.tokenizer(loader.check(cfg.model.model))
+        check_rows_fit(train_rows + heldout, tokenizer, cfg)
         check_run_dir(cfg)
-        return _iterate(cfg, loader, on_iteration_end, records)
+        return _iterate(cfg, loader, on_iteration_end, train_rows, heldout)
+
+
+def _split_heldout(cfg: SpinConfig, records: list[Record]) -> tuple[list[Record], list[Record]]:
+    """(training, held-out) rows, before any model is loaded: ``--eval-data`` (rows whose prompt
+    is also a training prompt are taken out of training, with a warning that counts them) or
+    ``--eval-fraction`` (a ConfigError when it leaves nothing to train on)."""
+    from .evaluation import split_heldout, without_heldout_prompts
+
+    if cfg.loop.eval_data:
+        heldout = load_sft_data(dataclasses.replace(cfg.data, data=cfg.loop.eval_data, max_examples=None))
+        return without_heldout_prompts(records, heldout, cfg.data.data, cfg.loop.eval_data), heldout
+    return split_heldout(records, cfg.loop.eval_fraction, cfg.training.seed)
 
 
 def _training_rows(cfg: SpinConfig, t: int, generated: list[Record]) -> list[Record]:
@@ -138,11 +153,12 @@ def iteration_stages(cfg: SpinConfig, loader: Loader, t: int, records: list[Reco
         cfg, heldout, f.heldout_generated, model_path=opponent, seed=seed + HELDOUT_SEED_OFFSET,
         tokenizer=tokenizer, desc=f"iter{t} held-out generate")) if heldout else []
     rows = None if generated is None else _training_rows(cfg, t, generated)
-    pairs = step(reference, lambda: reference.plan(cfg, rows, f.pairs, model_path=opponent,
+    pairs = step(reference, lambda: reference.plan(cfg, rows, f.pairs, model_path=opponent, tokenizer=tokenizer,
                                                    desc=f"iter{t} reference"), rows)
     held_rows = None if held_generated is None else [dict(r, source_iteration=t) for r in held_generated]
     held_pairs = step(reference, lambda: reference.plan(cfg, held_rows, f.heldout_pairs, model_path=opponent,
-                                                        desc=f"iter{t} held-out reference"), held_rows) \
+                                                        tokenizer=tokenizer, desc=f"iter{t} held-out reference"),
+                      held_rows) \
         if heldout else []
     trained = step(train, lambda: train.plan(cfg, pairs, f.dir, start_model=opponent, tokenizer=tokenizer,
                                              pairs_path=f.pairs, iteration=t, desc=f"iter{t} train",
@@ -167,16 +183,11 @@ def _eval_command(cfg: SpinConfig, model_dir: str, path: str) -> dict[str, Any]:
     return result
 
 
-def _iterate(cfg: SpinConfig, loader: Loader, on_iteration_end: IterationHook | None,
-             records: list[Record]) -> list[dict[str, Any]]:
-    from .evaluation import split_heldout, synthetic_stats
+def _iterate(cfg: SpinConfig, loader: Loader, on_iteration_end: IterationHook | None, train_rows: list[Record],
+             heldout: list[Record]) -> list[dict[str, Any]]:
+    from .evaluation import synthetic_stats
 
     run_dir = cfg.loop.output_dir
-    if cfg.loop.eval_data:
-        train_rows, heldout = records, load_sft_data(dataclasses.replace(cfg.data, data=cfg.loop.eval_data,
-                                                                         max_examples=None))
-    else:
-        train_rows, heldout = split_heldout(records, cfg.loop.eval_fraction, cfg.training.seed)
     summaries: list[dict[str, Any]] = []
     for t in range(cfg.loop.iterations):
         f = IterationFiles(run_dir, t)
