@@ -571,7 +571,7 @@ def test_eval_fraction_leaving_no_training_rows_is_refused_before_loading_a_mode
     monkeypatch.setattr(Loader, "runner", lambda self, path: loaded.append(path))
     monkeypatch.setattr(Loader, "tokenizer", lambda self, path: loaded.append(path))
     err = _error(capsys, _iterate(env, "--eval-fraction", "0.99", out=str(tmp_path / "r")))
-    assert "loop.eval_fraction: --eval-fraction 0.99 holds out all" in err and "nothing is left to train on" in err
+    assert "loop.eval_fraction: --eval-fraction 0.99 holds out all" in err and "nothing to train on" in err
     assert loaded == [] and not (tmp_path / "r" / "config.yaml").exists()
 
 

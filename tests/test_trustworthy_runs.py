@@ -424,22 +424,18 @@ def test_an_iteration_that_changes_no_weight_is_an_error(base, tmp_path, capsys)
 # --------------------------------------------------------------------------- held out means held out (item 4)
 
 
-def test_eval_data_overlapping_the_training_prompts_is_held_out(base, tmp_path, capsys):
-    """--eval-data sharing prompts with --data: those training rows are left out of training, with
-    a warning that counts them; no held-out prompt is trained on."""
+def test_eval_data_overlapping_the_training_prompts_is_counted(base, tmp_path, capsys):
+    """--eval-data sharing prompts with --data: a warning counts those held-out rows and says what
+    their metrics then measure (the run goes on: a toy task with few prompts overlaps by design)."""
     tmp, model, rows = base
     data = _write(tmp_path / "d.jsonl", rows)
-    held = [rows[1], rows[4], {"prompt": "9z", "real": "abc"}]
+    held = [rows[1], {"prompt": "9z", "real": "abc"}, rows[4]]
     evals = _write(tmp_path / "e.jsonl", held)
     assert main([*_iterate(model, data, tmp_path / "run"), "--eval-data", evals]) == 0
     err = " ".join(capsys.readouterr().err.split())
-    shared = sorted({i for i, r in enumerate(rows) if r["prompt"] in {h["prompt"] for h in held}})
-    assert f"{len(shared)} training row(s) of {data} have a prompt of --eval-data {evals} (e.g. data rows {shared[:5]}); " \
-           f"they are left out of training" in err, err
-    trained = {r["prompt"] for r in _jsonl(tmp_path / "run" / "iter0" / "pairs.jsonl")}
-    assert not trained & {h["prompt"] for h in held}
-    assert len(_jsonl(tmp_path / "run" / "iter0" / "pairs.jsonl")) == len(rows) - len(shared)
-    assert len(_jsonl(tmp_path / "run" / "iter0" / "heldout_pairs.jsonl")) == len(held)
+    assert f"--eval-data {evals}: 2 of its 3 row(s) (2 distinct prompt(s), e.g. rows [0, 2]) have a prompt that is " \
+           f"also in the training data {data}; the held-out metrics on them score prompts the model trains on" in err, err
+    assert len(_jsonl(tmp_path / "run" / "iter0" / "heldout_pairs.jsonl")) == 3
 
 
 # --------------------------------------------------------------------------- never overwrite inputs (item 5)

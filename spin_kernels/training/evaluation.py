@@ -46,35 +46,33 @@ def split_heldout(records: list[dict], fraction: float, seed: int) -> tuple[list
         from .config import ConfigError
 
         raise ConfigError(f"loop.eval_fraction: --eval-fraction {fraction} holds out all {len(keys)} distinct "
-                          f"prompt(s) of the {len(records)} row(s) (at least one is held out): nothing is left to "
-                          f"train on; lower it or give more data")
+                          f"prompt(s) of the {len(records)} row(s) (at least one is held out): nothing to train "
+                          f"on; lower it or give more data")
     train = [r for r in records if _prompt_key(r["prompt"]) not in held]
     return train, [r for r in records if _prompt_key(r["prompt"]) in held]
 
 
-def without_heldout_prompts(records: list[dict], heldout: list[dict], data: str, eval_data: str) -> list[dict]:
-    """The training ``records`` less every row whose prompt is also a held-out prompt (compared
-    by digest), so that ``--eval-data`` is held out; a warning counts them, and a ConfigError
-    says when nothing is left to train on."""
+def warn_heldout_overlap(records: list[dict], heldout: list[dict], data: str | None, eval_data: str) -> int:
+    """Count the ``--eval-data`` rows whose prompt (by digest) is also a training prompt, and say
+    so with the count: the held-out metrics on them score prompts the model trains on (a toy
+    task with few prompts overlaps by design; a real evaluation set should not). Returns the
+    count."""
     import sys
 
-    from .config import ConfigError
     from .parallel import is_main
     from .provenance import text_digest
 
-    held = {text_digest(r["prompt"]) for r in heldout}
-    overlap = [r["index"] for r in records if text_digest(r["prompt"]) in held]
-    if not overlap:
-        return records
-    if len(overlap) == len(records):
-        raise ConfigError(f"loop.eval_data: every prompt of the {len(records)} training row(s) of {data} is also a "
-                          f"prompt of {eval_data}: nothing is left to train on that is not held out")
-    if is_main():
-        print(f"spin-kernels: warning: {len(overlap)} training row(s) of {data} have a prompt of --eval-data "
-              f"{eval_data} (e.g. data rows {overlap[:5]}); they are left out of training, so that the held-out "
-              f"evaluation scores prompts the model never trained on", file=sys.stderr)
-    dropped = set(overlap)
-    return [r for r in records if r["index"] not in dropped]
+    trained = {text_digest(r["prompt"]) for r in records}
+    digests = [text_digest(r["prompt"]) for r in heldout]
+    shared = [r.get("index", n) for n, (r, d) in enumerate(zip(heldout, digests)) if d in trained]
+    if shared and is_main():
+        distinct = len(set(digests) & trained)
+        print(f"spin-kernels: warning: --eval-data {eval_data}: {len(shared)} of its {len(heldout)} row(s) ({distinct} "
+              f"distinct prompt(s), e.g. rows {shared[:5]}) have a prompt that is also in the training data "
+              f"{data or ''}; the held-out metrics on them score prompts the model trains on (new responses, not new "
+              f"prompts). Remove those rows from one of the files for a measure on unseen prompts",
+              file=sys.stderr)
+    return len(shared)
 
 
 def _prompt_key(prompt: Any) -> str:

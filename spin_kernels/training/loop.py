@@ -88,14 +88,15 @@ def run_iterations(cfg: SpinConfig, *, on_iteration_end: IterationHook | None = 
 
 
 def _split_heldout(cfg: SpinConfig, records: list[Record]) -> tuple[list[Record], list[Record]]:
-    """(training, held-out) rows, before any model is loaded: ``--eval-data`` (rows whose prompt
-    is also a training prompt are taken out of training, with a warning that counts them) or
-    ``--eval-fraction`` (a ConfigError when it leaves nothing to train on)."""
-    from .evaluation import split_heldout, without_heldout_prompts
+    """(training, held-out) rows, before any model is loaded: ``--eval-data`` (a warning counts
+    its rows whose prompt is also a training prompt) or ``--eval-fraction`` (whole prompts held
+    out; a ConfigError when it leaves nothing to train on)."""
+    from .evaluation import split_heldout, warn_heldout_overlap
 
     if cfg.loop.eval_data:
         heldout = load_sft_data(dataclasses.replace(cfg.data, data=cfg.loop.eval_data, max_examples=None))
-        return without_heldout_prompts(records, heldout, cfg.data.data, cfg.loop.eval_data), heldout
+        warn_heldout_overlap(records, heldout, cfg.data.data, cfg.loop.eval_data)
+        return records, heldout
     return split_heldout(records, cfg.loop.eval_fraction, cfg.training.seed)
 
 
