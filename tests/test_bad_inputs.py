@@ -486,7 +486,8 @@ def test_train_pairs_scored_otherwise_are_recomputed_or_refused(capsys, env, pai
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in pairs))
     gen = tmp_path / "g.jsonl"
-    gen.write_text("".join(json.dumps({k: v for k, v in r.items() if k not in ("ref_logps", "reference")}) + "\n"
+    generated = ("ref_logps", "reference", "row_digest")  # the generated rows the pairs were made from
+    gen.write_text("".join(json.dumps({k: v for k, v in r.items() if k not in generated}) + "\n"
                            for r in pairs))
     short = [a if a != "40" else "30" for a in TRAIN]
     other = save_tiny_model(str(tmp_path / "other"), seed=3)
@@ -524,7 +525,8 @@ def _same_weights(a, b) -> bool:
 
 def test_reference_refuses_another_prompt_length_than_generation(capsys, env, pairs, tmp_path):
     path = tmp_path / "g.jsonl"
-    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k not in ("ref_logps", "reference")}) + "\n"
+    generated = ("ref_logps", "reference", "row_digest")
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k not in generated}) + "\n"
                             for r in pairs))
     err = _error(capsys, ["reference", "--model", env[1], "--input", str(path), "--output", str(tmp_path / "o.jsonl"),
                           "--max-length", "40", "--max-prompt-length", "6", "--device", "cpu"])

@@ -12,6 +12,7 @@ import pickle
 import random
 import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -29,6 +30,9 @@ from spin_kernels.training.checkpoint import (
 )
 from spin_kernels.training.config import ConfigError
 from spin_kernels.training.provenance import text_digest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+from corruption_check import damage  # noqa: E402  (the damages of scripts/corruption_check.py)
 
 VOCAB = 48
 BATCH = torch.tensor([[3, 7, 11, 5, 9, 2]])
@@ -110,11 +114,11 @@ def test_a_broken_index_is_named_and_never_used(tmp_path, capsys):
     model, opt, sched = _run(0, 1)
     states = run_states(model, opt, sched)
     index = tmp_path / "checkpoints" / INDEX_FILE
-    for damage, named in ((lambda: index.write_text("{"), f"{index} is unreadable"),
-                          (lambda: os.remove(tmp_path / "checkpoints" / "step-2" / ".metadata"),
+    for breaks, named in ((lambda: index.write_text("{"), f"{index} is unreadable"),
+                          (lambda: damage(tmp_path / "checkpoints" / "step-2" / ".metadata", "remove"),
                            f"{tmp_path / 'checkpoints' / 'step-2' / '.metadata'} is missing")):
         Checkpointer(states, str(tmp_path), key="k", num_steps=10, save_every=2).save(2)
-        damage()
+        breaks()
         with pytest.raises(ConfigError, match=re.escape(named) + r".*delete .*checkpoints to train from the start"):
             Checkpointer(states, str(tmp_path), key="k", num_steps=10, on_stale="error").load()
         assert Checkpointer(states, str(tmp_path), key="k", num_steps=10).load() == 0
@@ -123,28 +127,8 @@ def test_a_broken_index_is_named_and_never_used(tmp_path, capsys):
         assert not os.path.exists(index)
 
 
-DAMAGE = {
-    "one byte flipped, size and mtime kept": "has other bytes than when it was written",
-    "truncated": "is truncated",
-    "emptied": "is empty",
-    "removed": "is missing",
-}
-
-
-def _damage(path, how: str) -> None:
-    """Damage the file ``path`` as ``how`` says (a flipped byte keeps the size and the mtime)."""
-    stat = os.stat(path)
-    data = bytearray(path.read_bytes())
-    if how == "one byte flipped, size and mtime kept":
-        data[len(data) // 2] ^= 0x01
-        path.write_bytes(bytes(data))
-        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    elif how == "truncated":
-        path.write_bytes(bytes(data[:len(data) // 2]))
-    elif how == "emptied":
-        path.write_bytes(b"")
-    else:
-        os.remove(path)
+DAMAGE = {"flip": "has other bytes than when it was written", "truncate": "is truncated", "zero": "is empty",
+          "remove": "is missing"}
 
 
 @pytest.mark.parametrize("how", list(DAMAGE))
@@ -157,7 +141,7 @@ def test_a_damaged_checkpoint_file_is_never_loaded(tmp_path, capsys, how):
     step = tmp_path / "checkpoints" / "step-2"
     for name in sorted(os.listdir(step)):
         shutil.copytree(step, tmp_path / "kept")
-        _damage(step / name, how)
+        damage(step / name, how)
         fresh, fresh_opt, fresh_sched = _run(1, 0)
         states = run_states(fresh, fresh_opt, fresh_sched)
         with pytest.raises(ConfigError, match=re.escape(f"{step / name} {DAMAGE[how]}")):
@@ -196,6 +180,15 @@ def test_old_format_checkpoints_are_discarded_with_a_warning(tmp_path, capsys):
     assert "holds step checkpoints of an earlier version (step-3: Hugging Face directories with a trainer_state.pt, " \
            "no index), which cannot be resumed; training starts over from step 0" in err
     assert not old.exists()
+    # and those of the first DCP format, whose index records no digests
+    Checkpointer(run_states(model, opt, sched), str(tmp_path), key="k", num_steps=10, save_every=2).save(2)
+    index = tmp_path / "checkpoints" / INDEX_FILE
+    data = {k: v for k, v in json.loads(index.read_text()).items() if k not in ("digest", "files", "tokenizer")}
+    index.write_text(json.dumps({**data, "format": "spin_kernels.checkpoint/1"}))
+    assert Checkpointer(run_states(model, opt, sched), str(tmp_path), key="k", num_steps=10,
+                        on_stale="error").load() == 0
+    assert "a checkpoint of an earlier version (format 'spin_kernels.checkpoint/1', without digests of its files), " \
+           "which cannot be resumed; training starts over from step 0" in " ".join(capsys.readouterr().err.split())
 
 
 def test_checkpoints_of_other_inputs_or_schedules_are_not_resumed(tmp_path, capsys):

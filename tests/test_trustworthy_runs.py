@@ -20,6 +20,9 @@ from spin_kernels.demo.task import MarkovTask
 from spin_kernels.demo.tiny import save_tiny_model
 from spin_kernels.training.rundir import LOCK_FILE
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+from corruption_check import damage  # noqa: E402  (the damages of scripts/corruption_check.py)
+
 FLAGS = ["--device", "cpu", "--max-length", "40", "--max-prompt-length", "8", "--max-new-tokens", "12",
          "--learning-rate", "1e-3", "--epochs", "1", "--global-batch-pairs", "4", "--generation-batch-size", "4",
          "--save-every", "1"]
@@ -287,21 +290,6 @@ def test_run_lock_unit(tmp_path):
 # tokenizer; --resume and train verify them before reuse; a damaged one is rebuilt or refused, never used)
 
 
-def _damage(path, how: str) -> None:
-    """Damage the file ``path``: one byte flipped (size and mtime kept: what a resume must still
-    see), truncated to half, or emptied."""
-    stat = os.stat(path)
-    data = bytearray(open(path, "rb").read())
-    if how == "flip":
-        data[len(data) // 2] ^= 0x01
-        open(path, "wb").write(bytes(data))
-        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    elif how == "truncate":
-        open(path, "wb").write(bytes(data[:len(data) // 2]))
-    else:
-        open(path, "wb").write(b"")
-
-
 NAMED = {"flip": "has other bytes than when it was written", "truncate": "is truncated", "zero": "is empty"}
 
 
@@ -326,7 +314,7 @@ def test_a_damaged_final_model_is_refused_or_rebuilt_never_used(finished_run, tm
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     target = copy / "iter0" / "model" / name
-    _damage(target, how)
+    damage(target, how)
     assert main([*_iterate(model, data, copy), "--resume", "--on-stale", "error"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert str(target) in err and f"delete {copy / 'iter0' / 'model'} to train it again" in err, err
@@ -337,6 +325,47 @@ def test_a_damaged_final_model_is_refused_or_rebuilt_never_used(finished_run, tm
         assert NAMED[how] in err
     assert _same_weights(copy / "iter0" / "model", run / "iter0" / "model")
     assert (copy / "iter0" / "model" / name).read_bytes() == (run / "iter0" / "model" / name).read_bytes()
+
+
+@pytest.mark.parametrize("name", ["generated.jsonl", "pairs.jsonl"])
+def test_a_changed_row_of_a_run_file_is_made_again_never_used(finished_run, tmp_path, capsys, name):
+    """Each row generate and reference write carries the digest of its fields: a row edited on
+    disk (a response's letter, a log-prob's digit; JSON still valid) or a line that is no longer
+    JSON is made again (or refused), and the run ends as the undamaged one did."""
+    model, data, run = finished_run
+    for how in ("edit", "break"):
+        copy = tmp_path / how
+        shutil.copytree(run, copy)
+        path = copy / "iter0" / name
+        lines = path.read_text().splitlines(keepends=True)
+        row = json.loads(lines[2])
+        if how == "edit" and name == "pairs.jsonl":
+            row["ref_logps"][0] += 0.5
+        elif how == "edit":
+            row["synthetic"] = row["synthetic"][::-1] + "a"
+        lines[2] = json.dumps(row) + "\n" if how == "edit" else lines[2][:10] + "\n"
+        path.write_text("".join(lines))
+        assert main([*_iterate(model, data, copy), "--resume", "--on-stale", "error"]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        why = "it changed after it was written" if how == "edit" else "line 3 is not valid JSON"
+        assert str(path) in err and why in err, err
+        assert main([*_iterate(model, data, copy), "--resume"]) == 0
+        assert why in " ".join(capsys.readouterr().err.split())
+        assert path.read_text() == (run / "iter0" / name).read_text()
+        assert _same_weights(copy / "iter0" / "model", run / "iter0" / "model")
+
+
+def test_a_changed_pairs_row_given_to_train_is_refused(finished_run, tmp_path, capsys):
+    model, data, run = finished_run
+    lines = (run / "iter0" / "pairs.jsonl").read_text().splitlines()
+    row = json.loads(lines[1])
+    row["ref_logps"][1] -= 1.0
+    lines[1] = json.dumps(row)
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text("\n".join(lines) + "\n")
+    assert main(["train", "--model", model, "--input", str(pairs), "--output-dir", str(tmp_path / "t"), *FLAGS[:6]]) == 2
+    assert f"--input: {pairs}:2: row 1: it changed after it was written (its row_digest does not match its fields)" \
+        in " ".join(capsys.readouterr().err.split())
 
 
 def test_a_damaged_step_checkpoint_is_refused_or_rebuilt_never_used(base, tmp_path, capsys):
@@ -354,7 +383,7 @@ def test_a_damaged_step_checkpoint_is_refused_or_rebuilt_never_used(base, tmp_pa
     proc.wait()
     step = index.parent / json.loads(index.read_text())["dir"]
     shard = next(p for p in step.iterdir() if p.name.endswith(".distcp"))
-    _damage(shard, "flip")
+    damage(shard, "flip")
     assert main([*args, "--resume", "--on-stale", "error"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert f"{shard} has other bytes than when it was written" in err and "delete " in err, err

@@ -82,7 +82,7 @@ from . import provenance
 from .config import ConfigError
 
 INDEX_FILE = "index.json"
-_FORMAT = "spin_kernels.checkpoint/2"  # /2: with digests (an index of /1 is discarded with a warning)
+_FORMAT = "spin_kernels.checkpoint/2"  # /2: with digests (a checkpoint of /1 is discarded with a warning)
 
 
 # -- the run's random state --------------------------------------------------------------------
@@ -286,6 +286,10 @@ class DamagedError(RuntimeError):
     files and what was found."""
 
 
+class OlderFormatError(DamagedError):
+    """A checkpoint index of an earlier version (no digests): not damaged, but not resumable."""
+
+
 def record_files(path: str, skip: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
     """``{relative path: {size, digest}}`` of every file under the directory ``path`` (but
     ``skip``), as just written (spin_kernels.training.provenance.file_digest)."""
@@ -387,9 +391,11 @@ def latest_checkpoint(root: str) -> CheckpointEntry | None:
     if not os.path.exists(index):
         return None
     data = _read_stamped(index)
+    if data.get("format") == "spin_kernels.checkpoint/1":
+        raise OlderFormatError(f"{index} names a checkpoint of an earlier version (format "
+                               f"'spin_kernels.checkpoint/1', without digests of its files), which cannot be resumed")
     if data.get("format") != _FORMAT:
-        raise DamagedError(f"{index} is of format {data.get('format')!r}, not {_FORMAT!r} (written by an earlier "
-                           f"version, without digests of its files)")
+        raise DamagedError(f"{index} is of format {data.get('format')!r}, not {_FORMAT!r}")
     try:
         entry = CheckpointEntry(int(data["step"]), os.path.join(root, data["dir"]), data.get("training_key"),
                                 data.get("num_steps"), int(data["world_size"]), dict(data["files"]),
@@ -503,6 +509,8 @@ class Checkpointer:
         there is none or it was discarded as stale or damaged."""
         try:
             found = self.latest()
+        except OlderFormatError as exc:
+            return self._discard(str(exc), damaged=False, refuse=False)
         except DamagedError as exc:
             return self._discard(str(exc), damaged=True)
         if found is None:

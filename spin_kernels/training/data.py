@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from .config import ConfigError, DataConfig
+from .provenance import row_damage
 
 Record = dict[str, Any]
 
@@ -216,9 +217,10 @@ def check_row_ref_logps(value: Any, where: str) -> tuple[float, float]:
 
 def read_stage_rows(path: str, need: tuple[str, ...], what: str) -> list[Record]:
     """The rows of a stage file (``generate``'s output, ``reference``'s pairs), each checked:
-    an object with the ``need`` fields, a prompt (text or chat messages), a real and a synthetic
-    response (text; may be empty, see ``load_sft_data``) and, where needed, valid ``ref_logps``.
-    Errors name ``what`` (the flag), the file and the line."""
+    an object with the ``need`` fields, unchanged since it was written (its ``row_digest``, when
+    it has one), a prompt (text or chat messages), a real and a synthetic response (text; may be
+    empty, see ``load_sft_data``) and, where needed, valid ``ref_logps``. Errors name ``what``
+    (the flag), the file and the line."""
     if os.path.isdir(path) or not os.path.exists(path):
         raise ConfigError(f"{what}: file not found: {path}")
     rows = []
@@ -242,6 +244,9 @@ def read_stage_rows(path: str, need: tuple[str, ...], what: str) -> list[Record]
             _check_unicode(row["synthetic"], where, "synthetic response (field 'synthetic')")
         if "ref_logps" in need:
             check_row_ref_logps(row["ref_logps"], where)
+        if (why := row_damage(row)) is not None:
+            raise ConfigError(f"{where}: {why}: the file was changed after spin-kernels wrote it; restore it, or "
+                              f"drop the row's 'row_digest' field if the change is meant")
         rows.append(row)
     if not rows:
         raise ConfigError(f"{what}: {path} holds no rows")
@@ -263,15 +268,24 @@ def _lines(path: str) -> list[str]:
                           f"convert the file to UTF-8") from None
 
 
-def read_jsonl(path: str, *, tolerate_torn_tail: bool = False) -> Iterator[Record]:
+def read_jsonl(path: str, *, tolerate_torn_tail: bool = False,
+               bad_lines: list[tuple[int, str]] | None = None) -> Iterator[Record]:
     """Rows of a JSONL file. With ``tolerate_torn_tail`` a last line cut short by a killed
-    writer is skipped (it will be rewritten on resume); anywhere else a bad line is an error."""
-    for _, row in _jsonl_rows(path, tolerate_torn_tail=tolerate_torn_tail):
+    writer is skipped (it will be rewritten on resume); anywhere else a bad line is an error,
+    unless ``bad_lines`` (a list) is given: a run's own file that was damaged, whose lines that
+    are not JSON are then recorded there as ``(line, reason)`` and skipped (their rows are made
+    again), and whose bytes that are not UTF-8 are read as U+FFFD (the row's digest then fails)."""
+    for _, row in _jsonl_rows(path, tolerate_torn_tail=tolerate_torn_tail, bad_lines=bad_lines):
         yield row
 
 
-def _jsonl_rows(path: str, *, tolerate_torn_tail: bool = False) -> Iterator[tuple[int, Any]]:
-    lines = _lines(path)
+def _jsonl_rows(path: str, *, tolerate_torn_tail: bool = False,
+                bad_lines: list[tuple[int, str]] | None = None) -> Iterator[tuple[int, Any]]:
+    if bad_lines is None:
+        lines = _lines(path)
+    else:
+        with open(path, "rb") as f:
+            lines = f.read().decode("utf-8", errors="replace").splitlines(keepends=True)
     for n, line in enumerate(lines):
         if not line.strip():
             continue
@@ -280,7 +294,9 @@ def _jsonl_rows(path: str, *, tolerate_torn_tail: bool = False) -> Iterator[tupl
         except json.JSONDecodeError as exc:
             if tolerate_torn_tail and n == len(lines) - 1 and not line.endswith("\n"):
                 return
-            raise ConfigError(f"{path}:{n + 1}: not valid JSON ({exc})") from exc
+            if bad_lines is None:
+                raise ConfigError(f"{path}:{n + 1}: not valid JSON ({exc})") from exc
+            bad_lines.append((n + 1, f"line {n + 1} is not valid JSON ({exc.msg})"))
 
 
 def read_records(path: str, row_fields: tuple[str, ...] = ("prompt", "real", "messages")) -> Iterator[tuple[str, Any]]:

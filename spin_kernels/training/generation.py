@@ -116,8 +116,9 @@ class GenerationPlan:
         self.batches = batches
         self.prompt_ids = prompt_ids
         batch_of = {r["index"]: b for b, batch in enumerate(self.batches) for r in batch}
-        rows = list(read_jsonl(out_path, tolerate_torn_tail=True)) if os.path.exists(out_path) else []
-        self.dropped: list[tuple[Any, str]] = []
+        bad: list[tuple[int, str]] = []
+        rows = list(read_jsonl(out_path, tolerate_torn_tail=True, bad_lines=bad)) if os.path.exists(out_path) else []
+        self.dropped: list[tuple[Any, str]] = [(None, why) for _, why in bad]
         kept: dict[Any, Record] = {}
         stale_batches: set[int] = set()
         for row in rows:
@@ -125,7 +126,7 @@ class GenerationPlan:
             if idx not in batch_of:
                 self.dropped.append((idx, "its index is not one of the input's rows"))
                 continue
-            why = provenance.differences(row.get("source"), sources[idx])
+            why = provenance.row_damage(row) or provenance.differences(row.get("source"), sources[idx])
             if why is None and idx in kept:
                 why = "a second row for the same index" if row != kept[idx] else None
                 if why is None:  # an identical copy (an older writer's duplicate): keep one
@@ -281,8 +282,8 @@ def _sample_rounds(plan: GenerationPlan, sampler: Sampler) -> None:
         for j, slot in enumerate(slots):
             b = todo[slot]
             samples = sampler.sample(b, batches[b], plan.prompts_of(batches[b]))
-            mine = [{**r, **s, "source": plan.sources[r["index"]]} for r, s in zip(batches[b], samples)
-                    if r["index"] not in plan.done] if j < num_real else []
+            mine = [provenance.with_row_digest({**r, **s, "source": plan.sources[r["index"]]})
+                    for r, s in zip(batches[b], samples) if r["index"] not in plan.done] if j < num_real else []
             new = gather_by_index(mine)  # this round's rows of every rank, each once, by index
             if is_main():
                 sink.write(new)

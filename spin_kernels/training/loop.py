@@ -45,7 +45,7 @@ from .metrics import format_table, read_metrics, summarise_iteration
 from .parallel import barrier, is_main, session
 from .rundir import LOCK_FILE, IterationFiles, check_output_dir, check_run_dir, iteration_model_dir, single_writer
 from .stages import Models, Pending, Plan, evaluate, generate, reference, train
-from .stages.evaluate import read_json
+from .stages.evaluate import metrics_of, read_json
 
 IterationHook = Callable[[int, str, dict[str, Any]], dict[str, Any] | None]
 #: Held-out prompts are sampled from seeds offset from the training ones (other random streams).
@@ -202,7 +202,7 @@ def _iterate(cfg: SpinConfig, loader: Loader, on_iteration_end: IterationHook | 
                                    **synthetic_stats(list(read_jsonl(f.generated)), loader.tokenizer(opponent)),
                                    "seconds": round(time.perf_counter() - start, 1)}
         if heldout:
-            summary.update({k: v for k, v in (read_json(f.heldout_eval) or {}).items() if k != "key"})
+            summary.update(metrics_of(read_json(f.heldout_eval) or {}))
         stop = cfg.loop.stop_below_accuracy
         if stop is not None and summary["heldout/accuracy"] < stop:
             summary["stopped"] = (f"held-out accuracy {summary['heldout/accuracy']:.3f} < {stop:g} "

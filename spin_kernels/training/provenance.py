@@ -20,13 +20,15 @@ another opponent, other sampling settings or other length limits. So every row c
 
 Both kinds of rows also record the tokenizer (``tokenizer_digest``: its vocabulary and
 pre-/post-processing, special tokens and chat template), so rows tokenised by another
-tokenizer or chat template are never reused.
+tokenizer or chat template are never reused, and a digest of all their fields as written
+(``row_digest``), so a row changed on disk afterwards is never reused either.
 
 Digests: SHA-256 of canonical JSON for text (short: 128 bits as hex), xxh3-128 over the bytes
 of files (``file_digest``; GB/s). A file is hashed once per process while it keeps its inode,
-size and mtime (so a stage hashes a model once); a check of what a run wrote before it is
-reused (``fresh=True``: spin_kernels.training.checkpoint) always reads the bytes again, since a
-damaged file keeps its size and may keep its mtime.
+size and mtime (so a model is hashed once when it is written, and its rows' provenance reuses
+that); a check of what a run wrote before it is reused (``fresh=True``:
+spin_kernels.training.checkpoint) always reads the bytes again, since a damaged file keeps its
+size and may keep its mtime.
 """
 
 from __future__ import annotations
@@ -52,10 +54,11 @@ def text_digest(*parts: Any) -> str:
 
 def file_digest(path: str, *, fresh: bool = False) -> str:
     """``xxh3_128:<hex>`` of the bytes of the file ``path``. Hashed once per process while the file
-    keeps its inode, size and mtime; ``fresh=True`` reads the bytes again whatever the cache holds
-    (the check before a run reuses what it wrote)."""
+    keeps its inode, size and mtime (a directory renamed into place keeps its files' inodes, so a
+    model is not hashed again under its final name); ``fresh=True`` reads the bytes again whatever
+    the cache holds (the check before a run reuses what it wrote)."""
     st = os.stat(path)
-    key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     if fresh or key not in _FILE_DIGESTS:
         h = xxhash.xxh3_128()
         with open(path, "rb") as fh:
@@ -95,6 +98,27 @@ def tokenizer_digest(tokenizer: Any) -> str | None:
                          getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "bos_token_id", None))
     _TOKENIZER_DIGESTS[id(tokenizer)] = (tokenizer, digest)
     return digest
+
+
+#: The field of a written row (generated.jsonl, pairs.jsonl) holding the digest of its other fields.
+ROW_DIGEST = "row_digest"
+
+
+def with_row_digest(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with ``row_digest``: the digest of its other fields, as written, so that a row
+    changed on disk afterwards (a flipped byte in a response or a log-prob) is seen when read."""
+    body = {k: v for k, v in row.items() if k != ROW_DIGEST}
+    return {**body, ROW_DIGEST: text_digest(body)}
+
+
+def row_damage(row: Any) -> str | None:
+    """Why a row read back cannot be trusted (its fields no longer match its ``row_digest``), or
+    None (a row without one, e.g. made by another tool, is taken as it is)."""
+    if not isinstance(row, dict) or ROW_DIGEST not in row:
+        return None
+    if row[ROW_DIGEST] != text_digest({k: v for k, v in row.items() if k != ROW_DIGEST}):
+        return "it changed after it was written (its row_digest does not match its fields)"
+    return None
 
 
 def model_stamp(path: str, label: str | None = None) -> dict[str, str]:

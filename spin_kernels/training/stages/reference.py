@@ -70,14 +70,17 @@ def current_pairs(path: str, rows: list[Record], sources: list[dict[str, Any]], 
     (with a warning), or a ConfigError with ``on_stale="error"``. No file: None."""
     if not os.path.exists(path):
         return None
-    pairs = list(read_jsonl(path, tolerate_torn_tail=True))
-    problem = None
-    if len(pairs) != len(rows):
+    bad: list[tuple[int, str]] = []
+    pairs = list(read_jsonl(path, tolerate_torn_tail=True, bad_lines=bad))
+    problem = bad[0][1] if bad else None
+    if problem is None and len(pairs) != len(rows):
         problem = f"it holds {len(pairs)} row(s) for {len(rows)} generated row(s)"
     for n, (pair, row, src) in enumerate(zip(pairs, rows, sources)):
         if problem is not None:
             break
-        if not isinstance(pair, dict) or {k: v for k, v in pair.items() if k not in ("ref_logps", "reference")} != row:
+        if (why := provenance.row_damage(pair)) is not None:
+            problem = f"line {n + 1}: {why}"
+        elif not isinstance(pair, dict) or _body(pair, "ref_logps", "reference") != _body(row):
             problem = f"line {n + 1} is not the generated row {row.get('index')} it should score"
         elif (why := provenance.differences(pair.get("reference"), src)) is not None:
             problem = f"line {n + 1}: {why}"
@@ -94,6 +97,11 @@ def current_pairs(path: str, rows: list[Record], sources: list[dict[str, Any]], 
         print(f"spin-kernels: warning: {path} cannot be reused ({problem}); the reference pass runs again",
               file=sys.stderr)
     return None
+
+
+def _body(row: Record, *without: str) -> Record:
+    """The fields of a row but its digest and ``without``."""
+    return {k: v for k, v in row.items() if k not in (provenance.ROW_DIGEST, *without)}
 
 
 def plan(cfg: SpinConfig, rows: list[Record], out_path: str, *, model_path: str, tokenizer,
@@ -118,7 +126,8 @@ def run(plan: ReferencePlan, loader, models: Models | None = None) -> list[Recor
     check_token_budget(examples, t.token_budget, t.share_prompt, describe_pairs(plan.rows, plan.out_path))
     refs = reference_logps_for(model, examples, token_budget=t.token_budget, impl=t.impl, average=t.average_log_prob,
                                share_prompt=t.share_prompt, autocast=loader.autocast, desc=plan.desc)
-    out = [{**row, "ref_logps": list(ref), "reference": src} for row, ref, src in zip(plan.rows, refs, plan.sources)]
+    out = [provenance.with_row_digest({**_body(row), "ref_logps": list(ref), "reference": src})
+           for row, ref, src in zip(plan.rows, refs, plan.sources)]
     bad = [(i, ref) for i, ref in enumerate(refs) if not all(map(_finite, ref))]
     if bad:
         raise ConfigError(f"{plan.desc}: the model {plan.model_path!r} gives non-finite log-probs for {len(bad)} "

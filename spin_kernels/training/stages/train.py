@@ -107,16 +107,17 @@ def run(plan: TrainPlan, loader, models: Models | None = None) -> TrainedModel:
                      on_stale=plan.cfg.data.on_stale, describe=describe_pairs(plan.pairs, plan.pairs_path),
                      autocast=loader.autocast)
     if res.trained:
-        _refuse_unchanged(plan, res.model_dir)
+        _refuse_unchanged(plan, res.model_dir, loader.sess.device)
         models.now_holds(res.model_dir)
     return TrainedModel(res.model_dir, plan.key)
 
 
-def _refuse_unchanged(plan: TrainPlan, model_dir: str) -> None:
+def _refuse_unchanged(plan: TrainPlan, model_dir: str, device) -> None:
     """An iteration whose weights come out bit-identical to its start is an error, not a result:
     the final model is removed and a TrainingError says what the schedule and gradients were.
-    (Rank 0 compares every tensor of the written model with the start model's, by name.)"""
-    (same,) = all_reduce_sum([float(is_main() and same_weights(model_dir, plan.start_model))])
+    (Rank 0 compares every tensor of the written model with the start model's, by name; every
+    rank raises alike.)"""
+    (same,) = all_reduce_sum([float(is_main() and same_weights(model_dir, plan.start_model))], device)
     if not same:
         return
     if is_main():
