@@ -260,18 +260,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the Markdown report here")
     parser.add_argument("--workdir", help="where the runs go (default: a temporary directory, removed)")
     args = parser.parse_args(argv)
-    root = Path(args.workdir or tempfile.mkdtemp(prefix="spin-kill-"))
+    result = in_workdir(args.workdir, "spin-kill-",
+                        lambda root: run_check(args.procs, args.kills, args.seed, root, at=args.at))
+    return publish(result, report, "kill_resume_check.py", argv, args.out)
+
+
+def in_workdir(workdir: str | None, prefix: str, run) -> dict:
+    """``run(root)`` in ``workdir`` (kept) or in a new temporary directory (removed after)."""
+    root = Path(workdir or tempfile.mkdtemp(prefix=prefix))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        result = run_check(args.procs, args.kills, args.seed, root, at=args.at)
+        return run(root)
     finally:
-        if not args.workdir:
+        if not workdir:
             shutil.rmtree(root, ignore_errors=True)
-    command = "python scripts/kill_resume_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+
+def publish(result: dict, report, script: str, argv: list[str] | None, out: str | None) -> int:
+    """Print ``report(result, command)`` (and write it to ``out``); the exit code of the check."""
+    command = f"python scripts/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
     text = report(result, command)
     print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    if out:
+        Path(out).write_text(text)
     return 0 if result["ok"] else 1
 
 

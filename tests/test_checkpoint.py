@@ -10,6 +10,9 @@ import json
 import os
 import pickle
 import random
+import re
+import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -26,6 +29,10 @@ from spin_kernels.training.checkpoint import (
     seed_everything,
 )
 from spin_kernels.training.config import ConfigError
+from spin_kernels.training.provenance import text_digest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+from corruption_check import damage  # noqa: E402  (the damages of scripts/corruption_check.py)
 
 VOCAB = 48
 BATCH = torch.tensor([[3, 7, 11, 5, 9, 2]])
@@ -101,18 +108,87 @@ def test_the_index_names_the_latest_checkpoint_not_the_directory_names(tmp_path)
     assert not Checkpointer.finished(str(tmp_path), "other")
 
 
-def test_a_broken_index_is_named(tmp_path):
+def test_a_broken_index_is_named_and_never_used(tmp_path, capsys):
+    """An index that is not JSON, or names a checkpoint without its .metadata: refused naming it
+    and what to delete (--on-stale error), or discarded with a warning (training starts over)."""
     model, opt, sched = _run(0, 1)
-    ckpt = Checkpointer(run_states(model, opt, sched), str(tmp_path), key="k", num_steps=10, save_every=2)
-    ckpt.save(2)
+    states = run_states(model, opt, sched)
     index = tmp_path / "checkpoints" / INDEX_FILE
-    index.write_text("{")
-    with pytest.raises(RuntimeError, match="is not a checkpoint index"):
-        ckpt.load()
-    ckpt.save(4)
-    os.remove(tmp_path / "checkpoints" / "step-4" / ".metadata")
-    with pytest.raises(RuntimeError, match=r"names .*step-4, which is missing or incomplete"):
-        ckpt.load()
+    for breaks, named in ((lambda: index.write_text("{"), f"{index} is unreadable"),
+                          (lambda: damage(tmp_path / "checkpoints" / "step-2" / ".metadata", "remove"),
+                           f"{tmp_path / 'checkpoints' / 'step-2' / '.metadata'} is missing")):
+        Checkpointer(states, str(tmp_path), key="k", num_steps=10, save_every=2).save(2)
+        breaks()
+        with pytest.raises(ConfigError, match=re.escape(named) + r".*delete .*checkpoints to train from the start"):
+            Checkpointer(states, str(tmp_path), key="k", num_steps=10, on_stale="error").load()
+        assert Checkpointer(states, str(tmp_path), key="k", num_steps=10).load() == 0
+        err = " ".join(capsys.readouterr().err.split())
+        assert named in err and "the checkpoint is not used and training starts over from step 0" in err
+        assert not os.path.exists(index)
+
+
+DAMAGE = {"flip": "has other bytes than when it was written", "truncate": "is truncated", "zero": "is empty",
+          "remove": "is missing"}
+
+
+@pytest.mark.parametrize("how", list(DAMAGE))
+def test_a_damaged_checkpoint_file_is_never_loaded(tmp_path, capsys, how):
+    """Every file of a step checkpoint is checked against the index before it is loaded: a damaged
+    one is named, and the checkpoint refused or discarded (never loaded: the model keeps the
+    weights it had), whichever file it is."""
+    model, opt, sched = _run(0, 2)
+    Checkpointer(run_states(model, opt, sched), str(tmp_path), key="k", num_steps=10, save_every=2).save(2)
+    step = tmp_path / "checkpoints" / "step-2"
+    for name in sorted(os.listdir(step)):
+        shutil.copytree(step, tmp_path / "kept")
+        damage(step / name, how)
+        fresh, fresh_opt, fresh_sched = _run(1, 0)
+        states = run_states(fresh, fresh_opt, fresh_sched)
+        with pytest.raises(ConfigError, match=re.escape(f"{step / name} {DAMAGE[how]}")):
+            Checkpointer(states, str(tmp_path), key="k", num_steps=10, on_stale="error").load()
+        assert Checkpointer(states, str(tmp_path), key="k", num_steps=10).load() == 0
+        assert f"{step / name} {DAMAGE[how]}" in " ".join(capsys.readouterr().err.split())
+        assert _same_model(fresh, _run(1, 0)[0])  # nothing was loaded into it
+        shutil.rmtree(tmp_path / "checkpoints", ignore_errors=True)
+        os.makedirs(tmp_path / "checkpoints")
+        shutil.copytree(tmp_path / "kept", step)  # the undamaged checkpoint, without its index: write it again
+        shutil.rmtree(tmp_path / "kept")
+        Checkpointer(run_states(model, opt, sched), str(tmp_path), key="k", num_steps=10, save_every=2).save(2)
+
+
+def test_a_changed_index_is_never_used(tmp_path, capsys):
+    """The index carries a digest of its own content: a byte changed in it (here the step it
+    names, which would still read as JSON) is seen."""
+    model, opt, sched = _run(0, 2)
+    Checkpointer(run_states(model, opt, sched), str(tmp_path), key="k", num_steps=10, save_every=2).save(2)
+    index = tmp_path / "checkpoints" / INDEX_FILE
+    index.write_text(index.read_text().replace('"step": 2', '"step": 3'))
+    assert Checkpointer(run_states(model, opt, sched), str(tmp_path), key="k", num_steps=10).load() == 0
+    assert f"{index} has other content than when it was written" in " ".join(capsys.readouterr().err.split())
+
+
+def test_old_format_checkpoints_are_discarded_with_a_warning(tmp_path, capsys):
+    """Step checkpoints of the earlier format (Hugging Face directories with trainer_state.pt, no
+    index) cannot be resumed: training starts from step 0, saying what is discarded."""
+    old = tmp_path / "checkpoints" / "step-3"
+    old.mkdir(parents=True)
+    (old / "trainer_state.pt").write_bytes(b"old")
+    (old / "model.safetensors").write_bytes(b"old")
+    model, opt, sched = _run(0, 0)
+    assert Checkpointer(run_states(model, opt, sched), str(tmp_path), key="k", num_steps=10).load() == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "holds step checkpoints of an earlier version (step-3: Hugging Face directories with a trainer_state.pt, " \
+           "no index), which cannot be resumed; training starts over from step 0" in err
+    assert not old.exists()
+    # and those of the first DCP format, whose index records no digests
+    Checkpointer(run_states(model, opt, sched), str(tmp_path), key="k", num_steps=10, save_every=2).save(2)
+    index = tmp_path / "checkpoints" / INDEX_FILE
+    data = {k: v for k, v in json.loads(index.read_text()).items() if k not in ("digest", "files", "tokenizer")}
+    index.write_text(json.dumps({**data, "format": "spin_kernels.checkpoint/1"}))
+    assert Checkpointer(run_states(model, opt, sched), str(tmp_path), key="k", num_steps=10,
+                        on_stale="error").load() == 0
+    assert "a checkpoint of an earlier version (format 'spin_kernels.checkpoint/1', without digests of its files), " \
+           "which cannot be resumed; training starts over from step 0" in " ".join(capsys.readouterr().err.split())
 
 
 def test_checkpoints_of_other_inputs_or_schedules_are_not_resumed(tmp_path, capsys):
@@ -134,7 +210,9 @@ def test_rng_states_of_another_number_of_ranks_are_left_out(tmp_path, capsys):
     ckpt = Checkpointer(run_states(model, opt, sched), str(tmp_path), key="k", num_steps=10, save_every=2)
     ckpt.save(2)
     index = tmp_path / "checkpoints" / INDEX_FILE
-    index.write_text(json.dumps({**json.loads(index.read_text()), "world_size": 2}))
+    data = {k: v for k, v in json.loads(index.read_text()).items() if k != "digest"}
+    data["world_size"] = 2  # as if 2 ranks wrote it (the index's own digest written again)
+    index.write_text(json.dumps({**data, "digest": text_digest(data)}))
     seed_everything(3)
     before = _draws()
     seed_everything(3)
@@ -165,7 +243,10 @@ def test_nothing_in_a_checkpoint_is_unpickled_without_restriction(tmp_path):
     metadata = tmp_path / "checkpoints" / "step-2" / ".metadata"
     metadata.write_bytes(pickle.dumps(_Payload(str(ran))))
     with pytest.raises(RuntimeError, match="posix.system is not part of a checkpoint's metadata"):
-        Checkpointer(run_states(model, opt, sched), str(tmp_path), num_steps=10).load()
+        load_states(run_states(model, opt, sched), str(tmp_path / "checkpoints" / "step-2"))
+    # the Checkpointer does not even read it: the file differs from the index's record
+    with pytest.raises(ConfigError, match=re.escape(str(metadata))):
+        Checkpointer(run_states(model, opt, sched), str(tmp_path), num_steps=10, on_stale="error").load()
     assert not ran.exists()
 
 

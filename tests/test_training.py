@@ -64,13 +64,15 @@ def test_data_formats(tmp_path):
     assert load_sft_data(DataConfig(data=_write_jsonl(tmp_path / "d.jsonl", rows))) == want
     chat = [{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": r["prompt"]},
                           {"role": "assistant", "content": r["real"]}]} for r in rows]
-    assert load_sft_data(DataConfig(data=_write_jsonl(tmp_path / "c.jsonl", chat))) == want
+    # chat rows: the prompt is every message before the last assistant turn (the system turn kept)
+    want_chat = [{"prompt": m["messages"][:2], "real": r["real"], "index": i} for i, (r, m) in enumerate(zip(rows, chat))]
+    assert load_sft_data(DataConfig(data=_write_jsonl(tmp_path / "c.jsonl", chat))) == want_chat
     import datasets
 
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
     assert load_sft_data(DataConfig(data=str(tmp_path / "d.parquet"))) == want
     datasets.Dataset.from_list(chat).save_to_disk(str(tmp_path / "ds"))
-    assert load_sft_data(DataConfig(data=str(tmp_path / "ds"), max_examples=1)) == want[:1]
+    assert load_sft_data(DataConfig(data=str(tmp_path / "ds"), max_examples=1)) == want_chat[:1]
 
 
 def test_data_errors(tmp_path):

@@ -137,4 +137,13 @@ def resolve_model(model: str | ModelSpec | dict) -> ModelSpec:
     if not os.path.isfile(path):
         raise ValueError(f"unknown model {model!r}: not a preset ({', '.join(PRESETS)}) nor a config.json path")
     with open(path) as f:
-        return spec_from_config(json.load(f), name=os.path.basename(os.path.dirname(os.path.abspath(path))))
+        try:
+            config = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            data = " (a JSONL data file? data goes to --data)" if path.endswith((".jsonl", ".json")) else ""
+            raise ValueError(f"model {model!r} is not a config.json: not one JSON object ({exc}){data}; give a "
+                             f"preset ({', '.join(PRESETS)}), a model directory or its config.json") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"model {model!r} is not a config.json (a JSON {type(config).__name__}, not an object); give "
+                         f"a preset ({', '.join(PRESETS)}), a model directory or its config.json")
+    return spec_from_config(config, name=os.path.basename(os.path.dirname(os.path.abspath(path))))

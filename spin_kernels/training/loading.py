@@ -60,6 +60,25 @@ def check_model_dir(path: str | None, what: str = "model.model") -> str:
     return path
 
 
+def check_architecture(path: str, max_length: int | None, what: str = "model.model") -> None:
+    """Refuse a model whose architecture the packed passes cannot run correctly (ALiBi, attention
+    outside transformers' AttentionInterface, learned positions fewer than ``max_length``:
+    spin_kernels.models.check_supported), from its config.json, before generation starts."""
+    from transformers import AutoConfig
+
+    from spin_kernels.models import check_supported
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{what}: {path!r}: config.json is not a transformers config ({type(exc).__name__}: "
+                          f"{str(exc)[:200]})") from exc
+    try:
+        check_supported(config, max_length=max_length)
+    except ValueError as exc:
+        raise ConfigError(f"{what}: {path!r}: {exc}") from None
+
+
 def check_finite_weights(model: torch.nn.Module, path: str) -> None:
     """Refuse a loaded model whose weights hold NaN or inf: it would sample, score and train
     nothing but NaN. Every rank checks its shards and all raise alike (a collective)."""
@@ -90,6 +109,7 @@ class Loader:
         self.sess = sess
         self.dtype = DTYPES[cfg.model.dtype]
         self.tokenizer_dir = cfg.model.tokenizer
+        self.max_length = cfg.data.max_length
         self.checkpointing = cfg.training.gradient_checkpointing
         self.training = cfg.training  # LoRA options
         self.distributed = cfg.distributed
@@ -102,9 +122,11 @@ class Loader:
         self._tokenizers: dict[str, object] = {}
 
     def check(self, path: str | None, what: str = "model.model") -> str:
-        """``check_model_dir`` once per directory."""
+        """``check_model_dir`` once per directory, and that its architecture runs packed batches
+        at this run's ``max_length`` (``check_architecture``): refused before any work."""
         if path not in self._checked:
             check_model_dir(path, what)
+            check_architecture(path, self.max_length, what)
             self._checked.add(path)
         return path
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import resource
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,10 +73,17 @@ def build_optimizer(params, cfg: TrainingConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
+def warmup_steps(cfg: TrainingConfig, total_steps: int) -> int:
+    """Steps of linear warm-up: ``ceil(warmup_ratio * total_steps)``, except that a schedule of one
+    step has none (its only step would have lr 0: an iteration that trains nothing). From two
+    steps on, every step after the first has lr > 0."""
+    return 0 if total_steps <= 1 else math.ceil(cfg.warmup_ratio * total_steps)
+
+
 def build_scheduler(optimizer, cfg: TrainingConfig, total_steps: int):
     from transformers import get_linear_schedule_with_warmup
 
-    return get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
+    return get_linear_schedule_with_warmup(optimizer, warmup_steps(cfg, total_steps), total_steps)
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -169,17 +177,19 @@ def train_spin(
     from spin_kernels.distributed import NonFiniteError
 
     runner = _checked_runner(model, examples)
-    key = provenance.training_key(examples, cfg, start_digest)
+    tokenizer_digest = provenance.tokenizer_digest(tokenizer)
+    key = provenance.training_key(examples, cfg, start_digest, tokenizer_digest)
     schedule = global_batches(len(examples), cfg.global_batch_pairs, cfg.epochs, cfg.seed)
     metrics_path = f"{out_dir}/metrics.jsonl"
-    if resume and Checkpointer.finished(out_dir, key):  # finished before: nothing to redo
+    if resume and Checkpointer.finished(out_dir, key, on_stale=on_stale):  # finished before: nothing to redo
         return TrainResult(f"{out_dir}/model", metrics_path, None, len(schedule), trained=False)
+    _note_schedule(cfg, len(examples), len(schedule), desc)
     seed_everything(cfg.seed)
     runner.train()
     optimizer = build_optimizer([p for p in runner.parameters() if p.requires_grad], cfg)
     scheduler = build_scheduler(optimizer, cfg, len(schedule))
     ckpt = Checkpointer(run_states(runner, optimizer, scheduler), out_dir, key=key, num_steps=len(schedule),
-                        save_every=cfg.save_every, on_stale=on_stale)
+                        save_every=cfg.save_every, on_stale=on_stale, tokenizer=tokenizer_digest)
     start = ckpt.load() if resume else 0
     logger = MetricsLogger(metrics_path, tensorboard=tensorboard, resume_from_step=start if resume else None) \
         if is_main() else None
@@ -208,6 +218,18 @@ def train_spin(
     model_dir = ckpt.export(runner, tokenizer, {**(info or {}), "steps": len(schedule)})
     plot = plot_metrics(read_metrics(metrics_path), f"{out_dir}/metrics.png", title=desc) if is_main() else None
     return TrainResult(model_dir, metrics_path, plot, len(schedule))
+
+
+def _note_schedule(cfg: TrainingConfig, pairs: int, steps: int, desc: str) -> None:
+    """Say so when a global batch holds every pair (each epoch is one optimizer step) and when a
+    one-step schedule gets no warm-up (``warmup_steps``)."""
+    if not is_main() or cfg.global_batch_pairs < pairs:
+        return
+    warm = math.ceil(cfg.warmup_ratio * steps)
+    skipped = f"; the warm-up of ceil({cfg.warmup_ratio:g} x 1) = {warm} step is dropped (its one step would " \
+              f"have lr 0 and train nothing): the step takes --learning-rate" if steps == 1 and warm else ""
+    print(f"spin-kernels: note: {desc}: --global-batch-pairs {cfg.global_batch_pairs} >= the {pairs} pairs: each "
+          f"epoch is one optimizer step of {pairs} pairs ({steps} step(s) in all){skipped}", file=sys.stderr)
 
 
 def _checked_runner(model, examples: list):
