@@ -14,7 +14,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 #: The pages that hold what the README used to carry (their examples ran from the README before).
-MOVED = [ROOT / "docs" / name for name in ("ops-reference.md", "packing.md", "loop.md", "performance.md",
+MOVED = [ROOT / "docs" / name for name in ("ops.md", "packing.md", "loop.md", "performance.md",
                                             "scale-overview.md", "status.md", "first-run.md")]
 EXAMPLE_PAGES = [README] + [p for p in MOVED if p.exists()]
 BLOCKS = [(page, i, block) for page in EXAMPLE_PAGES
