@@ -55,7 +55,7 @@ HEAD_OPTIONS = """\
         temperature: logits are divided by it (> 0).
         softcap: None, or > 0: z = softcap * tanh(u / softcap) (Gemma-2 style).
         average: mean over counted tokens instead of the sum (0 for a sequence with none).
-        impl: "auto" | "torch" | "triton" | "cpu" (README.md, "Implementations").
+        impl: "auto" | "torch" | "triton" | "cpu" (docs/ops.md, "Backends").
         check_values: check the values of targets and cu_seqlens, that the counted rows of
             hidden are finite and (the SPIN ops) that ref_logps is finite, in one host
             synchronisation on a GPU. False skips it, for inputs known to be good: impl="triton"

@@ -266,7 +266,7 @@ class TrainingConfig(Section):
                              "over as many micro-batches as it needs", check=positive)
     share_prompt: bool = option(False, "pack each pair as one segment [prompt | real | synthetic]: the prompt "
                                 "is computed once by the policy and the reference passes (measured: faster "
-                                "when prompts are at least half a pair's tokens; README, packing)")
+                                "when prompts are at least half a pair's tokens; docs/packing.md)")
     max_grad_norm: float | None = option(1.0, "gradient clipping norm (none to disable)", check=positive)
     bf16: bool = option(True, "bf16 autocast on GPU (ignored on CPU)")
     gradient_checkpointing: bool = option(False, "recompute decoder activations in the backward (under FSDP: "
