@@ -304,11 +304,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_kernels() -> list[str]:
-    """Every impl that runs on CPU tensors here, triton in its interpreter (conftest sets
-    TRITON_INTERPRET): the op tests' parameter ``kernel`` (conftest's ``impl`` covers the CPU
-    impls without triton, whose interpreter runs fp32/fp16 only)."""
+def cpu_kernels() -> list:
+    """Every impl on CPU tensors, triton in its interpreter (conftest sets TRITON_INTERPRET): the
+    op tests' parameter ``kernel``, an impl that cannot run here reported as a skip with the
+    registry's reason, never dropped (conftest's ``impl`` covers the CPU impls without triton,
+    whose interpreter runs fp32/fp16 only)."""
     from spin_kernels.ops import available_backends
 
     available = available_backends("cpu")
-    return [name for name in ("torch", "cpu", "triton") if available.get(name, "") is None]
+    return [pytest.param(name, marks=pytest.mark.skip(reason=f"impl={name!r}: {available.get(name)}"))
+            if available.get(name, "not registered") is not None else name
+            for name in ("torch", "cpu", "triton")]
