@@ -137,6 +137,25 @@ def _check_ids(ex: SpinExample, i: int, vocab_size: int | None) -> None:
                              f"vocabulary ({limit}; {len(bad)} such id(s)): ids from another tokenizer?")
 
 
+def _check_examples(examples: Sequence[SpinExample], share_prompt: bool, vocab_size: int | None) -> bool:
+    """Refuse what pack_batch cannot pack, naming the example; -> whether they carry ref_logps."""
+    if not isinstance(share_prompt, bool):
+        raise TypeError(f"share_prompt must be a bool, got {type(share_prompt).__name__}")
+    if len(examples) == 0:
+        raise ValueError("examples must hold at least one SpinExample")
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, SpinExample):
+            raise TypeError(f"examples[{i}] must be a SpinExample, got {type(ex).__name__}")
+        if not ex.real_ids or not ex.synthetic_ids:
+            raise ValueError(f"examples[{i}] (index {ex.index}) has an empty response; "
+                             "a sequence must predict at least one token")
+        _check_ids(ex, i, vocab_size)
+    with_ref = [ex.ref_logps is not None for ex in examples]
+    if any(with_ref) and not all(with_ref):
+        raise ValueError("examples mix pairs with and without ref_logps; give all of them ref_logps or none")
+    return all(with_ref)
+
+
 def pack_batch(examples: Sequence[SpinExample], *, share_prompt: bool = False,
                vocab_size: int | None = None) -> PackedBatch:
     """Pack the pairs of ``examples``, in the given order, into one PackedBatch on the CPU.
@@ -154,20 +173,7 @@ def pack_batch(examples: Sequence[SpinExample], *, share_prompt: bool = False,
     Returns:
         PackedBatch with S = 2 * len(examples) sequences.
     """
-    if not isinstance(share_prompt, bool):
-        raise TypeError(f"share_prompt must be a bool, got {type(share_prompt).__name__}")
-    if len(examples) == 0:
-        raise ValueError("examples must hold at least one SpinExample")
-    for i, ex in enumerate(examples):
-        if not isinstance(ex, SpinExample):
-            raise TypeError(f"examples[{i}] must be a SpinExample, got {type(ex).__name__}")
-        if not ex.real_ids or not ex.synthetic_ids:
-            raise ValueError(f"examples[{i}] (index {ex.index}) has an empty response; "
-                             "a sequence must predict at least one token")
-        _check_ids(ex, i, vocab_size)
-    with_ref = [ex.ref_logps is not None for ex in examples]
-    if any(with_ref) and not all(with_ref):
-        raise ValueError("examples mix pairs with and without ref_logps; give all of them ref_logps or none")
+    with_ref = _check_examples(examples, share_prompt, vocab_size)
 
     # Both layouts are runs of "pieces" of tokens: (prompt + real, prompt + synthetic) per pair, or
     # (prefix, real branch, synthetic branch). first_pos is the position id of a piece's first token.
@@ -206,7 +212,7 @@ def pack_batch(examples: Sequence[SpinExample], *, share_prompt: bool = False,
         cu = cu[torch.arange(cu.shape[0]) % 3 != 1]
 
     ref = None
-    if all(with_ref):
+    if with_ref:
         ref = torch.tensor([v for ex in examples for v in ex.ref_logps], dtype=torch.float32)
     return PackedBatch(
         input_ids=input_ids,
