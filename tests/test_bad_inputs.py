@@ -143,7 +143,7 @@ DATA = [
     ("str.jsonl", b'"0a"\n', "row 0: a row must be a JSON object, got str"),
     ("json.jsonl", b'{"prompt": "0a", "real": "ab"\n', "json.jsonl:1: not valid JSON"),
     ("fields.jsonl", b'{"question": "0a", "answer": "ab"}\n', "needs fields 'prompt' and 'real', or 'messages'"),
-    ("arr.json", b'[{"prompt": "0a", "real": "ab"}, 3]\n', "arr.json: row 1: a row must be a JSON object, got int"),
+    ("arr.json", b'[{"prompt": "0a", "real": "ab"}, 3]\n', "arr.json:1: row 1: a row must be a JSON object, got int"),
     ("badarr.json", b'[{"prompt": "0a", "real": "ab"},\n', "badarr.json:2: not valid JSON"),
     ("msgs.jsonl", b'{"messages": "hello"}\n', "field 'messages': chat messages must be a non-empty list"),
     ("role.jsonl", b'{"messages": [{"content": "0a"}, {"role": "assistant", "content": "ab"}]}\n',
@@ -159,6 +159,8 @@ DATA = [
                      b'"content": "ab"}]}\n', "nouser.jsonl:1: row 0: field 'messages': no user turn"),
     ("surrogate.jsonl", b'{"prompt": "0a", "real": "ab"}\n{"prompt": "0a", "real": "a\\ud800b"}\n',
      "surrogate.jsonl:2: row 1: the real response (field 'real') holds a lone surrogate '\\ud800' at character 1"),
+    ("surrogate.json", b'[\n  {"prompt": "0a", "real": "ab"},\n  {"prompt": "0a",\n   "real": "a\\ud800b"}\n]\n',
+     "surrogate.json:3: row 1: the real response (field 'real') holds a lone surrogate '\\ud800' at character 1"),
     ("msurrogate.jsonl", b'{"messages": [{"role": "user", "content": "\\udfff0a"}, {"role": "assistant", '
                          b'"content": "ab"}]}\n', "msurrogate.jsonl:1: row 0: field 'messages': the content of "
                                                   "message 0 holds a lone surrogate '\\udfff' at character 0"),
