@@ -195,8 +195,8 @@ def report(result: dict, command: str) -> str:
              f"and resumed twice: `--resume` must rebuild (a warning names the file; both iterations' "
              f"generated.jsonl, pairs.jsonl, metrics and weights equal to the uninterrupted run's) and `--resume "
              f"--on-stale error` must refuse (exit 2 naming the file and what to delete).", "",
-             f"A truncated or emptied generated.jsonl is what a writer killed while appending leaves: its "
-             f"missing rows are sampled again without a warning, in both modes.", "",
+             "A truncated or emptied generated.jsonl is what a writer killed while appending leaves: its "
+             "missing rows are sampled again without a warning, in both modes.", "",
              f"**{len(cases)} damaged files (file x damage), each resumed both ways: "
              f"{sum(c[m].startswith('rebuilt') for c in cases for m in ('regenerate', 'error'))} rebuilt, "
              f"{sum(c[m].startswith('refused') for c in cases for m in ('regenerate', 'error'))} refused, "
