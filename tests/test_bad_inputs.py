@@ -143,7 +143,7 @@ DATA = [
     ("str.jsonl", b'"0a"\n', "row 0: a row must be a JSON object, got str"),
     ("json.jsonl", b'{"prompt": "0a", "real": "ab"\n', "json.jsonl:1: not valid JSON"),
     ("fields.jsonl", b'{"question": "0a", "answer": "ab"}\n', "needs fields 'prompt' and 'real', or 'messages'"),
-    ("arr.json", b'[{"prompt": "0a", "real": "ab"}, 3]\n', "arr.json: row 1: a row must be a JSON object, got int"),
+    ("arr.json", b'[{"prompt": "0a", "real": "ab"}, 3]\n', "arr.json:1: row 1: a row must be a JSON object, got int"),
     ("badarr.json", b'[{"prompt": "0a", "real": "ab"},\n', "badarr.json:2: not valid JSON"),
     ("msgs.jsonl", b'{"messages": "hello"}\n', "field 'messages': chat messages must be a non-empty list"),
     ("role.jsonl", b'{"messages": [{"content": "0a"}, {"role": "assistant", "content": "ab"}]}\n',
@@ -159,6 +159,8 @@ DATA = [
                      b'"content": "ab"}]}\n', "nouser.jsonl:1: row 0: field 'messages': no user turn"),
     ("surrogate.jsonl", b'{"prompt": "0a", "real": "ab"}\n{"prompt": "0a", "real": "a\\ud800b"}\n',
      "surrogate.jsonl:2: row 1: the real response (field 'real') holds a lone surrogate '\\ud800' at character 1"),
+    ("surrogate.json", b'[\n  {"prompt": "0a", "real": "ab"},\n  {"prompt": "0a",\n   "real": "a\\ud800b"}\n]\n',
+     "surrogate.json:3: row 1: the real response (field 'real') holds a lone surrogate '\\ud800' at character 1"),
     ("msurrogate.jsonl", b'{"messages": [{"role": "user", "content": "\\udfff0a"}, {"role": "assistant", '
                          b'"content": "ab"}]}\n', "msurrogate.jsonl:1: row 0: field 'messages': the content of "
                                                   "message 0 holds a lone surrogate '\\udfff' at character 0"),
@@ -344,6 +346,56 @@ def test_model_with_nan_weights_is_refused(capsys, env, tmp_path):
     err = _error(capsys, ["iterate", "--model", model, "--data", env[2], "--output-dir", str(tmp_path / "r"), *TINY])
     assert "the weights hold NaN/inf values" in err and "model.norm.weight" in err
     assert not os.path.exists(tmp_path / "r" / "iter0" / "model")
+
+
+@pytest.mark.parametrize("how", ["truncate", "zero", "header"])
+def test_truncated_model_weights_are_named_before_work(capsys, env, tmp_path, how):
+    """A --model whose model.safetensors was cut short (an interrupted copy or download: half of
+    it, nothing, or its header alone) is refused naming the file and both sizes, before
+    generation, instead of a safetensors traceback while loading."""
+    import struct
+
+    model = _model_copy(env, tmp_path)
+    weights = tmp_path / "copy" / "model.safetensors"
+    data = weights.read_bytes()
+    header = 8 + struct.unpack("<Q", data[:8])[0]
+    weights.write_bytes({"truncate": data[:len(data) // 2], "zero": b"", "header": data[:header]}[how])
+    size = weights.stat().st_size
+    err = _error(capsys, ["iterate", "--model", model, "--data", env[2], "--output-dir", str(tmp_path / "r"), *TINY])
+    named = {"truncate": f"{weights} is truncated: {size} bytes, its header describes {len(data)}",
+             "zero": f"{weights} is empty (0 bytes)",
+             "header": f"{weights} is truncated: {size} bytes, its header describes {len(data)}"}[how]
+    assert f"model.model: '{model}' is damaged: {named}; the model cannot be loaded as it was saved" in err, err
+    assert not (tmp_path / "r" / "iter0" / "generated.jsonl").exists()
+
+
+def test_files_of_a_saved_model_of_another_size_or_missing_shards_are_named(env, tmp_path):
+    """A model spin-kernels wrote records each file's size (spin_info.json): a truncated
+    tokenizer file of it is named with both sizes; a shard named by model.safetensors.index.json
+    but missing is named. A whole model passes."""
+    from spin_kernels.distributed.export import INFO_FILE
+    from spin_kernels.training.checkpoint import record_files
+    from spin_kernels.training.config import ConfigError
+    from spin_kernels.training.loading import check_model_dir
+
+    model = _model_copy(env, tmp_path)
+    (tmp_path / "copy" / INFO_FILE).write_text(json.dumps({"files": record_files(model)}))
+    assert check_model_dir(model) == model
+    tokenizer = tmp_path / "copy" / "tokenizer.json"
+    size = tokenizer.stat().st_size
+    tokenizer.write_bytes(tokenizer.read_bytes()[:100])
+    with pytest.raises(ConfigError, match=re.escape(f"model.model: '{model}' is damaged: {tokenizer} is truncated: "
+                                                    f"100 bytes, {size} when it was written; the model cannot be "
+                                                    f"loaded as it was saved. Copy or save it again; if a file was "
+                                                    f"changed on purpose, delete its spin_info.json")):
+        check_model_dir(model)
+    os.remove(tmp_path / "copy" / INFO_FILE)
+    assert check_model_dir(model) == model  # without the record the tokenizer file is the tokenizer's to judge
+    (tmp_path / "copy" / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"lm_head.weight": "model.safetensors", "model.norm.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'copy' / 'model-00002-of-00002.safetensors'} is "
+                                                    f"missing (named by model.safetensors.index.json)")):
+        check_model_dir(model)
 
 
 def _save(model, path):

@@ -288,6 +288,24 @@ def test_trl_padding_collator_is_refused_naming_what_spin_trainer_needs(tmp_path
         trainer.train()
 
 
+def test_token_ids_outside_the_model_vocabulary_are_named(tmp_path, tok):
+    """A tokenizer with tokens the model has no embedding for (added tokens, embeddings not
+    resized): the packed batch is refused naming the row, the sequence and the id, instead of an
+    index error inside the embedding (a device-side assert on GPU)."""
+    big = copy.deepcopy(tok)
+    big.add_tokens(["<new-token>"])
+    model = tiny_llama(tok)
+    rows = spin_rows(2)
+    rows[1]["real"] = "<new-token> " + rows[1]["real"]
+    trainer = SPINTrainer(model=model, args=dpo_config(str(tmp_path)), processing_class=big,
+                          train_dataset=_spin_data(rows))
+    vocab = model.get_input_embeddings().num_embeddings
+    assert trainer.data_collator.vocab_size == vocab == len(tok)
+    with pytest.raises(ValueError, match=re.escape(f"examples[1] (index 1): real_ids holds token id {len(tok)} outside "
+                                                   f"the vocabulary ([0, {vocab}); 1 such id(s))")):
+        trainer.train()
+
+
 def test_bad_data_and_compute_metrics_are_refused(tmp_path, tok):
     rows = spin_rows(2)
     with pytest.raises(ValueError, match="both 'real' and 'chosen'"):

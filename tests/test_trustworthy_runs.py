@@ -421,17 +421,21 @@ def test_a_chat_template_changed_before_resume_invalidates_its_rows(base, tmp_pa
 # --------------------------------------------------------------------------- no silent no-op iterations (item 3)
 
 
-def test_a_global_batch_of_every_pair_still_trains(base, tmp_path, capsys):
-    """--global-batch-pairs >= the pairs and one epoch: one optimizer step, which warm-up must not
-    leave at lr 0 (it would train nothing); the note says so and the model moves."""
+@pytest.mark.parametrize("flags,batch,pairs", [(("--global-batch-pairs", "64"), 64, 12),
+                                               (("--max-examples", "3"), 4, 3)],
+                         ids=["global batch above the pairs", "max-examples below the global batch"])
+def test_a_global_batch_of_every_pair_still_trains(base, tmp_path, capsys, flags, batch, pairs):
+    """--global-batch-pairs >= the pairs (or --max-examples below it) and one epoch: one optimizer
+    step, which warm-up must not leave at lr 0 (it would train nothing); the note says so and the
+    model moves."""
     tmp, model, rows = base
     data = _write(tmp_path / "d.jsonl", rows)
-    assert main([*_iterate(model, data, tmp_path / "run"), "--global-batch-pairs", "64"]) == 0
+    assert main([*_iterate(model, data, tmp_path / "run"), *flags]) == 0
     err = " ".join(capsys.readouterr().err.split())
-    assert "--global-batch-pairs 64 >= the 12 pairs: each epoch is one optimizer step of 12 pairs (1 step(s) in all); " \
-           "the warm-up of ceil(0.1 x 1) = 1 step is dropped" in err, err
+    assert f"--global-batch-pairs {batch} >= the {pairs} pairs: each epoch is one optimizer step of {pairs} pairs " \
+           f"(1 step(s) in all); the warm-up of ceil(0.1 x 1) = 1 step is dropped" in err, err
     metrics = _jsonl(tmp_path / "run" / "iter0" / "metrics.jsonl")
-    assert [m["lr"] for m in metrics] == [1e-3]
+    assert [m["lr"] for m in metrics] == [1e-3] and metrics[0]["pairs"] == pairs
     assert not _same_weights(tmp_path / "run" / "iter0" / "model", model)
 
 

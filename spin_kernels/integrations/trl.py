@@ -154,9 +154,15 @@ class PackedPreferenceCollator:
         rejected 0, chosen 1, ...); and ``completion_lengths [2B]`` int64, the completion tokens
         kept after truncation in the same order (TRL's ``completion_mask`` sums: the per-token
         averages of "ipo" and "sigmoid_norm" divide by them).
+
+    ``vocab_size``: the model's vocabulary (SPINTrainer sets it from the model's input
+    embeddings): a token id outside it (a tokenizer with tokens the model has no embedding for)
+    is refused naming the row, instead of an index error in the embedding (a device-side assert
+    on GPU).
     """
 
     max_length: int | None = None
+    vocab_size: int | None = None
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         examples, lengths = [], []
@@ -174,13 +180,19 @@ class PackedPreferenceCollator:
             examples.append(SpinExample(prompt_ids=prompt, real_ids=chosen, synthetic_ids=rejected, ref_logps=ref,
                                         index=i))
             lengths += [len(chosen), len(rejected)]
-        batch = pack_batch(examples)
+        batch = pack_batch(examples, vocab_size=self.vocab_size)
         out = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "cu_seqlens": batch.cu_seqlens,
                "max_seqlen": batch.max_seqlen, "targets": batch.targets, "example_index": batch.example_index,
                "completion_lengths": torch.tensor(lengths, dtype=torch.int64)}
         if batch.ref_logps is not None:
             out["ref_logps"] = batch.ref_logps
         return out
+
+
+def _vocab_size(model) -> int | None:
+    """Rows of the model's input embeddings (the token ids it can embed), or None if it has none."""
+    get = getattr(unwrap_model(model), "get_input_embeddings", None)
+    return getattr(get(), "num_embeddings", None) if get is not None else None
 
 
 PACKED_KEYS = ("input_ids", "position_ids", "cu_seqlens", "max_seqlen", "targets", "example_index")
@@ -337,6 +349,8 @@ class SPINTrainer(DPOTrainer):
                              train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                              compute_metrics=None, callbacks=callbacks, optimizers=optimizers,
                              quantization_config=quantization_config, peft_config=peft_config)
+        if isinstance(self.data_collator, PackedPreferenceCollator) and self.data_collator.vocab_size is None:
+            self.data_collator.vocab_size = _vocab_size(self.model)
         if self.aux_loss_enabled:
             raise ValueError("MoE router auxiliary losses are not computed on packed batches; set "
                              "router_aux_loss_coef=0.0 or use trl.DPOTrainer")

@@ -308,10 +308,10 @@ def read_records(path: str, row_fields: tuple[str, ...] = ("prompt", "real", "me
         text = "".join(_lines(path))
         if text.lstrip().startswith("["):
             try:
-                rows = json.loads(text)
+                rows = _array_rows(text)
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
-            yield from ((f"{path}: row {i}", row) for i, row in enumerate(rows))
+            yield from ((f"{path}:{line}: row {i}", row) for i, (line, row) in enumerate(rows))
             return
         try:
             whole = json.loads(text)
@@ -327,6 +327,38 @@ def read_records(path: str, row_fields: tuple[str, ...] = ("prompt", "real", "me
             yield f"{path}: row 0", whole
             return
     yield from ((f"{path}:{n}: row {i}", row) for i, (n, row) in enumerate(_jsonl_rows(path)))
+
+
+def _array_rows(text: str) -> list[tuple[int, Any]]:
+    """``(line, value)`` of each element of the JSON array ``text`` (the line its value starts
+    on, so that a bad row of a pretty-printed ``.json`` file is named by its line); raises
+    json.JSONDecodeError where the text is not one JSON array."""
+    decoder, out = json.JSONDecoder(), []
+    pos = text.index("[") + 1
+    line, counted = 1, 0  # the line of text[counted]
+    while True:
+        pos = _skip_space(text, pos)
+        if text.startswith("]", pos) and not out:
+            break
+        value, end = decoder.raw_decode(text, pos)
+        line, counted = line + text.count("\n", counted, pos), pos
+        out.append((line, value))
+        pos = _skip_space(text, end)
+        if text.startswith(",", pos):
+            pos += 1
+        elif text.startswith("]", pos):
+            break
+        else:
+            raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+    if _skip_space(text, pos + 1) != len(text):
+        raise json.JSONDecodeError("Extra data", text, _skip_space(text, pos + 1))
+    return out
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
 
 
 def write_jsonl_atomic(path: str, rows: Iterable[Record]) -> None:

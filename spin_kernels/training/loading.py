@@ -57,7 +57,72 @@ def check_model_dir(path: str | None, what: str = "model.model") -> str:
         found = sorted(os.listdir(path))
         raise ConfigError(f"{what}: {path!r} holds no weights (*.safetensors; found {found[:8]}); save the model "
                           f"with save_pretrained(..., safe_serialization=True)")
+    check_weight_files(path, what)
     return path
+
+
+def _safetensors_damage(file: str) -> str | None:
+    """What is wrong with the layout of the safetensors file ``file`` (None when it is whole): its
+    8-byte header length, the JSON header and the tensors' byte ranges must fit the file's size
+    exactly. Reads the header only, so a truncated copy is found before any weight is loaded."""
+    import json
+    import struct
+
+    size = os.path.getsize(file)
+    if size == 0:
+        return f"{file} is empty (0 bytes)"
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{file} is truncated: {size} bytes, shorter than a safetensors header"
+        (length,) = struct.unpack("<Q", head)
+        if 8 + length > size:
+            return (f"{file} is truncated: {size} bytes, fewer than the {8 + length} bytes of its own header (or it "
+                    f"is not a safetensors file)")
+        try:
+            header = json.loads(f.read(length).decode("utf-8"))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return f"{file} is not a safetensors file (its header is not a safetensors JSON header)"
+    if 8 + length + end > size:
+        return f"{file} is truncated: {size} bytes, its header describes {8 + length + end}"
+    return None
+
+
+def check_weight_files(path: str, what: str = "model.model") -> None:
+    """Refuse a model directory whose weight files are not whole, naming the file, before any
+    work: a ``*.safetensors`` file truncated or emptied (its header's byte ranges past the end),
+    a shard that ``model.safetensors.index.json`` names but is missing and, in a model
+    spin-kernels wrote (its ``spin_info.json`` records each file's size), a file of another
+    size than when it was written (sizes only: a resume reads every byte again,
+    spin_kernels.training.checkpoint)."""
+    import json
+
+    from spin_kernels.distributed.export import read_info
+
+    from .checkpoint import damaged_files
+
+    files = read_info(path).get("files")
+    recorded = {rel: rec for rel, rec in files.items() if isinstance(rec, dict) and isinstance(rec.get("size"), int)} \
+        if isinstance(files, dict) else {}
+    problems = damaged_files(path, recorded, only=sorted(recorded), digests=False)  # "<file> is truncated: ..."
+    changed_on_purpose = "; if a file was changed on purpose, delete its spin_info.json" if problems else ""
+    named = {p.split(" is ")[0] for p in problems}
+    problems += [p for f in _weight_files(path) if os.path.join(path, f) not in named
+                 and (p := _safetensors_damage(os.path.join(path, f))) is not None]
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as fh:
+                shards = set(json.load(fh)["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            problems.append(f"{index} is unreadable (not JSON with a 'weight_map')")
+            shards = set()
+        problems += [f"{os.path.join(path, s)} is missing (named by {os.path.basename(index)})" for s in sorted(shards)
+                     if not os.path.isfile(os.path.join(path, s)) and os.path.join(path, s) not in named]
+    if problems:
+        raise ConfigError(f"{what}: {path!r} is damaged: {'; '.join(problems)}; the model cannot be loaded as it was "
+                          f"saved. Copy or save it again{changed_on_purpose}")
 
 
 def check_architecture(path: str, max_length: int | None, what: str = "model.model") -> None:
