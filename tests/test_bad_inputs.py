@@ -370,16 +370,29 @@ def test_truncated_model_weights_are_named_before_work(capsys, env, tmp_path, ho
 
 
 def test_files_of_a_saved_model_of_another_size_or_missing_shards_are_named(env, tmp_path):
-    """A model spin-kernels wrote records each file's size (spin_info.json): a truncated
-    tokenizer file of it is named with both sizes; a shard named by model.safetensors.index.json
-    but missing is named. A whole model passes."""
+    """A model spin-kernels wrote records each file's size and digest (spin_info.json): a
+    truncated tokenizer file of it is named with both sizes, a weights file with one byte
+    changed (size and mtime kept) is named; a shard named by model.safetensors.index.json but
+    missing is named. A whole model passes."""
     from spin_kernels.distributed.export import INFO_FILE
+    from spin_kernels.training import provenance
     from spin_kernels.training.checkpoint import record_files
     from spin_kernels.training.config import ConfigError
     from spin_kernels.training.loading import check_model_dir
 
     model = _model_copy(env, tmp_path)
     (tmp_path / "copy" / INFO_FILE).write_text(json.dumps({"files": record_files(model)}))
+    assert check_model_dir(model) == model
+    weights = tmp_path / "copy" / "model.safetensors"
+    original, st = weights.read_bytes(), weights.stat()
+    flipped = bytearray(original)
+    flipped[-1] ^= 1  # the last byte of the last tensor: a header still whole
+    weights.write_bytes(bytes(flipped))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    provenance._FILE_DIGESTS.clear()  # a new process: this one hashed the file before the flip
+    with pytest.raises(ConfigError, match=re.escape(f"{weights} has other bytes than when it was written")):
+        check_model_dir(model)
+    weights.write_bytes(original)
     assert check_model_dir(model) == model
     tokenizer = tmp_path / "copy" / "tokenizer.json"
     size = tokenizer.stat().st_size

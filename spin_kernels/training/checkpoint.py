@@ -298,11 +298,12 @@ def record_files(path: str, skip: tuple[str, ...] = ()) -> dict[str, dict[str, A
 
 
 def damaged_files(path: str, files: dict[str, dict[str, Any]], only: list[str] | None = None,
-                  extra_ok: tuple[str, ...] = (), digests: bool = True) -> list[str]:
+                  extra_ok: tuple[str, ...] = (), digests: bool = True, fresh: bool = True) -> list[str]:
     """What in the directory ``path`` differs from ``files`` (``record_files``), one phrase per
-    file: missing, another size (truncated, emptied, grown), other bytes (read again, whatever
-    any cache holds; not with ``digests=False``), or present but not recorded (not
-    ``extra_ok``). ``only``: check these recorded files alone (a rank's share)."""
+    file: missing, another size (truncated, emptied, grown), other bytes (not with
+    ``digests=False``; read again whatever any cache holds unless ``fresh=False``, which reuses
+    this process's digest of an unchanged inode, size and mtime), or present but not recorded
+    (not ``extra_ok``). ``only``: check these recorded files alone (a rank's share)."""
     problems = []
     for rel in (only if only is not None else list(files)):
         want, full = files[rel], os.path.join(path, rel)
@@ -311,7 +312,7 @@ def damaged_files(path: str, files: dict[str, dict[str, Any]], only: list[str] |
         elif (size := os.path.getsize(full)) != want["size"]:
             how = "empty" if size == 0 else "truncated" if size < want["size"] else "longer"
             problems.append(f"{full} is {how}: {size} bytes, {want['size']} when it was written")
-        elif digests and provenance.file_digest(full, fresh=True) != want["digest"]:
+        elif digests and "digest" in want and provenance.file_digest(full, fresh=fresh) != want["digest"]:
             problems.append(f"{full} has other bytes than when it was written (same size, another xxh3-128 digest)")
     if only is None:
         present = set(_names(path))

@@ -93,9 +93,10 @@ def check_weight_files(path: str, what: str = "model.model") -> None:
     """Refuse a model directory whose weight files are not whole, naming the file, before any
     work: a ``*.safetensors`` file truncated or emptied (its header's byte ranges past the end),
     a shard that ``model.safetensors.index.json`` names but is missing and, in a model
-    spin-kernels wrote (its ``spin_info.json`` records each file's size), a file of another
-    size than when it was written (sizes only: a resume reads every byte again,
-    spin_kernels.training.checkpoint)."""
+    spin-kernels wrote (its ``spin_info.json`` records each file's size and digest), a file of
+    another size or with other bytes than when it was written. The digests cost no extra read:
+    the provenance of what the model makes hashes the same files once per process (the check
+    fills that cache); a resume reads every byte again (spin_kernels.training.checkpoint)."""
     import json
 
     from spin_kernels.distributed.export import read_info
@@ -105,7 +106,7 @@ def check_weight_files(path: str, what: str = "model.model") -> None:
     files = read_info(path).get("files")
     recorded = {rel: rec for rel, rec in files.items() if isinstance(rec, dict) and isinstance(rec.get("size"), int)} \
         if isinstance(files, dict) else {}
-    problems = damaged_files(path, recorded, only=sorted(recorded), digests=False)  # "<file> is truncated: ..."
+    problems = damaged_files(path, recorded, only=sorted(recorded), fresh=False)  # "<file> is truncated: ..."
     changed_on_purpose = "; if a file was changed on purpose, delete its spin_info.json" if problems else ""
     named = {p.split(" is ")[0] for p in problems}
     problems += [p for f in _weight_files(path) if os.path.join(path, f) not in named
