@@ -2,6 +2,8 @@
 
 * TRL's metrics without logits: the per-row entropy, mean logit and top-1 hit computed in the
   fused pass (``linear_spin_loss(token_metrics=True)``, ``RowLogprobs.stats``), off by default;
+  the same statistics per sequence (or per row) from ``linear_logprobs(token_metrics=True)``,
+  what SPINTrainer's other loss types log;
 * per-token outputs for RL: ``linear_logprobs(reduction="none", return_entropy=True)``, forward
   and backward (the entropy differentiated too);
 * the ``[B, T, H]`` entry points with a mask and ``shift``, and the pair layout they take;
@@ -25,6 +27,7 @@ from spin_kernels.ops import (
     linear_spin_loss,
 )
 from spin_kernels.ops.naive import naive_row_stats
+from spin_kernels.ops.objective import token_metrics
 
 KERNELS = cpu_kernels()
 # Triton's interpreter computes bf16 tl.dot wrongly (docs/anchors.md): fp32 and fp16 there.
@@ -106,6 +109,53 @@ def test_token_metrics_match_full_logits(kernel, dtype, options):
     assert torch.equal(loss, plain_loss)
     for got, base in zip(grads(loss, [case.hidden, case.weight]), grads(plain_loss, [case.hidden, case.weight])):
         assert torch.equal(got, base)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+@pytest.mark.parametrize("options", HEADS, ids=lambda o: "-".join(o) or "plain")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_logprobs_token_statistics_match_full_logits(kernel, dtype, options, reduction):
+    """``linear_logprobs(token_metrics=True)``: the counted rows and the statistics reduced as the
+    log-probs, detached; the log-probs and their gradients are those without them."""
+    _skip_unsupported(kernel, dtype)
+    case = _case(dtype, options, seed=40)
+    kw = dict(reduction=reduction, impl=kernel, **_kw(case, options))
+    args = (case.hidden, case.weight, case.targets, case.cu_seqlens)
+    logps, stats = linear_logprobs(*args, token_metrics=True, **kw)
+    r, rows = _reference_rows(case, options)
+    counted = r.targets != IGNORE
+    rows["tokens"] = counted.double()
+    assert list(stats) == ["tokens", "entropy", "mean_logit", "top1"]
+    for key, value in stats.items():
+        want = rows[key] if reduction == "none" else _per_sequence(rows[key], r.cu_seqlens, counted,
+                                                                   mean=reduction == "mean" and key != "tokens")
+        assert value.shape == logps.shape and value.dtype == torch.float32 and not value.requires_grad, key
+        if key in ("tokens", "top1") and reduction != "mean":  # counts: exact
+            assert torch.equal(value, want.float()), (key, value, want)
+        assert_close(value, want, 1e-5, key)
+    plain = linear_logprobs(*args, **kw)
+    assert torch.equal(logps, plain)
+    u = torch.linspace(-1.0, 2.0, logps.numel())
+    for got, base in zip(grads((logps * u).sum(), [case.hidden, case.weight]),
+                         grads((plain * u).sum(), [case.hidden, case.weight])):
+        assert torch.equal(got, base)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_logprobs_token_statistics_give_the_spin_loss_metrics(kernel):
+    """The per-sequence sums of ``linear_logprobs`` make the same TRL metrics as
+    ``linear_spin_loss(token_metrics=True)`` (SPINTrainer logs the first for every loss type but
+    "sigmoid" / "hinge", the second for those), and come with the entropy when both are asked."""
+    case = _case(torch.float32, HEADS[1], seed=53)
+    kw = _kw(case, HEADS[1])
+    _, spin = linear_spin_loss(case.hidden, case.weight, case.targets, case.cu_seqlens, case.ref_logps,
+                               token_metrics=True, impl=kernel, **kw)
+    logps, entropy, stats = linear_logprobs(case.hidden, case.weight, case.targets, case.cu_seqlens,
+                                            return_entropy=True, token_metrics=True, impl=kernel, **kw)
+    assert entropy.requires_grad and torch.equal(stats["entropy"], entropy.detach())
+    for key, value in token_metrics(stats).items():
+        assert_close(value, spin[key], 1e-6, key)
 
 
 def _top1_case():
@@ -261,9 +311,13 @@ def test_all_ignored_and_no_rows_per_token(kernel):
     assert torch.equal(logps, torch.zeros(16)) and torch.equal(entropy, torch.zeros(16))
     for g in grads(logps.sum() + entropy.sum(), [case.hidden, case.weight, case.bias]):
         assert torch.equal(g, torch.zeros_like(g))
+    _, stats = linear_logprobs(case.hidden, case.weight, case.targets, case.cu_seqlens, bias=case.bias,
+                               token_metrics=True, impl=kernel)
+    assert all(torch.equal(v, torch.zeros(4)) for v in stats.values()), stats
     none = make_case([], 8, 40)
-    out = linear_logprobs(none.hidden, none.weight, none.targets, reduction="none", return_entropy=True, impl=kernel)
-    assert out[0].shape == out[1].shape == (0,)
+    out = linear_logprobs(none.hidden, none.weight, none.targets, reduction="none", return_entropy=True,
+                          token_metrics=True, impl=kernel)
+    assert out[0].shape == out[1].shape == (0,) and all(v.shape == (0,) for v in out[2].values())
 
 
 def test_reduction_options_are_checked():
@@ -275,6 +329,8 @@ def test_reduction_options_are_checked():
         linear_logprobs(*args, average=True, reduction="none")
     with pytest.raises(TypeError, match="return_entropy must be a bool"):
         linear_logprobs(*args, return_entropy=1)
+    with pytest.raises(TypeError, match="token_metrics must be a bool"):
+        linear_logprobs(*args, token_metrics="yes")
     assert torch.equal(linear_logprobs(*args, average=True), linear_logprobs(*args, reduction="mean"))
 
 
@@ -320,11 +376,13 @@ def _reference_batched(hidden, weight, labels, mask, shift):
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_batched_logprobs_match_full_logits(kernel, shift):
     hidden, weight, labels, mask = _batch()
-    per_token, entropy = batched_linear_logprobs(hidden, weight, labels, attention_mask=mask, shift=shift,
-                                                 reduction="none", return_entropy=True, impl=kernel)
+    per_token, entropy, stats = batched_linear_logprobs(hidden, weight, labels, attention_mask=mask, shift=shift,
+                                                        reduction="none", return_entropy=True, token_metrics=True,
+                                                        impl=kernel)
     h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     want, want_entropy, counted = _reference_batched(h64, w64, labels, mask, shift)
     assert per_token.shape == labels.shape
+    assert torch.equal(stats["tokens"], counted.float()) and torch.equal(stats["entropy"], entropy.detach())
     assert_close(per_token, want, 2e-5, "per-token logps")
     assert_close(entropy, want_entropy, 2e-5, "entropy")
     sums = batched_linear_logprobs(hidden, weight, labels, attention_mask=mask, shift=shift, impl=kernel)

@@ -233,17 +233,19 @@ def test_torch_compile_fullgraph_matches_eager():
     def step(x, w, b):
         loss, metrics = linear_spin_loss(torch.tanh(layer(x)), w, case.targets, case.cu_seqlens, case.ref_logps,
                                          bias=b, softcap=3.0, impl="triton")
-        logps = linear_logprobs(x, w, case.targets, case.cu_seqlens, average=True, impl="triton")
-        return loss + 0.01 * logps.sum(), metrics["rewards/margin"]
+        logps, stats = linear_logprobs(x, w, case.targets, case.cu_seqlens, average=True, token_metrics=True,
+                                       impl="triton")
+        return loss + 0.01 * logps.sum(), metrics["rewards/margin"], stats["top1"] + stats["mean_logit"]
 
     compiled = torch.compile(step, fullgraph=True, backend="inductor" if CUDA else "aot_eager")
     inputs = [case.hidden, case.weight, case.bias, layer.weight]
-    loss, margin = compiled(*inputs[:3])
+    loss, margin, stats = compiled(*inputs[:3])
     got = grads(loss, inputs)
-    loss0, margin0 = step(*inputs[:3])
+    loss0, margin0, stats0 = step(*inputs[:3])
     want = grads(loss0, inputs)
     assert_close(loss, loss0, 1e-6, "loss")
     assert_close(margin, margin0, 1e-6, "margin")
+    assert_close(stats, stats0, 1e-6, "token statistics")
     for name, g, w in zip(("hidden", "weight", "bias", "layer"), got, want):
         assert_close(g, w, 1e-5, f"d{name}")
 
@@ -260,9 +262,11 @@ def test_custom_ops_pass_opcheck():
     needs = (True, True, True)
     checks = [
         (library.linear_logprobs_op, head + LogprobsOptions(**options, reduction="sum").scalars()),
+        (library.linear_logprobs_op, head + LogprobsOptions(**options, reduction="none", return_entropy=True,
+                                                            token_metrics=True).scalars()),
         (library.linear_spin_loss_op, head + (case.ref_logps,) + SpinOptions(**options, beta=0.1).scalars() + needs),
     ]
-    _, lse_tokens, _, entropy_tokens = library.linear_logprobs_op(*checks[0][1])
+    _, lse_tokens, _, entropy_tokens, _ = library.linear_logprobs_op(*checks[0][1])
     grad_seq = torch.randn(4, device=DEVICE)
     checks.append((library.linear_logprobs_backward_op,
                    (grad_seq, grad_seq.new_empty(0)) + head + (lse_tokens, entropy_tokens)

@@ -155,19 +155,33 @@ def test_ld_segments_split_each_sequence_at_the_shorter_completion():
     assert seg == [0, 4, 7, 11, 12, 13, 14, 15, 18], seg
 
 
-def test_trl_token_metrics_equal_trl_dpo(tmp_path, tok):
+@pytest.fixture(scope="module")
+def trained_models(tok):
+    return trained_policy_and_reference(tok)
+
+
+# The one-pass SPIN loss; TRL's formulas on the fused log-probs (ipo: per-token averages), a list
+# with loss_weights, and LD-DPO (the statistics of each sequence's two segments summed).
+TOKEN_METRIC_CASES = [("sigmoid", {}), ("ipo", {}), (["sigmoid", "sft"], {"loss_weights": [1.0, 0.5]}),
+                      ("ipo", {"ld_alpha": 0.3})]
+
+
+@pytest.mark.parametrize("case", TOKEN_METRIC_CASES, ids=_case_id)
+def test_trl_token_metrics_equal_trl_dpo(tmp_path, tok, trained_models, case):
     """TRL's entropy, logits/chosen, logits/rejected and mean_token_accuracy, computed by the fused
-    op beside its log-sum-exp (``linear_spin_loss(token_metrics=True)``, docs/ops.md), on a model
-    that has learned the rows (the metrics are far from a fresh model's ~log V, 0, 0)."""
-    case = parity_case(str(tmp_path), tok, trained_policy_and_reference(tok), "sigmoid", "ref_model")
-    want, got = case["dpo"]["metrics"], case["spin"]["metrics"]
+    op beside its log-sum-exp (``linear_spin_loss(token_metrics=True)`` for "sigmoid", the sums of
+    ``linear_logprobs(token_metrics=True)`` for the other loss types; docs/ops.md), on a model that
+    has learned the rows (the metrics are far from a fresh model's ~log V, 0, 0)."""
+    loss_type, config = case
+    result = parity_case(str(tmp_path), tok, trained_models, loss_type, "ref_model", **config)
+    want, got = result["dpo"]["metrics"], result["spin"]["metrics"]
     print({k: (want[k], got[k]) for k in TOKEN_METRICS})
     assert 0.2 < want["mean_token_accuracy"] < 0.9 and want["entropy"] < 7.0, want  # log 4096 = 8.3
     assert abs(want["logits/chosen"] - want["logits/rejected"]) > 1e-3, want
     for k in ("entropy", "logits/chosen", "logits/rejected"):
         assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6), (k, want[k], got[k])
     assert got["mean_token_accuracy"] == want["mean_token_accuracy"], (want, got)
-    _assert_parity(case["diff"], float(case["dpo"]["loss"]))
+    _assert_parity(result["diff"], float(result["dpo"]["loss"]))
 
 
 def test_peft_policy_reference_is_the_adapter_disabled(tmp_path, tok):

@@ -37,11 +37,11 @@ Logged metrics keep TRL's names so dashboards carry over: ``rewards/chosen`` (= 
 ``rewards/real``), ``rewards/rejected`` (``rewards/synthetic``), ``rewards/margins``
 (``rewards/margin``), ``rewards/accuracies`` (``rewards/accuracy``), ``logps/chosen``,
 ``logps/rejected``, ``num_tokens``. TRL's per-token ``entropy``, ``logits/chosen``,
-``logits/rejected`` and ``mean_token_accuracy`` are per-row reductions the fused pass can
-accumulate beside its log-sum-exp: they are logged (``TOKEN_METRICS``, averaged over the tokens of
-all processes as TRL does) from ``linear_spin_loss(token_metrics=True)`` (docs/ops.md), for
-"sigmoid" / "hinge"; the other loss types' fused log-probs (``linear_logprobs``) do not offer
-them yet.
+``logits/rejected`` and ``mean_token_accuracy`` are per-row reductions the fused pass accumulates
+beside its log-sum-exp: they are logged for every loss type (``TOKEN_METRICS``, averaged over the
+tokens of all processes as TRL does), from ``linear_spin_loss(token_metrics=True)`` for "sigmoid" /
+"hinge" and from the per-sequence sums of ``linear_logprobs(token_metrics=True)`` for the others
+(docs/ops.md), in the same fused call as the loss's log-probs.
 
 Refused, with a message naming the option: ``use_weighting`` (WPO needs every token's sum of
 squared probabilities over the vocabulary), ``truncation_mode="keep_end"`` (deprecated by TRL),
@@ -77,7 +77,7 @@ except ImportError as exc:  # pragma: no cover - exercised by the import-guard t
 from ..distributed.full_params import unsharded_lm_head
 from ..models import is_prepared, packed_hidden_states, prepare_model, unwrap_model
 from ..ops import linear_logprobs, linear_spin_loss
-from ..ops.objective import spin_metrics
+from ..ops.objective import spin_metrics, token_metrics
 from ..ops.sharded import is_dtensor
 from ..packing import IGNORE_INDEX, PackedBatch, SpinExample, pack_batch
 from .dpo_losses import LOSS_TYPES, DPOLoss, PairLogps
@@ -90,9 +90,10 @@ METRIC_NAMES = {
     "logps/real": "logps/chosen",
     "logps/synthetic": "logps/rejected",
 }
-# TRL's per-token metrics -> (the fused op's token-weighted mean, the token counts it is over):
-# ``linear_spin_loss(..., token_metrics=True)`` (docs/ops.md). TRL averages them over the tokens of
-# all processes, so each is logged as gathered sum(mean * tokens) / gathered sum(tokens).
+# TRL's per-token metrics -> (the token-weighted mean of ``ops.objective.token_metrics``, the token
+# counts it is over): ``linear_spin_loss(..., token_metrics=True)``, or ``token_metrics`` of the
+# sums of ``linear_logprobs(..., token_metrics=True)`` (docs/ops.md). TRL averages them over the
+# tokens of all processes, so each is logged as gathered sum(mean * tokens) / gathered sum(tokens).
 TOKEN_METRICS = {
     "entropy": ("entropy", ("tokens/real", "tokens/synthetic")),
     "logits/chosen": ("logits/real", ("tokens/real",)),
@@ -374,17 +375,25 @@ class SPINTrainer(DPOTrainer):
             return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         return nullcontext()
 
-    def _head_logps(self, hidden: Tensor, head: dict, batch: PackedBatch) -> tuple[Tensor, Tensor]:
+    def _head_logps(self, hidden: Tensor, head: dict, batch: PackedBatch,
+                    with_stats: bool = False) -> tuple[Tensor, Tensor, dict[str, Tensor] | None]:
         """Sequence log-probs from the last hidden states with the fused op (autograd when enabled):
-        ``(logps [2B], sums [2B])``, sums over each completion's scored tokens; ``logps`` are the
-        same sums, or with ``ld_alpha`` LD-DPO's shared + ld_alpha * tail (one fused call either way)."""
-        if self.ld_alpha is None:
-            sums = linear_logprobs(hidden, targets=batch.targets, cu_seqlens=batch.cu_seqlens,
-                                   ignore_index=IGNORE_INDEX, impl=self.impl, check_values=False, **head)
-            return sums, sums
-        parts = linear_logprobs(hidden, targets=batch.targets, cu_seqlens=ld_segments(batch.cu_seqlens, batch.targets),
-                                ignore_index=IGNORE_INDEX, impl=self.impl, check_values=False, **head)
-        return parts[0::2] + self.ld_alpha * parts[1::2], parts[0::2] + parts[1::2]
+        ``(logps [2B], sums [2B], stats)``, sums over each completion's scored tokens; ``logps`` are
+        the same sums, or with ``ld_alpha`` LD-DPO's shared + ld_alpha * tail (one fused call either
+        way); ``stats``: with ``with_stats`` the per-sequence token statistics of the same call
+        (``linear_logprobs(token_metrics=True)``: ``tokens``, ``entropy``, ``mean_logit``, ``top1``,
+        [2B] sums each), else None."""
+        ld = self.ld_alpha is not None
+        out = linear_logprobs(hidden, targets=batch.targets,
+                              cu_seqlens=ld_segments(batch.cu_seqlens, batch.targets) if ld else batch.cu_seqlens,
+                              ignore_index=IGNORE_INDEX, token_metrics=with_stats, impl=self.impl, check_values=False,
+                              **head)
+        parts, stats = out if with_stats else (out, None)
+        if not ld:
+            return parts, parts, stats
+        if stats is not None:  # sequence i is segments 2i and 2i + 1
+            stats = {k: v.view(-1, 2).sum(1) for k, v in stats.items()}
+        return parts[0::2] + self.ld_alpha * parts[1::2], parts[0::2] + parts[1::2], stats
 
     def _reference_logps(self, model, batch: PackedBatch) -> Tensor:
         """[2B] log-probs of the batch under the reference reached through ``model``, no autograd."""
@@ -416,7 +425,8 @@ class SPINTrainer(DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         """The configured DPO loss of a packed micro-batch. "sigmoid" / "hinge" alone: the one-pass
         fused SPIN loss (gradients computed in its forward). Every other objective: the fused
-        sequence log-probs (``linear_logprobs``, logits recomputed in its backward) into ``DPOLoss``."""
+        sequence log-probs (``linear_logprobs``, logits recomputed in its backward) into ``DPOLoss``.
+        Either way the same fused call gives TRL's per-token metrics."""
         mode = "train" if self.model.training else "eval"
         batch = _as_packed(inputs)
         ref = self._reference(batch)
@@ -430,9 +440,10 @@ class SPINTrainer(DPOTrainer):
                                                  ignore_index=IGNORE_INDEX, impl=self.impl, check_values=False,
                                                  token_metrics=True, **head)
             else:
-                seq, sums = self._head_logps(hidden, head, batch)
+                seq, sums, stats = self._head_logps(hidden, head, batch, with_stats=True)
                 loss = self.dpo_loss(_pair_logps(seq, sums, ref.to(seq.dtype), batch, inputs.get("completion_lengths")))
-                metrics = spin_metrics(seq[0::2], seq[1::2], ref[0::2], ref[1::2], self.beta)
+                metrics = {**spin_metrics(seq[0::2], seq[1::2], ref[0::2], ref[1::2], self.beta),
+                           **token_metrics(stats)}
         self._log_metrics(mode, metrics, batch)
         if return_outputs:
             return loss, {}
@@ -440,13 +451,13 @@ class SPINTrainer(DPOTrainer):
 
     def _log_metrics(self, mode: str, metrics: dict[str, Tensor], batch: PackedBatch) -> None:
         """TRL's metric names: the rewards and log-probs averaged over all pairs of all processes
-        (micro-batches may differ in size), the per-token metrics (when the fused op gave them) over
-        all their tokens, as TRL does; one gather, one host sync."""
+        (micro-batches may differ in size), the per-token metrics over all their tokens, as TRL
+        does; one gather, one host sync."""
         pairs = float(batch.num_pairs)
         device = self.accelerator.device
         f64 = functools.partial(torch.as_tensor, dtype=torch.float64, device=device)
         values = [f64(metrics[k]) * pairs for k in METRIC_NAMES]
-        token_names = [name for name, (key, _) in TOKEN_METRICS.items() if key in metrics]
+        token_names = list(TOKEN_METRICS)
         for name in token_names:
             key, counted = TOKEN_METRICS[name]
             tokens = sum(f64(metrics[c]) for c in counted)

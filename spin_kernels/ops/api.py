@@ -13,11 +13,16 @@ import torch
 from torch import Tensor, nn
 
 from .autograd import LinearLogprobsFunction, LinearSPINLossFunction
+from .backends import STAT_ROWS
 from .doc import with_doc
 from .objective import spin_metrics, token_metrics
 from .options import LogprobsOptions, SpinOptions
 from .sharded import Sharding
 from .validation import check_linear_inputs
+
+# The token statistics of ``linear_logprobs(token_metrics=True)``, in the rows of the ops' stats:
+# the counted rows, then the per-row statistics of the fused pass (docs/ops.md, "Token metrics").
+TOKEN_STATS = ("tokens", *STAT_ROWS)
 
 
 @with_doc
@@ -34,9 +39,10 @@ def linear_logprobs(
     average: bool = False,
     reduction: str | None = None,
     return_entropy: bool = False,
+    token_metrics: bool = False,
     impl: str = "auto",
     check_values: bool = True,
-) -> Tensor | tuple[Tensor, Tensor]:
+) -> Tensor | tuple:
     """Log-probabilities of the targets straight from hidden states, without [N, V] logits.
 
     Args:
@@ -49,17 +55,26 @@ def linear_logprobs(
         rows of log softmax(z)[target] (the mean with reduction="mean"), or per row [N] with
         reduction="none" (0 on rows whose target is ignore_index). With return_entropy,
         (logps, entropy), the entropy of each row's softmax reduced the same way. Both are
-        differentiable in hidden, weight and bias.
+        differentiable in hidden, weight and bias. With token_metrics, a dict of the token
+        statistics comes last: (logps, stats) or (logps, entropy, stats).
     """
     opts = LogprobsOptions.checked(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-                                   average=average, reduction=reduction, return_entropy=return_entropy, impl=impl,
-                                   check_values=check_values)
+                                   average=average, reduction=reduction, return_entropy=return_entropy,
+                                   token_metrics=token_metrics, impl=impl, check_values=check_values)
     if cu_seqlens is None and isinstance(hidden, Tensor):
         cu_seqlens = torch.tensor([0, hidden.shape[0]], device=hidden.device)
     sharding = Sharding.of(hidden, weight, bias, targets=targets, cu_seqlens=cu_seqlens)
     check_linear_inputs(hidden, weight, targets, cu_seqlens, bias)
-    logps, entropy = LinearLogprobsFunction.apply(hidden, weight, bias, targets, cu_seqlens, opts, sharding)
-    return (logps, entropy) if return_entropy else logps
+    logps, entropy, stats = LinearLogprobsFunction.apply(hidden, weight, bias, targets, cu_seqlens, opts, sharding)
+    out = (logps, entropy) if return_entropy else (logps,)
+    if token_metrics:
+        out += (_token_stats(stats),)
+    return out if len(out) > 1 else logps
+
+
+def _token_stats(stats: Tensor) -> dict[str, Tensor]:
+    """The ops' [4, K] statistics -> ``TOKEN_STATS`` names -> [K] (rows of it, no copy)."""
+    return dict(zip(TOKEN_STATS, stats))
 
 
 @with_doc
@@ -116,7 +131,7 @@ def _spin_loss(hidden: Tensor, weight: Tensor, targets: Tensor, cu_seqlens: Tens
     ref_real, ref_synthetic = (ref[0::2], ref[1::2]) if opts.pairs == "interleaved" else (ref[:half], ref[half:])
     metrics = spin_metrics(seq[0::2], seq[1::2], ref_real, ref_synthetic, opts.beta)
     if opts.token_metrics:
-        metrics.update(token_metrics(seq_stats))
+        metrics.update(token_metrics(_token_stats(seq_stats)))
     return loss, metrics
 
 

@@ -2,8 +2,9 @@
 in eager and compiled modes alike (under ``torch.compile`` the Function is traced, the op stays
 opaque).
 
-* ``LinearLogprobsFunction``: returns (logps, entropy: empty unless ``opts.return_entropy``);
-  forward saves only the per-token log-sum-exp (and entropy); backward recomputes the logits
+* ``LinearLogprobsFunction``: returns (logps, entropy: empty unless ``opts.return_entropy``,
+  stats: empty unless ``opts.token_metrics``, without gradient); forward saves only the
+  per-token log-sum-exp (and entropy); backward recomputes the logits
   (``spin_kernels::linear_logprobs_backward``) for the upstream gradients it is given.
 * ``LinearSPINLossFunction``: returns (loss, seq_logps, seq_stats), the last two without
   gradient; the gradients are computed during the forward (the loss is known there) and only
@@ -48,20 +49,21 @@ def _scaled_(grad: Tensor, needed: bool, scale: Tensor | None) -> Tensor | None:
 class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, cu_seqlens: Tensor,
-                opts: LogprobsOptions, sharding: Sharding | None = None) -> tuple[Tensor, Tensor]:
+                opts: LogprobsOptions, sharding: Sharding | None = None) -> tuple[Tensor, Tensor, Tensor]:
         # Sharded: the gathered copies for the call; the weight / bias DTensors (this rank's
         # shards) are what is saved, and the backward gathers them again.
         h, w, b = (hidden, weight, bias) if sharding is None else sharding.full(hidden, weight, bias)
-        out, lse, entropy, entropy_rows = library.linear_logprobs_op(h, w, b, targets, cu_seqlens, *opts.scalars())
+        out, lse, entropy, entropy_rows, stats = library.linear_logprobs_op(h, w, b, targets, cu_seqlens,
+                                                                            *opts.scalars())
         ctx.save_for_backward(h, weight, bias, targets, cu_seqlens, lse, entropy_rows)
         ctx.opts, ctx.sharding = opts, sharding
         ctx.set_materialize_grads(False)  # an output nobody differentiates costs no backward work
-        if not opts.return_entropy:
-            ctx.mark_non_differentiable(entropy)
-        return out, entropy
+        # One call: each call replaces the set of the previous one.
+        ctx.mark_non_differentiable(stats, *(() if opts.return_entropy else (entropy,)))
+        return out, entropy, stats
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor | None, grad_entropy: Tensor | None):
+    def backward(ctx, grad_out: Tensor | None, grad_entropy: Tensor | None, _grad_stats: Tensor | None):
         hidden, weight, bias, targets, cu_seqlens, lse, entropy_rows = ctx.saved_tensors
         sharding: Sharding | None = ctx.sharding
         need = ctx.needs_input_grad[:3]

@@ -68,9 +68,10 @@ def batched_linear_logprobs(
     softcap: float | None = None,
     reduction: str = "sum",
     return_entropy: bool = False,
+    token_metrics: bool = False,
     impl: str = "auto",
     check_values: bool = True,
-) -> Tensor | tuple[Tensor, Tensor]:
+) -> Tensor | tuple:
     """``linear_logprobs`` on ``[B, T, H]`` hidden states, one sequence per batch row.
 
     Args:
@@ -85,18 +86,24 @@ def batched_linear_logprobs(
         Others: as ``linear_logprobs``.
 
     Returns:
-        logps, or (logps, entropy) with return_entropy, float32, differentiable.
+        logps, float32, differentiable; (logps, entropy) with return_entropy; the dict of token
+        statistics last with token_metrics (each shaped like logps).
     """
     b, t = hidden.shape[:2] if isinstance(hidden, Tensor) and hidden.dim() == 3 else (0, 0)
     rows, targets, cu_seqlens = _packed(hidden, labels, attention_mask, shift, ignore_index)
     out = linear_logprobs(rows, weight, targets, cu_seqlens, bias=bias, ignore_index=ignore_index,
                           temperature=temperature, softcap=softcap, reduction=reduction,
-                          return_entropy=return_entropy, impl=impl, check_values=check_values)
+                          return_entropy=return_entropy, token_metrics=token_metrics, impl=impl,
+                          check_values=check_values)
     if reduction != "none":
         return out
-    if return_entropy:
-        return tuple(_per_position(x, b, t, shift) for x in out)
-    return _per_position(out, b, t, shift)
+
+    def aligned(x):
+        if isinstance(x, dict):
+            return {k: _per_position(v, b, t, shift) for k, v in x.items()}
+        return _per_position(x, b, t, shift)
+
+    return tuple(aligned(x) for x in out) if isinstance(out, tuple) else aligned(out)
 
 
 def batched_linear_spin_loss(

@@ -47,7 +47,15 @@ LOGPROBS_OPTIONS = """\
         reduction: "sum" (per sequence), "mean" (per sequence, over its counted rows) or "none"
             (per row [N]); None: "mean" if average else "sum".
         return_entropy: also return the entropy of each row's softmax, reduced as the log-probs
-            and differentiable as they are (computed in the same pass; off costs nothing)."""
+            and differentiable as they are (computed in the same pass; off costs nothing).
+        token_metrics: also return the statistics behind TRL's per-token metrics, computed in
+            the same pass (docs/ops.md; off, the default, costs nothing): a dict of detached
+            tensors shaped like logps, float32 (float64 for float64 inputs): ``tokens`` (the
+            counted rows of each sequence; per row 1 or 0) and, reduced as the log-probs,
+            ``entropy``, ``mean_logit`` (the logits' mean over the vocabulary) and ``top1`` (1
+            where the first argmax of the logits is the target, else 0). With "sum", sums over
+            each sequence's counted rows: token-weighted means over any sequences (or
+            processes) are sum(x) / sum(tokens)."""
 
 HEAD_OPTIONS = """\
         ignore_index: the target of rows that do not count (prompt tokens, the last token of

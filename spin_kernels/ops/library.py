@@ -5,10 +5,11 @@ Each op is opaque to the compiler: its real implementation may synchronise with 
 compaction is data-dependent, value validation reads flags) without breaking the graph, and
 its fake implementation gives the output shapes, which depend only on input shapes and options.
 
-* ``spin_kernels::linear_logprobs`` -> (logps, lse [N], entropy, entropy_rows [N]): logps
-  [S] per sequence, or [N] per row with reduction="none"; lse per row (0 on ignored rows) so
-  that its shape is static; with return_entropy the entropy reduced as logps and per row
-  (what the backward needs), else empty tensors.
+* ``spin_kernels::linear_logprobs`` -> (logps, lse [N], entropy, entropy_rows [N], stats):
+  logps [S] per sequence, or [N] per row with reduction="none"; lse per row (0 on ignored rows)
+  so that its shape is static; with return_entropy the entropy reduced as logps and per row
+  (what the backward needs), else empty tensors; with token_metrics stats [4, S] ([4, N]): the
+  counted rows of each sequence (per row: 1 or 0), then STAT_ROWS reduced as logps, else empty.
 * ``spin_kernels::linear_logprobs_backward`` -> (dhidden, dweight, dbias), recomputing the
   logits from lse, from the upstream gradients of logps and (or an empty tensor) the entropy.
 * ``spin_kernels::linear_spin_loss`` -> (loss [], seq_logps [S], dhidden, dweight, dbias,
@@ -104,19 +105,26 @@ def _row_grads(rows: CountedRows, grad_out: Tensor, opts: LogprobsOptions, dtype
 
 @_outside_autocast
 def logprobs_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, cu_seqlens: Tensor,
-                     opts: LogprobsOptions, backend: Backend) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (logps, lse [N], entropy, entropy per row [N]) as the op returns them, in the
-    accumulation dtype (the entropies empty without ``opts.return_entropy``)."""
+                     opts: LogprobsOptions, backend: Backend) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (logps, lse [N], entropy, entropy per row [N], stats) as the op returns them, in the
+    accumulation dtype (the entropies empty without ``opts.return_entropy``, stats without
+    ``opts.token_metrics``)."""
     if opts.check_values:
         check_linear_values(hidden, weight, targets, cu_seqlens, opts.ignore_index)
     n = hidden.shape[0]
     rows = _rows(hidden, weight, bias, targets, cu_seqlens, opts, backend)
     fwd = backend.rows_forward(hidden, weight, bias, rows.targets, opts, rows.index, rows.count)
     out = (_reduced(rows, fwd.logp, opts, n), _to_tokens(rows, fwd.lse, n))
-    if not opts.return_entropy:  # two tensors: a custom op's outputs may not alias each other
-        return out + (fwd.lse.new_empty(0), fwd.lse.new_empty(0))
-    entropy = fwd.stats[STAT_ROWS.index("entropy")]
-    return out + (_reduced(rows, entropy, opts, n), _to_tokens(rows, entropy, n))
+    if opts.return_entropy:
+        entropy = fwd.stats[STAT_ROWS.index("entropy")]
+        out += (_reduced(rows, entropy, opts, n), _to_tokens(rows, entropy, n))
+    else:  # two tensors: a custom op's outputs may not alias each other
+        out += (fwd.lse.new_empty(0), fwd.lse.new_empty(0))
+    if not opts.token_metrics:
+        return out + (fwd.lse.new_empty(0),)
+    # The counted rows (per row: 1 or 0), then each statistic reduced as the log-probs.
+    tokens = (targets != opts.ignore_index) if opts.reduction == "none" else rows.counts
+    return out + (torch.stack([tokens.to(fwd.lse.dtype), *(_reduced(rows, r, opts, n) for r in fwd.stats)]),)
 
 
 @_outside_autocast
@@ -170,9 +178,10 @@ def spin_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: T
 @torch.library.custom_op("spin_kernels::linear_logprobs", mutates_args=())
 def linear_logprobs_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, cu_seqlens: Tensor,
                        ignore_index: int, temperature: float, softcap: float | None, average: bool, impl: str,
-                       check_values: bool, reduction: str, return_entropy: bool
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    opts = LogprobsOptions(ignore_index, temperature, softcap, average, impl, check_values, reduction, return_entropy)
+                       check_values: bool, reduction: str, return_entropy: bool, token_metrics: bool
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    opts = LogprobsOptions(ignore_index, temperature, softcap, average, impl, check_values, reduction, return_entropy,
+                           token_metrics)
     return logprobs_forward(hidden, weight, bias, targets, cu_seqlens, opts, resolve_backend(impl, hidden.device))
 
 
@@ -182,9 +191,10 @@ def _(hidden, weight, bias, targets, cu_seqlens, *options):
     acc = acc_dtype(hidden, weight)
     n = hidden.shape[0]
     out = hidden.new_empty(n if opts.reduction == "none" else cu_seqlens.shape[0] - 1, dtype=acc)
-    if not opts.return_entropy:
-        return out, hidden.new_empty(n, dtype=acc), hidden.new_empty(0, dtype=acc), hidden.new_empty(0, dtype=acc)
-    return out, hidden.new_empty(n, dtype=acc), torch.empty_like(out), hidden.new_empty(n, dtype=acc)
+    entropy = ((torch.empty_like(out), hidden.new_empty(n, dtype=acc)) if opts.return_entropy
+               else (hidden.new_empty(0, dtype=acc), hidden.new_empty(0, dtype=acc)))
+    stats = hidden.new_empty((1 + len(STAT_ROWS), out.shape[0]) if opts.token_metrics else (0,), dtype=acc)
+    return out, hidden.new_empty(n, dtype=acc), *entropy, stats
 
 
 @torch.library.custom_op("spin_kernels::linear_logprobs_backward", mutates_args=())
@@ -192,9 +202,10 @@ def linear_logprobs_backward_op(grad_out: Tensor, grad_entropy: Tensor, hidden: 
                                 bias: Tensor | None, targets: Tensor, cu_seqlens: Tensor, lse_tokens: Tensor,
                                 entropy_tokens: Tensor, ignore_index: int, temperature: float, softcap: float | None,
                                 average: bool, impl: str, check_values: bool, reduction: str, return_entropy: bool,
-                                need_hidden: bool, need_weight: bool, need_bias: bool
+                                token_metrics: bool, need_hidden: bool, need_weight: bool, need_bias: bool
                                 ) -> tuple[Tensor, Tensor, Tensor]:
-    opts = LogprobsOptions(ignore_index, temperature, softcap, average, impl, check_values, reduction, return_entropy)
+    opts = LogprobsOptions(ignore_index, temperature, softcap, average, impl, check_values, reduction, return_entropy,
+                           token_metrics)
     return logprobs_backward(grad_out, grad_entropy, hidden, weight, bias, targets, cu_seqlens, lse_tokens,
                              entropy_tokens, opts, Needs(need_hidden, need_weight, need_bias),
                              resolve_backend(impl, hidden.device))

@@ -8,6 +8,8 @@ construction.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
@@ -62,13 +64,13 @@ def spin_metrics(
         }
 
 
-def token_metrics(seq_stats: Tensor) -> dict[str, Tensor]:
+def token_metrics(stats: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """TRL's per-token metrics from the fused pass's per-sequence sums (docs/ops.md).
 
     Args:
-        seq_stats: [4, S], sequences in interleaved pairs (2p real, 2p+1 synthetic); rows: the
-            counted rows of each sequence, and the sums over them of the entropy, of the mean
-            logit and of the top-1 hits (``library.spin_forward``).
+        stats: [S] each, sequences in interleaved pairs (2p real, 2p+1 synthetic): ``tokens``, the
+            counted rows of each sequence, and the sums over them of ``entropy``, ``mean_logit``
+            and ``top1`` (``linear_logprobs(..., token_metrics=True)``'s with reduction "sum").
 
     Returns:
         Detached scalars (float32, float64 for float64 sums), token-weighted means, 0 where there
@@ -76,9 +78,10 @@ def token_metrics(seq_stats: Tensor) -> dict[str, Tensor]:
         ``token_accuracy/real``, ``token_accuracy/synthetic``; and ``tokens/real``,
         ``tokens/synthetic``, the counted rows, to weight the means when gathering them.
     """
-    dtype = torch.promote_types(seq_stats.dtype, torch.float32)
+    dtype = torch.promote_types(stats["tokens"].dtype, torch.float32)
     with torch.no_grad():
-        tokens, entropy, mean_logit, top1 = seq_stats.detach().to(dtype)
+        tokens, entropy, mean_logit, top1 = (stats[k].detach().to(dtype) for k in ("tokens", "entropy", "mean_logit",
+                                                                                   "top1"))
         out = {"entropy": entropy.sum() / tokens.sum().clamp(min=1)}
         for kind, part in (("real", slice(0, None, 2)), ("synthetic", slice(1, None, 2))):
             count = tokens[part].sum()

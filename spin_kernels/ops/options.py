@@ -53,21 +53,23 @@ class HeadOptions:
 @dataclass(frozen=True)
 class LogprobsOptions(HeadOptions):
     """HeadOptions and ``linear_logprobs``'s own: ``reduction`` ("sum", "mean" or "none"; given
-    as None it follows ``average``, which then equals reduction == "mean") and
-    ``return_entropy``."""
+    as None it follows ``average``, which then equals reduction == "mean"), ``return_entropy``
+    and ``token_metrics`` (``doc.LOGPROBS_OPTIONS``)."""
 
     reduction: str | None = None
     return_entropy: bool = False
+    token_metrics: bool = False
 
     def _validated(self):
         check_reduction(self.reduction, self.average)
         check_flag("return_entropy", self.return_entropy)
+        check_flag("token_metrics", self.token_metrics)
         reduction = self.reduction or ("mean" if self.average else "sum")
         return replace(super()._validated(), reduction=reduction, average=reduction == "mean")
 
     @property
     def row_stats(self) -> bool:
-        return self.return_entropy
+        return self.return_entropy or self.token_metrics
 
 
 @dataclass(frozen=True)
