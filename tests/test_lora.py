@@ -206,6 +206,37 @@ def test_qlora_on_a_4bit_base_merges_into_the_trained_policy(tmp_path, capsys):
     assert "training.quantize: a 4-bit base is frozen, so it needs LoRA adapters" in capsys.readouterr().err
 
 
+def test_an_adapter_that_changes_no_weight_is_an_error(tmp_path, capsys):
+    """Updates below the weights' resolution (lr 1e-30): the merged adapters change no bit of the
+    base they were trained on, an error, the model not kept (issue 25 item 3)."""
+    model = save_tiny_model(str(tmp_path / "sft"))
+    run = tmp_path / "run"
+    args = ["iterate", "--model", model, "--data", _data(tmp_path), "--output-dir", str(run), "--iterations", "1",
+            *FLAGS, "--learning-rate", "1e-30"]  # FLAGS: LoRA rank 4
+    assert main(args) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "iter0 train: the merged LoRA adapters change no bit of the base they were trained on" in err, err
+    assert not (run / "iter0" / "model").exists()
+
+
+def test_the_merge_record_sees_a_no_op_on_a_quantized_base():
+    """Under QLoRA the merged model always differs from the start (the base's 4-bit round trip), so
+    the export records whether the adapters changed the base they were trained on: not when B is
+    still zero (no gradient ever reached it, or lr 0), yes for any update that changes a bit, the
+    NF4 base's exact zeros included (which an update of 1e-30 does change)."""
+    from spin_kernels.training.lora import merge_changes_weights, merged_state_dict
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(8, 6, generator=g)
+    base[base.abs() < 0.3] = 0.0  # a dequantized NF4 weight holds exact zeros
+    state = {"base_model.model.layer.q_proj.base_layer.weight": base,
+             "base_model.model.layer.q_proj.lora_A.default.weight": torch.randn(2, 6, generator=g),
+             "base_model.model.layer.q_proj.lora_B.default.weight": torch.zeros(8, 2)}
+    assert not merge_changes_weights(state, merged_state_dict(state, 2.0))
+    state["base_model.model.layer.q_proj.lora_B.default.weight"] = torch.full((8, 2), 1e-30)
+    assert merge_changes_weights(state, merged_state_dict(state, 2.0))
+
+
 def test_qlora_gradients_after_generation_equal_a_dequantized_copy():
     """The loop generates (an inference forward) before it trains: the 4-bit base must still pass
     gradients (bitsandbytes' CPU repacking would cut them) and equal those of its dequantized copy."""

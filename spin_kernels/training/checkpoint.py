@@ -600,7 +600,7 @@ class Checkpointer:
         next iteration loads it)."""
         from spin_kernels.distributed import full_state_dict
 
-        from .lora import ADAPTER_DIR, export_target, full_precision_state, is_lora, merged_state_dict
+        from .lora import ADAPTER_DIR, export_target, full_precision_state, is_lora, merge_changes_weights, merged_state_dict
         from .parallel import is_sharded
 
         model = inner_model(runner)
@@ -611,6 +611,7 @@ class Checkpointer:
                 full = full if full is not None else full_precision_state(model)
                 adapter = model.peft_config["default"]
                 merged = merged_state_dict(full, adapter.lora_alpha / adapter.r)
+                info["lora_merge_changes_weights"] = merge_changes_weights(full, merged)
 
                 def finish(tmp: str) -> None:
                     model.save_pretrained(os.path.join(tmp, ADAPTER_DIR), state_dict=full)

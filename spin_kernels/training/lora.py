@@ -104,17 +104,34 @@ def is_lora(model: Any) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
-def merged_state_dict(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """The Hugging Face state dict of a LoRA model's full ``state`` (peft names) with every
-    adapter merged: ``W + scaling * B @ A`` computed in float32 (float64 for float64 weights),
-    cast back to W's dtype."""
-    merged: dict[str, torch.Tensor] = {}
+def _split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """A LoRA model's full ``state`` (peft names) -> (the base under Hugging Face names,
+    {adapted module: {"A": lora_A, "B": lora_B}})."""
+    base: dict[str, torch.Tensor] = {}
     adapters: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in state.items():
         if ".lora_A." in name or ".lora_B." in name:
             adapters.setdefault(hf_module_name(name), {})["A" if ".lora_A." in name else "B"] = tensor
         else:
-            merged[name.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".")] = tensor
+            base[name.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".")] = tensor
+    return base, adapters
+
+
+def merge_changes_weights(state: dict[str, torch.Tensor], merged: dict[str, torch.Tensor]) -> bool:
+    """Whether ``merged`` (``merged_state_dict(state, ...)``) differs from the base the adapters
+    were trained on in any bit. False: the adapters' update is below the weights' resolution
+    everywhere, the iteration learned nothing, whatever the base's round trip through 4 bits
+    (QLoRA) did to it."""
+    base, adapters = _split_state(state)
+    return any(not torch.equal(merged[f"{module}.weight"], base[f"{module}.weight"]) for module in adapters)
+
+
+def merged_state_dict(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """The Hugging Face state dict of a LoRA model's full ``state`` (peft names) with every
+    adapter merged: ``W + scaling * B @ A`` computed in float32 (float64 for float64 weights),
+    cast back to W's dtype."""
+    merged, adapters = _split_state(state)
+    merged = dict(merged)
     for module, ab in adapters.items():
         w = merged[f"{module}.weight"]
         acc = torch.promote_types(w.dtype, torch.float32)

@@ -18,6 +18,7 @@ import shutil
 from typing import Any
 
 from spin_kernels.distributed.env import all_reduce_sum
+from spin_kernels.distributed.export import read_info
 
 from .. import provenance
 from ..checkpoint import Checkpointer
@@ -116,8 +117,11 @@ def _refuse_unchanged(plan: TrainPlan, model_dir: str, device) -> None:
     """An iteration whose weights come out bit-identical to its start is an error, not a result:
     the final model is removed and a TrainingError says what the schedule and gradients were.
     (Rank 0 compares every tensor of the written model with the start model's, by name; every
-    rank raises alike.)"""
-    (same,) = all_reduce_sum([float(is_main() and same_weights(model_dir, plan.start_model))], device)
+    rank raises alike.) With LoRA the export records whether the merged adapters change any bit
+    of the base they were trained on: under QLoRA that base is the 4-bit round trip of the start,
+    which differs from it, so the comparison with the start alone would miss a no-op."""
+    (same,) = all_reduce_sum([float(is_main() and (read_info(model_dir).get("lora_merge_changes_weights") is False
+                                                    or same_weights(model_dir, plan.start_model)))], device)
     if not same:
         return
     if is_main():
@@ -126,9 +130,11 @@ def _refuse_unchanged(plan: TrainPlan, model_dir: str, device) -> None:
     metrics = os.path.join(plan.out_dir, "metrics.jsonl")
     rows = read_metrics(metrics) if os.path.exists(metrics) else []
     t = plan.training
+    what = (f"the merged LoRA adapters change no bit of the base they were trained on (the starting model "
+            f"{plan.start_model!r}{', through its 4-bit round trip' if t.quantize != 'none' else ''})" if t.lora_rank
+            else f"the trained weights are bit-identical to the starting model {plan.start_model!r}")
     raise TrainingError(
-        f"{plan.desc}: the trained weights are bit-identical to the starting model {plan.start_model!r} after "
-        f"{plan.steps} optimizer step(s) on {len(plan.examples)} pair(s): the iteration learned nothing, so its model "
+        f"{plan.desc}: {what} after {plan.steps} optimizer step(s) on {len(plan.examples)} pair(s): the iteration learned nothing, so its model "
         f"is not kept. Schedule: --learning-rate {t.learning_rate:g}, {warmup_steps(t, plan.steps)} warm-up step(s) "
         f"(--warmup-ratio {t.warmup_ratio:g}), --global-batch-pairs {t.global_batch_pairs}, --epochs {t.epochs}; "
         f"logged learning rates {[r.get('lr') for r in rows][:8]}, gradient norms "
