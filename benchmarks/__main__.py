@@ -45,7 +45,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     run.add_argument("--e2e-cases", help="e2e cases, comma-separated (default: tiny on CPU, llama-1b on CUDA; "
                                           "'shared-prompt' = the shared-prompt cases)")
     run.add_argument("--iteration-cases", help="iteration cases: before,after (default both)")
-    run.add_argument("--generation-cases", help="generation cases: ultrachat-sft,ultrachat-random,demo (default all)")
+    run.add_argument("--generation-cases", help="generation cases: cli,ultrachat-sft,ultrachat-random,demo (default all but cli)")
     run.add_argument("--work-dir", type=Path, help="iteration/generation: where the SFT'd models and runs go "
                                                    "(default $SPIN_BENCH_WORK or <tmp>/spin_kernels_bench)")
     run.add_argument("--prompts", type=int, help="iteration: use the first N prompts of the sample (default 154)")
