@@ -241,7 +241,10 @@ def run_cli_case(work: Path, *, repeats: int) -> list[dict]:
     data = work / f"ultrachat-{CLI['prompts']}.jsonl"
     data.write_text("".join(json.dumps({"prompt": rows[i % len(rows)]["prompt"], "real": rows[i % len(rows)]["real"]})
                             + "\n" for i in range(CLI["prompts"])))
+    import resource
+
     walls: dict[str, list[float]] = {n: [] for n in CLI["contenders"]}
+    cpus: dict[str, list[float]] = {n: [] for n in CLI["contenders"]}
     loads: dict[str, list[float]] = {n: [] for n in CLI["contenders"]}
     got: dict[str, list[dict]] = {}
     for _ in range(repeats):
@@ -249,23 +252,29 @@ def run_cli_case(work: Path, *, repeats: int) -> list[dict]:
             out = work / f"cli-{name}.jsonl"
             out.unlink(missing_ok=True)
             loads[name].append(os.getloadavg()[0])
+            usage = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "-m", "spin_kernels.cli", "generate", "--model", model_dir, "--data",
                             str(data), "--output", str(out), *flags], check=True, capture_output=True,
                            env=dict(os.environ, TQDM_DISABLE="1"))
             walls[name].append(time.perf_counter() - t0)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpus[name].append(after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime)
             got[name] = [json.loads(line) for line in out.read_text().splitlines()]
     ratios = [a / b for a, b in zip(walls["original"], walls["default"])]
+    cpu_ratios = [a / b for a, b in zip(cpus["original"], cpus["default"])]
     out = []
     for name, flags in CLI["contenders"].items():
         tokens = sum(g["synthetic_tokens"] for g in got[name])
         median = statistics.median(walls[name])
         out.append({"case": "cli", "contender": name, "options": {"flags": " ".join(flags) or "(defaults)"},
                     "status": "ok", "prompts": CLI["prompts"], "max_new_tokens": 256, "wall_s": walls[name],
+                    "cpu_s": cpus[name], "median_cpu_s": statistics.median(cpus[name]),
                     "loadavg_1min": loads[name], "median_wall_s": median, "prompts_per_s": CLI["prompts"] / median,
                     "tokens": tokens, "finished": sum(bool(g["finished"]) for g in got[name]),
                     "mean_tokens": tokens / len(got[name]), "sampling": got[name][0]["source"]["sampling"],
-                    **({"ratios": ratios, "speedup": statistics.median(ratios)} if name == "default" else {})})
+                    **({"ratios": ratios, "speedup": statistics.median(ratios), "cpu_ratios": cpu_ratios,
+                        "cpu_speedup": statistics.median(cpu_ratios)} if name == "default" else {})})
     return out
 
 
@@ -349,17 +358,17 @@ def _cli_markdown(entries: list[dict]) -> list[str]:
              f"{first['prompts']} prompts (the UltraChat sample repeated), the CLI's lengths (prompts cut to 512 "
              f"tokens, 256 new tokens), the SFT'd 9.4M Llama; {len(first['wall_s'])} rounds, the processes "
              "alternating; figure: the median over rounds.", "",
-             "| contender | flags | wall per round | load (1 min) before each | median | prompts/s | ended by EOS | "
-             "mean tokens | recorded sampling | speed-up (median of the rounds' ratios) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| contender | flags | wall per round | load (1 min) before each | median wall | prompts/s | median CPU | "
+             "ended by EOS | mean tokens | recorded sampling | speed-up: wall, CPU (median of the rounds' ratios) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         sampling = ", ".join(f"{k} {v}" for k, v in e["sampling"].items() if k not in ("temperature", "top_p",
                                                                                           "max_new_tokens", "seed"))
-        speed = (f"{e['speedup']:.2f}× (rounds: {', '.join(f'{r:.2f}' for r in e['ratios'])})" if "speedup" in e
-                 else "1.00×")
+        speed = (f"{e['speedup']:.2f}× (rounds: {', '.join(f'{r:.2f}' for r in e['ratios'])}), CPU "
+                 f"{e['cpu_speedup']:.2f}×" if "speedup" in e else "1.00×")
         lines.append(f"| {e['contender']} | `{e['options']['flags']}` | {', '.join(f'{w:.0f} s' for w in e['wall_s'])}"
                      f" | {', '.join(f'{x:.1f}' for x in e['loadavg_1min'])} | {e['median_wall_s']:.0f} s | "
-                     f"{e['prompts_per_s']:.2f} | {e['finished']}/{e['prompts']} | {e['mean_tokens']:.0f} | {sampling} "
+                     f"{e['prompts_per_s']:.2f} | {e['median_cpu_s']:.0f} s | {e['finished']}/{e['prompts']} | {e['mean_tokens']:.0f} | {sampling} "
                      f"| {speed} |")
     return lines + [""]
 
