@@ -48,24 +48,20 @@ def option(default: Any, help: str, *, check: Callable[[Any], str | None] | None
     return field(default=default, metadata=meta)
 
 
-def positive(v: Any) -> str | None:
-    return None if v > 0 else f"must be > 0, got {v}"
+def _rule(ok: Callable[[Any], bool], expected: str) -> Callable[[Any], str | None]:
+    """A range ``check``: value -> None when ``ok(value)``, else "must be <expected>, got <value>"."""
+    return lambda v: None if ok(v) else f"must be {expected}, got {v}"
 
 
-def non_negative(v: Any) -> str | None:
-    return None if v >= 0 else f"must be >= 0, got {v}"
-
-
-def fraction(v: Any) -> str | None:
-    return None if 0 <= v < 1 else f"must be in [0, 1), got {v}"
+positive = _rule(lambda v: v > 0, "> 0")
+non_negative = _rule(lambda v: v >= 0, ">= 0")
+fraction = _rule(lambda v: 0 <= v < 1, "in [0, 1)")
+at_least_one = _rule(lambda v: v >= 1, ">= 1 or none")
+at_most_one = _rule(lambda v: v <= 1, "in (0, 1]")
 
 
 def probability(v: Any) -> str | None:
-    return positive(v) or (None if v <= 1 else f"must be in (0, 1], got {v}")
-
-
-def at_least_one(v: Any) -> str | None:
-    return None if v >= 1 else f"must be >= 1 or none, got {v}"
+    return positive(v) or at_most_one(v)
 
 
 def type_name(tp: Any) -> str:
