@@ -1,4 +1,5 @@
-"""The runner: ``python -m benchmarks run --suite kernels|e2e|all|iteration|generation --device cpu|cuda [options]``.
+"""The runner: ``python -m benchmarks run --suite SUITE --device cpu|cuda [options]``, SUITE one of kernels, e2e,
+all, iteration, generation, planner.
 
 Writes ``<out>/<device-slug>/<suite>.json`` (environment, settings, every case with every
 repeat), ``<suite>.md`` (the tables) and PNG plots; ``<out>`` defaults to benchmarks/results.
@@ -33,9 +34,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run suites and write JSON + Markdown + PNG")
-    run.add_argument("--suite", choices=("kernels", "e2e", "all", "iteration", "generation"), default="kernels",
-                     help="all = kernels + e2e; iteration (one whole SPIN iteration, its stages' split) and "
-                          "generation (the sampling stage, old and new ways) are CPU suites of their own")
+    run.add_argument("--suite", choices=("kernels", "e2e", "all", "iteration", "generation", "planner"),
+                     default="kernels",
+                     help="all = kernels + e2e; iteration (one whole SPIN iteration, its stages' split), "
+                          "generation (the sampling stage, old and new ways) and planner (the memory planner's bound "
+                          "against measured peaks, its time estimate against the iteration suite) are CPU suites of "
+                          "their own")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--shapes", help="kernel cases, comma-separated: cpu-small, tiny, <head>[@N], <head>@sweep "
                                       "(default: cpu-small on CPU, the GPU plan on CUDA)")
@@ -46,6 +50,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                           "'shared-prompt' = the shared-prompt cases)")
     run.add_argument("--iteration-cases", help="iteration cases: before,after (default both)")
     run.add_argument("--generation-cases", help="generation cases: cli,ultrachat-sft,ultrachat-random,demo (default all but cli)")
+    run.add_argument("--planner-cases", help="planner: configurations of benchmarks/planner.py GRID (default all)")
+    run.add_argument("--iteration-result", type=Path,
+                     help="planner: the iteration suite's JSON to check the time estimate against (default: this "
+                          "CPU's under --out, else the newest other CPU's)")
     run.add_argument("--work-dir", type=Path, help="iteration/generation: where the SFT'd models and runs go "
                                                    "(default $SPIN_BENCH_WORK or <tmp>/spin_kernels_bench)")
     run.add_argument("--prompts", type=int, help="iteration: use the first N prompts of the sample (default 154)")
@@ -159,7 +167,23 @@ def run_generation(args, device, env, settings, argv) -> dict:
     return record
 
 
-RUNNERS = {"kernels": run_kernels, "e2e": run_e2e, "iteration": run_iteration, "generation": run_generation}
+def run_planner(args, device, env, settings, argv) -> dict:
+    from .planner import run_suite, time_check
+
+    if device.type != "cpu":
+        raise SystemExit("--suite planner measures CPU processes (its GPU form is not written yet)")
+    record = _record("planner", env, settings, argv)
+    record["cases"], notes = run_suite(_csv(args.planner_cases), work_dir=args.work_dir)
+    record["time_check"] = time_check(env, args.out, args.work_dir, args.iteration_result)
+    record["notes"] += notes
+    record["settings"] = {**settings, "repeats": 1, "warmup": 1,
+                          "timing": "memory, not time: peak resident set per configuration in fresh processes (one "
+                                    "warm-up step each); the time check reads the iteration suite's stage times."}
+    return record
+
+
+RUNNERS = {"kernels": run_kernels, "e2e": run_e2e, "iteration": run_iteration, "generation": run_generation,
+           "planner": run_planner}
 
 
 def main(argv: list[str] | None = None) -> int:

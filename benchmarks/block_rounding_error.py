@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         dh_ref, dw_ref = torch.autograd.grad((logp * upstream).sum(), [h_ref, w_ref])
         floor = {"dweight": rel_err(dw_ref.to(dtype), dw_ref), "dhidden": rel_err(dh_ref.to(dtype), dh_ref)}
         args_dev = [t.to(device) for t in (hidden, weight, targets)]
-        _, lse = rows_logprobs(args_dev[0], args_dev[1], None, args_dev[2], 1.0, None)
+        _, lse, _ = rows_logprobs(args_dev[0], args_dev[1], None, args_dev[2], 1.0, None)
         for blocks in (int(b) for b in args.blocks.split(",")):
             block_rows = -(-m // blocks // tile_m) * tile_m
             # The budget whose half is the fp32 ∂h of block_rows rows, unless that is the whole batch.

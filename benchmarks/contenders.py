@@ -9,6 +9,10 @@ Contenders:
 
 * ``ours:<impl>`` — ``spin_kernels.ops.linear_logprobs / linear_spin_loss(impl=...)`` for every
   registered impl that runs on the device (torch, cpu, triton).
+* ``ours:<impl>+metrics`` — the same with the per-token statistics computed in the fused pass
+  (``linear_spin_loss(token_metrics=True)``; ``linear_logprobs(return_entropy=True)``, the
+  entropy not differentiated): what they cost over ``ours:<impl>``. Run only when named in
+  ``--only`` (e.g. ``--only cpu,cpu+metrics``).
 * ``naive`` — full [N, V] logits of every row (prompt rows too) from a matmul in the input dtype,
   cast to fp32, log_softmax, gather, segment sums: the TRL / official-SPIN computation. (Same as
   ``spin_kernels.ops.naive`` in fp32; in bf16 that oracle multiplies in fp32, which no trainer
@@ -105,6 +109,7 @@ class Contender:
 
     name = "base"
     kind = "baseline"  # "ours" | "baseline" | "floor"
+    by_default = True  # selected without --only
 
     def unavailable(self, device: torch.device, dry_run: bool = False) -> str | None:
         """None if it runs on ``device``, else why not. ``dry_run``: the device is the CPU standing
@@ -128,21 +133,20 @@ class Contender:
 class Ours(Contender):
     kind = "ours"
 
-    def __init__(self, impl: str):
-        self.impl = impl
-        self.name = f"ours:{impl}"
+    def __init__(self, impl: str, metrics: bool = False):
+        self.impl, self.metrics = impl, metrics
+        self.name = f"ours:{impl}+metrics" if metrics else f"ours:{impl}"
+        self.by_default = not metrics
 
     def unavailable(self, device, dry_run=False):
-        from spin_kernels.ops.backends import _FACTORIES, _UNAVAILABLE
+        from spin_kernels.ops import available_backends
         from spin_kernels.triton.config import interpreting
 
-        if self.impl not in _FACTORIES:
-            return _UNAVAILABLE.get(self.impl, "not registered")
         if self.impl == "triton" and device.type != "cuda" and not (dry_run and interpreting()):
             return "triton runs on CUDA only (the interpreter is not a benchmark)"
         if self.impl == "cpu" and (device.type != "cpu" or dry_run):
             return "the C++ impl runs on CPU only"
-        return None
+        return available_backends(device).get(self.impl, "not registered")
 
     def version(self):
         import spin_kernels
@@ -154,8 +158,11 @@ class Ours(Contender):
 
         kw = {"softcap": inp.softcap, "impl": self.impl}
         if op == "logprobs":
+            if self.metrics:
+                return lambda h, w: linear_logprobs(h, w, inp.targets, inp.cu_seqlens, return_entropy=True, **kw)[0]
             return lambda h, w: linear_logprobs(h, w, inp.targets, inp.cu_seqlens, **kw)
-        return lambda h, w: linear_spin_loss(h, w, inp.targets, inp.cu_seqlens, inp.ref_logps, beta=0.1, **kw)[0]
+        return lambda h, w: linear_spin_loss(h, w, inp.targets, inp.cu_seqlens, inp.ref_logps, beta=0.1,
+                                             token_metrics=self.metrics, **kw)[0]
 
 
 def full_logits_seq_logps(h: Tensor, w: Tensor, inp: Inputs) -> Tensor:
@@ -358,10 +365,11 @@ class GemmOneDnn(Gemm):
 
 def all_contenders(device: torch.device) -> list[Contender]:
     """Every contender in table order (ours first, the floor last), available or not."""
-    from spin_kernels.ops.backends import _FACTORIES, _UNAVAILABLE
+    from spin_kernels.ops import available_backends
 
-    impls = [i for i in ("triton", "cpu", "torch") if i in _FACTORIES or i in _UNAVAILABLE]
-    return [*(Ours(i) for i in impls), Naive(), Liger(), CCE(), TRL(), Gemm(), GemmOneDnn()]
+    impls = [i for i in ("triton", "cpu", "torch") if i in available_backends(device)]
+    return [*(Ours(i) for i in impls), *(Ours(i, metrics=True) for i in impls), Naive(), Liger(), CCE(), TRL(),
+            Gemm(), GemmOneDnn()]
 
 
 def select(device: torch.device, only: list[str] | None = None,
@@ -370,7 +378,8 @@ def select(device: torch.device, only: list[str] | None = None,
     ``dry_run``: CUDA's contenders, on the CPU (see ``Contender.unavailable``)."""
     chosen, skipped = [], {}
     for c in all_contenders(device):
-        if only and c.name not in only and c.name.split(":")[-1] not in only and c.kind != "floor":
+        named = only and (c.name in only or c.name.split(":")[-1] in only)
+        if c.kind != "floor" and not named and (only or not c.by_default):
             continue
         why = c.unavailable(device, dry_run)
         if why:

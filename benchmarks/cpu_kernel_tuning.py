@@ -22,11 +22,10 @@ import time
 
 import torch
 
-from spin_kernels.ops.autograd import LinearSPINLossFunction
+from spin_kernels.ops import as_impl, linear_spin_loss
 from spin_kernels.ops.backends.cpu_backend import CpuFused, default_gemm
 from spin_kernels.ops.backends.cpu_rule import cpu_model
 from spin_kernels.ops.backends.torch_chunked import TorchChunked
-from spin_kernels.ops.options import SpinOptions
 
 IGNORE = -100
 
@@ -59,7 +58,7 @@ def parse_config(text: str) -> dict:
 
 def step(inputs, backend) -> None:
     h, w, y, cu, ref = inputs
-    loss, _ = LinearSPINLossFunction.apply(h, w, None, y, cu, ref, SpinOptions(IGNORE, check_values=False), backend)
+    loss, _ = linear_spin_loss(h, w, y, cu, ref, ignore_index=IGNORE, check_values=False, impl=as_impl(backend))
     loss.backward()
 
 

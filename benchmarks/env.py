@@ -69,7 +69,9 @@ def versions() -> dict:
 
 def environment(device: torch.device) -> dict:
     """Everything needed to tell whether two runs are comparable."""
-    from spin_kernels.ops.backends import _FACTORIES, _UNAVAILABLE
+    from spin_kernels.ops import available_backends
+
+    impls = available_backends(device)
 
     env = {
         "device_type": device.type,
@@ -81,9 +83,10 @@ def environment(device: torch.device) -> dict:
         "platform": platform.platform(),
         "versions": versions(),
         "git": git_commit(),
-        "impls": {"available": sorted(_FACTORIES), "unavailable": dict(_UNAVAILABLE)},
+        "impls": {"available": sorted(n for n, why in impls.items() if why is None),
+                  "unavailable": {n: why for n, why in impls.items() if why is not None}},
     }
-    if device.type == "cpu" and "cpu" in _FACTORIES:  # the rule impl="cpu" runs under (measured once, cached)
+    if device.type == "cpu" and impls.get("cpu", "") is None:  # the rule impl="cpu" runs under (measured once, cached)
         from spin_kernels.ops.backends.cpu_rule import cpu_rule
 
         rule = cpu_rule()

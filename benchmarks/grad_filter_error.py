@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         # Targets drawn from the model's own distribution, as for sampled (synthetic) text.
         probs = torch.softmax(hidden.double() @ weight.double().t(), dim=1)
         targets = torch.multinomial(probs.cpu().float(), 1, generator=g).squeeze(1).to(device)
-        _, lse = rows_logprobs(hidden, weight, None, targets, 1.0, None)
+        _, lse, _ = rows_logprobs(hidden, weight, None, targets, 1.0, None)
         grad = torch.ones(m, device=device)
         exact = rows_grads(hidden, weight, None, targets, lse, grad, 1.0, None, True, True, False)
         for name, eps in thresholds.items():

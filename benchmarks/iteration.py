@@ -160,7 +160,7 @@ def run_case(name: str, model_dir: str, rows: list[dict], run_dir: Path, *, max_
         s["share"] = s["wall_s"] / wall
         if "tokens" in s:
             s["tokens_per_s"] = s["tokens"] / s["wall_s"]
-    return {"case": name, "status": "ok", "generation": dataclasses.asdict(cfg.generation), "wall_s": wall,
+    return {"case": name, "status": "ok", "generation": dataclasses.asdict(cfg.generation.in_force()), "wall_s": wall,
             "cpu_s": cpu, "stages": stages}
 
 
@@ -219,7 +219,7 @@ def markdown(record: dict) -> str:
         if case["status"] != "ok":
             lines += [f"error: {case.get('note')}", ""]
             continue
-        g = {k: ("auto" if v is None else v) for k, v in case["generation"].items()}  # unset: the defaults
+        g = {k: ("auto" if v is None else v) for k, v in case["generation"].items()}  # older records: unset
         lines.append(f"Generation: backend {g['backend']}, order {g['generation_order']}, batch "
                      f"{g['generation_batch_size']}, token budget {g['generation_token_budget'] or 'none'}, seeding "
                      f"{g['generation_seeding']}. Iteration: {case['wall_s']:.1f} s wall, {case['cpu_s']:.1f} s CPU; "

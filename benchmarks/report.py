@@ -335,7 +335,7 @@ def render(record: dict, folder: Path) -> list[Path]:
     if record["suite"] == "kernels":
         md.write_text(kernels_markdown(record))
         plots = [_plot_kernels(record, folder / f"{stem}.png"), _plot_sweep(record, folder / f"{stem}-sweep.png")]
-    elif record["suite"] in ("iteration", "generation"):  # their own modules render them (tables only)
+    elif record["suite"] in ("iteration", "generation", "planner"):  # their own modules render them (tables only)
         import importlib
 
         md.write_text(importlib.import_module(f"benchmarks.{record['suite']}").markdown(record))

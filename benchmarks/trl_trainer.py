@@ -2,6 +2,11 @@
 
     python -m benchmarks.trl_trainer                       # writes results/<device>/trl-trainer.{json,md}
     python -m benchmarks.trl_trainer --steps 2 --pairs 8   # a quick look
+    python -m benchmarks.trl_trainer --loss-types sigmoid,ipo,sigmoid+sft   # the loss types (default)
+
+Each loss type (``DPOConfig.loss_type``; ``a+b`` is the list ``[a, b]`` with weights 1) runs every
+contender: "sigmoid" is SPINTrainer's one-pass fused SPIN loss, the others its fused sequence
+log-probs fed to TRL's formulas (``spin_kernels.integrations.dpo_losses``).
 
 Every contender runs in a fresh process (``--one NAME``), so that one's allocations do not count
 against another's peak: it builds the model, the frozen reference copy and the trainer, runs
@@ -31,7 +36,7 @@ from .env import ROOT, device_slug, environment
 from .memprobe import _reset_peak, _status_kib
 
 CONTENDERS = {
-    "SPINTrainer": "spin_kernels.integrations.trl.SPINTrainer: packed, fused SPIN loss (impl auto)",
+    "SPINTrainer": "spin_kernels.integrations.trl.SPINTrainer: packed, fused ops (impl auto), no logits",
     "DPOTrainer": "trl.DPOTrainer: padded, TRL's chunked lm-head log-probs",
     "DPOTrainer+liger": "trl.DPOTrainer(use_liger_kernel=True): Liger's layer kernels on top",
     "DPOTrainer+liger-interpret": "the same under TRITON_INTERPRET=1 (Triton's CPU interpreter)",
@@ -46,6 +51,15 @@ def _rows(pairs: int) -> list[dict]:
         rows = [json.loads(line) for line in f][:pairs + 1]
     return [{"prompt": r["prompt"], "real": r["real"], "synthetic": rows[i + 1]["real"]}
             for i, r in enumerate(rows[:pairs])]
+
+
+LOSS_TYPES = "sigmoid,ipo,sigmoid+sft"
+
+
+def _loss_type(spec: str) -> str | list[str]:
+    """"ipo" -> "ipo"; "sigmoid+sft" -> ["sigmoid", "sft"]."""
+    parts = spec.split("+")
+    return parts[0] if len(parts) == 1 else parts
 
 
 def _run_one(name: str, opts) -> dict:
@@ -87,7 +101,8 @@ def _run_one(name: str, opts) -> dict:
         args = DPOConfig(output_dir=out, per_device_train_batch_size=opts.batch, max_steps=opts.warmup + opts.steps,
                          max_length=opts.max_length, bf16=False, gradient_checkpointing=False, report_to=[],
                          logging_steps=1, use_cpu=True, save_strategy="no", train_sampling_strategy="sequential",
-                         disable_tqdm=True, use_liger_kernel="liger" in name, learning_rate=1e-6)
+                         disable_tqdm=True, use_liger_kernel="liger" in name, learning_rate=1e-6,
+                         loss_type=_loss_type(opts.loss_types))
         cls = SPINTrainer if name == "SPINTrainer" else DPOTrainer
         trainer = cls(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
                       processing_class=tok, callbacks=[Timer()])
@@ -103,10 +118,10 @@ def _run_one(name: str, opts) -> dict:
             "first_batch_tokens": tokens, "first_batch_real_tokens": real, "losses": losses}
 
 
-def _child(name: str, opts) -> dict:
+def _child(name: str, loss_type: str, opts) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.trl_trainer", "--one", name, "--steps", str(opts.steps), "--warmup",
            str(opts.warmup), "--pairs", str(opts.pairs), "--batch", str(opts.batch), "--max-length",
-           str(opts.max_length), "--threads", str(opts.threads)]
+           str(opts.max_length), "--threads", str(opts.threads), "--loss-types", loss_type]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if name.endswith("-interpret"):
         env["TRITON_INTERPRET"] = "1"
@@ -126,8 +141,9 @@ def _table(record: dict) -> str:
         f"- Command: `{record['command']}`",
         f"- CPU: {env['cpu_model']}, {o['threads']} torch threads; the machine was shared with other jobs "
         f"(1-minute load average {record['load_average']['before'][0]:.1f} before, "
-        f"{record['load_average']['after'][0]:.1f} after, on {env['cpu_count']} cores): medians, ratios matter more "
-        "than absolute times",
+        f"{record['load_average']['after'][0]:.1f} after, on {env['cpu_count']} cores): times are noisy, medians "
+        "and ratios matter more than absolute times; peak memory (RSS growth of each trainer's own process) is "
+        "not affected by the load",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v and k != "cuda"),
         f"- Commit: {env['git']['commit']}",
         f"- Model: Llama from a config, H={MODEL['hidden_size']}, {MODEL['num_hidden_layers']} layers, "
@@ -139,20 +155,23 @@ def _table(record: dict) -> str:
         "pass + policy forward + loss + backward + clipping + AdamW + logging); peak = RSS growth over the "
         "timed steps",
         "",
-        "| trainer | median step | speed-up | peak extra MiB | memory ratio | tokens of step 1 (real) | losses |",
-        "|---|---|---|---|---|---|---|",
+        "| loss_type | trainer | median step | speed-up | peak extra MiB | memory ratio | tokens of step 1 (real) "
+        "| losses |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    base = record["results"].get("DPOTrainer", {})
-    for name, r in record["results"].items():
-        if r["status"] != "ok":
-            lines.append(f"| {name} | fails: {r['note']} | | | | | |")
-            continue
-        speed = base["median_step_s"] / r["median_step_s"] if base.get("status") == "ok" else float("nan")
-        mem = (base["peak_extra_mib"] / r["peak_extra_mib"]
-               if base.get("status") == "ok" and r["peak_extra_mib"] else float("nan"))
-        losses = ", ".join(f"{x:.4f}" for x in r["losses"])
-        lines.append(f"| {name} | {r['median_step_s'] * 1000:,.0f} ms | {speed:.2f}× | {r['peak_extra_mib']:,.0f} | "
-                     f"{mem:.2f}× | {r['first_batch_tokens']:,} ({r['first_batch_real_tokens']:,}) | {losses} |")
+    for loss_type, results in record["results"].items():
+        base = results.get("DPOTrainer", {})
+        for name, r in results.items():
+            if r["status"] != "ok":
+                lines.append(f"| {loss_type} | {name} | fails: {r['note']} | | | | | |")
+                continue
+            speed = base["median_step_s"] / r["median_step_s"] if base.get("status") == "ok" else float("nan")
+            mem = (base["peak_extra_mib"] / r["peak_extra_mib"]
+                   if base.get("status") == "ok" and r["peak_extra_mib"] else float("nan"))
+            losses = ", ".join(f"{x:.4f}" for x in r["losses"])
+            lines.append(f"| {loss_type} | {name} | {r['median_step_s'] * 1000:,.0f} ms | {speed:.2f}× | "
+                         f"{r['peak_extra_mib']:,.0f} | {mem:.2f}× | {r['first_batch_tokens']:,} "
+                         f"({r['first_batch_real_tokens']:,}) | {losses} |")
     lines += ["", "Contenders: " + "; ".join(f"**{k}**: {v}" for k, v in CONTENDERS.items()) + ".", ""]
     return "\n".join(lines)
 
@@ -166,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", default=",".join(CONTENDERS))
+    p.add_argument("--loss-types", default=LOSS_TYPES,
+                   help="comma-separated DPOConfig.loss_type values; a+b is the list [a, b] (default %(default)s)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--one", help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
@@ -179,11 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(opts.threads)
     load_before = os.getloadavg()
     results = {}
-    for name in opts.only.split(","):
-        t0 = time.perf_counter()
-        results[name] = _child(name, opts)
-        print(f"{name}: {results[name].get('median_step_s', results[name].get('note'))} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    for loss_type in opts.loss_types.split(","):
+        results[loss_type] = {}
+        for name in opts.only.split(","):
+            t0 = time.perf_counter()
+            r = results[loss_type][name] = _child(name, loss_type, opts)
+            print(f"{loss_type} {name}: {r.get('median_step_s', r.get('note'))} ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
     command = "python -m benchmarks.trl_trainer" + ("" if argv is None else " " + " ".join(argv))
     if argv is None and len(sys.argv) > 1:
         command = "python -m benchmarks.trl_trainer " + " ".join(sys.argv[1:])

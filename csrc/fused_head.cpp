@@ -231,11 +231,71 @@ void for_each_part(const Plan& plan, const F& body) {
   });
 }
 
-std::tuple<Tensor, Tensor> rows_forward(const Tensor& hidden, const Tensor& weight, const std::optional<Tensor>& bias,
-                                        const Tensor& targets, double temperature, double softcap,
-                                        const std::optional<Tensor>& store_opt, int64_t parts, int64_t row_tile,
-                                        int64_t vocab_tile, const std::optional<Tensor>& row_index,
-                                        c10::string_view gemm_name) {
+// Per part and row of a block: the running statistics of forward_tile (empty unless asked for).
+struct StatsScratch {
+  Tensor centered, zsum, before;  // [parts, row_tile]: fp32, fp64, fp32
+
+  StatsScratch(bool wanted, int64_t parts, int64_t row_tile, const at::TensorOptions& f32) {
+    if (!wanted) return;
+    centered = at::empty({parts, row_tile}, f32);
+    zsum = at::empty({parts, row_tile}, f32.dtype(at::kDouble));
+    before = at::empty({parts, row_tile}, f32);
+  }
+  bool wanted() const { return centered.defined(); }
+  void reset() {
+    if (!wanted()) return;
+    centered.zero_();
+    zsum.zero_();
+    before.fill_(-std::numeric_limits<float>::infinity());
+  }
+  RowStats part(int64_t p, int64_t row_tile) {
+    if (!wanted()) return RowStats{};
+    return RowStats{centered.data_ptr<float>() + p * row_tile, zsum.data_ptr<double>() + p * row_tile,
+                    before.data_ptr<float>() + p * row_tile};
+  }
+};
+
+// stats_out[:, r0 + i] for the block's rows from the parts' running statistics, merged in part
+// order like lse: the entropy log T - C / T with T = Σ_p sum_p e^(max_p - top) and C = Σ_p
+// e^(max_p - top) (centered_p + (max_p - top) sum_p); the mean logit Σ_p zsum_p / V; the top-1
+// hit z[target] > max_p before_p and z[target] = top.
+void merge_stats(StatsScratch& run, const float* mx, const float* sm, const float* zt, const Plan& plan, int64_t r0,
+                 int64_t n, Tensor& stats_out) {
+  const float* centered = run.centered.const_data_ptr<float>();
+  const double* zsum = run.zsum.const_data_ptr<double>();
+  const float* before = run.before.const_data_ptr<float>();
+  float* entropy = stats_out.data_ptr<float>() + r0;
+  float* mean_logit = entropy + stats_out.size(1);
+  float* top1 = mean_logit + stats_out.size(1);
+  for (int64_t i = 0; i < n; ++i) {
+    float top = -std::numeric_limits<float>::infinity(), first_max = -std::numeric_limits<float>::infinity();
+    for (int64_t p = 0; p < plan.parts; ++p) {
+      top = std::max(top, mx[p * plan.row_tile + i]);
+      first_max = std::max(first_max, before[p * plan.row_tile + i]);
+    }
+    double total = 0.0, c = 0.0, z_total = 0.0;
+    for (int64_t p = 0; p < plan.parts; ++p) {
+      const int64_t k = p * plan.row_tile + i;
+      const double shift = static_cast<double>(mx[k]) - top, scale = std::exp(shift);
+      total += scale * sm[k];
+      c += scale * (centered[k] + shift * sm[k]);
+      z_total += zsum[k];
+    }
+    entropy[i] = static_cast<float>(std::log(total) - c / total);
+    mean_logit[i] = static_cast<float>(z_total / static_cast<double>(plan.vocab));
+    top1[i] = (zt[i] > first_max && zt[i] >= top) ? 1.0f : 0.0f;
+  }
+}
+
+// Returns (logp [M], lse [M], stats): stats is [3, M] fp32 when asked for (rows: entropy, mean
+// logit, whether argmax = target as 0/1, see RowStats), else an empty [0] tensor.
+std::tuple<Tensor, Tensor, Tensor> rows_forward(const Tensor& hidden, const Tensor& weight,
+                                                const std::optional<Tensor>& bias, const Tensor& targets,
+                                                double temperature, double softcap,
+                                                const std::optional<Tensor>& store_opt, int64_t parts,
+                                                int64_t row_tile, int64_t vocab_tile,
+                                                const std::optional<Tensor>& row_index, c10::string_view gemm_name,
+                                                bool with_stats) {
   const auto bias32 =
       check_inputs(hidden, weight, bias, targets, row_index, temperature, softcap, parts, row_tile, vocab_tile);
   const Gemm gemm = resolve_gemm(gemm_name);
@@ -243,7 +303,8 @@ std::tuple<Tensor, Tensor> rows_forward(const Tensor& hidden, const Tensor& weig
   const Tensor store = check_store(store_opt, m, v);
   const auto f32 = hidden.options().dtype(at::kFloat);
   Tensor logp = at::empty({m}, f32), lse = at::empty({m}, f32);
-  if (m == 0) return {logp, lse};
+  Tensor stats_out = with_stats ? at::empty({3, m}, f32) : at::empty({0}, f32);
+  if (m == 0) return {logp, lse, stats_out};
   const Plan plan(m, v, h, parts, row_tile, vocab_tile);
   const HeadOptions opts = head_options(bias32, temperature, softcap);
   auto scratch = make_scratch(plan, weight, !store.defined(), false);
@@ -251,6 +312,7 @@ std::tuple<Tensor, Tensor> rows_forward(const Tensor& hidden, const Tensor& weig
   // Running (max, sum) per part and row of the block; z[target] written by the owning part.
   Tensor run_max = at::empty({plan.parts, plan.row_tile}, f32), run_sum = at::empty({plan.parts, plan.row_tile}, f32);
   Tensor target_logit = at::empty({plan.row_tile}, f32);
+  StatsScratch run_stats(with_stats, plan.parts, plan.row_tile, f32);
   const int64_t* y = targets.const_data_ptr<int64_t>();
 
   for (int64_t r0 = 0; r0 < m; r0 += plan.row_tile) {
@@ -258,15 +320,17 @@ std::tuple<Tensor, Tensor> rows_forward(const Tensor& hidden, const Tensor& weig
     const Tensor h_rows = rows.block(r0, n);
     run_max.fill_(-std::numeric_limits<float>::infinity());
     run_sum.zero_();
+    run_stats.reset();
     for_each_part(plan, [&](int64_t p) {
       PartScratch& s = scratch[p];
+      const RowStats part_stats = run_stats.part(p, plan.row_tile);
       for (int64_t v0 = plan.begin[p]; v0 < plan.end[p]; v0 += plan.vocab_tile) {
         const int64_t cols = std::min(plan.vocab_tile, plan.end[p] - v0);
         Tensor tile = logits_tile(store, s, plan, r0, n, v0, cols);
         tile_mm(h_rows, weight_tile(weight, v0, cols, s).t(), tile, false, gemm);
         forward_tile(tile.data_ptr<float>(), cols, n, cols, v0, opts, y + r0,
                      run_max.data_ptr<float>() + p * plan.row_tile, run_sum.data_ptr<float>() + p * plan.row_tile,
-                     target_logit.data_ptr<float>());
+                     target_logit.data_ptr<float>(), part_stats);
       }
     });
     // Merge the parts' (max, sum) in part order: the same result for the same `parts`.
@@ -285,8 +349,9 @@ std::tuple<Tensor, Tensor> rows_forward(const Tensor& hidden, const Tensor& weig
       lse_out[i] = top + static_cast<float>(std::log(total));
       logp_out[i] = zt[i] - lse_out[i];
     }
+    if (with_stats) merge_stats(run_stats, mx, sm, zt, plan, r0, n, stats_out);
   }
-  return {logp, lse};
+  return {logp, lse, stats_out};
 }
 
 void check_grad_output(const std::optional<Tensor>& t, const char* name, int64_t rows, int64_t cols) {
@@ -304,12 +369,15 @@ void check_grad_output(const std::optional<Tensor>& t, const char* name, int64_t
 // dhidden (shaped like hidden) has its counted rows overwritten; dweight and dbias are
 // accumulated into (the caller zeroes them once), so that tiles of rows can be added up call
 // after call.
+// With `entropy` and `grad_entropy` ([M] fp32, both or neither) the rows' entropies have an
+// upstream gradient too (backward_tile).
 void rows_backward(const Tensor& hidden, const Tensor& weight, const std::optional<Tensor>& bias,
                    const Tensor& targets, const Tensor& lse, const Tensor& grad, double temperature, double softcap,
                    const std::optional<Tensor>& store_opt, int64_t parts, int64_t row_tile, int64_t vocab_tile,
                    const std::optional<Tensor>& dhidden, const std::optional<Tensor>& dweight,
                    const std::optional<Tensor>& dbias, const std::optional<Tensor>& row_index,
-                   c10::string_view gemm_name) {
+                   c10::string_view gemm_name, const std::optional<Tensor>& entropy,
+                   const std::optional<Tensor>& grad_entropy) {
   const auto bias32 =
       check_inputs(hidden, weight, bias, targets, row_index, temperature, softcap, parts, row_tile, vocab_tile);
   const Gemm gemm = resolve_gemm(gemm_name);
@@ -317,6 +385,13 @@ void rows_backward(const Tensor& hidden, const Tensor& weight, const std::option
   const Tensor store = check_store(store_opt, m, v);
   check_fp32_vector(lse, "lse", m);
   check_fp32_vector(grad, "grad", m);
+  TORCH_CHECK(entropy.has_value() == grad_entropy.has_value(), "entropy and grad_entropy go together");
+  if (entropy.has_value()) {
+    check_fp32_vector(*entropy, "entropy", m);
+    check_fp32_vector(*grad_entropy, "grad_entropy", m);
+  }
+  const float* ent = entropy.has_value() ? entropy->const_data_ptr<float>() : nullptr;
+  const float* grad_ent = grad_entropy.has_value() ? grad_entropy->const_data_ptr<float>() : nullptr;
   check_grad_output(dhidden, "dhidden", hidden.size(0), h);
   check_grad_output(dweight, "dweight", v, h);
   check_grad_output(dbias, "dbias", v, -1);
@@ -342,7 +417,8 @@ void rows_backward(const Tensor& hidden, const Tensor& weight, const std::option
           transform_tile(tile.data_ptr<float>(), cols, n, cols, v0, opts);
         }
         backward_tile(tile.data_ptr<float>(), cols, n, cols, v0, opts, y + r0, lse.const_data_ptr<float>() + r0,
-                      grad.const_data_ptr<float>() + r0);  // tile = dL/du
+                      grad.const_data_ptr<float>() + r0, ent == nullptr ? nullptr : ent + r0,
+                      grad_ent == nullptr ? nullptr : grad_ent + r0);  // tile = dL/du
         if (dbias.has_value()) add_column_sums(tile.data_ptr<float>(), cols, n, cols, dbias->data_ptr<float>() + v0);
         if (dh.defined()) tile_mm(tile, w, dh, v0 != plan.begin[p], gemm);
         if (dweight.has_value()) tile_mm(tile.t(), h_rows, dweight->narrow(0, v0, cols), true, gemm);
@@ -384,12 +460,13 @@ Tensor matmul(const Tensor& a, const Tensor& b, c10::string_view gemm_name) {
 TORCH_LIBRARY(spin_kernels_cpu, m) {
   m.def(
       "rows_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float temperature, float softcap, "
-      "Tensor(a!)? store, int parts, int row_tile, int vocab_tile, Tensor? row_index=None, str gemm=\"auto\") "
-      "-> (Tensor logp, Tensor lse)");
+      "Tensor(a!)? store, int parts, int row_tile, int vocab_tile, Tensor? row_index=None, str gemm=\"auto\", "
+      "bool stats=False) -> (Tensor logp, Tensor lse, Tensor stats)");
   m.def(
       "rows_backward(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor lse, Tensor grad, "
       "float temperature, float softcap, Tensor(a!)? store, int parts, int row_tile, int vocab_tile, "
-      "Tensor(b!)? dhidden, Tensor(c!)? dweight, Tensor(d!)? dbias, Tensor? row_index=None, str gemm=\"auto\") -> ()");
+      "Tensor(b!)? dhidden, Tensor(c!)? dweight, Tensor(d!)? dbias, Tensor? row_index=None, str gemm=\"auto\", "
+      "Tensor? entropy=None, Tensor? grad_entropy=None) -> ()");
   m.def("matmul(Tensor a, Tensor b, str gemm=\"auto\") -> Tensor");
   // Which matrix-product engine the kernels use for gemm="auto": "onednn" or "blas".
   m.def("default_gemm() -> str", [] { return std::string(spin_kernels::onednn_available() ? "onednn" : "blas"); });

@@ -80,11 +80,26 @@ static void transform_tile(float* tile, int64_t ld, int64_t rows, int64_t cols, 
   for (int64_t i = 0; i < rows; ++i) transform_row(tile + i * ld, cols, v0, o);
 }
 
+// Optional running per-row statistics of the forward (all three null: none computed, no extra
+// work; or all three set):
+//   centered: Σ exp(z - max) (z - max), rescaled with the running (max, sum) -> the entropy
+//             H = log Σ exp(z - max) - centered / Σ exp(z - max) (no cancellation: both >= 0);
+//   zsum:     Σ z, in double -> the mean logit;
+//   before:   max of z over the columns before the target -> whether argmax (its first maximal
+//             index, as torch.argmax) is the target: z[target] > before and z[target] = max.
+struct RowStats {
+  float* centered = nullptr;
+  double* zsum = nullptr;
+  float* before = nullptr;
+};
+
 // Forward on a tile: transform u -> z, fold the tile into each row's running (max, sum of
-// exp) and record z[target] for rows whose target lies in this tile.
+// exp) and record z[target] for rows whose target lies in this tile; the statistics too when
+// `stats` has them.
 SPIN_TARGET_CLONES
 static void forward_tile(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t v0, const HeadOptions& o,
-                         const int64_t* targets, float* run_max, float* run_sum, float* target_logit) {
+                         const int64_t* targets, float* run_max, float* run_sum, float* target_logit,
+                         const RowStats& stats) {
   for (int64_t i = 0; i < rows; ++i) {
     float* z = tile + i * ld;
     transform_row(z, cols, v0, o);
@@ -93,22 +108,53 @@ static void forward_tile(float* tile, int64_t ld, int64_t rows, int64_t cols, in
     for (int64_t j = 0; j < cols; ++j) mx = z[j] > mx ? z[j] : mx;
     const float m_old = run_max[i];
     const float m_new = m_old > mx ? m_old : mx;
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < cols; ++j) s += fast_exp(z[j] - m_new);
     // The first tile of a row starts from (-inf, 0): no rescale (exp(-inf - -inf) would be NaN).
-    run_sum[i] = (m_old == -std::numeric_limits<float>::infinity() ? 0.0f : run_sum[i] * std::exp(m_old - m_new)) + s;
+    const bool first = m_old == -std::numeric_limits<float>::infinity();
+    const float rescale = first ? 0.0f : std::exp(m_old - m_new);
+    float s = 0.0f;
+    if (stats.centered == nullptr) {
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < cols; ++j) s += fast_exp(z[j] - m_new);
+    } else {  // one pass for the sum of exp and the statistics' sums
+      float c = 0.0f, t = 0.0f;
+#pragma omp simd reduction(+ : s, c, t)
+      for (int64_t j = 0; j < cols; ++j) {
+        const float d = z[j] - m_new;
+        const float e = fast_exp(d);
+        s += e;
+        c += e * d;
+        t += z[j];
+      }
+      // Σ e_old (z - m_old) -> Σ e_new (z - m_new) = rescale (Σ e_old (z - m_old) + (m_old - m_new) Σ e_old).
+      stats.centered[i] = first ? c : rescale * (stats.centered[i] + (m_old - m_new) * run_sum[i]) + c;
+      stats.zsum[i] += t;
+    }
+    run_sum[i] = run_sum[i] * rescale + s;
     run_max[i] = m_new;
     const int64_t y = targets[i] - v0;
     if (y >= 0 && y < cols) target_logit[i] = z[y];
+    if (stats.before != nullptr && y >= 0) {
+      // A tile wholly before the target adds its max; the target's own tile its columns before it.
+      float b = stats.before[i];
+      if (y >= cols) {
+        b = mx > b ? mx : b;
+      } else {
+#pragma omp simd reduction(max : b)
+        for (int64_t j = 0; j < y; ++j) b = z[j] > b ? z[j] : b;
+      }
+      stats.before[i] = b;
+    }
   }
 }
 
 // Backward on a tile of transformed logits z, overwritten with dL/du (u = W h + b):
-//   dz = g (onehot(y) - exp(z - lse)),  du = dz * (1 - (z / c)^2) / temperature.
+//   dz = g (onehot(y) - p) + g_H p (mu - z),  p = exp(z - lse),  du = dz * (1 - (z / c)^2) / temperature,
+// the second term when the entropy H of the row has an upstream gradient g_H (grad_entropy and
+// entropy non-null, g_H != 0): dH/dz = p (mu - z) with mu = Σ p z = lse - H.
 SPIN_TARGET_CLONES
 static void backward_tile(float* tile, int64_t ld, int64_t rows, int64_t cols, int64_t v0, const HeadOptions& o,
-                          const int64_t* targets, const float* lse, const float* grad) {
+                          const int64_t* targets, const float* lse, const float* grad, const float* entropy,
+                          const float* grad_entropy) {
   const float inv_t = o.inv_temperature;
   const float inv_c = o.softcap > 0.0f ? 1.0f / o.softcap : 0.0f;
   for (int64_t i = 0; i < rows; ++i) {
@@ -117,7 +163,17 @@ static void backward_tile(float* tile, int64_t ld, int64_t rows, int64_t cols, i
     const int64_t y = targets[i] - v0;
     const bool has_target = y >= 0 && y < cols;
     const float z_target = has_target ? z[y] : 0.0f;
-    if (inv_c > 0.0f) {
+    const float g_h = grad_entropy != nullptr ? grad_entropy[i] : 0.0f;
+    if (g_h != 0.0f) {
+      // dz_j = p_j (a + b z_j) (+ g at the target), a = -g + g_H mu, b = -g_H.
+      const float a = -g + g_h * (l - entropy[i]), b = -g_h;
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j) {
+        const float q = z[j] * inv_c;  // 0 without a softcap
+        z[j] = fast_exp(z[j] - l) * (a + b * z[j]) * ((1.0f - q * q) * inv_t);
+      }
+      if (has_target) z[y] += g * ((1.0f - (z_target * inv_c) * (z_target * inv_c)) * inv_t);
+    } else if (inv_c > 0.0f) {
 #pragma omp simd
       for (int64_t j = 0; j < cols; ++j) {
         const float q = z[j] * inv_c;

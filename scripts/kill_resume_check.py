@@ -3,13 +3,16 @@ uninterrupted run: bit-equal weights and identical data files.
 
     python scripts/kill_resume_check.py --procs 1 --kills 20 --out benchmarks/results/kill-resume-1proc.md
     python scripts/kill_resume_check.py --procs 2 --kills 20 --out benchmarks/results/kill-resume-2proc.md
+    python scripts/kill_resume_check.py --procs 1 --kills 10 --at checkpoint
 
 A 2-iteration run of a tiny Llama (CPU, float32) is first run uninterrupted. Then trials: each
 starts a fresh run directory, kills it after a random delay (uniform from the start-up time to
 the uninterrupted run's wall time), resumes with ``--resume``, kills again, ... until a resume
 finishes; the
 trial's files are then compared with the uninterrupted run's. Trials repeat until ``--kills``
-kills happened. With ``--procs 2`` the run is ``torchrun --nproc_per_node 2`` (FSDP2, gloo);
+kills happened. ``--at checkpoint`` kills instead 0-0.1 s after each step checkpoint the trial has
+not seen yet is complete (its index written): every kill then resumes from a checkpoint, which
+random delays reach only in the short training windows of this run. With ``--procs 2`` the run is ``torchrun --nproc_per_node 2`` (FSDP2, gloo);
 kills alternate between the launcher alone (its ranks must then end by themselves: they are
 tied to it, spin_kernels.training.runlock.end_with_parent) and the whole process group.
 
@@ -78,9 +81,9 @@ def _where(run: Path) -> str:
         it = run / f"iter{t}"
         if (it / "model").is_dir():
             return f"iter{t} done"
-        ckpts = sorted(p.name for p in (it / "checkpoints").glob("step-*")) if (it / "checkpoints").is_dir() else []
-        if ckpts:
-            return f"iter{t} training after {ckpts[-1]}"
+        index = it / "checkpoints" / "index.json"
+        if index.exists():  # the latest complete checkpoint (spin_kernels.training.checkpoint)
+            return f"iter{t} training after step-{json.loads(index.read_text())['step']}"
         if (it / "pairs.jsonl").exists():
             return f"iter{t} training (no checkpoint yet)"
         if (it / "generated.jsonl").exists():
@@ -122,7 +125,32 @@ def _setup(root: Path) -> list[str]:
     return [*ARGS, "--model", model, "--data", str(data)]
 
 
-def run_check(procs: int, kills: int, seed: int, root: Path, log=print) -> dict:
+def _checkpoints(run: Path) -> set:
+    """(iteration, step) of each complete step checkpoint of ``run`` (named by an index)."""
+    found = set()
+    for index in run.glob("iter*/checkpoints/index.json"):
+        try:
+            found.add((index.parent.parent.name, json.loads(index.read_text())["step"]))
+        except (OSError, ValueError, KeyError):
+            continue
+    return found
+
+
+def _after_new_checkpoint(proc: subprocess.Popen, run: Path, seen: set, rng: random.Random) -> float | None:
+    """Wait until a step checkpoint not in ``seen`` is complete, then 0-0.1 s (a step of this run
+    takes about that long); the seconds waited (None: the run ended first)."""
+    t0 = time.perf_counter()
+    while proc.poll() is None:
+        new = _checkpoints(run) - seen
+        if new:
+            seen |= new
+            time.sleep(rng.uniform(0, 0.1))
+            return time.perf_counter() - t0
+        time.sleep(0.002)
+    return None
+
+
+def run_check(procs: int, kills: int, seed: int, root: Path, log=print, at: str = "random") -> dict:
     """The experiment; returns {"kills": [...], "trials": [...], "reference_s": float, "ok": bool}."""
     rng = random.Random(seed)
     args = _setup(root)
@@ -144,17 +172,25 @@ def run_check(procs: int, kills: int, seed: int, root: Path, log=print) -> dict:
     trial = 0
     while len(records) < kills:
         run = root / f"trial{trial}"
-        starts, resume = 0, []
+        starts, resume, seen = 0, [], set()
         while True:
+            seen |= _checkpoints(run)  # the one it resumes from is not new
             proc = _start(procs, [*args, "--output-dir", str(run), *resume])
             starts += 1
-            # Uniform over the part of the run that does work (most kills during start-up would
-            # only test that an empty start resumes); enough kills: let it finish.
-            delay = rng.uniform(0.8 * startup, wall) if len(records) < kills else None
-            try:
-                rc = proc.wait(timeout=delay)
-            except subprocess.TimeoutExpired:
-                rc = None
+            rc = None
+            if len(records) >= kills:  # enough kills: let it finish
+                rc = proc.wait()
+            elif at == "checkpoint":
+                delay = _after_new_checkpoint(proc, run, seen, rng)
+                rc = proc.wait() if delay is None else None
+            else:
+                # Uniform over the part of the run that does work (most kills during start-up would
+                # only test that an empty start resumes).
+                delay = rng.uniform(0.8 * startup, wall)
+                try:
+                    rc = proc.wait(timeout=delay)
+                except subprocess.TimeoutExpired:
+                    rc = None
             if rc is not None:
                 if rc != 0:
                     raise RuntimeError(f"trial {trial}: a resumed run failed: {proc.stderr.read()[-3000:]}")
@@ -181,8 +217,12 @@ def run_check(procs: int, kills: int, seed: int, root: Path, log=print) -> dict:
         log(f"trial {trial}: {starts} start(s), {'identical' if not diffs else 'DIFFERENT: ' + ', '.join(diffs)}")
         shutil.rmtree(run)
         trial += 1
-    return {"procs": procs, "kills": records, "trials": trials, "reference_s": wall, "startup_s": startup,
+    return {"procs": procs, "at": at, "kills": records, "trials": trials, "reference_s": wall, "startup_s": startup,
             "ok": all(t["identical"] for t in trials)}
+
+
+_WHEN = {"random": "after random delays (uniform from 0.8 x that start-up to the whole run's time)",
+         "checkpoint": "0-0.1 s after each step checkpoint it had not yet reached was complete"}
 
 
 def report(result: dict, command: str) -> str:
@@ -196,8 +236,7 @@ def report(result: dict, command: str) -> str:
              f"`{command}` on {cpu}, torch {torch.__version__}, Python {platform.python_version()}. A 2-iteration "
              f"run (tiny Llama, 20 prompts, 2 x 5 optimizer steps, a checkpoint every step) took "
              f"{result['reference_s']:.1f} s uninterrupted (first output after {result['startup_s']:.1f} s); every "
-             f"trial was killed after random delays (uniform from 0.8 x that start-up to the whole run's time) and "
-             f"resumed until it finished, then compared with the uninterrupted run: "
+             f"trial was killed {_WHEN[result['at']]} and resumed until it finished, then compared with the uninterrupted run: "
              f"generated.jsonl and pairs.jsonl byte for byte, metrics.jsonl without its timing columns, "
              f"model.safetensors tensor for tensor (torch.equal).", "",
              f"**{len(result['kills'])} kills in {len(result['trials'])} trials: "
@@ -216,21 +255,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--procs", type=int, default=1, choices=(1, 2))
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--at", choices=("random", "checkpoint"), default="random",
+                        help="kill after random delays, or right after each new step checkpoint")
     parser.add_argument("--out", help="write the Markdown report here")
     parser.add_argument("--workdir", help="where the runs go (default: a temporary directory, removed)")
     args = parser.parse_args(argv)
-    root = Path(args.workdir or tempfile.mkdtemp(prefix="spin-kill-"))
+    result = in_workdir(args.workdir, "spin-kill-",
+                        lambda root: run_check(args.procs, args.kills, args.seed, root, at=args.at))
+    return publish(result, report, "kill_resume_check.py", argv, args.out)
+
+
+def in_workdir(workdir: str | None, prefix: str, run) -> dict:
+    """``run(root)`` in ``workdir`` (kept) or in a new temporary directory (removed after)."""
+    root = Path(workdir or tempfile.mkdtemp(prefix=prefix))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        result = run_check(args.procs, args.kills, args.seed, root)
+        return run(root)
     finally:
-        if not args.workdir:
+        if not workdir:
             shutil.rmtree(root, ignore_errors=True)
-    command = "python scripts/kill_resume_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+
+def publish(result: dict, report, script: str, argv: list[str] | None, out: str | None) -> int:
+    """Print ``report(result, command)`` (and write it to ``out``); the exit code of the check."""
+    command = f"python scripts/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
     text = report(result, command)
     print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    if out:
+        Path(out).write_text(text)
     return 0 if result["ok"] else 1
 
 

@@ -10,7 +10,7 @@ card, before a GPU session spends its minutes on them. What the cubins are like 
 instructions, registers, spills, occupancy) is scripts/triton_static_audit.py's report, built
 on the same variants.
 
-    python scripts/triton_compile_check.py            # everything (~3 min on 2 cores)
+    python scripts/triton_compile_check.py            # everything (1,296 compilations, ~15 min on 2 cores)
     python scripts/triton_compile_check.py --quick    # first configuration of each, bf16, sm90
 
 Must run without TRITON_INTERPRET (kernels defined under the interpreter cannot be compiled).
@@ -35,16 +35,17 @@ SHARED_LIMIT = {9: 232_448, 8: 166_912}  # bytes of shared memory per block: H10
 FLOAT_ARGS = ("inv_temp", "softcap", "filter_eps")
 # The dtype paths a launch can take: (input dtype, DOT_PRECISION). 16-bit inputs ignore the
 # precision; fp32 inputs take "tf32" when torch allows TF32 matmuls, else the exact path
-# (spin_kernels.triton.config.dot_precision).
-DTYPES = ("bf16", "fp16", "fp32", "fp32-exact")
+# (spin_kernels.triton.config.dot_precision). "fp32+bf16": a fp32 hidden with a bf16 weight,
+# whose products run in fp32 (config.compute_dtype, tiles.matching).
+DTYPES = ("bf16", "fp16", "fp32", "fp32-exact", "fp32+bf16")
 
 
 def dtype_path(name: str) -> tuple[str, str]:
-    """(Triton element type, DOT_PRECISION) of a DTYPES entry."""
+    """(Triton element type, DOT_PRECISION) of a DTYPES entry; "hidden+weight" for mixed inputs."""
     from spin_kernels.triton.config import FP32_EXACT_PRECISION
 
     return {"bf16": ("bf16", "tf32"), "fp16": ("fp16", "tf32"), "fp32": ("fp32", "tf32"),
-            "fp32-exact": ("fp32", FP32_EXACT_PRECISION)}[name]
+            "fp32-exact": ("fp32", FP32_EXACT_PRECISION), "fp32+bf16": ("fp32+bf16", FP32_EXACT_PRECISION)}[name]
 
 
 # What Triton specialises at launch for contiguous, 16-byte aligned tensors at real sizes (H, V
@@ -57,9 +58,13 @@ DIVISIBLE_INTS = ("H", "V", "split_size", "v_lo", "v_hi", "stride_hm", "stride_w
 
 
 def pointer_types(dtype: str) -> dict[str, str]:
-    """Element type of every pointer argument, by name, for inputs of ``dtype``."""
-    return {"h_ptr": dtype, "w_ptr": dtype, "b_ptr": dtype, "du_ptr": dtype, "dw_ptr": dtype, "dh_ptr": dtype, "y_ptr": "i64",
-            "idx_ptr": "i64", "keep_ptr": "i32", "count_ptr": "i32"}
+    """Element type of every pointer argument, by name, for inputs of ``dtype`` ("hidden+weight"
+    when they differ: G, ``du_ptr``, is then fp32)."""
+    hidden, _, weight = dtype.partition("+")
+    weight = weight or hidden
+    products = hidden if hidden == weight else "fp32"
+    return {"h_ptr": hidden, "dh_ptr": hidden, "w_ptr": weight, "b_ptr": weight, "dw_ptr": weight,
+            "du_ptr": products, "y_ptr": "i64", "idx_ptr": "i64", "keep_ptr": "i32", "count_ptr": "i32"}
 
 
 # An optional tensor's pointer in a variant: ABSENT (launched as None, which Triton specialises
@@ -83,8 +88,8 @@ def kernels():
     # backward's products compile once more in that form, with their constant branches.
     flags_at_one = {"keep_ptr": [ABSENT], "idx_ptr": [GIVEN]}
     return [
-        (lse_partials_kernel, "head", {}, head),
-        (logit_grads_kernel, "producer", {}, {**head, "keep_ptr": OPTIONAL, "dbp_ptr": [GIVEN]}),
+        (lse_partials_kernel, "head", {}, {**head, "st_ptr": OPTIONAL}),
+        (logit_grads_kernel, "producer", {}, {**head, "keep_ptr": OPTIONAL, "dbp_ptr": [GIVEN], "ent_ptr": OPTIONAL}),
         (grad_hidden_kernel, "gemm", {}, gemm),
         (grad_weight_kernel, "gemm", {}, gemm),
         (grad_hidden_kernel, "gemm", {"first": 1, "last": 1}, flags_at_one),
@@ -212,7 +217,7 @@ def main(argv=None) -> int:
     import triton
 
     archs = [9] if args.quick else [9, 8]
-    dtypes = ["bf16"] if args.quick else ["bf16", "fp32-exact"]
+    dtypes = ["bf16"] if args.quick else ["bf16", "fp32-exact", "fp32+bf16"]
     failures, fits, compiled = [], {}, 0
     started = time.time()
     # Both the launch-time specialisation of aligned tensors and the generic (strided) form.

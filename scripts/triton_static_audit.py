@@ -234,7 +234,8 @@ section's header are wall-clock time on a shared 2-core machine.
   (full fp32 products, as torch without TF32). Bold: not the expected one.
 - **dtype**: the inputs' dtype and `tl.dot`'s precision: `bf16`, `fp16`, `fp32` (TF32, when
   torch allows TF32 matmuls), `fp32-exact` (fp32 without TF32:
-  `spin_kernels.triton.config.FP32_EXACT_PRECISION`).
+  `spin_kernels.triton.config.FP32_EXACT_PRECISION`), `fp32+bf16` (a fp32 hidden with a bf16
+  weight: the products in fp32, `config.compute_dtype`).
 - **async loads**: global→shared copies are cp.async (LDGSTS) or TMA (UTMALDG): the software
   pipeline (`num_stages`) is in place; `no`: plain loads, the K loop is not pipelined; `k of n
   variants`: only some flag variants are.

@@ -280,15 +280,15 @@ def fsdp_micro_batches(share_prompt: bool = False) -> list:
     return batches
 
 
-def tiny_model_and_data(tmp, rows: int, seed: int = 1) -> tuple[str, str]:
-    """A tiny Llama saved in ``tmp/sft`` and ``rows`` Markov-task rows in ``tmp/d.jsonl``: the
-    inputs of a small SPIN run on CPU, as (model directory, data file)."""
+def tiny_model_and_data(tmp, rows: int, seed: int = 1, layers: int = 1) -> tuple[str, str]:
+    """A tiny Llama (``layers`` decoder layers) saved in ``tmp/sft`` and ``rows`` Markov-task rows in
+    ``tmp/d.jsonl``: the inputs of a small SPIN run on CPU, as (model directory, data file)."""
     import json
 
     from spin_kernels.demo.task import MarkovTask
     from spin_kernels.demo.tiny import save_tiny_model
 
-    model = save_tiny_model(str(tmp / "sft"))
+    model = save_tiny_model(str(tmp / "sft"), layers=layers)
     data = tmp / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in MarkovTask().sample(rows, seed=seed)))
     return model, str(data)
@@ -302,3 +302,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cpu_kernels() -> list[str]:
+    """Every impl that runs on CPU tensors here, triton in its interpreter (conftest sets
+    TRITON_INTERPRET): the op tests' parameter ``kernel`` (conftest's ``impl`` covers the CPU
+    impls without triton, whose interpreter runs fp32/fp16 only)."""
+    from spin_kernels.ops import available_backends
+
+    available = available_backends("cpu")
+    return [name for name in ("torch", "cpu", "triton") if available.get(name, "") is None]

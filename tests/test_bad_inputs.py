@@ -150,7 +150,21 @@ DATA = [
      "field 'messages': message 0 lacks ['role']"),
     ("content.jsonl", b'{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "ab"}]}\n',
      "message 0 needs a string 'role' and a string 'content'"),
-    ("noasst.jsonl", b'{"messages": [{"role": "user", "content": "0a"}]}\n', "needs a user and an assistant turn"),
+    ("noasst.jsonl", b'{"messages": [{"role": "user", "content": "0a"}]}\n',
+     "noasst.jsonl:1: row 0: field 'messages': the last user turn (message 0) has no assistant turn after it"),
+    ("lastuser.jsonl", b'{"messages": [{"role": "user", "content": "0a"}, {"role": "assistant", "content": "ab"}, '
+                       b'{"role": "user", "content": "1b"}]}\n',
+     "lastuser.jsonl:1: row 0: field 'messages': the last user turn (message 2) has no assistant turn after it"),
+    ("nouser.jsonl", b'{"messages": [{"role": "system", "content": "be brief"}, {"role": "assistant", '
+                     b'"content": "ab"}]}\n', "nouser.jsonl:1: row 0: field 'messages': no user turn"),
+    ("surrogate.jsonl", b'{"prompt": "0a", "real": "ab"}\n{"prompt": "0a", "real": "a\\ud800b"}\n',
+     "surrogate.jsonl:2: row 1: the real response (field 'real') holds a lone surrogate '\\ud800' at character 1"),
+    ("msurrogate.jsonl", b'{"messages": [{"role": "user", "content": "\\udfff0a"}, {"role": "assistant", '
+                         b'"content": "ab"}]}\n', "msurrogate.jsonl:1: row 0: field 'messages': the content of "
+                                                  "message 0 holds a lone surrogate '\\udfff' at character 0"),
+    ("wrapped.json", b'{\n  "data": [{"prompt": "0a", "real": "ab"}],\n  "version": 2\n}\n',
+     "wrapped.json: holds one JSON object (keys ['data', 'version']), not rows: a .json data file holds an array "
+     "of rows [{...}, ...], one row, or one row per line; its rows may be in 'data' (1 items): save that array alone"),
     ("pmsg.jsonl", b'{"prompt": [{"role": "user", "content": "0a"}, {"role": "assistant", "content": "a"}], '
                    b'"real": "ab"}\n', "the prompt's last message is the assistant's"),
     ("pempty.jsonl", b'{"prompt": [], "real": "ab"}\n', "chat messages must be a non-empty list"),
@@ -199,6 +213,76 @@ def test_duplicate_prompts_and_empty_responses_are_counted(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "2 row(s) repeat an earlier row's prompt (1 distinct prompt(s)" in err
     assert "1 row(s) have an empty real response (e.g. rows [2])" in err
+
+
+def test_chat_rows_mean_what_they_say(tmp_path):
+    """A ``messages`` row: the real response is the last assistant turn; the prompt is every
+    message before it (system turn, earlier user and assistant turns, consecutive user turns),
+    tokenised through the chat template as a whole; a single user turn stays its text."""
+    from spin_kernels.packing import tokenize_prompt
+    from spin_kernels.training.config import DataConfig
+    from spin_kernels.training.data import load_sft_data
+
+    turns = [{"role": "system", "content": "s"}, {"role": "user", "content": "0a"}, {"role": "assistant", "content": "ab"},
+             {"role": "user", "content": "1b"}, {"role": "user", "content": "2c"}, {"role": "assistant", "content": "cd"}]
+    rows = [{"messages": turns}, {"messages": turns[1:3]}]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = load_sft_data(DataConfig(data=str(tmp_path / "c.jsonl")))
+    assert got == [{"prompt": turns[:5], "real": "cd", "index": 0}, {"prompt": "0a", "real": "ab", "index": 1}]
+    tok = demo_tokenizer()
+    assert tokenize_prompt(tok, got[0]["prompt"], max_prompt_length=64) == \
+        tok(tok.apply_chat_template(turns[:5], add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False)["input_ids"]
+
+
+def test_a_json_file_of_one_row_is_read(tmp_path):
+    """Documented handling: a .json file may hold one row object (pretty-printed or not)."""
+    from spin_kernels.training.config import DataConfig
+    from spin_kernels.training.data import load_sft_data
+
+    (tmp_path / "one.json").write_text(json.dumps({"prompt": "0a", "real": "ab"}, indent=2))
+    assert load_sft_data(DataConfig(data=str(tmp_path / "one.json"))) == [{"prompt": "0a", "real": "ab", "index": 0}]
+
+
+def test_whitespace_only_real_responses_say_what_is_trained(capsys, tmp_path):
+    """A real response of whitespace only is not an empty answer: it trains as its whitespace's
+    tokens followed by EOS, and the warning says exactly that (empty ones: EOS alone)."""
+    from spin_kernels.packing import tokenize_response
+    from spin_kernels.training.config import DataConfig
+    from spin_kernels.training.data import load_sft_data
+
+    rows = [{"prompt": "0a", "real": "ab"}, {"prompt": "1b", "real": "  \n"}, {"prompt": "2c", "real": ""}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    load_sft_data(DataConfig(data=str(tmp_path / "d.jsonl")))
+    err = " ".join(capsys.readouterr().err.split())
+    assert "1 row(s) have a real response of whitespace only (e.g. rows [1]); each is trained as its whitespace" in err
+    assert "followed by EOS, not as an empty answer" in err
+    assert "1 row(s) have an empty real response (e.g. rows [2]); each is trained as a response that ends at once" in err
+    tok = demo_tokenizer()
+    assert len(tokenize_response(tok, "  \n")) > 1 and tokenize_response(tok, "") == [tok.eos_token_id]
+
+
+def test_real_responses_ending_with_the_eos_text_get_one_eos(capsys, env, tmp_path):
+    """A real response that already ends with the tokenizer's EOS text is tokenised with one EOS,
+    the tokens a synthetic response gets; the run says so once, with a count."""
+    from spin_kernels.packing import tokenize_example
+
+    tok = demo_tokenizer()
+    plain = tokenize_example(tok, "0a", "abc", "abc", max_length=40, max_prompt_length=8)
+    ended = tokenize_example(tok, "0a", "abc" + tok.eos_token, "abc", max_length=40, max_prompt_length=8)
+    assert ended.real_ids == plain.real_ids == plain.synthetic_ids and ended.real_ids.count(tok.eos_token_id) == 1
+    tmp, model, data = env
+    rows = [json.loads(line) for line in open(data)]
+    rows[0]["real"] += tok.eos_token
+    rows[3]["real"] += tok.eos_token
+    path = tmp_path / "eos.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["iterate", "--model", model, "--data", str(path), "--output-dir", str(tmp_path / "r"),
+                 "--iterations", "1", *TINY]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.count("real response(s) already end with the tokenizer's EOS text") == 1
+    assert "2 real response(s) already end with the tokenizer's EOS text '<eos>' (e.g. data rows [0, 3]); it is not " \
+           "added twice" in err
 
 
 # --------------------------------------------------------------------------- the model directory
@@ -260,6 +344,63 @@ def test_model_with_nan_weights_is_refused(capsys, env, tmp_path):
     err = _error(capsys, ["iterate", "--model", model, "--data", env[2], "--output-dir", str(tmp_path / "r"), *TINY])
     assert "the weights hold NaN/inf values" in err and "model.norm.weight" in err
     assert not os.path.exists(tmp_path / "r" / "iter0" / "model")
+
+
+def _save(model, path):
+    tok = demo_tokenizer()
+    model.save_pretrained(str(path), safe_serialization=True)
+    tok.save_pretrained(str(path))
+    return str(path)
+
+
+def test_gpt2_with_fewer_positions_than_max_length_is_refused_before_work(capsys, env, tmp_path):
+    """GPT-2's learned positions stop at n_positions: a --max-length past them is refused naming
+    both, before generation (no row written), instead of an index error mid-run."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = _save(GPT2LMHeadModel(GPT2Config(vocab_size=len(demo_tokenizer()), n_embd=16, n_layer=1, n_head=2,
+                                             n_positions=32)), tmp_path / "gpt2")
+    err = _error(capsys, ["iterate", "--model", model, "--data", env[2], "--output-dir", str(tmp_path / "r"), *TINY])
+    assert f"model.model: '{model}': gpt2 has learned position embeddings for 32 positions (n_positions), fewer than " \
+           f"--max-length 40" in err, err
+    assert not (tmp_path / "r" / "iter0" / "generated.jsonl").exists()
+    assert main(["iterate", "--model", model, "--data", env[2], "--output-dir", str(tmp_path / "ok"), *TINY,
+                 "--max-length", "32", "--iterations", "1"]) == 0  # within its positions it runs
+
+
+ARCHITECTURES = {
+    "bloom": lambda T: T.BloomConfig(vocab_size=20, hidden_size=16, n_layer=1, n_head=2),
+    "falcon-alibi": lambda T: T.FalconConfig(vocab_size=20, hidden_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2, alibi=True),
+    "mpt": lambda T: T.MptConfig(vocab_size=20, d_model=16, n_layers=1, n_heads=2),
+    "gpt-neo": lambda T: T.GPTNeoConfig(vocab_size=20, hidden_size=16, num_layers=1, num_heads=2,
+                                        attention_types=[[["global"], 1]]),
+}
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_unsupported_architectures_are_refused_by_prepare_model_and_before_generation(capsys, env, tmp_path, name):
+    """ALiBi (Bloom, MPT, Falcon with alibi) and attention outside transformers' AttentionInterface
+    (GPT-Neo): the packed passes would compute wrong log-probs. prepare_model refuses them, and so
+    does the run, before generation."""
+    import transformers
+
+    from spin_kernels.models import prepare_model
+
+    config = ARCHITECTURES[name](transformers)
+    why = "ALiBi position biases" if name != "gpt-neo" else "does not run its attention through transformers' " \
+                                                            "AttentionInterface"
+    config.vocab_size = len(demo_tokenizer())
+    path = _save(transformers.AutoModelForCausalLM.from_config(config), tmp_path / name)
+    err = _error(capsys, ["iterate", "--model", path, "--data", env[2], "--output-dir", str(tmp_path / "r"), *TINY])
+    assert f"model.model: '{path}': " in err and why in err, err
+    assert not (tmp_path / "r" / "iter0" / "generated.jsonl").exists()
+    with pytest.raises(ValueError, match=why):
+        prepare_model(transformers.AutoModelForCausalLM.from_config(config))
+    from spin_kernels.models import check_supported
+
+    with pytest.raises(ValueError, match=why):
+        check_supported(config)
 
 
 # --------------------------------------------------------------------------- stage files (train / reference --input)
@@ -326,34 +467,148 @@ def test_bad_stage_rows_name_file_line_and_field(capsys, env, pairs, tmp_path, f
         assert f"{path}:2: row 1:" in err and message in err, err
 
 
-def test_train_lengths_differ_from_the_reference(capsys, env, pairs, tmp_path):
-    """The pairs' ref_logps were computed at --max-length 40: training at 30 recomputes them with the
-    same (starting) model; with another model, or --on-stale error, it refuses."""
+def _other_template(path):
+    """The demo tokenizer with another chat template (same vocabulary): saved at ``path``."""
+    tok = demo_tokenizer()
+    tok.chat_template = "{% for message in messages %}{{ message['content'] }}>{% endfor %}" \
+                        "{% if add_generation_prompt %}>{% endif %}"
+    tok.save_pretrained(str(path))
+    return str(path)
+
+
+def test_train_pairs_scored_otherwise_are_recomputed_or_refused(capsys, env, pairs, tmp_path):
+    """The pairs were scored by the SFT model at --max-length 40 with its tokenizer. Training with
+    other lengths, from another model or with another tokenizer (chat template) recomputes the
+    ref_logps with training's own model and tokenizer, or refuses with --on-stale error naming
+    the difference, whatever the length limits: the result is the model trained on pairs scored
+    the right way, never one trained on another model's log-probs."""
     tmp, model, _ = env
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    gen = tmp_path / "g.jsonl"
+    generated = ("ref_logps", "reference", "row_digest")  # the generated rows the pairs were made from
+    gen.write_text("".join(json.dumps({k: v for k, v in r.items() if k not in generated}) + "\n"
+                           for r in pairs))
     short = [a if a != "40" else "30" for a in TRAIN]
     other = save_tiny_model(str(tmp_path / "other"), seed=3)
-    err = _error(capsys, ["train", "--model", other, "--input", str(path), "--output-dir", str(tmp_path / "a"),
-                          *short])
-    assert "ref_logps were computed with max_length 40 (training: 30)" in err
-    assert "they come from another model" in err
-    err = _error(capsys, ["train", "--model", model, "--input", str(path), "--output-dir", str(tmp_path / "b"),
-                          "--on-stale", "error", *short])
-    assert "ref_logps were computed with max_length 40 (training: 30)" in err
-    assert main(["train", "--model", model, "--input", str(path), "--output-dir", str(tmp_path / "c"), *short]) == 0
-    assert "they are recomputed with" in capsys.readouterr().err
-    recomputed = [json.loads(line) for line in (tmp_path / "c" / "pairs.jsonl").read_text().splitlines()]
-    assert all(r["reference"]["max_length"] == 30 for r in recomputed)
+    template = _other_template(tmp_path / "tok")
+    cases = [("lengths", model, short, "ref_logps were computed with max_length 40 (training: 30)"),
+             ("model", other, TRAIN, f"the model '{model}' (training starts from '{other}', other weights)"),
+             ("tokenizer", model, [*TRAIN, "--tokenizer", template],
+              "another tokenizer (vocabulary, special tokens or chat template) than training's")]
+    for name, start, flags, difference in cases:
+        err = _error(capsys, ["train", "--model", start, "--input", str(path), "--output-dir", str(tmp_path / f"e{name}"),
+                              "--on-stale", "error", *flags])
+        assert f"{path}:1: ref_logps were computed with" in err and difference in err, err
+        assert not (tmp_path / f"e{name}" / "model").exists()
+        assert main(["train", "--model", start, "--input", str(path), "--output-dir", str(tmp_path / name), *flags]) == 0
+        assert difference in " ".join(capsys.readouterr().err.split())
+        # the same training on pairs scored by spin-kernels reference with training's model, tokenizer, lengths
+        scored = tmp_path / f"{name}-pairs.jsonl"
+        reference_flags = flags[:6] + flags[flags.index("--tokenizer"):] if "--tokenizer" in flags else flags[:6]
+        assert main(["reference", "--model", start, "--input", str(gen), "--output", str(scored),
+                     *reference_flags]) == 0
+        assert main(["train", "--model", start, "--input", str(scored), "--output-dir", str(tmp_path / f"{name}-ok"),
+                     *flags]) == 0
+        assert _same_weights(tmp_path / name / "model", tmp_path / f"{name}-ok" / "model")
+        recomputed = [json.loads(line) for line in (tmp_path / name / "pairs.jsonl").read_text().splitlines()]
+        assert [r["ref_logps"] for r in recomputed] == [json.loads(line)["ref_logps"]
+                                                        for line in scored.read_text().splitlines()]
+
+
+def _same_weights(a, b) -> bool:
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_reference_refuses_another_prompt_length_than_generation(capsys, env, pairs, tmp_path):
     path = tmp_path / "g.jsonl"
-    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k not in ("ref_logps", "reference")}) + "\n"
+    generated = ("ref_logps", "reference", "row_digest")
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k not in generated}) + "\n"
                             for r in pairs))
     err = _error(capsys, ["reference", "--model", env[1], "--input", str(path), "--output", str(tmp_path / "o.jsonl"),
                           "--max-length", "40", "--max-prompt-length", "6", "--device", "cpu"])
     assert "sampled from prompts cut to 8 tokens, but --max-prompt-length is 6" in err
+
+
+# --------------------------------------------------------------------------- budgets, held-out fraction, LoRA targets, plan
+
+
+def test_token_budget_below_one_pair_is_refused_before_work(capsys, env, tmp_path):
+    """--token-budget below a pair: refused naming the longest pair, before generation when the
+    prompt and real response already exceed it, else at the reference pass, naming the pair of
+    the pairs file; never an over-budget micro-batch."""
+    err = _error(capsys, _iterate(env, "--token-budget", "10", out=str(tmp_path / "r")))
+    assert "training.token_budget (10) is below one pair: the longest pair, data row " in err
+    assert "(before sampling: its synthetic response counted as one token), packs to" in err, err
+    assert not (tmp_path / "r" / "iter0" / "generated.jsonl").exists()
+    tmp, model, data = env
+    from spin_kernels.packing import tokenize_example
+
+    tok = demo_tokenizer()
+    rows = [json.loads(line) for line in open(data)]
+    known = max(len(tokenize_example(tok, r["prompt"], r["real"], "", max_length=40, max_prompt_length=8).prompt_ids) * 2
+                + len(tokenize_example(tok, r["prompt"], r["real"], "", max_length=40, max_prompt_length=8).real_ids)
+                + 1 for r in rows)
+    err = _error(capsys, _iterate(env, "--token-budget", str(known), "--max-new-tokens", "20",
+                                  out=str(tmp_path / "r2")))
+    assert f"training.token_budget ({known}) is below one pair: the longest pair, pairs at " in err, err
+    assert "pairs.jsonl lines [" in err
+    assert not (tmp_path / "r2" / "iter0" / "pairs.jsonl").exists()
+
+
+def test_generation_token_budget_below_one_sequence_is_refused(capsys, env, tmp_path):
+    err = _error(capsys, _iterate(env, "--generation-token-budget", "10", out=str(tmp_path / "r")))
+    assert "generation.generation_token_budget (10) is below one sequence: the longest prompt (data row " in err, err
+    assert "plus --max-new-tokens (12) is" in err
+    assert not (tmp_path / "r" / "iter0" / "generated.jsonl").exists()
+
+
+def test_eval_fraction_leaving_no_training_rows_is_refused_before_loading_a_model(capsys, env, tmp_path, monkeypatch):
+    from spin_kernels.training.loading import Loader
+
+    loaded = []
+    monkeypatch.setattr(Loader, "runner", lambda self, path: loaded.append(path))
+    monkeypatch.setattr(Loader, "tokenizer", lambda self, path: loaded.append(path))
+    err = _error(capsys, _iterate(env, "--eval-fraction", "0.99", out=str(tmp_path / "r")))
+    assert "loop.eval_fraction: --eval-fraction 0.99 holds out all" in err and "nothing to train on" in err
+    assert loaded == [] and not (tmp_path / "r" / "config.yaml").exists()
+
+
+def test_lora_targets_on_the_command_line_work_as_in_yaml(env, tmp_path):
+    """--lora-targets q_proj,v_proj adapts exactly those modules, as the YAML list does: the same
+    adapter and the same trained weights."""
+    cfg = tmp_path / "lora.yaml"
+    cfg.write_text("training:\n  lora_rank: 2\n  lora_targets: [q_proj, v_proj]\n")
+    assert main(_iterate(env, "--iterations", "1", "--lora-rank", "2", "--lora-targets", "q_proj,v_proj",
+                         out=str(tmp_path / "flag"))) == 0
+    assert main([*_iterate(env, "--iterations", "1", out=str(tmp_path / "yaml")), "--config", str(cfg)]) == 0
+    adapters = [json.loads((tmp_path / r / "iter0" / "model" / "adapter" / "adapter_config.json").read_text())
+                for r in ("flag", "yaml")]
+    assert [sorted(a["target_modules"]) for a in adapters] == [["q_proj", "v_proj"]] * 2
+    assert _same_weights(tmp_path / "flag" / "iter0" / "model", tmp_path / "yaml" / "iter0" / "model")
+
+
+def test_plan_given_a_jsonl_file_says_what_it_expects(capsys, env):
+    rc = main(["plan", env[2]])
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 2 and f"model '{env[2]}' is not a config.json: not one JSON object" in err, err
+    assert "(a JSONL data file? data goes to --data)" in err
+
+
+def test_pack_batch_ids_outside_the_vocabulary_are_named():
+    from spin_kernels.packing import SpinExample, pack_batch
+
+    good = SpinExample([2, 3], [4, 1], [5, 1], index=7)
+    bad = SpinExample([2, 3], [4, 48, 1], [5, 1], index=9)
+    assert pack_batch([good, bad]).num_pairs == 2  # without a vocabulary only negative ids are refused
+    with pytest.raises(ValueError, match=re.escape("examples[1] (index 9): real_ids holds token id 48 outside the "
+                                                   "vocabulary ([0, 48); 1 such id(s))")):
+        pack_batch([good, bad], vocab_size=48)
+    with pytest.raises(ValueError, match=re.escape("examples[0] (index 3): prompt_ids holds token id -1")):
+        pack_batch([SpinExample([-1, 3], [4, 1], [5, 1], index=3)])
 
 
 # --------------------------------------------------------------------------- the ops (check_values=True)

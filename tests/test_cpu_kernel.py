@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from cases import IGNORE, assert_close, grads, make_case, random_lengths
-from spin_kernels.ops.autograd import LinearLogprobsFunction, LinearSPINLossFunction
-from spin_kernels.ops.backends import HeadSpec, Needs
+from spin_kernels.ops import as_impl, linear_logprobs, linear_spin_loss
+from spin_kernels.ops.backends import Needs
 from spin_kernels.ops.layout import pair_groups
 from spin_kernels.ops.naive import naive_linear_logprobs, naive_linear_spin_loss
-from spin_kernels.ops.options import HeadOptions, SpinOptions
+from spin_kernels.ops.options import SpinOptions
 
 cpu_backend = pytest.importorskip("spin_kernels.ops.backends.cpu_backend",
                                   reason="the C++ extension spin_kernels._C is not built")
@@ -44,14 +44,14 @@ def _naive_kwargs(case, options):
 
 
 def _logprobs(case, backend, options):
-    return LinearLogprobsFunction.apply(case.hidden, case.weight, case.bias, case.targets, case.cu_seqlens,
-                                        HeadOptions(IGNORE, **_head(options)), backend)
+    return linear_logprobs(case.hidden, case.weight, case.targets, case.cu_seqlens, bias=case.bias,
+                           ignore_index=IGNORE, impl=as_impl(backend), **_head(options))
 
 
 def _spin_loss(case, backend, options, beta=0.3, loss_type="sigmoid"):
-    return LinearSPINLossFunction.apply(case.hidden, case.weight, case.bias, case.targets, case.cu_seqlens,
-                                        case.ref_logps, SpinOptions(IGNORE, beta=beta, loss_type=loss_type,
-                                                                    **_head(options)), backend)[0]
+    return linear_spin_loss(case.hidden, case.weight, case.targets, case.cu_seqlens, case.ref_logps, bias=case.bias,
+                            beta=beta, loss_type=loss_type, ignore_index=IGNORE, impl=as_impl(backend),
+                            **_head(options))[0]
 
 
 def _check_against_reference(case, out, ref_case, ref, rtol_out, rtol_grad):
@@ -104,7 +104,7 @@ def test_backward_from_stored_logits_matches_recomputation(gemm):
     y = torch.randint(0, 64, (10,), generator=g)
     tiles = (2, 4, 8)  # two parts of 32 columns = 4 tiles each; row blocks of 4
     store = torch.full((10 * 64 + 7,), float("nan"))
-    logp, lse = OPS.rows_forward(h, w, b, y, 0.8, 3.0, store, *tiles, None, gemm)
+    logp, lse, _ = OPS.rows_forward(h, w, b, y, 0.8, 3.0, store, *tiles, None, gemm)
     assert torch.equal(logp, OPS.rows_forward(h, w, b, y, 0.8, 3.0, None, *tiles, None, gemm)[0])
     assert not store[:640].isnan().any() and store[640:].isnan().all()  # every logit kept, nothing past M x V
     grad = torch.randn(10, generator=g)
@@ -145,7 +145,7 @@ def test_dhidden_through_row_index_writes_only_the_counted_rows():
     index = torch.tensor([0, 2, 3, 7, 8])
     y = torch.randint(0, 30, (5,), generator=g)
     tiles = (2, 2, 8)
-    logp, lse = OPS.rows_forward(h, w, None, y, 1.0, 0.0, None, *tiles, index)
+    logp, lse, _ = OPS.rows_forward(h, w, None, y, 1.0, 0.0, None, *tiles, index)
     assert torch.equal(logp, OPS.rows_forward(h[index], w, None, y, 1.0, 0.0, None, *tiles)[0])
     grad = torch.randn(5, generator=g)
     dh = torch.full((9, 8), 7.0)
@@ -167,13 +167,15 @@ def test_spin_path_with_kept_logits_equals_the_two_pass_path():
     rows = CountedRows.build(case.targets, case.cu_seqlens, IGNORE)
     backend = CpuFused(parts=2, row_tile=5, vocab_tile=8, store_bytes=1 << 20)
     h, w, b = case.hidden.detach(), case.weight.detach(), case.bias.detach()
-    args = (w, b, rows, case.ref_logps, 0.2, "sigmoid", True, HeadSpec(softcap=2.0), Needs())
+    args = (w, b, rows, case.ref_logps, SpinOptions(softcap=2.0, average=True, beta=0.2), Needs())
     assert h.shape[0] > rows.num_rows
     fused = backend.spin_forward_backward(h, *args)
     two_pass = Backend.spin_forward_backward(backend, h, *args)
-    for a, c in zip(fused, two_pass):
-        assert_close(a, c, 1e-6)
-    dh = fused[2]
+    for name, a, c in zip(fused._fields, fused, two_pass):
+        assert (a is None) == (c is None), name
+        if a is not None:
+            assert_close(a, c, 1e-6, name)
+    dh = fused.dhidden
     assert dh.shape == h.shape  # zero on the rows that are not counted
     not_counted = torch.ones(h.shape[0], dtype=torch.bool)
     not_counted[rows.index] = False
@@ -224,8 +226,7 @@ def test_mixed_input_dtypes_compute_in_fp32():
     case = make_case([12, 9, 14, 7], 16, 45, seed=12)
     hidden = case.hidden.detach().bfloat16().requires_grad_()
     backend = CpuFused(parts=2, vocab_tile=8)
-    out = LinearLogprobsFunction.apply(hidden, case.weight, None, case.targets, case.cu_seqlens, HeadOptions(IGNORE),
-                                       backend)
+    out = linear_logprobs(hidden, case.weight, case.targets, case.cu_seqlens, impl=as_impl(backend))
     ref = naive_linear_logprobs(hidden.double(), case.weight.double(), case.targets, case.cu_seqlens)
     assert_close(out, ref, 2e-5, "logps")
     dh, dw = grads(out.sum(), [hidden, case.weight])

@@ -5,8 +5,9 @@ measured differences to a JSON file; the tests below assert on them:
 * training steps (gradient accumulation over packed micro-batches of unequal size, global-norm
   clipping that is active, AdamW) give the same losses, gradients and weights as one process
   that sees all micro-batches, with and without activation checkpointing;
-* sharded save at step 2 -> load into a differently initialised model -> 2 more steps equals
-  the uninterrupted run; the exported Hugging Face checkpoint reloads to the same weights;
+* a checkpoint (spin_kernels.training.checkpoint.Checkpointer) at step 2 -> load into a differently
+  initialised model -> 2 more steps equals the uninterrupted run, under FSDP and in one process
+  (the same format, resharded); the exported Hugging Face checkpoint reloads to the same weights;
 * greedy generation, each rank on its own share of prompts, gathered by example index, equals
   single-process generation with nothing lost or duplicated;
 * shared-prompt batches (``pack_batch(..., share_prompt=True)``) of the same pairs, sharded with
@@ -24,6 +25,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from spin_kernels.distributed.env import shutdown
 from cases import free_port
 from cases import fsdp_micro_batches as _micro_batches
 from cases import fsdp_tiny_model as _tiny_model
@@ -89,16 +91,23 @@ def _max_rel_diff(a: dict, b: dict) -> float:
     return worst
 
 
+def _checkpointer(model, opt, run_dir: str):
+    from spin_kernels.training.checkpoint import Checkpointer, ModelState, OptimizerState
+
+    return Checkpointer({"model": ModelState(model), "optimizer": OptimizerState(model, opt)}, run_dir,
+                        num_steps=STEPS, save_every=SAVE_AT)
+
+
 def _sharded_run(batches, *, ac: bool, seed: int = 0, ckpt: str | None = None, resume: str | None = None,
                  export: str | None = None) -> dict:
-    from spin_kernels.distributed import apply_fsdp2, export_hf, load_checkpoint, save_checkpoint, train_step
+    from spin_kernels.distributed import apply_fsdp2, export_hf, train_step
 
     rank = dist.get_rank()
     sharded = apply_fsdp2(_tiny_model(seed), mixed_precision=None, activation_checkpointing=ac)
     opt = torch.optim.AdamW(sharded.parameters(), lr=LR)
     first = 1
     if resume:
-        first = load_checkpoint(resume, sharded, opt)["step"] + 1
+        first = _checkpointer(sharded, opt, resume).load() + 1
     mine = batches[rank::WORLD]
     out = {"loss": {}, "norm": {}}
     for step in range(first, STEPS + 1):
@@ -107,7 +116,7 @@ def _sharded_run(batches, *, ac: bool, seed: int = 0, ckpt: str | None = None, r
         if step == SAVE_AT:
             out["grads"] = {_name(n): _full(p.grad).clone() for n, p in sharded.model.named_parameters()}
             if ckpt:
-                save_checkpoint(ckpt, sharded, opt, step=step)
+                _checkpointer(sharded, opt, ckpt).save(step)
     out["weights"] = {_name(n): _full(p.detach()).clone() for n, p in sharded.model.named_parameters()}
     if export:
         export_hf(export, sharded)
@@ -252,11 +261,12 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             exported = AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "hf"), dtype=torch.float32)
             report["export"] = _max_rel_diff({n: p.detach() for n, p in exported.named_parameters()},
                                              ref["weights"])
+            report["tmp"] = tmp
             with open(os.path.join(tmp, "report.json"), "w") as f:
                 json.dump(report, f)
         dist.barrier()
     finally:
-        dist.destroy_process_group()
+        shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -302,6 +312,27 @@ def test_sharded_checkpoint_resume_equals_uninterrupted(report):
     assert r["loss_diff"] < 1e-6, r
 
 
+def test_the_two_rank_checkpoint_resumes_in_one_process(report):
+    """One format: the checkpoint the 2 FSDP ranks wrote loads into a plain model and optimizer in
+    this process (no process group; DCP reshards), and the remaining steps reach the weights of the
+    one-process run that never stopped."""
+    from spin_kernels.distributed import grad_norm_and_clip_
+
+    batches = _micro_batches()
+    ref = _reference_run(batches)
+    model = _tiny_model(1)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    assert _checkpointer(model, opt, os.path.join(report["tmp"], "ckpt")).load() == SAVE_AT
+    total = sum(b.num_pairs for b in batches)
+    for _ in range(SAVE_AT, STEPS):
+        opt.zero_grad(set_to_none=True)
+        for b in batches:
+            (_loss_fn(model, b)[0] * (b.num_pairs / total)).backward()
+        grad_norm_and_clip_(list(model.parameters()), MAX_NORM)
+        opt.step()
+    assert _max_rel_diff({n: p.detach() for n, p in model.named_parameters()}, ref["weights"]) <= 1.0
+
+
 def test_export_hf_reloads_the_trained_weights(report):
     assert report["export"] <= 1.0, report["export"]
 
@@ -341,3 +372,10 @@ def test_fsdp_demo_runs_under_torchrun(tmp_path):
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "step 2: loss" in res.stdout and (tmp_path / "out" / "hf" / "config.json").exists()
+
+
+def test_sharded_model_is_a_deprecated_name_of_the_model_runner():
+    import spin_kernels.distributed as distributed
+
+    with pytest.warns(DeprecationWarning, match="ShardedModel is now ModelRunner"):
+        assert distributed.ShardedModel is distributed.ModelRunner

@@ -63,8 +63,8 @@ def test_triton_kernels_padded_equal_exact_in_the_interpreter(workspace):
     h, w, b = case.hidden.detach(), case.weight.detach(), case.bias.detach()
     m = exact.num_rows
     assert 16 < m < h.shape[0] - 32
-    logp_e, lse_e = rows_logprobs(h, w, b, exact.targets, 1.3, 4.0, index=exact.index)
-    logp_p, lse_p = rows_logprobs(h, w, b, padded.targets, 1.3, 4.0, index=padded.index, count=padded.count)
+    logp_e, lse_e, _ = rows_logprobs(h, w, b, exact.targets, 1.3, 4.0, index=exact.index)
+    logp_p, lse_p, _ = rows_logprobs(h, w, b, padded.targets, 1.3, 4.0, index=padded.index, count=padded.count)
     # Same row tiles over the counted rows: bitwise equal; padding rows are exactly 0.
     assert torch.equal(logp_p[:m], logp_e) and torch.equal(lse_p[:m], lse_e)
     assert torch.equal(logp_p[m:], torch.zeros(h.shape[0] - m)) and torch.equal(lse_p[m:], lse_p[m:] * 0)

@@ -7,11 +7,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cases import assert_close, grads, make_case
-from spin_kernels import linear_logprobs
-from spin_kernels.ops.autograd import LinearLogprobsFunction, LinearSPINLossFunction
+from spin_kernels import linear_logprobs, linear_spin_loss
+from spin_kernels.ops import as_impl
 from spin_kernels.ops.backends import TorchChunked
 from spin_kernels.ops.naive import naive_linear_logprobs, naive_linear_spin_loss
-from spin_kernels.ops.options import HeadOptions, SpinOptions
 
 layouts = st.lists(st.integers(min_value=0, max_value=12), min_size=0, max_size=10)
 
@@ -38,9 +37,9 @@ def test_spin_tiling_any_budget(pair_lengths, budget_rows, seed):
     vocab = 23
     case = make_case(pair_lengths, 5, vocab, seed=seed, dtype=torch.float64, bias=True)
     backend = TorchChunked(logits_budget=budget_rows * vocab * 8)
-    options = SpinOptions(temperature=0.9, softcap=3.0, average=True, beta=0.5, loss_type="sigmoid")
-    loss, _ = LinearSPINLossFunction.apply(case.hidden, case.weight, case.bias, case.targets, case.cu_seqlens,
-                                           case.ref_logps.double(), options, backend)
+    options = dict(temperature=0.9, softcap=3.0, average=True, beta=0.5, loss_type="sigmoid")
+    loss, _ = linear_spin_loss(case.hidden, case.weight, case.targets, case.cu_seqlens, case.ref_logps.double(),
+                               bias=case.bias, impl=as_impl(backend), **options)
     ref, _ = naive_linear_spin_loss(case.hidden, case.weight, case.targets, case.cu_seqlens, case.ref_logps.double(),
                                     beta=0.5, bias=case.bias, temperature=0.9, softcap=3.0, average=True)
     assert_close(loss, ref, 1e-10, "loss")
@@ -54,8 +53,7 @@ def test_logprobs_chunking_is_invisible():
     outs = []
     for rows in (1, 7, 1000):
         backend = TorchChunked(logits_budget=rows * 41 * 8)
-        out = LinearLogprobsFunction.apply(case.hidden, case.weight, None, case.targets, case.cu_seqlens,
-                                           HeadOptions(), backend)
+        out = linear_logprobs(case.hidden, case.weight, case.targets, case.cu_seqlens, impl=as_impl(backend))
         outs.append((out, grads(out.sum(), [case.hidden, case.weight])))
     for out, g in outs[1:]:
         assert_close(out, outs[0][0], 1e-12, "logps")

@@ -11,8 +11,8 @@ measured to a JSON file and the tests below assert on it:
   (FSDP2's reduction), and an SGD step on the sharded head equals the one-process step; the
   logprobs backward gathers the weight again instead of keeping it; Shard(1) / Replicate
   (tensor-parallel layouts) too; Partial placements, 2-D meshes and ZeRO-3 parameters are refused;
-* the same DTensors passed straight to ``linear_spin_loss``, ``linear_logprobs`` and
-  ``LinearSPINLoss``: the same equalities; ``packed_spin_loss`` on an FSDP2 model whose lm_head is
+* the same DTensors passed straight to ``linear_spin_loss``, ``linear_logprobs`` (per sequence,
+  and per token with the entropy, both differentiated) and ``LinearSPINLoss``: the same equalities; ``packed_spin_loss`` on an FSDP2 model whose lm_head is
   its own unit, each rank its own micro-batch, then an SGD step: the loss, every gradient and the
   weights equal one process stepping on the mean gradient; a DTensor ``hidden`` other than
   Replicate, DTensor targets, Partial weights and mixed meshes are refused naming the argument,
@@ -38,6 +38,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from spin_kernels.distributed.env import shutdown
 from cases import free_port
 
 WORLD = 2
@@ -72,6 +73,11 @@ def _loss(op, hidden, weight, bias, rows):
     _, targets, cu, ref, seq_weights = rows
     if op == "spin":
         return linear_spin_loss(hidden, weight, targets, cu, ref, bias=bias, beta=0.5, impl="torch")[0]
+    if op == "tokens":  # per-token log-probs and entropy (RL trainers), both differentiated
+        logps, entropy = linear_logprobs(hidden, weight, targets, bias=bias, reduction="none", return_entropy=True,
+                                         impl="torch")
+        row_weights = torch.linspace(-1.0, 1.0, targets.shape[0], dtype=hidden.dtype)
+        return (logps * row_weights).sum() + 0.3 * entropy.sum()
     return (linear_logprobs(hidden, weight, targets, cu, bias=bias, impl="torch") * seq_weights.to(hidden.dtype)).sum()
 
 
@@ -224,12 +230,12 @@ def _direct_ops(rank: int) -> dict:
     # "scaled": each rank weights its loss differently (as a trainer weighting ranks by their share
     # of the pairs does): the mesh average must be of the scaled contributions.
     for dtype in (torch.float64, torch.float32):
-        for op in ("spin", "logprobs", "module", "scaled"):
+        for op in ("spin", "logprobs", "tokens", "module", "scaled"):
             scales = (1.0, 3.0) if op == "scaled" else (1.0, 1.0)
             torch.manual_seed(0)
             head = nn.Linear(H, V, bias=True).to(dtype)
             w0, b0 = head.weight.detach().clone(), head.bias.detach().clone()
-            want = _unsharded("logprobs" if op == "logprobs" else "spin", w0, b0, dtype, scales)
+            want = _unsharded(op if op in ("logprobs", "tokens") else "spin", w0, b0, dtype, scales)
             fully_shard(head)
             assert isinstance(head.weight, DTensor)
             rows = _rank_rows(rank, dtype)
@@ -297,7 +303,7 @@ def _sharded_model_step(rank: int) -> dict:
            "weights": max(_rel(weights[n], start[n] - lr * mean_grads[n]) for n in start),
            "moved": max(float((weights[n] - start[n]).abs().max()) for n in start),
            "head_gathered": seen.count(tuple(model.lm_head.weight.shape))}
-    # apply_fsdp2's layout: the embeddings belong to the ShardedModel root; the inner model alone cannot run.
+    # apply_fsdp2's layout: the embeddings belong to the ModelRunner root; the inner model alone cannot run.
     sharded = apply_fsdp2(fsdp_tiny_model(0), mixed_precision=None)
     try:
         packed_spin_loss(sharded.model, batches[rank], impl="torch")
@@ -386,7 +392,7 @@ def _trl_run(layout: str, out: str, *, sharded: bool) -> dict:
         fully_shard(model)
         return model
 
-    import spin_kernels.distributed.gathering as gathered_module
+    import spin_kernels.distributed.full_params as gathered_module
     from spin_kernels.ops.sharded import is_dtensor
 
     gather_full, dtensor_gathers = gathered_module.gather_full, []
@@ -439,7 +445,7 @@ def _worker(rank: int, port: int, tmp: str, part: str) -> None:
                 json.dump(report, f)
         dist.barrier()
     finally:
-        dist.destroy_process_group()
+        shutdown()
 
 
 def _spawn(tmp_path_factory, part: str) -> dict:
@@ -497,7 +503,7 @@ def test_gathered_refuses_what_it_cannot_handle(report):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("op", ["spin", "logprobs", "module", "scaled"])
+@pytest.mark.parametrize("op", ["spin", "logprobs", "tokens", "module", "scaled"])
 def test_dtensor_weight_straight_into_the_ops_equals_unsharded(report, op, dtype):
     r = report["direct"][f"{op}-{dtype}"]
     print(r)
@@ -507,7 +513,7 @@ def test_dtensor_weight_straight_into_the_ops_equals_unsharded(report, op, dtype
     assert r["grad_placements"] == ["(Shard(dim=0),)", "(Shard(dim=0),)"]
     assert r["forward_gathers"] == 2, r  # weight and bias, once each
     # The logprobs op saved the shards, not the gathered copies: its backward gathers again.
-    assert r["backward_gathers"] == (2 if op == "logprobs" else 0), r
+    assert r["backward_gathers"] == (2 if op in ("logprobs", "tokens") else 0), r
 
 
 def test_packed_spin_loss_on_an_fsdp2_model_step_equals_one_process(report):

@@ -1,9 +1,9 @@
-"""Unit tests of the training layer: config, data, the packed SPIN step, generation, checkpoints."""
+"""Unit tests of the training layer: config, data, the packed SPIN step, generation (checkpoints:
+tests/test_checkpoint.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -64,13 +64,15 @@ def test_data_formats(tmp_path):
     assert load_sft_data(DataConfig(data=_write_jsonl(tmp_path / "d.jsonl", rows))) == want
     chat = [{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": r["prompt"]},
                           {"role": "assistant", "content": r["real"]}]} for r in rows]
-    assert load_sft_data(DataConfig(data=_write_jsonl(tmp_path / "c.jsonl", chat))) == want
+    # chat rows: the prompt is every message before the last assistant turn (the system turn kept)
+    want_chat = [{"prompt": m["messages"][:2], "real": r["real"], "index": i} for i, (r, m) in enumerate(zip(rows, chat))]
+    assert load_sft_data(DataConfig(data=_write_jsonl(tmp_path / "c.jsonl", chat))) == want_chat
     import datasets
 
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
     assert load_sft_data(DataConfig(data=str(tmp_path / "d.parquet"))) == want
     datasets.Dataset.from_list(chat).save_to_disk(str(tmp_path / "ds"))
-    assert load_sft_data(DataConfig(data=str(tmp_path / "ds"), max_examples=1)) == want[:1]
+    assert load_sft_data(DataConfig(data=str(tmp_path / "ds"), max_examples=1)) == want_chat[:1]
 
 
 def test_data_errors(tmp_path):
@@ -298,7 +300,7 @@ def test_prompt_batches_sort_by_length_and_respect_the_token_budget():
         prompt_batches(records, None, cfg)
 
 
-# --------------------------------------------------------------------------- schedule and checkpoints
+# --------------------------------------------------------------------------- schedule (checkpoints: test_checkpoint.py)
 
 
 def test_global_batches_cover_each_epoch_once():
@@ -310,27 +312,6 @@ def test_global_batches_cover_each_epoch_once():
     assert sorted(epoch0) == list(range(10)) == sorted(epoch1)
     assert steps[:3] != steps[3:]
     assert global_batches(10, 4, 2, seed=3) == steps
-
-
-def test_checkpoint_dirs_are_atomic(tmp_path):
-    from spin_kernels.training.checkpoint import latest_step_checkpoint, load_weights_into, save_model_dir
-
-    tok = demo_tokenizer()
-    model = tiny_llama(len(tok), hidden_size=16, layers=1, intermediate_size=32)
-    root = tmp_path / "checkpoints"
-    save_model_dir(model, tok, str(root / "step-2"), state={"step": 2})
-    os.makedirs(root / ".tmp-step-4")  # a save killed halfway
-    os.makedirs(root / "step-5")  # no trainer state: not a checkpoint
-    assert latest_step_checkpoint(str(root)) == (2, str(root / "step-2"))
-    other = tiny_llama(len(tok), hidden_size=16, layers=1, intermediate_size=32, seed=1)
-    load_weights_into(other, str(root / "step-2"))
-    for a, b in zip(model.parameters(), other.parameters()):
-        assert torch.equal(a, b)
-    with torch.no_grad():
-        next(model.parameters()).add_(1)
-    save_model_dir(model, tok, str(root / "step-2"), state={"step": 2})  # replaced in place
-    load_weights_into(other, str(root / "step-2"))
-    assert torch.equal(next(model.parameters()), next(other.parameters()))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

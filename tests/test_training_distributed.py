@@ -158,7 +158,7 @@ def test_killed_and_resumed_run_reaches_the_same_weights(runs, setup):
     ckpts = run / "iter0" / "checkpoints"
     procs = _spawn_ranks(args, env, run, _port())
     deadline = time.monotonic() + 240
-    while not (ckpts / "step-1" / "trainer_state.json").exists():  # a complete sharded checkpoint
+    while not (ckpts / "index.json").exists():  # a complete checkpoint (the index names it)
         if any(p.poll() is not None for p in procs):
             pytest.fail(f"a rank ended before it could be killed: {procs[0].stderr.read()[-2000:]}")
         if time.monotonic() > deadline:
@@ -169,7 +169,8 @@ def test_killed_and_resumed_run_reaches_the_same_weights(runs, setup):
     for p in procs:
         p.wait()
     assert not (run / "iter0" / "model").exists()
-    assert any(f.endswith(".distcp") for f in os.listdir(ckpts / "step-1"))  # torch.distributed.checkpoint
+    saved = json.loads((ckpts / "index.json").read_text())
+    assert saved["world_size"] == 2 and any(f.endswith(".distcp") for f in os.listdir(ckpts / saved["dir"]))
     _torchrun(args, env, run, "--resume")
     assert _max_rel(_weights(run), _weights(multi)) <= RTOL
     assert [r["step"] for r in _jsonl(run / "iter0" / "metrics.jsonl")] == [1, 2, 3, 4]
@@ -268,7 +269,7 @@ def test_lora_two_processes_kill_resume_and_merge(setup):
     procs = _spawn_ranks([*args, *lora], env, run, _port())
     ckpts = run / "iter0" / "checkpoints"
     deadline = time.monotonic() + 240
-    while not (ckpts / "step-2" / "trainer_state.json").exists():
+    while not (ckpts / "index.json").exists() or json.loads((ckpts / "index.json").read_text())["step"] < 2:
         assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, procs[0].stderr.read()[-2000:]
         time.sleep(0.005)
     for p in procs:

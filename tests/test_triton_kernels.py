@@ -18,11 +18,11 @@ from cases import (CUDA, DEVICE, IGNORE, OPTIONS, RTOL, assert_close, check_logp
                    needs_cuda, on_device, random_lengths)
 
 from spin_kernels import linear_logprobs, linear_spin_loss
-from spin_kernels.ops.autograd import LinearLogprobsFunction
+from spin_kernels.ops import as_impl
 from spin_kernels.ops.backends import resolve_backend
 from spin_kernels.ops.backends.triton_backend import TritonBackend, filter_eps_for
 from spin_kernels.ops.naive import naive_linear_logprobs, naive_linear_spin_loss
-from spin_kernels.ops.options import HeadOptions, SpinOptions
+from spin_kernels.ops.options import LogprobsOptions, SpinOptions
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 
@@ -89,7 +89,7 @@ def test_forward_vocabulary_splits_agree():
     ref_logp, ref_lse = ref.gather(1, targets[:, None]).squeeze(1), torch.logsumexp(
         hidden.double() @ weight.double().t(), dim=1)
     for splits in (1, 2, 3, 5):
-        logp, lse = rows_logprobs(hidden, weight, None, targets, 1.0, None, splits=splits)
+        logp, lse, _ = rows_logprobs(hidden, weight, None, targets, 1.0, None, splits=splits)
         assert_close(logp, ref_logp, 2e-6, f"logp, {splits} splits")
         assert_close(lse, ref_lse, 2e-6, f"lse, {splits} splits")
 
@@ -171,8 +171,8 @@ def test_backward_in_row_blocks_and_vocabulary_chunks_matches_float64_reference(
     assert counted > 16 and (block < counted) == (workspace < 30_000) and (chunk < 131) == (workspace < 2**20)
     r = case.float64()
     ref = naive_linear_logprobs(r.hidden, r.weight, case.targets, case.cu_seqlens, bias=r.bias, softcap=4.0)
-    out = LinearLogprobsFunction.apply(case.hidden, case.weight, case.bias, case.targets, case.cu_seqlens,
-                                       HeadOptions(IGNORE, softcap=4.0), TritonBackend(workspace_bytes=workspace))
+    out = linear_logprobs(case.hidden, case.weight, case.targets, case.cu_seqlens, bias=case.bias, softcap=4.0,
+                          impl=as_impl(TritonBackend(workspace_bytes=workspace)))
     upstream = torch.randn(out.shape, dtype=torch.float64, device=out.device)
     got = grads((out.double() * upstream).sum(), [case.hidden, case.weight, case.bias])
     want = grads((ref * upstream.to(ref.device)).sum(), [r.hidden, r.weight, r.bias])
@@ -198,8 +198,8 @@ def test_workspace_shape_fits_the_budget():
 
 
 def _grads_with_filter(case, setting):
-    out = LinearLogprobsFunction.apply(case.hidden, case.weight, case.bias, case.targets, case.cu_seqlens,
-                                       HeadOptions(IGNORE), TritonBackend(grad_filter=setting))
+    out = linear_logprobs(case.hidden, case.weight, case.targets, case.cu_seqlens, bias=case.bias,
+                          impl=as_impl(TritonBackend(grad_filter=setting)))
     return grads(out.sum(), [case.hidden, case.weight, case.bias])
 
 
@@ -259,13 +259,14 @@ def test_custom_ops_pass_opcheck():
     options = dict(ignore_index=IGNORE, temperature=0.9, softcap=3.0, average=False, impl="triton")
     needs = (True, True, True)
     checks = [
-        (library.linear_logprobs_op, head + HeadOptions(**options).scalars()),
+        (library.linear_logprobs_op, head + LogprobsOptions(**options, reduction="sum").scalars()),
         (library.linear_spin_loss_op, head + (case.ref_logps,) + SpinOptions(**options, beta=0.1).scalars() + needs),
     ]
-    _, lse_tokens = library.linear_logprobs_op(*checks[0][1])
+    _, lse_tokens, _, entropy_tokens = library.linear_logprobs_op(*checks[0][1])
     grad_seq = torch.randn(4, device=DEVICE)
     checks.append((library.linear_logprobs_backward_op,
-                   (grad_seq,) + head + (lse_tokens,) + HeadOptions(**options).scalars() + needs))
+                   (grad_seq, grad_seq.new_empty(0)) + head + (lse_tokens, entropy_tokens)
+                   + LogprobsOptions(**options, reduction="sum").scalars() + needs))
     for op, args in checks:
         result = torch.library.opcheck(op, args)
         assert set(result.values()) == {"SUCCESS"}, (op, result)
@@ -403,7 +404,7 @@ def test_autotuned_launch_runs_the_heuristics_with_absent_tensors(monkeypatch):
         # Every optional tensor absent (softcap on), then every one given (softcap off).
         for b, idx, softcap, eps in ((None, None, 30.0, 0.0), (bias, index, None, 1e-3)):
             h = hidden if idx is not None else hidden[:30]
-            logp, lse = forward.rows_logprobs(h, weight, b, targets, 1.3, softcap, index=idx)
+            logp, lse, _ = forward.rows_logprobs(h, weight, b, targets, 1.3, softcap, index=idx)
             runs[name] += [logp, lse, *backward.rows_grads(h, weight, b, targets, lse, grad, 1.3, softcap, True, True,
                                                           b is not None, filter_eps=eps, index=idx)]
     # Per combination, the forward and the three backward kernels each tried both candidates.

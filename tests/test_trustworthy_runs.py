@@ -20,6 +20,9 @@ from spin_kernels.demo.task import MarkovTask
 from spin_kernels.demo.tiny import save_tiny_model
 from spin_kernels.training.rundir import LOCK_FILE
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+from corruption_check import damage  # noqa: E402  (the damages of scripts/corruption_check.py)
+
 FLAGS = ["--device", "cpu", "--max-length", "40", "--max-prompt-length", "8", "--max-new-tokens", "12",
          "--learning-rate", "1e-3", "--epochs", "1", "--global-batch-pairs", "4", "--generation-batch-size", "4",
          "--generation-chunk-size", "4", "--save-every", "1"]
@@ -78,7 +81,7 @@ def test_nonfinite_step_stops_the_run_naming_step_examples_and_cause(base, tmp_p
 def test_nonfinite_loss_names_the_micro_batch(base, tmp_path):
     """A loss that turns NaN in one micro-batch: the step is not applied and the error names exactly
     that micro-batch's examples (train_step, one process)."""
-    from spin_kernels.distributed import NonFiniteError, ShardedModel, train_step
+    from spin_kernels.distributed import NonFiniteError, ModelRunner, train_step
 
     model = torch.nn.Linear(3, 1)
     before = [p.detach().clone() for p in model.parameters()]
@@ -93,7 +96,7 @@ def test_nonfinite_loss_names_the_micro_batch(base, tmp_path):
 
     good, bad = Batch([0, 1], torch.ones(2, 3)), Batch([5, 7], torch.tensor([[1.0, float("nan"), 0.0]] * 2))
     with pytest.raises(NonFiniteError) as info:
-        train_step(ShardedModel(model), opt, [good, bad], loss_fn=loss_fn, max_grad_norm=1.0)
+        train_step(ModelRunner(model), opt, [good, bad], loss_fn=loss_fn, max_grad_norm=1.0)
     assert info.value.quantity == "loss" and info.value.examples == [5, 7]
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing applied
 
@@ -313,3 +316,230 @@ def test_run_lock_unit(tmp_path):
         # flock is per open file: a second acquire in the same process is refused as well
         RunLock(path, what="x").acquire()
     lock.release()
+
+
+# --------------------------------------------------------------------------- digest what is written, check what is read
+# (issue 25 item 1: every saved model and step checkpoint records the digest of its files and of the
+# tokenizer; --resume and train verify them before reuse; a damaged one is rebuilt or refused, never used)
+
+
+NAMED = {"flip": "has other bytes than when it was written", "truncate": "is truncated", "zero": "is empty"}
+
+
+@pytest.fixture(scope="module")
+def finished_run(base, tmp_path_factory):
+    """A finished 1-iteration run: (model, data, run directory)."""
+    tmp, model, rows = base
+    root = tmp_path_factory.mktemp("finished")
+    data = _write(root / "d.jsonl", rows)
+    assert main(_iterate(model, data, root / "run")) == 0
+    return model, data, root / "run"
+
+
+@pytest.mark.parametrize("name,how", [("model.safetensors", "flip"), ("model.safetensors", "truncate"),
+                                      ("model.safetensors", "zero"), ("config.json", "flip"),
+                                      ("tokenizer.json", "flip"), ("spin_info.json", "flip")])
+def test_a_damaged_final_model_is_refused_or_rebuilt_never_used(finished_run, tmp_path, capsys, name, how):
+    """One file of iter0/model damaged: --resume --on-stale error refuses, naming the file and what
+    to delete; --resume trains the iteration again from its pairs (a warning names the file) and
+    ends with the weights of the undamaged run."""
+    model, data, run = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    target = copy / "iter0" / "model" / name
+    damage(target, how)
+    assert main([*_iterate(model, data, copy), "--resume", "--on-stale", "error"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert str(target) in err and f"delete {copy / 'iter0' / 'model'} to train it again" in err, err
+    assert main([*_iterate(model, data, copy), "--resume"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert str(target) in err and "is not used; its training runs again" in err, err
+    if name != "spin_info.json":
+        assert NAMED[how] in err
+    assert _same_weights(copy / "iter0" / "model", run / "iter0" / "model")
+    assert (copy / "iter0" / "model" / name).read_bytes() == (run / "iter0" / "model" / name).read_bytes()
+
+
+@pytest.mark.parametrize("name", ["generated.jsonl", "pairs.jsonl"])
+def test_a_changed_row_of_a_run_file_is_made_again_never_used(finished_run, tmp_path, capsys, name):
+    """Each row generate and reference write carries the digest of its fields: a row edited on
+    disk (a response's letter, a log-prob's digit; JSON still valid) or a line that is no longer
+    JSON is made again (or refused), and the run ends as the undamaged one did."""
+    model, data, run = finished_run
+    for how in ("edit", "break"):
+        copy = tmp_path / how
+        shutil.copytree(run, copy)
+        path = copy / "iter0" / name
+        lines = path.read_text().splitlines(keepends=True)
+        row = json.loads(lines[2])
+        if how == "edit" and name == "pairs.jsonl":
+            row["ref_logps"][0] += 0.5
+        elif how == "edit":
+            row["synthetic"] = row["synthetic"][::-1] + "a"
+        lines[2] = json.dumps(row) + "\n" if how == "edit" else lines[2][:10] + "\n"
+        path.write_text("".join(lines))
+        assert main([*_iterate(model, data, copy), "--resume", "--on-stale", "error"]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        why = "it changed after it was written" if how == "edit" else "line 3 is not valid JSON"
+        assert str(path) in err and why in err, err
+        assert main([*_iterate(model, data, copy), "--resume"]) == 0
+        assert why in " ".join(capsys.readouterr().err.split())
+        assert path.read_text() == (run / "iter0" / name).read_text()
+        assert _same_weights(copy / "iter0" / "model", run / "iter0" / "model")
+
+
+def test_a_changed_pairs_row_given_to_train_is_refused(finished_run, tmp_path, capsys):
+    model, data, run = finished_run
+    lines = (run / "iter0" / "pairs.jsonl").read_text().splitlines()
+    row = json.loads(lines[1])
+    row["ref_logps"][1] -= 1.0
+    lines[1] = json.dumps(row)
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text("\n".join(lines) + "\n")
+    assert main(["train", "--model", model, "--input", str(pairs), "--output-dir", str(tmp_path / "t"), *FLAGS[:6]]) == 2
+    assert f"--input: {pairs}:2: row 1: it changed after it was written (its row_digest does not match its fields)" \
+        in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_damaged_step_checkpoint_is_refused_or_rebuilt_never_used(base, tmp_path, capsys):
+    """A run killed after a step checkpoint; one byte of the checkpoint's weights flipped (size and
+    mtime kept): --resume --on-stale error refuses naming the file; --resume trains from the
+    start and ends bit-equal to an uninterrupted run (the damaged state never loaded)."""
+    tmp, model, rows = base
+    data = _write(tmp_path / "d.jsonl", rows)
+    args = _iterate(model, data, tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "-m", "spin_kernels.cli", *args], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, env=dict(os.environ, TQDM_DISABLE="1"))
+    index = tmp_path / "run" / "iter0" / "checkpoints" / "index.json"
+    _wait_for(index.exists, proc, "a step checkpoint", timeout=300)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = index.parent / json.loads(index.read_text())["dir"]
+    shard = next(p for p in step.iterdir() if p.name.endswith(".distcp"))
+    damage(shard, "flip")
+    assert main([*args, "--resume", "--on-stale", "error"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{shard} has other bytes than when it was written" in err and "delete " in err, err
+    assert main([*args, "--resume"]) == 0
+    assert f"{shard} has other bytes than when it was written" in " ".join(capsys.readouterr().err.split())
+    assert main(_iterate(model, data, tmp_path / "fresh")) == 0
+    assert _same_weights(tmp_path / "run" / "iter0" / "model", tmp_path / "fresh" / "iter0" / "model")
+
+
+def test_a_chat_template_changed_before_resume_invalidates_its_rows(base, tmp_path, capsys):
+    """The starting model's chat template edited between a run and its --resume: the rows it
+    produced (generated, pairs) and the trained model are made again (or refused with --on-stale
+    error), and the run ends exactly as a fresh run with the new template."""
+    tmp, _, rows = base
+    model = shutil.copytree(tmp / "sft", tmp_path / "sft")
+    data = _write(tmp_path / "d.jsonl", rows)
+    assert main(_iterate(str(model), data, tmp_path / "run")) == 0
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    template = (model / "chat_template.jinja").read_text() if (model / "chat_template.jinja").exists() else None
+    new = "{% for message in messages %}{{ message['content'] }}>{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    if template is not None:
+        (model / "chat_template.jinja").write_text(new)
+    else:
+        (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": new}))
+    assert main([*_iterate(str(model), data, tmp_path / "run"), "--resume", "--on-stale", "error"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "generated.jsonl: 12 row(s) cannot be reused (index 0: it was tokenised by another tokenizer" in err, err
+    assert main([*_iterate(str(model), data, tmp_path / "run"), "--resume"]) == 0
+    assert main(_iterate(str(model), data, tmp_path / "fresh")) == 0
+    for name in ("generated.jsonl", "pairs.jsonl"):
+        assert (tmp_path / "run" / "iter0" / name).read_text() == (tmp_path / "fresh" / "iter0" / name).read_text()
+    assert _same_weights(tmp_path / "run" / "iter0" / "model", tmp_path / "fresh" / "iter0" / "model")
+
+
+# --------------------------------------------------------------------------- no silent no-op iterations (item 3)
+
+
+def test_a_global_batch_of_every_pair_still_trains(base, tmp_path, capsys):
+    """--global-batch-pairs >= the pairs and one epoch: one optimizer step, which warm-up must not
+    leave at lr 0 (it would train nothing); the note says so and the model moves."""
+    tmp, model, rows = base
+    data = _write(tmp_path / "d.jsonl", rows)
+    assert main([*_iterate(model, data, tmp_path / "run"), "--global-batch-pairs", "64"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--global-batch-pairs 64 >= the 12 pairs: each epoch is one optimizer step of 12 pairs (1 step(s) in all); " \
+           "the warm-up of ceil(0.1 x 1) = 1 step is dropped" in err, err
+    metrics = _jsonl(tmp_path / "run" / "iter0" / "metrics.jsonl")
+    assert [m["lr"] for m in metrics] == [1e-3]
+    assert not _same_weights(tmp_path / "run" / "iter0" / "model", model)
+
+
+def test_an_iteration_that_changes_no_weight_is_an_error(base, tmp_path, capsys):
+    """Updates below the weights' resolution (lr 1e-30): the trained weights come out bit-identical
+    to the start, which is an error naming the schedule, not a model to continue from."""
+    tmp, model, rows = base
+    data = _write(tmp_path / "d.jsonl", rows)
+    args = [*_iterate(model, data, tmp_path / "run"), "--learning-rate", "1e-30"]
+    assert main(args) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "iter0 train: the trained weights are bit-identical to the starting model" in err
+    assert "after 3 optimizer step(s) on 12 pair(s): the iteration learned nothing" in err
+    assert "--learning-rate 1e-30, 1 warm-up step(s)" in err
+    assert not (tmp_path / "run" / "iter0" / "model").exists()
+    assert main([*args, "--resume"]) == 1  # and never taken for a finished iteration
+
+
+# --------------------------------------------------------------------------- held out means held out (item 4)
+
+
+def test_eval_data_overlapping_the_training_prompts_is_counted(base, tmp_path, capsys):
+    """--eval-data sharing prompts with --data: a warning counts those held-out rows and says what
+    their metrics then measure (the run goes on: a toy task with few prompts overlaps by design)."""
+    tmp, model, rows = base
+    data = _write(tmp_path / "d.jsonl", rows)
+    held = [rows[1], {"prompt": "9z", "real": "abc"}, rows[4]]
+    evals = _write(tmp_path / "e.jsonl", held)
+    assert main([*_iterate(model, data, tmp_path / "run"), "--eval-data", evals]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--eval-data {evals}: 2 of its 3 row(s) (2 distinct prompt(s), e.g. rows [0, 2]) have a prompt that is " \
+           f"also in the training data {data}; the held-out metrics on them score prompts the model trains on" in err, err
+    assert len(_jsonl(tmp_path / "run" / "iter0" / "heldout_pairs.jsonl")) == 3
+
+
+# --------------------------------------------------------------------------- never overwrite inputs (item 5)
+
+
+@pytest.mark.parametrize("link", ["same path", "symbolic link", "hard link"])
+def test_an_output_that_is_an_input_is_refused(base, tmp_path, capsys, link):
+    """generate --output that is --data (the same path, a symbolic link to it, a hard link of it),
+    and reference --output that is --input: refused before anything is written."""
+    tmp, model, rows = base
+
+    def output_for(source):
+        if link == "same path":
+            return source
+        out = source.with_name("out-" + source.name)
+        (os.symlink if link == "symbolic link" else os.link)(source, out)
+        return out
+
+    data, gen = tmp_path / "d.jsonl", tmp_path / "g.jsonl"
+    _write(data, rows)
+    _write(gen, [dict(r, synthetic="ab") for r in rows])
+    before = data.read_bytes(), gen.read_bytes()
+    how = {"same path": "is", "symbolic link": "is a symbolic link to", "hard link": "is a hard link of"}[link]
+    flags = ["--device", "cpu", "--max-prompt-length", "8", "--max-length", "40"]
+    out = output_for(data)
+    assert main(["generate", "--model", model, "--data", str(data), "--output", str(out), "--max-new-tokens", "6",
+                 *flags]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--output: '{out}' {how} the input file --data '{data}'; writing it would overwrite the input" in err, err
+    out = output_for(gen)
+    assert main(["reference", "--model", model, "--input", str(gen), "--output", str(out), *flags]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--output: '{out}' {how} the input file --input '{gen}'" in err, err
+    assert (data.read_bytes(), gen.read_bytes()) == before
+
+
+def test_train_never_writes_over_its_input(base, tmp_path, capsys):
+    """train --input OUT/pairs.jsonl would recompute the ref_logps into OUT/pairs.jsonl: refused."""
+    tmp, model, rows = base
+    out = tmp_path / "t"
+    out.mkdir()
+    pairs = _write(out / "pairs.jsonl", [dict(r, synthetic="ab", ref_logps=[-1.0, -2.0]) for r in rows])
+    before = open(pairs).read()
+    assert main(["train", "--model", model, "--input", pairs, "--output-dir", str(out), *FLAGS[:6]]) == 2
+    assert "--output-dir: " in capsys.readouterr().err and open(pairs).read() == before

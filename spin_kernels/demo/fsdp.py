@@ -6,7 +6,8 @@
 Each rank generates the synthetic responses of its share of prompts, scores them with the
 opponent (the model before training: precomputed reference log-probs), the results are
 gathered by example index, then the policy trains a few steps on packed micro-batches, saves a
-sharded checkpoint every step and exports a Hugging Face checkpoint at the end. On CPU it uses
+checkpoint every step (the Checkpointer: torch.distributed.checkpoint, each rank its shards) and
+exports a Hugging Face checkpoint at the end. On CPU it uses
 gloo and float32; on GPUs nccl and bf16 mixed precision.
 """
 
@@ -34,15 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     from ..models import reference_logps
     from ..packing.batch import pack_batch
     from ..packing.example import SpinExample
+    from ..training.checkpoint import Checkpointer, ModelState, OptimizerState
     from ..distributed import (
         apply_fsdp2,
         default_loss_fn,
         export_hf,
         gather_by_index,
         init_distributed,
-        latest_checkpoint,
-        load_checkpoint,
-        save_checkpoint,
         shard_indices,
         shutdown,
         train_step,
@@ -83,14 +82,12 @@ def main(argv: list[str] | None = None) -> int:
 
         mine = [pack_batch(examples[k:k + 2]).to(env.device) for k in range(2 * env.rank, len(examples),
                                                                             2 * env.world_size)]
-        first = 1
-        last = latest_checkpoint(args.out)
-        if args.resume and last:
-            first = load_checkpoint(last, sharded, opt)["step"] + 1
+        ckpt = Checkpointer({"model": ModelState(sharded), "optimizer": OptimizerState(sharded, opt)}, args.out)
+        first = (ckpt.load() if args.resume else 0) + 1
         loss_fn = default_loss_fn(beta=0.1)
         for step in range(first, args.steps + 1):
             res = train_step(sharded, opt, mine, loss_fn=loss_fn, max_grad_norm=1.0)
-            save_checkpoint(os.path.join(args.out, f"step-{step}"), sharded, opt, step=step)
+            ckpt.save(step)
             if env.is_main:
                 print(f"step {step}: loss {res.loss:.4f} grad_norm {res.grad_norm:.3f} pairs {res.num_pairs} "
                       f"margin {res.metrics.get('rewards/margin', float('nan')):.4f}", flush=True)

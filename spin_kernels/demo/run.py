@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..training.checkpoint import save_model_dir
+from ..distributed.export import save_model_dir
 from ..training.config import Section, SpinConfig, at_least_one, option, positive, probability, save_config
 from ..training.loop import run_iterations
 from ..training.metrics import format_table

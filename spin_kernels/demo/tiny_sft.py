@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from ..training.checkpoint import save_model_dir
+from ..distributed.export import save_model_dir
 from .sft import early_stopped_sft
 from .task import MarkovTask
 from .tiny import demo_tokenizer, tiny_llama

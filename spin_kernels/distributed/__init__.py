@@ -7,8 +7,10 @@
     load_full_weights(sharded, "path/to/hf_checkpoint" if env.is_main else None, device=env.device)
     opt = torch.optim.RMSprop(sharded.parameters(), lr=5e-7)
     result = train_step(sharded, opt, my_micro_batches, loss_fn=default_loss_fn(beta=0.1))
-    save_checkpoint("runs/x/step-10", sharded, opt, step=10)
     export_hf("runs/x/final", sharded)
+
+Resumable step checkpoints (torch.distributed.checkpoint, one format for one process and FSDP)
+are written by ``spin_kernels.training.checkpoint.Checkpointer``.
 
 The fused loss, reference log-probs and generation run inside the FSDP root's forward
 (``sharded(fn, ...)``), where the lm_head weight is unsharded.
@@ -18,11 +20,12 @@ The SPIN trainer and loop run on these pieces under torchrun (spin_kernels.train
     torchrun --nproc_per_node 8 -m spin_kernels.cli iterate --model SFT --data d.jsonl --output-dir run
 """
 
-from .checkpoint import export_hf, full_state_dict, latest_checkpoint, load_checkpoint, save_checkpoint
+import warnings
+
 from .env import DistEnv, init_distributed, shutdown
-from .fsdp import ShardedModel, apply_fsdp2, decoder_layers
-from .gather import gather_by_index, shard_indices
-from .gathering import gathered, unsharded_lm_head
+from .export import export_hf, full_state_dict, save_model_dir
+from .fsdp import ModelRunner, apply_fsdp2, decoder_layers
+from .full_params import gathered, unsharded_lm_head
 from .init import empty_parameters, load_full_weights, read_safetensors
 from .step import (
     NonFiniteError,
@@ -33,11 +36,18 @@ from .step import (
     nonfinite_names,
     train_step,
 )
+from .work_split import gather_by_index, shard_indices
 
 __all__ = [
-    "DistEnv", "NonFiniteError", "ShardedModel", "StepResult", "apply_fsdp2", "decoder_layers", "default_loss_fn",
+    "DistEnv", "ModelRunner", "NonFiniteError", "StepResult", "apply_fsdp2", "decoder_layers", "default_loss_fn",
     "empty_parameters", "export_hf", "full_state_dict", "gather_by_index", "gathered", "global_grad_norm",
-    "grad_norm_and_clip_",
-    "init_distributed", "latest_checkpoint", "load_checkpoint", "load_full_weights", "nonfinite_names",
-    "read_safetensors", "save_checkpoint", "shard_indices", "shutdown", "train_step", "unsharded_lm_head",
+    "grad_norm_and_clip_", "init_distributed", "load_full_weights", "nonfinite_names", "read_safetensors",
+    "save_model_dir", "shard_indices", "shutdown", "train_step", "unsharded_lm_head",
 ]
+
+
+def __getattr__(name: str):
+    if name == "ShardedModel":  # its name until it was also the one-process runner
+        warnings.warn("spin_kernels.distributed.ShardedModel is now ModelRunner", DeprecationWarning, stacklevel=2)
+        return ModelRunner
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

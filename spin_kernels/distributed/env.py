@@ -8,6 +8,7 @@ initialised, so the same code path serves both.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,18 @@ def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> l
 
 
 def shutdown() -> None:
-    """Destroy the default process group if this process created one."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Let the backend's worker threads let go of finished work, then destroy the process group
+    (a no-op when none is initialised). No barrier: a rank that failed must not wait for the
+    others here.
+
+    Why the pause: a gloo worker thread drops its reference to a finished collective (an FSDP2
+    all-gather whose tensors are Python objects) a moment after the waiting rank resumes; that
+    drop needs the GIL. If the interpreter is already finalizing, the thread is unwound inside a
+    C++ destructor and the process aborts ("terminate called without an active exception",
+    SIGABRT, about one run in ten on 2 CPU cores) after all its work is done. Sleeping releases
+    the GIL, so those threads finish before the exit.
+    """
+    if not dist.is_initialized():
+        return
+    time.sleep(0.2)
+    dist.destroy_process_group()

@@ -1,6 +1,6 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``) for SPIN models.
 
-Layout: every decoder layer is its own FSDP unit; the root unit is a ``ShardedModel`` wrapper
+Layout: every decoder layer is its own FSDP unit; the root unit is a ``ModelRunner`` wrapper
 that owns everything else (embeddings, final norm, lm_head). The wrapper's ``forward`` runs an
 arbitrary function of the wrapped model, so the fused SPIN loss, reference log-probs and
 ``generate`` all run *inside* the root's forward: FSDP's root pre-forward hook has all-gathered
@@ -23,13 +23,13 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
-class ShardedModel(nn.Module):
-    """The FSDP root: ``self(fn, *args, **kwargs)`` returns ``fn(self.model, *args, **kwargs)``.
+class ModelRunner(nn.Module):
+    """Runs functions of a model: ``self(fn, *args, **kwargs)`` returns ``fn(self.model, *args, **kwargs)``.
 
-    Everything that touches root-owned parameters (the embeddings, the lm_head used by the fused
-    loss) must go through ``__call__`` so that those parameters are unsharded while it runs.
-    Without ``fully_shard`` it is a plain pass-through: the one-process "runner" of the SPIN
-    trainer (spin_kernels.training.parallel), so one code path serves both.
+    In one process it is a plain pass-through (``spin_kernels.training.parallel.as_runner``).
+    ``apply_fsdp2`` makes it the FSDP root unit, which owns the embeddings and the lm_head: then
+    everything that touches them (the fused loss reads the lm_head weight) must go through
+    ``__call__`` so that they are unsharded while it runs. One code path serves both.
     """
 
     def __init__(self, model: nn.Module):
@@ -65,6 +65,12 @@ class ShardedModel(nn.Module):
         if hasattr(self, "reshard"):  # only once fully_shard made this an FSDPModule
             self.reshard()
         return out
+
+
+def inner_model(model: nn.Module) -> nn.Module:
+    """The model a ``ModelRunner`` wraps (parameter names as in its Hugging Face checkpoint), or
+    ``model`` itself."""
+    return model.model if isinstance(model, ModelRunner) else model
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -148,7 +154,7 @@ def apply_fsdp2(
     cpu_offload: bool = False,
     activation_checkpointing: bool = False,
     reshard_after_forward: bool = True,
-) -> ShardedModel:
+) -> ModelRunner:
     """Shard ``model`` with FSDP2: ``fully_shard`` per decoder layer, then the root wrapper.
 
     Args:
@@ -168,7 +174,7 @@ def apply_fsdp2(
             (ZeRO-3); False keeps them until backward (ZeRO-2-like, more memory, less traffic).
 
     Returns:
-        The ``ShardedModel`` root. Call it (``sharded(fn, ...)``) for anything that reads the
+        The ``ModelRunner`` root. Call it (``sharded(fn, ...)``) for anything that reads the
         embeddings or lm_head; ``sharded.model`` is the original module object.
     """
     opts = FSDPOptions(mixed_precision, reduce_fp32, cpu_offload, activation_checkpointing, reshard_after_forward)
@@ -185,7 +191,7 @@ def apply_fsdp2(
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=layer_mp, offload_policy=offload,
                     reshard_after_forward=reshard_after_forward)
-    root = ShardedModel(model)
+    root = ModelRunner(model)
     # The root's parameters (embeddings, lm_head) are needed again right at the start of
     # backward, so resharding them after forward would only add an all-gather.
     fully_shard(root, mesh=mesh, mp_policy=root_mp, offload_policy=offload, reshard_after_forward=False)

@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from .env import rank
-from .fsdp import ShardedModel
+from .fsdp import ModelRunner
 
 
 @contextmanager
@@ -65,12 +65,12 @@ def tied_aliases(model: nn.Module) -> list[list[str]]:
     return [names for names in groups.values() if len(names) > 1]
 
 
-def load_full_weights(model: ShardedModel, weights: str | dict[str, torch.Tensor] | None, *,
+def load_full_weights(model: ModelRunner, weights: str | dict[str, torch.Tensor] | None, *,
                       device: torch.device | str, dtype: torch.dtype = torch.float32) -> None:
     """Allocate the shards of a model built under ``empty_parameters`` and fill them; a collective.
 
     Args:
-        model: the ShardedModel from ``apply_fsdp2`` (parameters still on meta).
+        model: the ModelRunner from ``apply_fsdp2`` (parameters still on meta).
         weights: on rank 0, a Hugging Face checkpoint directory or a full state dict (names as
             in ``model.model.state_dict()``); ignored on the other ranks (pass None).
         device: where the shards live (with CPU offload FSDP moves them to the host itself).

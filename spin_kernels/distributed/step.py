@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .env import all_reduce_sum, world_size
-from .fsdp import ShardedModel
+from .fsdp import inner_model
 
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
@@ -140,8 +140,8 @@ def train_step(
     """Forward/backward this rank's micro-batches, clip, and take one optimizer step.
 
     Args:
-        model: the ``ShardedModel`` root from ``apply_fsdp2`` (or any module whose
-            ``__call__(fn, batch)`` runs ``fn(inner_model, batch)``; see ShardedModel).
+        model: a ``ModelRunner`` (the FSDP root from ``apply_fsdp2``, or the one-process
+            wrapper), or any module whose ``__call__(fn, batch)`` runs ``fn(inner_model, batch)``.
         optimizer: built over ``model.parameters()`` (after sharding).
         micro_batches: this rank's micro-batches (e.g. PackedBatch, already on the device);
             every rank must pass the same number (FSDP collectives).
@@ -167,9 +167,43 @@ def train_step(
     _check_same_count(len(micro_batches), device)
     local_pairs = [num_pairs(b) for b in micro_batches]
     (global_pairs,) = all_reduce_sum([float(sum(local_pairs))], device)
-    scale = world_size() / global_pairs
 
     optimizer.zero_grad(set_to_none=True)
+    means, local_bad, any_bad = _forward_backward(model, loss_fn, micro_batches, local_pairs, global_pairs, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    total_norm = global_grad_norm(params)
+    norm = float(total_norm)
+    if any_bad or not math.isfinite(means["loss"]):
+        bad = [i for b, flag in zip(micro_batches, local_bad) if flag for i in example_ids(b)]
+        raise NonFiniteError("loss", _gather_ids(bad), f"{means['loss']}")
+    if not math.isfinite(norm):
+        raise NonFiniteError("gradient norm", _step_ids(micro_batches, example_ids),
+                             f"{norm} (the loss was finite: {means['loss']:.6g})")
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, total_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    if not keep_grads:
+        optimizer.zero_grad(set_to_none=True)
+    broken = nonfinite_names(inner_model(model).named_parameters())
+    if _any_rank(bool(broken), device):
+        raise NonFiniteError("parameters", _step_ids(micro_batches, example_ids),
+                             f"after the optimizer step, e.g. {broken[:3]}")
+    loss_mean = means.pop("loss")
+    return StepResult(loss=loss_mean, grad_norm=norm, num_pairs=int(global_pairs), metrics=means)
+
+
+def _forward_backward(model: nn.Module, loss_fn: LossFn, micro_batches: Sequence[Any], local_pairs: list[int],
+                      global_pairs: float, device: torch.device) -> tuple[dict[str, float], list[bool], bool]:
+    """Forward/backward of this rank's micro-batches, accumulating the gradients of the global
+    pair mean (micro-batch m weighted by P_m * W / P_global: FSDP averages over the W ranks).
+
+    Returns:
+        (means, local_bad, any_bad): the loss and metrics averaged over the global batch's pairs,
+        which of this rank's micro-batches had a non-finite loss, and whether any rank's had.
+    """
+    scale = world_size() / global_pairs
     # Sums stay on the device (no host sync per micro-batch); one all-reduce, before the update,
     # so that every rank sees the same global loss and decides alike whether to apply it.
     sums: dict[str, torch.Tensor] = {}
@@ -187,27 +221,9 @@ def train_step(
     if dist.is_initialized():
         dist.all_reduce(totals)
     values = totals.tolist()
-    means = dict(zip(keys, (v / global_pairs for v in values[:-1])))
-    params = [p for p in model.parameters() if p.requires_grad]
-    total_norm = global_grad_norm(params)
-    norm = float(total_norm)
-    if values[-1] > 0 or not math.isfinite(means["loss"]):
-        bad = [i for b, flag in zip(micro_batches, local_bad.tolist()) if flag for i in example_ids(b)]
-        raise NonFiniteError("loss", _gather_ids(bad), f"{means['loss']}")
-    if not math.isfinite(norm):
-        raise NonFiniteError("gradient norm", _gather_ids([i for b in micro_batches for i in example_ids(b)]),
-                             f"{norm} (the loss was finite: {means['loss']:.6g})")
-    if max_grad_norm is not None:
-        torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, total_norm)
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    if not keep_grads:
-        optimizer.zero_grad(set_to_none=True)
-    inner = model.model if isinstance(model, ShardedModel) else model  # names as in the HF checkpoint
-    broken = nonfinite_names(inner.named_parameters())
-    if _any_rank(bool(broken), device):
-        raise NonFiniteError("parameters", _gather_ids([i for b in micro_batches for i in example_ids(b)]),
-                             f"after the optimizer step, e.g. {broken[:3]}")
-    loss_mean = means.pop("loss")
-    return StepResult(loss=loss_mean, grad_norm=norm, num_pairs=int(global_pairs), metrics=means)
+    return dict(zip(keys, (v / global_pairs for v in values[:-1]))), local_bad.tolist(), values[-1] > 0
+
+
+def _step_ids(micro_batches: Sequence[Any], example_ids: Callable[[Any], list[int]]) -> list[int]:
+    """Every rank's example ids of this step (named when the gradient or the update is non-finite)."""
+    return _gather_ids([i for b in micro_batches for i in example_ids(b)])

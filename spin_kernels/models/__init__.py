@@ -8,6 +8,7 @@ from .attention import (
     varlen_backend,
 )
 from .integration import (
+    check_supported,
     is_prepared,
     lm_head_kwargs,
     packed_hidden_states,
@@ -21,6 +22,7 @@ from .shared_prompt import SharedPromptLayout, shared_prompt_backend
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "check_supported",
     "is_prepared",
     "lm_head_kwargs",
     "packed_hidden_states",

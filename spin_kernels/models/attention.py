@@ -89,8 +89,9 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, *, scale: float, window: int | None
     lq, lk = q.shape[2], k.shape[2]
     groups = q.shape[1] // k.shape[1]
     if mask is None and softcap is None and lq == lk and _window_ok(window, lk):
+        # In q's dtype as documented: under autocast SDPA computes (and returns) the autocast dtype.
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale,
-                                              enable_gqa=groups > 1)
+                                              enable_gqa=groups > 1).to(q.dtype)
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)

@@ -35,6 +35,44 @@ def _config(model):
     return config
 
 
+#: Model types with learned absolute position embeddings, and the config field that bounds them.
+_LEARNED_POSITIONS = {"gpt2": "n_positions", "gpt_bigcode": "n_positions", "opt": "max_position_embeddings",
+                      "biogpt": "max_position_embeddings"}
+
+
+def check_supported(config, *, max_length: int | None = None) -> None:
+    """Refuse (ValueError) a causal LM config the packed passes cannot run correctly, from the
+    config alone (no weights): ALiBi position biases (Bloom, MPT, Falcon with ``alibi``), which
+    the varlen attention does not apply; a model class whose attention does not go through
+    transformers' AttentionInterface (its packed sequences would attend to each other); and, with
+    ``max_length``, learned absolute positions fewer than ``max_length`` (GPT-2's ``n_positions``:
+    later positions have no embedding)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = getattr(text, "model_type", "")
+    attn = getattr(text, "attn_config", None)
+    if getattr(text, "alibi", False) or model_type in ("bloom", "mpt") or getattr(attn, "alibi", False):
+        raise ValueError(f"{model_type or type(config).__name__} models use ALiBi position biases, which the packed "
+                         f"varlen attention (spin_varlen) does not apply: their packed log-probs would be wrong. "
+                         f"Supported: models with rotary or learned positions whose attention goes through "
+                         f"transformers' AttentionInterface (Llama, Mistral, Qwen2, Gemma, Phi, GPT-2, ...)")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        cls = None  # a model of remote code: prepare_model checks the loaded model
+    if cls is not None and not getattr(cls, "_supports_attention_backend", False):
+        raise ValueError(f"{cls.__name__} does not run its attention through transformers' AttentionInterface, so "
+                         f"the packed varlen attention cannot replace it: its packed sequences would attend to each "
+                         f"other. Supported: Llama, Mistral, Qwen2, Gemma, Phi, GPT-2 and other models that do")
+    field = _LEARNED_POSITIONS.get(model_type)
+    limit = getattr(text, field, None) if field else None
+    if max_length is not None and limit is not None and limit < max_length:
+        raise ValueError(f"{model_type} has learned position embeddings for {limit} positions ({field}), fewer than "
+                         f"--max-length {max_length}: positions {limit} and later have no embedding; lower "
+                         f"--max-length to at most {limit} (and --max-prompt-length / --max-new-tokens with it)")
+
+
 def prepare_model(model):
     """Make a transformers causal LM (or a peft model wrapping one) run packed batches.
 
@@ -52,6 +90,7 @@ def prepare_model(model):
         the same model, modified in place.
     """
     config = _config(model)
+    check_supported(config)
     name = register_attention()
     if not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"{type(model).__name__} has no set_attn_implementation(); it is not a transformers model")
@@ -87,7 +126,7 @@ def _require_gatherable_embeddings(model) -> None:
     """A model whose embeddings FSDP2 sharded under an outer root cannot run by itself.
 
     FSDP2 gathers a parameter in the forward of the FSDP module that owns it. If the embeddings'
-    owner is not inside ``model`` (``apply_fsdp2`` puts them in the ``ShardedModel`` root), calling
+    owner is not inside ``model`` (``apply_fsdp2`` puts them in the ``ModelRunner`` root), calling
     ``model`` directly hands the embedding a DTensor and PyTorch fails deep inside with "mixed
     torch.Tensor and DTensor"; this says what to do instead.
     """
@@ -99,7 +138,7 @@ def _require_gatherable_embeddings(model) -> None:
     if any(isinstance(m, FSDPModule) and any(e is embeddings for e in m.modules()) for m in model.modules()):
         return
     raise ValueError(f"model ({type(model).__name__}) has sharded input embeddings (a DTensor) but no FSDP module "
-                     "inside it gathers them: it was sharded under an outer FSDP root (apply_fsdp2's ShardedModel). "
+                     "inside it gathers them: it was sharded under an outer FSDP root (apply_fsdp2's ModelRunner). "
                      "Run the call through that root, e.g. sharded(packed_spin_loss, batch), so that the root's "
                      "parameters are gathered")
 

@@ -1,4 +1,4 @@
-"""The public fused ops: validate once, then call the op's autograd Function.
+"""The public fused ops on packed rows: validate once, then call the op's autograd Function.
 
 ``linear_logprobs``, ``linear_spin_loss`` and the module ``LinearSPINLoss`` build their options
 (``options.py``, validated there) and check the tensors' types, shapes, dtypes and devices
@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from .autograd import LinearLogprobsFunction, LinearSPINLossFunction
 from .doc import with_doc
-from .objective import spin_metrics
-from .options import HeadOptions, SpinOptions
+from .objective import spin_metrics, token_metrics
+from .options import LogprobsOptions, SpinOptions
 from .sharded import Sharding
 from .validation import check_linear_inputs
 
@@ -25,30 +25,41 @@ def linear_logprobs(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
-    cu_seqlens: Tensor,
+    cu_seqlens: Tensor | None = None,
     *,
     bias: Tensor | None = None,
     ignore_index: int = -100,
     temperature: float = 1.0,
     softcap: float | None = None,
     average: bool = False,
+    reduction: str | None = None,
+    return_entropy: bool = False,
     impl: str = "auto",
     check_values: bool = True,
-) -> Tensor:
-    """Per-sequence log-probabilities straight from hidden states, without [N, V] logits.
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Log-probabilities of the targets straight from hidden states, without [N, V] logits.
 
     Args:
 {tensors}
 {head_options}
+{logprobs_options}
 
     Returns:
-        [S] float32 (float64 for float64 inputs): sum over counted rows of log softmax(z)[target].
+        logps, float32 (float64 for float64 inputs): per sequence [S], the sum over its counted
+        rows of log softmax(z)[target] (the mean with reduction="mean"), or per row [N] with
+        reduction="none" (0 on rows whose target is ignore_index). With return_entropy,
+        (logps, entropy), the entropy of each row's softmax reduced the same way. Both are
+        differentiable in hidden, weight and bias.
     """
-    opts = HeadOptions.checked(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-                               average=average, impl=impl, check_values=check_values)
+    opts = LogprobsOptions.checked(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+                                   average=average, reduction=reduction, return_entropy=return_entropy, impl=impl,
+                                   check_values=check_values)
+    if cu_seqlens is None and isinstance(hidden, Tensor):
+        cu_seqlens = torch.tensor([0, hidden.shape[0]], device=hidden.device)
     sharding = Sharding.of(hidden, weight, bias, targets=targets, cu_seqlens=cu_seqlens)
     check_linear_inputs(hidden, weight, targets, cu_seqlens, bias)
-    return LinearLogprobsFunction.apply(hidden, weight, bias, targets, cu_seqlens, opts, None, sharding)
+    logps, entropy = LinearLogprobsFunction.apply(hidden, weight, bias, targets, cu_seqlens, opts, sharding)
+    return (logps, entropy) if return_entropy else logps
 
 
 @with_doc
@@ -61,6 +72,8 @@ def linear_spin_loss(
     *,
     beta: float = 0.1,
     loss_type: str = "sigmoid",
+    pairs: str = "interleaved",
+    token_metrics: bool = False,
     bias: Tensor | None = None,
     ignore_index: int = -100,
     temperature: float = 1.0,
@@ -80,8 +93,9 @@ def linear_spin_loss(
     Returns:
 {spin_returns}
     """
-    opts = SpinOptions.checked(beta=beta, loss_type=loss_type, ignore_index=ignore_index, temperature=temperature,
-                               softcap=softcap, average=average, impl=impl, check_values=check_values)
+    opts = SpinOptions.checked(beta=beta, loss_type=loss_type, pairs=pairs, token_metrics=token_metrics,
+                               ignore_index=ignore_index, temperature=temperature, softcap=softcap, average=average,
+                               impl=impl, check_values=check_values)
     return _spin_loss(hidden, weight, targets, cu_seqlens, ref_logps, bias, opts)
 
 
@@ -94,10 +108,16 @@ def _spin_loss(hidden: Tensor, weight: Tensor, targets: Tensor, cu_seqlens: Tens
         # No backward will come, but a Function's needs_input_grad says only requires_grad:
         # detached inputs tell the op to skip the gradients it would compute in the forward.
         hidden, weight, bias = hidden.detach(), weight.detach(), None if bias is None else bias.detach()
-    loss, seq = LinearSPINLossFunction.apply(hidden, weight, bias, targets, cu_seqlens, ref_logps, opts, None,
-                                             sharding)
+    loss, seq, seq_stats = LinearSPINLossFunction.apply(hidden, weight, bias, targets, cu_seqlens, ref_logps, opts,
+                                                        sharding)
+    # seq is in the interleaved order (library.spin_forward); ref_logps in the caller's.
     ref = ref_logps.detach().to(seq.dtype)
-    return loss, spin_metrics(seq[0::2], seq[1::2], ref[0::2], ref[1::2], opts.beta)
+    half = ref.shape[0] // 2
+    ref_real, ref_synthetic = (ref[0::2], ref[1::2]) if opts.pairs == "interleaved" else (ref[:half], ref[half:])
+    metrics = spin_metrics(seq[0::2], seq[1::2], ref_real, ref_synthetic, opts.beta)
+    if opts.token_metrics:
+        metrics.update(token_metrics(seq_stats))
+    return loss, metrics
 
 
 @with_doc
@@ -117,6 +137,8 @@ class LinearSPINLoss(nn.Module):
         *,
         beta: float = 0.1,
         loss_type: str = "sigmoid",
+        pairs: str = "interleaved",
+        token_metrics: bool = False,
         ignore_index: int = -100,
         temperature: float = 1.0,
         softcap: float | None = None,
@@ -125,7 +147,8 @@ class LinearSPINLoss(nn.Module):
         check_values: bool = True,
     ):
         super().__init__()
-        self.options = SpinOptions.checked(beta=beta, loss_type=loss_type, ignore_index=ignore_index,
+        self.options = SpinOptions.checked(beta=beta, loss_type=loss_type, pairs=pairs, token_metrics=token_metrics,
+                                           ignore_index=ignore_index,
                                            temperature=temperature, softcap=softcap, average=average, impl=impl,
                                            check_values=check_values)
 
@@ -135,5 +158,5 @@ class LinearSPINLoss(nn.Module):
 
     def extra_repr(self) -> str:
         o = self.options
-        return (f"beta={o.beta}, loss_type={o.loss_type!r}, temperature={o.temperature}, "
+        return (f"beta={o.beta}, loss_type={o.loss_type!r}, pairs={o.pairs!r}, temperature={o.temperature}, "
                 f"softcap={o.softcap}, average={o.average}, impl={o.impl!r}")

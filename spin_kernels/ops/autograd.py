@@ -2,16 +2,17 @@
 in eager and compiled modes alike (under ``torch.compile`` the Function is traced, the op stays
 opaque).
 
-* ``LinearLogprobsFunction``: forward saves only the per-token log-sum-exp; backward recomputes
-  the logits (``spin_kernels::linear_logprobs_backward``).
-* ``LinearSPINLossFunction``: gradients are computed during the forward (the loss is known
-  there) and only scaled by the upstream gradient in backward, in place.
+* ``LinearLogprobsFunction``: returns (logps, entropy: empty unless ``opts.return_entropy``);
+  forward saves only the per-token log-sum-exp (and entropy); backward recomputes the logits
+  (``spin_kernels::linear_logprobs_backward``) for the upstream gradients it is given.
+* ``LinearSPINLossFunction``: returns (loss, seq_logps, seq_stats), the last two without
+  gradient; the gradients are computed during the forward (the loss is known there) and only
+  scaled by the upstream gradient in backward, in place.
 
-Both take the tensors, the options (``options.py``) and ``backend``: None for the backend that
-``options.impl`` names (the public API), or a configured Backend instance (tests, tuning), which
-cannot cross the dispatcher and so runs the op's implementation directly; and ``sharding``: None,
-or how DTensor arguments are sharded (``sharded.Sharding``): the op then runs on their gathered
-copies, saves the sharded weight rather than its copy, and returns DTensor gradients.
+Both take the tensors, the options (``options.py``; ``options.impl`` names the backend, a
+configured one included: ``backends.register_backend``) and ``sharding``: None, or how DTensor
+arguments are sharded (``sharded.Sharding``): the op then runs on their gathered copies, saves
+the sharded weight rather than its copy, and returns DTensor gradients.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ import torch
 from torch import Tensor
 
 from . import library
-from .backends import Backend, Needs
-from .options import HeadOptions, SpinOptions
+from .options import LogprobsOptions, SpinOptions
 from .sharded import Sharding
 
 
@@ -48,64 +48,63 @@ def _scaled_(grad: Tensor, needed: bool, scale: Tensor | None) -> Tensor | None:
 class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, cu_seqlens: Tensor,
-                opts: HeadOptions, backend: Backend | None = None, sharding: Sharding | None = None) -> Tensor:
+                opts: LogprobsOptions, sharding: Sharding | None = None) -> tuple[Tensor, Tensor]:
         # Sharded: the gathered copies for the call; the weight / bias DTensors (this rank's
         # shards) are what is saved, and the backward gathers them again.
         h, w, b = (hidden, weight, bias) if sharding is None else sharding.full(hidden, weight, bias)
-        tensors = (h, w, b, targets, cu_seqlens)
-        if backend is None:
-            seq, lse = library.linear_logprobs_op(*tensors, *opts.scalars())
-        else:
-            seq, lse = library.logprobs_forward(*tensors, opts, backend)
-        ctx.save_for_backward(h, weight, bias, targets, cu_seqlens, lse)
-        ctx.opts, ctx.backend, ctx.sharding = opts, backend, sharding
-        return seq
+        out, lse, entropy, entropy_rows = library.linear_logprobs_op(h, w, b, targets, cu_seqlens, *opts.scalars())
+        ctx.save_for_backward(h, weight, bias, targets, cu_seqlens, lse, entropy_rows)
+        ctx.opts, ctx.sharding = opts, sharding
+        ctx.set_materialize_grads(False)  # an output nobody differentiates costs no backward work
+        if not opts.return_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return out, entropy
 
     @staticmethod
-    def backward(ctx, grad_seq: Tensor):
-        hidden, weight, bias, targets, cu_seqlens, lse = ctx.saved_tensors
+    def backward(ctx, grad_out: Tensor | None, grad_entropy: Tensor | None):
+        hidden, weight, bias, targets, cu_seqlens, lse, entropy_rows = ctx.saved_tensors
         sharding: Sharding | None = ctx.sharding
+        need = ctx.needs_input_grad[:3]
+        if grad_out is None and grad_entropy is None:
+            return (None,) * 7
         if sharding is not None:
             _, weight, bias = sharding.full(None, weight, bias)
-        need = ctx.needs_input_grad[:3]
-        args = (grad_seq, hidden, weight, bias, targets, cu_seqlens, lse)
-        if ctx.backend is None:
-            dh, dw, db = library.linear_logprobs_backward_op(*args, *ctx.opts.scalars(), *need)
-        else:
-            dh, dw, db = library.logprobs_backward(*args, ctx.opts, Needs(*need), ctx.backend)
+        if grad_out is None:  # only the entropy is differentiated
+            grad_out = lse.new_zeros(hidden.shape[0] if ctx.opts.reduction == "none" else cu_seqlens.shape[0] - 1)
+        if grad_entropy is None:
+            grad_entropy = lse.new_empty(0)
+        dh, dw, db = library.linear_logprobs_backward_op(grad_out, grad_entropy, hidden, weight, bias, targets,
+                                                         cu_seqlens, lse, entropy_rows, *ctx.opts.scalars(), *need)
         grads = (dh if need[0] else None, dw if need[1] else None, db if need[2] else None)
         if sharding is not None:
             grads = sharding.grads(*grads)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 class LinearSPINLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, cu_seqlens: Tensor,
-                ref_logps: Tensor, opts: SpinOptions, backend: Backend | None = None,
-                sharding: Sharding | None = None) -> tuple[Tensor, Tensor]:
+                ref_logps: Tensor, opts: SpinOptions, sharding: Sharding | None = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
         if sharding is not None:  # the gathered copies, for the call only
             hidden, weight, bias = sharding.full(hidden, weight, bias)
-        tensors = (hidden, weight, bias, targets, cu_seqlens, ref_logps.detach())
-        need = ctx.needs_input_grad[:3]
-        if backend is None:
-            loss, seq, dh, dw, db = library.linear_spin_loss_op(*tensors, *opts.scalars(), *need)
-        else:
-            loss, seq, dh, dw, db = library.spin_forward(*tensors, opts, Needs(*need), backend)
+        loss, seq, dh, dw, db, seq_stats = library.linear_spin_loss_op(hidden, weight, bias, targets, cu_seqlens,
+                                                                       ref_logps.detach(), *opts.scalars(),
+                                                                       *ctx.needs_input_grad[:3])
         # In the parameters' dtypes: they are the gradients, only rescaled in backward. Sharded,
         # dweight stays whole until then: the mesh average must be of the contributions scaled by
         # each rank's upstream gradient, which may differ between ranks.
         ctx.save_for_backward(dh, dw, db)
-        ctx.mark_non_differentiable(seq)
+        ctx.mark_non_differentiable(seq, seq_stats)
         ctx.sharding = sharding
-        return loss, seq
+        return loss, seq, seq_stats
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor, _grad_seq: Tensor):
+    def backward(ctx, grad_loss: Tensor, _grad_seq: Tensor, _grad_stats: Tensor):
         dh, dw, db = ctx.saved_tensors
         scale = _unless_one(grad_loss)
         need = ctx.needs_input_grad
         grads = (_scaled_(dh, need[0], scale), _scaled_(dw, need[1], scale), _scaled_(db, need[2], scale))
         if ctx.sharding is not None:
             grads = ctx.sharding.grads(*grads)
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None)

@@ -51,29 +51,46 @@ class CountedRows:
         return self.counts.shape[0]
 
     @staticmethod
-    def build(targets: Tensor, cu_seqlens: Tensor, ignore_index: int, padded: bool = False) -> "CountedRows":
+    def build(targets: Tensor, cu_seqlens: Tensor, ignore_index: int, padded: bool = False,
+              order: Tensor | None = None) -> "CountedRows":
         """targets [N] int, cu_seqlens [S+1] int -> CountedRows (``padded``: that layout).
+
+        ``order`` [S] (int64, a permutation): the sequences in the order the rows are to be laid
+        out, op sequence k being the caller's sequence ``order[k]`` (``pair_order``: the SPIN
+        ops' pairs read from a chosen-half/rejected-half batch); ``seq``, ``offsets`` and
+        ``counts`` then number sequences in that order. None: the caller's order. Only the row
+        index changes, so hidden is read in place, never copied.
 
         Values are clamped into range, so unvalidated input (``check_values=False``) can give
         wrong results but never an out-of-bounds index.
         """
         n, s = targets.shape[0], cu_seqlens.shape[0] - 1
+        device = targets.device
         cu = cu_seqlens.long().clamp(0, n)
         mask = targets != ignore_index
-        seq_of_token = torch.bucketize(torch.arange(n, device=targets.device), cu[1:], right=True)
+        seq_of_token = torch.bucketize(torch.arange(n, device=device), cu[1:], right=True)
         seq_of_token.clamp_(max=max(s - 1, 0))
         cum = torch.cat([cu.new_zeros(1), mask.long().cumsum(0)])
         offsets = cum[cu]
+        # Each counted row's place among the counted rows: its sequence's first place plus the
+        # counted rows before it in that sequence (running counts: no sort, no host sync).
+        place = cum[1:] - 1
+        if order is not None:
+            rank = torch.empty_like(order).scatter_(0, order, torch.arange(s, device=device))
+            counts = offsets[1:] - offsets[:-1]
+            offsets = torch.cat([offsets[:1], counts[order].cumsum(0)])
+            place = place - cum[cu[:-1]][seq_of_token] + offsets[rank][seq_of_token]
+            seq_of_token = rank[seq_of_token]
         if padded:
             # Counted rows first, then the ignored ones, each in order: every row's place comes
             # from running counts (no sort, no data-dependent shape).
-            counted = cum[1:] - 1
-            ignored = torch.arange(n, device=targets.device) - counted - 1
-            place = torch.where(mask, counted, cum[-1] + ignored)
-            index = torch.empty_like(place).scatter_(0, place, torch.arange(n, device=targets.device))
+            ignored = torch.arange(n, device=device) - cum[1:]
+            place = torch.where(mask, place, cum[-1] + ignored)
+            index = torch.empty_like(place).scatter_(0, place, torch.arange(n, device=device))
             count = cum[-1:].to(torch.int32)
         else:
-            index = mask.nonzero().squeeze(1)  # one host sync: M is data-dependent
+            counted = mask.nonzero().squeeze(1)  # one host sync: M is data-dependent
+            index = counted if order is None else torch.empty_like(counted).scatter_(0, place[counted], counted)
             count = None
         return CountedRows(
             index=index,
@@ -95,6 +112,20 @@ class CountedRows:
     def row_grads(self, seq_grads: Tensor, average: bool) -> Tensor:
         """Per-row gradient scales [M] from per-sequence ones [S] (the inverse of seq_logps)."""
         return row_grads(seq_grads, self.offsets, self.seq, average)
+
+
+PAIR_LAYOUTS = ("interleaved", "halves")
+
+
+def pair_order(num_seqs: int, pairs: str, device: torch.device) -> Tensor | None:
+    """The sequence order (``CountedRows.build``'s ``order``) that interleaves the pairs of a
+    batch laid out as ``pairs`` says: None for "interleaved" (sequence 2p real, 2p+1 synthetic:
+    the ops' own order); for "halves" (real responses 0..P-1, then synthetic P..2P-1, TRL's and
+    Liger's chosen/rejected concatenation) [0, P, 1, P+1, ...]."""
+    if pairs == "interleaved":
+        return None
+    half = num_seqs // 2
+    return torch.arange(2 * half, device=device).view(2, half).t().reshape(-1)
 
 
 def segment_sum(values: Tensor, offsets: Tensor) -> Tensor:

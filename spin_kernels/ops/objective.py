@@ -62,6 +62,32 @@ def spin_metrics(
         }
 
 
+def token_metrics(seq_stats: Tensor) -> dict[str, Tensor]:
+    """TRL's per-token metrics from the fused pass's per-sequence sums (docs/ops.md).
+
+    Args:
+        seq_stats: [4, S], sequences in interleaved pairs (2p real, 2p+1 synthetic); rows: the
+            counted rows of each sequence, and the sums over them of the entropy, of the mean
+            logit and of the top-1 hits (``library.spin_forward``).
+
+    Returns:
+        Detached scalars (float32, float64 for float64 sums), token-weighted means, 0 where there
+        is no counted row: ``entropy`` (all sequences), ``logits/real``, ``logits/synthetic``,
+        ``token_accuracy/real``, ``token_accuracy/synthetic``; and ``tokens/real``,
+        ``tokens/synthetic``, the counted rows, to weight the means when gathering them.
+    """
+    dtype = torch.promote_types(seq_stats.dtype, torch.float32)
+    with torch.no_grad():
+        tokens, entropy, mean_logit, top1 = seq_stats.detach().to(dtype)
+        out = {"entropy": entropy.sum() / tokens.sum().clamp(min=1)}
+        for kind, part in (("real", slice(0, None, 2)), ("synthetic", slice(1, None, 2))):
+            count = tokens[part].sum()
+            out[f"logits/{kind}"] = mean_logit[part].sum() / count.clamp(min=1)
+            out[f"token_accuracy/{kind}"] = top1[part].sum() / count.clamp(min=1)
+            out[f"tokens/{kind}"] = count
+        return out
+
+
 def spin_loss(
     policy_real_logps: Tensor,
     policy_synthetic_logps: Tensor,

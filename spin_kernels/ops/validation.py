@@ -20,7 +20,6 @@ import math
 import torch
 from torch import Tensor
 
-IMPLS = ("auto", "torch", "triton", "cpu")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTS = (torch.int32, torch.int64)
 
@@ -47,10 +46,42 @@ def check_head_options(ignore_index: int, temperature: float, softcap: float | N
             raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
     if not isinstance(average, bool):
         raise TypeError(f"average must be a bool, got {type(average).__name__}")
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    from .backends import known_impls  # here: the registry's modules import the options, which import this
+
+    if impl not in known_impls():
+        raise ValueError(f"impl must be one of {known_impls()} (spin_kernels.ops.available_backends), got {impl!r}")
     if not isinstance(check_values, bool):
         raise TypeError(f"check_values must be a bool, got {type(check_values).__name__}")
+
+
+REDUCTIONS = ("sum", "mean", "none")
+
+
+def check_flag(name: str, value: bool) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def check_reduction(reduction: str | None, average: bool) -> None:
+    """``linear_logprobs``'s reduction: None (then ``average`` decides) or one of REDUCTIONS,
+    "mean" being the only one ``average=True`` agrees with."""
+    if reduction is None:
+        return
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS} (or None: 'mean' if average else 'sum'), "
+                         f"got {reduction!r}")
+    if average is True and reduction != "mean":
+        raise ValueError(f"average=True means reduction='mean'; got reduction={reduction!r} with it")
+
+
+def check_pairs(pairs: str) -> None:
+    """The SPIN ops' pair layout: "interleaved" or "halves" (``layout.pair_order``)."""
+    from .layout import PAIR_LAYOUTS
+
+    if pairs not in PAIR_LAYOUTS:
+        raise ValueError(f"pairs must be one of {PAIR_LAYOUTS} (interleaved: sequence 2p real, 2p+1 synthetic; "
+                         f"halves: real responses first, then the synthetic ones in the same pair order, as TRL "
+                         f"and Liger concatenate chosen and rejected), got {pairs!r}")
 
 
 def check_linear_inputs(

@@ -125,7 +125,20 @@ class PackedBatch:
         return self._map(lambda t: t.pin_memory())
 
 
-def pack_batch(examples: Sequence[SpinExample], *, share_prompt: bool = False) -> PackedBatch:
+def _check_ids(ex: SpinExample, i: int, vocab_size: int | None) -> None:
+    for name in ("prompt_ids", "real_ids", "synthetic_ids"):
+        ids = getattr(ex, name)
+        if not ids or (min(ids) >= 0 and (vocab_size is None or max(ids) < vocab_size)):
+            continue
+        bad = [t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
+        if bad:
+            limit = f"[0, {vocab_size})" if vocab_size is not None else "ids >= 0"
+            raise ValueError(f"examples[{i}] (index {ex.index}): {name} holds token id {bad[0]} outside the "
+                             f"vocabulary ({limit}; {len(bad)} such id(s)): ids from another tokenizer?")
+
+
+def pack_batch(examples: Sequence[SpinExample], *, share_prompt: bool = False,
+               vocab_size: int | None = None) -> PackedBatch:
     """Pack the pairs of ``examples``, in the given order, into one PackedBatch on the CPU.
 
     Args:
@@ -134,6 +147,9 @@ def pack_batch(examples: Sequence[SpinExample], *, share_prompt: bool = False) -
         share_prompt: False (default): each pair as two sequences, the prompt held twice. True:
             each pair as one segment ``[prompt[:-1] | prompt[-1] + real | prompt[-1] + synthetic]``
             (module docstring); ``SpinExample.packed_tokens(True)`` tokens per pair.
+        vocab_size: the model's vocabulary; a token id >= it (or any negative id, always) is
+            refused naming the example, the sequence and the id, instead of failing later in the
+            embedding (an index error on CPU, a device-side assert on GPU).
 
     Returns:
         PackedBatch with S = 2 * len(examples) sequences.
@@ -148,6 +164,7 @@ def pack_batch(examples: Sequence[SpinExample], *, share_prompt: bool = False) -
         if not ex.real_ids or not ex.synthetic_ids:
             raise ValueError(f"examples[{i}] (index {ex.index}) has an empty response; "
                              "a sequence must predict at least one token")
+        _check_ids(ex, i, vocab_size)
     with_ref = [ex.ref_logps is not None for ex in examples]
     if any(with_ref) and not all(with_ref):
         raise ValueError("examples mix pairs with and without ref_logps; give all of them ref_logps or none")

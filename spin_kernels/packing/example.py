@@ -14,7 +14,9 @@ Prompt format
       line), tokenised with the tokenizer's own special tokens (e.g. BOS). A response is then
       tokenised with a leading space so that it continues ``"Assistant:"`` naturally.
 
-Responses are ``tokenizer(text, add_special_tokens=False)`` followed by ``eos_token_id``.
+Responses are ``tokenizer(text, add_special_tokens=False)`` followed by ``eos_token_id``. A
+text that already ends with the tokenizer's EOS text (``"...</s>"``) is tokenised without it:
+one EOS either way, the tokens a synthetic response (decoded without special tokens) gets.
 
 Truncation (``max_prompt_length < max_length`` is required)
     1. The prompt keeps its END: ``prompt_ids[-max_prompt_length:]`` (the last turn and the
@@ -139,6 +141,9 @@ def tokenize_response(tokenizer, response: str) -> list[int]:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("tokenizer has no eos_token_id: responses must end with EOS; set tokenizer.eos_token")
+    eos_text = getattr(tokenizer, "eos_token", None)
+    if isinstance(eos_text, str) and eos_text and response.endswith(eos_text):
+        response = response[:-len(eos_text)]  # the EOS is added below, once
     text = response if _has_chat_template(tokenizer) else " " + response
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [int(eos)]
 

@@ -1,12 +1,14 @@
 """Reading the SFT data (prompt, real response) and the JSONL files of a run.
 
-Accepted inputs: a ``.jsonl`` file, a ``.json`` file (one array of rows, or JSON lines), a
-``.parquet`` file, a directory written by
-``datasets.save_to_disk``, or a ``datasets`` name already in the local cache. Each row has
-either ``{prompt, real}`` fields (names configurable) or a chat ``messages`` list, in which case
-the first user turn is the prompt and the first assistant turn the real response (the
-UltraChat-200k layout). Prompts may be strings or chat message lists; they are kept as they
-are and tokenised later (spin_kernels.packing.tokenize_prompt).
+Accepted inputs: a ``.jsonl`` file, a ``.json`` file (one array of rows, one row, or JSON
+lines), a ``.parquet`` file, a directory written by ``datasets.save_to_disk``, or a ``datasets``
+name already in the local cache. Each row has either ``{prompt, real}`` fields (names
+configurable) or a chat ``messages`` list (the UltraChat-200k layout), in which case the real
+response is the *last* assistant turn and the prompt everything before it (system turns,
+earlier user and assistant turns, consecutive user turns, as they are); a single user turn
+is kept as its text. Prompts may be strings or chat message lists; they are kept as they are
+and tokenised later (spin_kernels.packing.tokenize_prompt). Text must be valid Unicode: a
+lone surrogate (``"\\ud800"`` in JSON) is refused with its file and line.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from .config import ConfigError, DataConfig
+from .provenance import row_damage
 
 Record = dict[str, Any]
 
@@ -31,7 +34,7 @@ def _rows_from_source(cfg: DataConfig) -> Iterable[tuple[str, Record]]:
         raise ConfigError("data.data: required (a .jsonl/.parquet file or a datasets dataset)")
     if os.path.isfile(path):
         if path.endswith((".jsonl", ".json")):
-            return read_records(path)
+            return read_records(path, (cfg.prompt_field, cfg.real_field, cfg.messages_field))
         if path.endswith(".parquet"):
             import pyarrow.parquet as pq
 
@@ -64,11 +67,35 @@ def _rows_from_source(cfg: DataConfig) -> Iterable[tuple[str, Record]]:
     return ((f"{path}: row {i}", row) for i, row in enumerate(ds))
 
 
-def _first_turn(messages: list, role: str) -> Any:
-    for m in messages:
-        if m.get("role") == role:
-            return m.get("content")
-    return None
+def split_conversation(messages: list, where: str) -> tuple[str | list[dict], str]:
+    """``(prompt, real)`` of a chat ``messages`` row: the real response is the last assistant
+    turn, the prompt every message before it (a single user turn: its text). A conversation
+    whose last user turn has no assistant turn after it, or with no user turn before the last
+    assistant turn, is refused naming ``where``."""
+    last_user = max((j for j, m in enumerate(messages) if m["role"] == "user"), default=None)
+    last_assistant = max((j for j, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last_user is None:
+        raise ConfigError(f"{where}: no user turn (roles {[m['role'] for m in messages]}); a row needs a user turn "
+                          f"and the assistant's answer after it")
+    if last_assistant is None or last_assistant < last_user:
+        raise ConfigError(f"{where}: the last user turn (message {last_user}) has no assistant turn after it "
+                          f"(roles {[m['role'] for m in messages]}); the real response is the last assistant turn, "
+                          f"after the prompt")
+    prompt = messages[:last_assistant]
+    if len(prompt) == 1:
+        return prompt[0]["content"], messages[last_assistant]["content"]
+    return [dict(m) for m in prompt], messages[last_assistant]["content"]
+
+
+def _check_unicode(value: str, where: str, what: str) -> None:
+    """Refuse text that is not valid Unicode (a lone surrogate, from a ``\\ud800`` escape):
+    it cannot be written back as UTF-8 nor tokenised."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"{where}: the {what} holds a lone surrogate {value[exc.start]!r} at character {exc.start} "
+                          f"(a '\\u{ord(value[exc.start]):04x}' escape without its pair): not valid Unicode text; "
+                          f"fix the escape in the file") from None
 
 
 def check_messages(messages: Any, where: str, *, prompt: bool) -> None:
@@ -86,6 +113,7 @@ def check_messages(messages: Any, where: str, *, prompt: bool) -> None:
             raise ConfigError(f"{where}: message {j} lacks {missing} (has {sorted(m)})")
         if not isinstance(m["role"], str) or not isinstance(m["content"], str):
             raise ConfigError(f"{where}: message {j} needs a string 'role' and a string 'content'")
+        _check_unicode(m["content"], where, f"content of message {j}")
     if prompt and messages[-1]["role"] == "assistant":
         raise ConfigError(f"{where}: the prompt's last message is the assistant's; a prompt ends before the "
                           f"assistant turn (its answer is the response)")
@@ -94,6 +122,7 @@ def check_messages(messages: Any, where: str, *, prompt: bool) -> None:
 def _check_text(value: Any, where: str, what: str, *, empty_ok: bool = False) -> None:
     if not isinstance(value, str):
         raise ConfigError(f"{where}: the {what} must be a string, got {type(value).__name__}")
+    _check_unicode(value, where, what)
     if not empty_ok and not value.strip():
         raise ConfigError(f"{where}: the {what} is empty")
 
@@ -108,10 +137,9 @@ def normalise_row(row: Any, cfg: DataConfig, where: str) -> Record:
     elif cfg.messages_field in row:
         msgs = row[cfg.messages_field]
         check_messages(msgs, f"{where}: field {cfg.messages_field!r}", prompt=False)
-        prompt, real = _first_turn(msgs, "user"), _first_turn(msgs, "assistant")
-        if prompt is None or real is None:
-            raise ConfigError(f"{where}: {cfg.messages_field!r} needs a user and an assistant turn")
-        what = (f"first user turn of {cfg.messages_field!r}", f"first assistant turn of {cfg.messages_field!r}")
+        prompt, real = split_conversation(msgs, f"{where}: field {cfg.messages_field!r}")
+        what = (f"messages before the last assistant turn of {cfg.messages_field!r}",
+                f"last assistant turn of {cfg.messages_field!r}")
     else:
         raise ConfigError(f"{where}: needs fields {cfg.prompt_field!r} and {cfg.real_field!r}, or "
                           f"{cfg.messages_field!r}; found {sorted(row)}")
@@ -131,11 +159,12 @@ def normalise_row(row: Any, cfg: DataConfig, where: str) -> Record:
 def load_sft_data(cfg: DataConfig) -> list[Record]:
     """The run's pairs source: ``[{index, prompt, real}]`` in file order (first ``max_examples``).
 
-    Every row is checked before any work starts (errors name the file, line and field). Two
+    Every row is checked before any work starts (errors name the file, line and field). Three
     cases are kept, with a warning that counts them: rows whose prompt appears more than once
-    (SPIN samples one response for each), and empty real responses (the response is then EOS
+    (SPIN samples one response for each), empty real responses (the response is then EOS
     alone: the data says "answer nothing", as a toy distribution may; in chat data it is
-    usually a broken row).
+    usually a broken row) and real responses of whitespace only (trained as that whitespace's
+    tokens followed by EOS).
     """
     out: list[Record] = []
     for i, (where, row) in enumerate(_rows_from_source(cfg)):
@@ -150,7 +179,8 @@ def load_sft_data(cfg: DataConfig) -> list[Record]:
 
     prompts = Counter(json.dumps(r["prompt"], sort_keys=True, ensure_ascii=False) for r in out)
     repeats = sum(n - 1 for n in prompts.values() if n > 1)
-    empty = [r["index"] for r in out if not r["real"].strip()]
+    empty = [r["index"] for r in out if not r["real"]]
+    blank = [r["index"] for r in out if r["real"] and not r["real"].strip()]
     if repeats and is_main():
         print(f"spin-kernels: warning: {cfg.data}: {repeats} row(s) repeat an earlier row's prompt "
               f"({sum(n > 1 for n in prompts.values())} distinct prompt(s) occur more than once); each row is "
@@ -158,6 +188,10 @@ def load_sft_data(cfg: DataConfig) -> list[Record]:
     if empty and is_main():
         print(f"spin-kernels: warning: {cfg.data}: {len(empty)} row(s) have an empty real response (e.g. rows "
               f"{empty[:5]}); each is trained as a response that ends at once (EOS alone)", file=sys.stderr)
+    if blank and is_main():
+        print(f"spin-kernels: warning: {cfg.data}: {len(blank)} row(s) have a real response of whitespace only (e.g. "
+              f"rows {blank[:5]}); each is trained as its whitespace (spaces, newlines: their tokens as the "
+              f"tokenizer splits them) followed by EOS, not as an empty answer", file=sys.stderr)
     return out
 
 
@@ -183,13 +217,14 @@ def check_row_ref_logps(value: Any, where: str) -> tuple[float, float]:
 
 def read_stage_rows(path: str, need: tuple[str, ...], what: str) -> list[Record]:
     """The rows of a stage file (``generate``'s output, ``reference``'s pairs), each checked:
-    an object with the ``need`` fields, a prompt (text or chat messages), a real and a synthetic
-    response (text; may be empty, see ``load_sft_data``) and, where needed, valid ``ref_logps``.
-    Errors name ``what`` (the flag), the file and the line."""
+    an object with the ``need`` fields, unchanged since it was written (its ``row_digest``, when
+    it has one), a prompt (text or chat messages), a real and a synthetic response (text; may be
+    empty, see ``load_sft_data``) and, where needed, valid ``ref_logps``. Errors name ``what``
+    (the flag), the file and the line."""
     if os.path.isdir(path) or not os.path.exists(path):
         raise ConfigError(f"{what}: file not found: {path}")
     rows = []
-    for where, row in read_records(path):
+    for where, row in read_records(path, need):
         where = f"{what}: {where}"
         if not isinstance(row, dict):
             raise ConfigError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
@@ -203,10 +238,15 @@ def read_stage_rows(path: str, need: tuple[str, ...], what: str) -> list[Record]
             _check_text(prompt, where, "prompt (field 'prompt')")
         if "real" in need:
             _check_text(row["real"], where, "real response (field 'real')", empty_ok=True)
-        if "synthetic" in need and not isinstance(row["synthetic"], str):
-            raise ConfigError(f"{where}: field 'synthetic' must be a string, got {type(row['synthetic']).__name__}")
+        if "synthetic" in need:
+            if not isinstance(row["synthetic"], str):
+                raise ConfigError(f"{where}: field 'synthetic' must be a string, got {type(row['synthetic']).__name__}")
+            _check_unicode(row["synthetic"], where, "synthetic response (field 'synthetic')")
         if "ref_logps" in need:
             check_row_ref_logps(row["ref_logps"], where)
+        if (why := row_damage(row)) is not None:
+            raise ConfigError(f"{where}: {why}: the file was changed after spin-kernels wrote it; restore it, or "
+                              f"drop the row's 'row_digest' field if the change is meant")
         rows.append(row)
     if not rows:
         raise ConfigError(f"{what}: {path} holds no rows")
@@ -228,15 +268,24 @@ def _lines(path: str) -> list[str]:
                           f"convert the file to UTF-8") from None
 
 
-def read_jsonl(path: str, *, tolerate_torn_tail: bool = False) -> Iterator[Record]:
+def read_jsonl(path: str, *, tolerate_torn_tail: bool = False,
+               bad_lines: list[tuple[int, str]] | None = None) -> Iterator[Record]:
     """Rows of a JSONL file. With ``tolerate_torn_tail`` a last line cut short by a killed
-    writer is skipped (it will be rewritten on resume); anywhere else a bad line is an error."""
-    for _, row in _jsonl_rows(path, tolerate_torn_tail=tolerate_torn_tail):
+    writer is skipped (it will be rewritten on resume); anywhere else a bad line is an error,
+    unless ``bad_lines`` (a list) is given: a run's own file that was damaged, whose lines that
+    are not JSON are then recorded there as ``(line, reason)`` and skipped (their rows are made
+    again), and whose bytes that are not UTF-8 are read as U+FFFD (the row's digest then fails)."""
+    for _, row in _jsonl_rows(path, tolerate_torn_tail=tolerate_torn_tail, bad_lines=bad_lines):
         yield row
 
 
-def _jsonl_rows(path: str, *, tolerate_torn_tail: bool = False) -> Iterator[tuple[int, Any]]:
-    lines = _lines(path)
+def _jsonl_rows(path: str, *, tolerate_torn_tail: bool = False,
+                bad_lines: list[tuple[int, str]] | None = None) -> Iterator[tuple[int, Any]]:
+    if bad_lines is None:
+        lines = _lines(path)
+    else:
+        with open(path, "rb") as f:
+            lines = f.read().decode("utf-8", errors="replace").splitlines(keepends=True)
     for n, line in enumerate(lines):
         if not line.strip():
             continue
@@ -245,12 +294,16 @@ def _jsonl_rows(path: str, *, tolerate_torn_tail: bool = False) -> Iterator[tupl
         except json.JSONDecodeError as exc:
             if tolerate_torn_tail and n == len(lines) - 1 and not line.endswith("\n"):
                 return
-            raise ConfigError(f"{path}:{n + 1}: not valid JSON ({exc})") from exc
+            if bad_lines is None:
+                raise ConfigError(f"{path}:{n + 1}: not valid JSON ({exc})") from exc
+            bad_lines.append((n + 1, f"line {n + 1} is not valid JSON ({exc.msg})"))
 
 
-def read_records(path: str) -> Iterator[tuple[str, Any]]:
+def read_records(path: str, row_fields: tuple[str, ...] = ("prompt", "real", "messages")) -> Iterator[tuple[str, Any]]:
     """``(where, row)`` of a ``.jsonl`` file (one JSON value per line) or a ``.json`` file holding
-    one array of rows (or JSON lines); ``where`` is ``path:line`` for messages."""
+    one array of rows, one row (an object with any of ``row_fields``) or JSON lines; ``where``
+    is ``path:line`` for messages. A ``.json`` file holding one object that is not a row (a
+    wrapper such as ``{"data": [...]}``) is refused, naming its keys."""
     if path.endswith(".json"):
         text = "".join(_lines(path))
         if text.lstrip().startswith("["):
@@ -259,6 +312,19 @@ def read_records(path: str) -> Iterator[tuple[str, Any]]:
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
             yield from ((f"{path}: row {i}", row) for i, row in enumerate(rows))
+            return
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # JSON lines (or broken JSON: named by line below)
+        if isinstance(whole, dict):
+            if not any(k in whole for k in row_fields):
+                lists = [f"{k!r} ({len(v)} items)" for k, v in whole.items() if isinstance(v, list)]
+                hint = f"; its rows may be in {', '.join(lists)}: save that array alone" if lists else ""
+                raise ConfigError(f"{path}: holds one JSON object (keys {sorted(whole)[:10]}), not rows: a .json "
+                                  f"data file holds an array of rows [{{...}}, ...], one row, or one row per "
+                                  f"line{hint}")
+            yield f"{path}: row 0", whole
             return
     yield from ((f"{path}:{n}: row {i}", row) for i, (n, row) in enumerate(_jsonl_rows(path)))
 

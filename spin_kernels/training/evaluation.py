@@ -43,9 +43,36 @@ def split_heldout(records: list[dict], fraction: float, seed: int) -> tuple[list
     random.Random(seed).shuffle(keys)
     held = set(keys[:max(1, math.ceil(fraction * len(keys)))])
     if len(held) == len(keys):
-        raise ValueError(f"--eval-fraction {fraction} holds out all {len(keys)} distinct prompts: nothing to train on")
+        from .config import ConfigError
+
+        raise ConfigError(f"loop.eval_fraction: --eval-fraction {fraction} holds out all {len(keys)} distinct "
+                          f"prompt(s) of the {len(records)} row(s) (at least one is held out): nothing to train "
+                          f"on; lower it or give more data")
     train = [r for r in records if _prompt_key(r["prompt"]) not in held]
     return train, [r for r in records if _prompt_key(r["prompt"]) in held]
+
+
+def warn_heldout_overlap(records: list[dict], heldout: list[dict], data: str | None, eval_data: str) -> int:
+    """Count the ``--eval-data`` rows whose prompt (by digest) is also a training prompt, and say
+    so with the count: the held-out metrics on them score prompts the model trains on (a toy
+    task with few prompts overlaps by design; a real evaluation set should not). Returns the
+    count."""
+    import sys
+
+    from .parallel import is_main
+    from .provenance import text_digest
+
+    trained = {text_digest(r["prompt"]) for r in records}
+    digests = [text_digest(r["prompt"]) for r in heldout]
+    shared = [r.get("index", n) for n, (r, d) in enumerate(zip(heldout, digests)) if d in trained]
+    if shared and is_main():
+        distinct = len(set(digests) & trained)
+        print(f"spin-kernels: warning: --eval-data {eval_data}: {len(shared)} of its {len(heldout)} row(s) ({distinct} "
+              f"distinct prompt(s), e.g. rows {shared[:5]}) have a prompt that is also in the training data "
+              f"{data or ''}; the held-out metrics on them score prompts the model trains on (new responses, not new "
+              f"prompts). Remove those rows from one of the files for a measure on unseen prompts",
+              file=sys.stderr)
+    return len(shared)
 
 
 def _prompt_key(prompt: Any) -> str:

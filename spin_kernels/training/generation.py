@@ -121,8 +121,9 @@ class GenerationPlan:
         self.batches = batches
         self.prompt_ids = prompt_ids
         batch_of = {r["index"]: b for b, batch in enumerate(self.batches) for r in batch}
-        rows = list(read_jsonl(out_path, tolerate_torn_tail=True)) if os.path.exists(out_path) else []
-        self.dropped: list[tuple[Any, str]] = []
+        bad: list[tuple[int, str]] = []
+        rows = list(read_jsonl(out_path, tolerate_torn_tail=True, bad_lines=bad)) if os.path.exists(out_path) else []
+        self.dropped: list[tuple[Any, str]] = [(None, why) for _, why in bad]
         kept: dict[Any, Record] = {}
         stale_batches: set[int] = set()
         for row in rows:
@@ -130,7 +131,7 @@ class GenerationPlan:
             if idx not in batch_of:
                 self.dropped.append((idx, "its index is not one of the input's rows"))
                 continue
-            why = provenance.differences(row.get("source"), sources[idx])
+            why = provenance.row_damage(row) or provenance.differences(row.get("source"), sources[idx])
             if why is None and idx in kept:
                 why = "a second row for the same index" if row != kept[idx] else None
                 if why is None:  # an identical copy (an older writer's duplicate): keep one
@@ -195,6 +196,18 @@ def needs_prompt_lengths(cfg: SamplingOptions) -> bool:
                                                             cfg.generation_token_budget > 0)
 
 
+def check_generation_budget(records: list[Record], prompt_lengths: dict[Any, int], cfg: SamplingOptions) -> None:
+    """Refuse a ``generation_token_budget`` below one sequence (the longest prompt plus
+    ``max_new_tokens``): such a prompt would be sampled alone in a batch over the budget."""
+    longest = max(records, key=lambda r: prompt_lengths[r["index"]])
+    need = prompt_lengths[longest["index"]] + cfg.max_new_tokens
+    if need > cfg.generation_token_budget:
+        raise ConfigError(f"generation.generation_token_budget ({cfg.generation_token_budget}) is below one sequence: "
+                          f"the longest prompt (data row {longest['index']}, {prompt_lengths[longest['index']]} "
+                          f"tokens after --max-prompt-length) plus --max-new-tokens ({cfg.max_new_tokens}) is {need} "
+                          f"tokens; raise --generation-token-budget to at least {need} (or 0: no budget)")
+
+
 def plan_generation(records: list[Record], out_path: str, cfg: SamplingOptions, *, max_prompt_length: int,
                     model_path: str, seed: int, on_stale: str = "regenerate",
                     model_label: str | None = None, tokenizer=None, desc: str = "generate",
@@ -202,19 +215,21 @@ def plan_generation(records: list[Record], out_path: str, cfg: SamplingOptions, 
     """Check what ``out_path`` holds for ``records`` (no model needed): a GenerationPlan whose
     ``todo`` is empty when the file is complete and current. Stale rows are removed from the file
     (``on_stale="regenerate"``, with a warning on stderr) or refused (``"error"``). ``tokenizer``
-    is needed when the batching depends on prompt lengths (``needs_prompt_lengths``) and to
-    sample the plan. Unset options are set for ``device`` (default: cuda if available, else
-    cpu) and the model's shape at ``dtype_bytes`` (``samplers.in_force``); the plan's ``cfg``
-    holds the options in force."""
+    is recorded in every row's source (rows of another tokenizer are stale), is needed when the
+    batching depends on prompt lengths (``needs_prompt_lengths``) and to sample the plan. Unset
+    options are set for ``device`` (default: cuda if available, else cpu) and the model's shape at
+    ``dtype_bytes`` (``samplers.in_force``); the plan's ``cfg`` holds the options in force."""
     from spin_kernels.packing import tokenize_prompt
 
-    from .loading import resolve_device
+    from .parallel import resolve_device
 
     cfg = in_force(cfg, device=device or resolve_device("auto"), model_path=model_path,
                    max_prompt_length=max_prompt_length, dtype_bytes=dtype_bytes)
     opponent = provenance.model_stamp(model_path, model_label)
     sampling = provenance.sampling_settings(cfg, seed)
-    sources = {r["index"]: provenance.generation_source(r, opponent, sampling, max_prompt_length) for r in records}
+    tok = provenance.tokenizer_digest(tokenizer)
+    sources = {r["index"]: provenance.generation_source(r, opponent, sampling, max_prompt_length, tok)
+               for r in records}
     if len(sources) != len(records):
         raise ValueError("generate_synthetic: record indices must be unique")
     prompt_ids = None
@@ -224,6 +239,8 @@ def plan_generation(records: list[Record], out_path: str, cfg: SamplingOptions, 
         prompt_ids = {r["index"]: tokenize_prompt(tokenizer, r["prompt"], max_prompt_length=max_prompt_length)
                       for r in records}
     lengths = None if prompt_ids is None else {i: len(p) for i, p in prompt_ids.items()}
+    if cfg.generation_token_budget and lengths:
+        check_generation_budget(records, lengths, cfg)
     plan = GenerationPlan(records, out_path, cfg, sources, prompt_batches(records, lengths, cfg), prompt_ids,
                           seed=seed, model_path=model_path, max_prompt_length=max_prompt_length, tokenizer=tokenizer,
                           desc=desc)
@@ -278,8 +295,8 @@ def _sample_rounds(plan: GenerationPlan, sampler: Sampler) -> None:
         for j, slot in enumerate(slots):
             b = todo[slot]
             samples = sampler.sample(b, batches[b], plan.prompts_of(batches[b]))
-            mine = [{**r, **s, "source": plan.sources[r["index"]]} for r, s in zip(batches[b], samples)
-                    if r["index"] not in plan.done] if j < num_real else []
+            mine = [provenance.with_row_digest({**r, **s, "source": plan.sources[r["index"]]})
+                    for r, s in zip(batches[b], samples) if r["index"] not in plan.done] if j < num_real else []
             new = gather_by_index(mine)  # this round's rows of every rank, each once, by index
             if is_main():
                 sink.write(new)

@@ -1,5 +1,5 @@
-"""Loading a run's models and tokenizers (``Loader``), and the checks and plumbing around it:
-devices, the model directory, finite weights, seeding.
+"""Loading a run's models and tokenizers (``Loader``), and the checks around it: the fused-loss
+implementation for the device, the model directory, finite weights, the tokenizer.
 
 ``Loader`` is built once per run from the config sections and is the one place that reads how
 models are loaded and computed with: dtype, device, FSDP sharding and mixed precision,
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import sys
 from typing import TYPE_CHECKING
 
@@ -20,32 +19,11 @@ import torch
 from .config import ConfigError, SpinConfig
 
 if TYPE_CHECKING:
-    from spin_kernels.distributed import ShardedModel
+    from spin_kernels.distributed import ModelRunner
 
     from .parallel import Session
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device of ``model.device``; a CUDA device that this machine lacks is refused here,
-    before any model is loaded."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"model.device: {exc}") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"model.device: {name!r} but no CUDA device is available (torch.cuda.is_available() "
-                              f"is False); use --device cpu (or auto)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"model.device: {name!r} but this machine has {torch.cuda.device_count()} CUDA "
-                              f"device(s)")
-    elif device.type != "cpu":
-        raise ConfigError(f"model.device: {name!r} is not supported; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    return device
 
 
 def check_impl(impl: str, device: torch.device) -> None:
@@ -54,13 +32,13 @@ def check_impl(impl: str, device: torch.device) -> None:
         raise ConfigError(f"training.impl: 'triton' needs a CUDA device, but this run uses {device}; use --impl "
                           f"auto (the C++ kernels on CPU) or --impl cpu / torch")
     if impl == "cpu":
-        from spin_kernels.ops.backends import _FACTORIES, _UNAVAILABLE
+        from spin_kernels.ops import available_backends
 
         if device.type != "cpu":
             raise ConfigError(f"training.impl: 'cpu' runs on CPU tensors, but this run uses {device}; use --impl "
                               f"auto or triton")
-        if "cpu" not in _FACTORIES:
-            raise ConfigError(f"training.impl: 'cpu' is unavailable here: {_UNAVAILABLE.get('cpu', '')}")
+        if (why := available_backends(device)["cpu"]) is not None:
+            raise ConfigError(f"training.impl: 'cpu' is unavailable here: {why}")
 
 
 def _weight_files(path: str) -> list[str]:
@@ -80,6 +58,25 @@ def check_model_dir(path: str | None, what: str = "model.model") -> str:
         raise ConfigError(f"{what}: {path!r} holds no weights (*.safetensors; found {found[:8]}); save the model "
                           f"with save_pretrained(..., safe_serialization=True)")
     return path
+
+
+def check_architecture(path: str, max_length: int | None, what: str = "model.model") -> None:
+    """Refuse a model whose architecture the packed passes cannot run correctly (ALiBi, attention
+    outside transformers' AttentionInterface, learned positions fewer than ``max_length``:
+    spin_kernels.models.check_supported), from its config.json, before generation starts."""
+    from transformers import AutoConfig
+
+    from spin_kernels.models import check_supported
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{what}: {path!r}: config.json is not a transformers config ({type(exc).__name__}: "
+                          f"{str(exc)[:200]})") from exc
+    try:
+        check_supported(config, max_length=max_length)
+    except ValueError as exc:
+        raise ConfigError(f"{what}: {path!r}: {exc}") from None
 
 
 def check_finite_weights(model: torch.nn.Module, path: str) -> None:
@@ -112,6 +109,7 @@ class Loader:
         self.sess = sess
         self.dtype = DTYPES[cfg.model.dtype]
         self.tokenizer_dir = cfg.model.tokenizer
+        self.max_length = cfg.data.max_length
         self.checkpointing = cfg.training.gradient_checkpointing
         self.training = cfg.training  # LoRA options
         self.distributed = cfg.distributed
@@ -124,9 +122,11 @@ class Loader:
         self._tokenizers: dict[str, object] = {}
 
     def check(self, path: str | None, what: str = "model.model") -> str:
-        """``check_model_dir`` once per directory."""
+        """``check_model_dir`` once per directory, and that its architecture runs packed batches
+        at this run's ``max_length`` (``check_architecture``): refused before any work."""
         if path not in self._checked:
             check_model_dir(path, what)
+            check_architecture(path, self.max_length, what)
             self._checked.add(path)
         return path
 
@@ -143,7 +143,7 @@ class Loader:
             self._tokenizers[source] = load_tokenizer(source, what=what, vocab_size=getattr(text, "vocab_size", None))
         return self._tokenizers[source]
 
-    def runner(self, path: str) -> ShardedModel:
+    def runner(self, path: str) -> ModelRunner:
         """The causal LM of the model directory ``path`` as a runner for this run's session.
 
         One process: ``from_pretrained`` on the device. FSDP: every rank builds the model with
@@ -154,7 +154,7 @@ class Loader:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from spin_kernels.distributed import (
-            ShardedModel,
+            ModelRunner,
             apply_fsdp2,
             empty_parameters,
             load_full_weights,
@@ -178,7 +178,7 @@ class Loader:
             model = add_adapters(model, self.training) if lora else model
             if quantization:  # where the merge at the end re-derives the 4-bit base from
                 setattr(model, QUANTIZED_FROM, path)
-            runner = ShardedModel(model)
+            runner = ModelRunner(model)
         else:
             with empty_parameters():
                 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=self.dtype,
@@ -213,7 +213,7 @@ class Loader:
         return {"quantization_config": config, "device_map": {"": self.sess.device}}
 
     @staticmethod
-    def prepared(runner: ShardedModel) -> ShardedModel:
+    def prepared(runner: ModelRunner) -> ModelRunner:
         """The runner, its model switched to packed (varlen) batches for reference and training."""
         from spin_kernels.models import prepare_model
 
@@ -295,38 +295,3 @@ def load_tokenizer(path: str, *, what: str = "model.model", vocab_size: int | No
                   f"(spin_kernels/packing/example.py). Save a tokenizer with a chat template to use another format.",
                   file=sys.stderr)
     return tok
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:
-        pass
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:
-        pass
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
-
-        np.random.set_state(state["numpy"])

@@ -40,11 +40,12 @@ from . import provenance
 from .config import SpinConfig
 from .data import Record, load_sft_data, read_jsonl
 from .loading import Loader, check_impl
+from .reference import check_rows_fit
 from .metrics import format_table, read_metrics, summarise_iteration
 from .parallel import barrier, is_main, session
 from .rundir import LOCK_FILE, IterationFiles, check_output_dir, check_run_dir, iteration_model_dir, single_writer
 from .stages import Models, Pending, Plan, evaluate, generate, reference, train
-from .stages.evaluate import read_json
+from .stages.evaluate import metrics_of, read_json
 
 IterationHook = Callable[[int, str, dict[str, Any]], dict[str, Any] | None]
 #: Held-out prompts are sampled from seeds offset from the training ones (other random streams).
@@ -80,13 +81,28 @@ def run_iterations(cfg: SpinConfig, *, on_iteration_end: IterationHook | None = 
     check_output_dir(cfg.loop.output_dir)
     if records is None:
         records = load_sft_data(cfg.data)
+    train_rows, heldout = _split_heldout(cfg, records) if heldout is None else (records, heldout)
     with session(cfg) as sess, single_writer(os.path.join(cfg.loop.output_dir, LOCK_FILE), "loop.output_dir",
                                                  sess):
         check_impl(cfg.training.impl, sess.device)
         loader = Loader(cfg, sess)
-        loader.tokenizer(cfg.model.model)
+        tokenizer = loader.tokenizer(loader.check(cfg.model.model))
+        check_rows_fit(train_rows + heldout, tokenizer, cfg)
         check_run_dir(cfg)
-        return _iterate(cfg, loader, on_iteration_end, records, heldout, echo)
+        return _iterate(cfg, loader, on_iteration_end, train_rows, heldout, echo)
+
+
+def _split_heldout(cfg: SpinConfig, records: list[Record]) -> tuple[list[Record], list[Record]]:
+    """(training, held-out) rows, before any model is loaded: ``--eval-data`` (a warning counts
+    its rows whose prompt is also a training prompt) or ``--eval-fraction`` (whole prompts held
+    out; a ConfigError when it leaves nothing to train on)."""
+    from .evaluation import split_heldout, warn_heldout_overlap
+
+    if cfg.loop.eval_data:
+        heldout = load_sft_data(dataclasses.replace(cfg.data, data=cfg.loop.eval_data, max_examples=None))
+        warn_heldout_overlap(records, heldout, cfg.data.data, cfg.loop.eval_data)
+        return records, heldout
+    return split_heldout(records, cfg.loop.eval_fraction, cfg.training.seed)
 
 
 def _training_rows(cfg: SpinConfig, t: int, generated: list[Record]) -> list[Record]:
@@ -143,11 +159,12 @@ def iteration_stages(cfg: SpinConfig, loader: Loader, t: int, records: list[Reco
         cfg, heldout, f.heldout_generated, model_path=opponent, seed=seed + HELDOUT_SEED_OFFSET,
         tokenizer=tokenizer, desc=f"iter{t} held-out generate")) if heldout else []
     rows = None if generated is None else _training_rows(cfg, t, generated)
-    pairs = step(reference, lambda: reference.plan(cfg, rows, f.pairs, model_path=opponent,
+    pairs = step(reference, lambda: reference.plan(cfg, rows, f.pairs, model_path=opponent, tokenizer=tokenizer,
                                                    desc=f"iter{t} reference"), rows)
     held_rows = None if held_generated is None else [dict(r, source_iteration=t) for r in held_generated]
     held_pairs = step(reference, lambda: reference.plan(cfg, held_rows, f.heldout_pairs, model_path=opponent,
-                                                        desc=f"iter{t} held-out reference"), held_rows) \
+                                                        tokenizer=tokenizer, desc=f"iter{t} held-out reference"),
+                      held_rows) \
         if heldout else []
     trained = step(train, lambda: train.plan(cfg, pairs, f.dir, start_model=opponent, tokenizer=tokenizer,
                                              pairs_path=f.pairs, iteration=t, desc=f"iter{t} train",
@@ -172,18 +189,11 @@ def _eval_command(cfg: SpinConfig, model_dir: str, path: str) -> dict[str, Any]:
     return result
 
 
-def _iterate(cfg: SpinConfig, loader: Loader, on_iteration_end: IterationHook | None,
-             records: list[Record], heldout: list[Record] | None, echo: str) -> list[dict[str, Any]]:
-    from .evaluation import split_heldout, synthetic_stats
+def _iterate(cfg: SpinConfig, loader: Loader, on_iteration_end: IterationHook | None, train_rows: list[Record],
+             heldout: list[Record], echo: str) -> list[dict[str, Any]]:
+    from .evaluation import synthetic_stats
 
     run_dir = cfg.loop.output_dir
-    if heldout is not None:
-        train_rows = records
-    elif cfg.loop.eval_data:
-        train_rows, heldout = records, load_sft_data(dataclasses.replace(cfg.data, data=cfg.loop.eval_data,
-                                                                         max_examples=None))
-    else:
-        train_rows, heldout = split_heldout(records, cfg.loop.eval_fraction, cfg.training.seed)
     summaries: list[dict[str, Any]] = []
     for t in range(cfg.loop.iterations):
         f = IterationFiles(run_dir, t)
@@ -197,7 +207,7 @@ def _iterate(cfg: SpinConfig, loader: Loader, on_iteration_end: IterationHook | 
                                    **synthetic_stats(list(read_jsonl(f.generated)), loader.tokenizer(opponent)),
                                    "seconds": round(time.perf_counter() - start, 1)}
         if heldout:
-            summary.update({k: v for k, v in (read_json(f.heldout_eval) or {}).items() if k != "key"})
+            summary.update(metrics_of(read_json(f.heldout_eval) or {}))
         stop = cfg.loop.stop_below_accuracy
         if stop is not None and summary["heldout/accuracy"] < stop:
             summary["stopped"] = (f"held-out accuracy {summary['heldout/accuracy']:.3f} < {stop:g} "

@@ -1,6 +1,6 @@
 """One process or FSDP2 over torchrun's processes: the few places where the SPIN stages differ.
 
-Every stage computes with a *runner*, a ``spin_kernels.distributed.ShardedModel``:
+Every stage computes with a *runner*, a ``spin_kernels.distributed.ModelRunner``:
 ``runner(fn, *args)`` runs ``fn(model, *args)``, ``runner.no_grad(fn, ...)`` the same without
 autograd, ``runner.generate(...)`` is ``model.generate``. In one process it is a plain wrapper
 around the model (``as_runner``); under FSDP it is the sharded root built by ``Loader.runner``, so
@@ -22,14 +22,13 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from spin_kernels.distributed import DistEnv, ShardedModel, init_distributed
-from spin_kernels.distributed.env import barrier, rank, world_size
+from spin_kernels.distributed import DistEnv, ModelRunner, init_distributed
+from spin_kernels.distributed.env import barrier, rank, shutdown, world_size
 
 from .config import ConfigError, SpinConfig
-from .loading import resolve_device
 
-__all__ = ["Session", "as_runner", "barrier", "is_main", "is_sharded", "progress", "progress_defaults", "rank", "session",
-           "world_size"]
+__all__ = ["Session", "as_runner", "barrier", "is_main", "is_sharded", "progress", "progress_defaults", "rank",
+           "resolve_device", "session", "world_size"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +38,27 @@ class Session:
     fsdp: bool
     device: torch.device
     env: DistEnv
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device of ``model.device``; a CUDA device that this machine lacks is refused here,
+    before any model is loaded."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"model.device: {exc}") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"model.device: {name!r} but no CUDA device is available (torch.cuda.is_available() "
+                              f"is False); use --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"model.device: {name!r} but this machine has {torch.cuda.device_count()} CUDA "
+                              f"device(s)")
+    elif device.type != "cpu":
+        raise ConfigError(f"model.device: {name!r} is not supported; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    return device
 
 
 def _torchrun_world() -> int:
@@ -85,13 +105,13 @@ def session(cfg: SpinConfig) -> Iterator[Session]:
     try:
         yield Session(True, env.device, env)
     finally:
-        if created and dist.is_initialized():
-            dist.destroy_process_group()
+        if created:
+            shutdown()
 
 
-def as_runner(model) -> ShardedModel:
+def as_runner(model) -> ModelRunner:
     """``model`` as a runner: itself if it is one (sharded or not), else a plain wrapper of it."""
-    return model if isinstance(model, ShardedModel) else ShardedModel(model)
+    return model if isinstance(model, ModelRunner) else ModelRunner(model)
 
 
 def is_sharded(runner) -> bool:

@@ -15,12 +15,20 @@ another opponent, other sampling settings or other length limits. So every row c
   max_prompt_length, average_log_prob}``: ``pair`` a digest of prompt, real and synthetic
   response, ``model`` the scoring model as above, and the settings the log-probs depend on.
 * a trained model (``spin_info.json``) and its resumable checkpoints: ``training_key``, a
-  digest of the tokenised pairs with their reference log-probs, the training settings and the
-  starting weights (``spin_kernels.training.trainer``).
+  digest of the tokenised pairs with their reference log-probs, the training settings, the
+  starting weights and the tokenizer (``spin_kernels.training.trainer``).
+
+Both kinds of rows also record the tokenizer (``tokenizer_digest``: its vocabulary and
+pre-/post-processing, special tokens and chat template), so rows tokenised by another
+tokenizer or chat template are never reused, and a digest of all their fields as written
+(``row_digest``), so a row changed on disk afterwards is never reused either.
 
 Digests: SHA-256 of canonical JSON for text (short: 128 bits as hex), xxh3-128 over the bytes
-of the ``*.safetensors`` files for weights (GB/s, and cached per file size and mtime, so each
-stage hashes a model once).
+of files (``file_digest``; GB/s). A file is hashed once per process while it keeps its inode,
+size and mtime (so a model is hashed once when it is written, and its rows' provenance reuses
+that); a check of what a run wrote before it is reused (``fresh=True``:
+spin_kernels.training.checkpoint) always reads the bytes again, since a damaged file keeps its
+size and may keep its mtime.
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ import xxhash
 
 from .config import DataConfig, SamplingOptions
 
-_WEIGHT_DIGESTS: dict[tuple, str] = {}
+_FILE_DIGESTS: dict[tuple, str] = {}
+_TOKENIZER_DIGESTS: dict[int, tuple[Any, str]] = {}
 
 
 def text_digest(*parts: Any) -> str:
@@ -43,22 +52,73 @@ def text_digest(*parts: Any) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
 
 
-def model_digest(path: str) -> str:
-    """``xxh3_128:<hex>`` of the weights of the model directory ``path`` (its ``*.safetensors``
-    files, name and bytes, in name order); cached while the files keep their sizes and mtimes."""
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    stats = tuple((f, os.stat(os.path.join(path, f)).st_size, os.stat(os.path.join(path, f)).st_mtime_ns)
-                  for f in files)
-    key = (os.path.realpath(path), stats)
-    if key not in _WEIGHT_DIGESTS:
+def file_digest(path: str, *, fresh: bool = False) -> str:
+    """``xxh3_128:<hex>`` of the bytes of the file ``path``. Hashed once per process while the file
+    keeps its inode, size and mtime (a directory renamed into place keeps its files' inodes, so a
+    model is not hashed again under its final name); ``fresh=True`` reads the bytes again whatever
+    the cache holds (the check before a run reuses what it wrote)."""
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if fresh or key not in _FILE_DIGESTS:
         h = xxhash.xxh3_128()
-        for f in files:
-            h.update(f.encode("utf-8") + b"\0")
-            with open(os.path.join(path, f), "rb") as fh:
-                while chunk := fh.read(1 << 24):
-                    h.update(chunk)
-        _WEIGHT_DIGESTS[key] = f"xxh3_128:{h.hexdigest()}"
-    return _WEIGHT_DIGESTS[key]
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+        _FILE_DIGESTS[key] = f"xxh3_128:{h.hexdigest()}"
+    return _FILE_DIGESTS[key]
+
+
+def model_digest(path: str, *, fresh: bool = False) -> str:
+    """``xxh3_128:<hex>`` of the weights of the model directory ``path``: its ``*.safetensors``
+    files, by name and ``file_digest``, in name order."""
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    listing = json.dumps([[f, file_digest(os.path.join(path, f), fresh=fresh)] for f in files])
+    return f"xxh3_128:{xxhash.xxh3_128(listing.encode('utf-8')).hexdigest()}"
+
+
+def tokenizer_digest(tokenizer: Any) -> str | None:
+    """A digest of what decides a tokenizer's token ids and text (None for None): its vocabulary,
+    merges, normalizer, pre-/post-processor and added tokens (a fast tokenizer's definition, less
+    the padding and truncation settings a call leaves behind; a slow one's vocabulary), its
+    special tokens and its chat template. Cached per tokenizer object."""
+    if tokenizer is None:
+        return None
+    held = _TOKENIZER_DIGESTS.get(id(tokenizer))
+    if held is not None and held[0] is tokenizer:
+        return held[1]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
+    else:
+        spec = {"vocab": tokenizer.get_vocab()}
+    special = {k: str(v) if not isinstance(v, list) else [str(x) for x in v]
+               for k, v in getattr(tokenizer, "special_tokens_map", {}).items()}
+    template = getattr(tokenizer, "chat_template", None)
+    digest = text_digest(spec, special, template if isinstance(template, (str, dict, type(None))) else str(template),
+                         getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "bos_token_id", None))
+    _TOKENIZER_DIGESTS[id(tokenizer)] = (tokenizer, digest)
+    return digest
+
+
+#: The field of a written row (generated.jsonl, pairs.jsonl) holding the digest of its other fields.
+ROW_DIGEST = "row_digest"
+
+
+def with_row_digest(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with ``row_digest``: the digest of its other fields, as written, so that a row
+    changed on disk afterwards (a flipped byte in a response or a log-prob) is seen when read."""
+    body = {k: v for k, v in row.items() if k != ROW_DIGEST}
+    return {**body, ROW_DIGEST: text_digest(body)}
+
+
+def row_damage(row: Any) -> str | None:
+    """Why a row read back cannot be trusted (its fields no longer match its ``row_digest``), or
+    None (a row without one, e.g. made by another tool, is taken as it is)."""
+    if not isinstance(row, dict) or ROW_DIGEST not in row:
+        return None
+    if row[ROW_DIGEST] != text_digest({k: v for k, v in row.items() if k != ROW_DIGEST}):
+        return "it changed after it was written (its row_digest does not match its fields)"
+    return None
 
 
 def model_stamp(path: str, label: str | None = None) -> dict[str, str]:
@@ -96,18 +156,20 @@ def sampling_settings(cfg: SamplingOptions, seed: int) -> dict[str, Any]:
 
 
 def generation_source(record: dict[str, Any], opponent: dict[str, str], sampling: dict[str, Any],
-                      max_prompt_length: int) -> dict[str, Any]:
-    """The ``source`` a generated row for ``record`` ({prompt, real, ...}) must carry."""
+                      max_prompt_length: int, tokenizer: str | None = None) -> dict[str, Any]:
+    """The ``source`` a generated row for ``record`` ({prompt, real, ...}) must carry
+    (``tokenizer``: the ``tokenizer_digest`` of the tokenizer its prompt was tokenised with)."""
     return {"example": text_digest(record["prompt"], record["real"]), "opponent": opponent, "sampling": sampling,
-            "max_prompt_length": max_prompt_length}
+            "max_prompt_length": max_prompt_length, "tokenizer": tokenizer}
 
 
 def reference_source(row: dict[str, Any], model: dict[str, str], data: DataConfig,
-                     average_log_prob: bool) -> dict[str, Any]:
-    """The ``reference`` a pairs row (``row`` with prompt, real, synthetic) must carry."""
+                     average_log_prob: bool, tokenizer: str | None = None) -> dict[str, Any]:
+    """The ``reference`` a pairs row (``row`` with prompt, real, synthetic) must carry
+    (``tokenizer``: the ``tokenizer_digest`` of the tokenizer that tokenised the pair)."""
     return {"pair": text_digest(row["prompt"], row["real"], row["synthetic"]), "model": model,
             "max_length": data.max_length, "max_prompt_length": data.max_prompt_length,
-            "average_log_prob": average_log_prob}
+            "average_log_prob": average_log_prob, "tokenizer": tokenizer}
 
 
 def _model_key(stamp: Any) -> Any:
@@ -131,6 +193,9 @@ def differences(have: Any, want: dict[str, Any]) -> str | None:
         elif got != value:
             if key in ("example", "pair"):
                 return "its prompt/response text differs from the input's"
+            if key == "tokenizer":
+                return ("it was tokenised by another tokenizer (vocabulary, special tokens or chat template) "
+                        "than this run's" if got is not None else "it records no tokenizer (an older version)")
             return f"{key} was {got!r}, not {value!r}"
     return None
 
@@ -153,11 +218,12 @@ def examples_digest(examples: list) -> str:
 _NOT_IN_KEY = ("save_every", "log_every")
 
 
-def training_key(examples: list, cfg: Any, start: str | None) -> str:
-    """What a training run is made from: its examples, its options (``TrainingConfig``) and the
-    digest of its starting weights. Checkpoints and the final model record it; a resume with
-    another key does not continue them."""
+def training_key(examples: list, cfg: Any, start: str | None, tokenizer: str | None = None) -> str:
+    """What a training run is made from: its examples, its options (``TrainingConfig``), the
+    digest of its starting weights and the ``tokenizer_digest`` of its tokenizer (saved with the
+    final model). Checkpoints and the final model record it; a resume with another key does not
+    continue them."""
     import dataclasses
 
     options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IN_KEY}
-    return text_digest(examples_digest(examples), options, start)
+    return text_digest(examples_digest(examples), options, start, tokenizer)

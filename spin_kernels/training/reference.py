@@ -40,6 +40,53 @@ def to_examples(tokenizer, rows: list[Record], data: DataConfig) -> list:
     return out
 
 
+def check_token_budget(examples: list, token_budget: int, share_prompt: bool = False,
+                       describe: Callable[[list[int]], str] | None = None) -> None:
+    """Refuse a ``token_budget`` below one pair: the packer would put such a pair alone in a
+    micro-batch over the budget (more memory than the budget promises). ``describe(positions)``
+    names examples in the message (default: their positions)."""
+    from .config import ConfigError
+
+    if not examples:
+        return
+    costs = [ex.packed_tokens(share_prompt) for ex in examples]
+    i = max(range(len(costs)), key=costs.__getitem__)
+    if costs[i] > token_budget:
+        ex = examples[i]
+        named = describe([i]) if describe is not None else f"example {i}"
+        raise ConfigError(f"training.token_budget ({token_budget}) is below one pair: the longest pair, {named}, "
+                          f"packs to {costs[i]} tokens (prompt {len(ex.prompt_ids)}, real response "
+                          f"{len(ex.real_ids)}, synthetic response {len(ex.synthetic_ids)} tokens"
+                          f"{', the prompt once' if share_prompt else ', the prompt twice'}); a micro-batch holds at "
+                          f"least one pair: raise --token-budget to at least {costs[i]}")
+
+
+def check_rows_fit(records: list[Record], tokenizer, cfg) -> None:
+    """Before any work: say once how many real responses already end with the tokenizer's EOS
+    text (tokenised without it: spin_kernels.packing.tokenize_response), and refuse a token
+    budget below a pair whose size is known before sampling (prompt twice, the real response and
+    at least the synthetic response's EOS). Only when the budget is below two sequences of
+    ``max_length`` can a pair exceed it, so only then are the rows tokenised here."""
+    import sys
+
+    from .parallel import is_main
+
+    eos = getattr(tokenizer, "eos_token", None)
+    ending = [r["index"] for r in records if eos and isinstance(r.get("real"), str) and r["real"].endswith(eos)]
+    if ending and is_main():
+        print(f"spin-kernels: note: {len(ending)} real response(s) already end with the tokenizer's EOS text "
+              f"{eos!r} (e.g. data rows {ending[:5]}); it is not added twice: each ends with one EOS token, as "
+              f"the synthetic responses do", file=sys.stderr)
+    t = cfg.training
+    if t.token_budget >= 2 * cfg.data.max_length:
+        return
+    examples = [dataclasses.replace(ex, synthetic_ids=ex.synthetic_ids[-1:])
+                for ex in to_examples(tokenizer, [dict(r, synthetic="") for r in records], cfg.data)]
+    check_token_budget(examples, t.token_budget, t.share_prompt,
+                       lambda pos: f"data row {records[pos[0]]['index']} (before sampling: its synthetic response "
+                                   f"counted as one token)")
+
+
 @torch.no_grad()
 def reference_logps_for(
     model,

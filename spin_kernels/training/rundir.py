@@ -62,10 +62,18 @@ def check_output_dir(path: str, what: str = "loop.output_dir") -> str:
     return path
 
 
-def check_output_file(path: str, what: str = "--output") -> str:
-    """The parent of ``path`` is created and writable, and ``path`` is not a directory."""
+def check_output_file(path: str, what: str = "--output", inputs: dict[str, str | None] | None = None) -> str:
+    """The parent of ``path`` is created and writable, ``path`` is not a directory, and it is not
+    one of the command's ``inputs`` ({flag: path}): the same file, a symbolic link to it or a
+    hard link of it would be overwritten while it is read."""
     if os.path.isdir(path):
         raise ConfigError(f"{what}: {path!r} is a directory; give a file name")
+    for flag, source in (inputs or {}).items():
+        if source and os.path.isfile(source) and os.path.exists(path) and os.path.samefile(path, source):
+            how = ("is" if os.path.abspath(path) == os.path.abspath(source) else "is a symbolic link to"
+                   if os.path.realpath(path) == os.path.realpath(source) else "is a hard link of")
+            raise ConfigError(f"{what}: {path!r} {how} the input file {flag} {source!r}; writing it would overwrite "
+                              f"the input: give another output file")
     check_output_dir(os.path.dirname(os.path.abspath(path)), what)
     return path
 

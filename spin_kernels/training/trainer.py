@@ -2,21 +2,22 @@
 
 Layout of one training run in ``out_dir``::
 
-    checkpoints/step-N/   resumable step checkpoints (spin_kernels.training.checkpoint.Checkpointer)
+    checkpoints/          resumable step checkpoints and their index.json (spin_kernels.training.checkpoint)
     metrics.jsonl         one row per logged optimizer step
     metrics.png           the curves of this run
     model/                the final model (save_pretrained, safetensors)
 
 Determinism: the data order of epoch e is a permutation seeded by (seed, e), and global batch
 k is a fixed slice of it, so "the data position" is just the optimizer step. A resumed run
-reloads weights, optimizer, scheduler and RNG states of the latest checkpoint and replays the
-same batches, reaching the same final weights as an uninterrupted run.
+reloads the trained weights, optimizer, scheduler, data position and RNG states of the latest
+checkpoint and replays the same batches, reaching the same final weights as an uninterrupted run.
 
 Under FSDP (a sharded runner, spin_kernels.training.parallel) the same global batch is planned
 with ``num_ranks=W`` and each rank accumulates its own micro-batches (the same number on every
 rank; an empty one runs a zero-weight forward/backward); ``spin_kernels.distributed.train_step``
 weights them so the loss is the mean over the global batch, and clips by the global gradient
-norm. The Checkpointer then writes sharded step checkpoints and gathers ``model/`` on rank 0.
+norm. The Checkpointer's step checkpoints are the same format in both cases (each rank writes
+its shards), and ``model/`` is gathered on rank 0.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import resource
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,9 +33,8 @@ from dataclasses import dataclass
 import torch
 
 from . import provenance
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, run_states, seed_everything
 from .config import TrainingConfig
-from .loading import seed_everything
 from .metrics import MetricsLogger, plot_metrics, read_metrics
 from .parallel import as_runner, is_main, is_sharded, progress, rank, world_size
 
@@ -72,10 +73,17 @@ def build_optimizer(params, cfg: TrainingConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
+def warmup_steps(cfg: TrainingConfig, total_steps: int) -> int:
+    """Steps of linear warm-up: ``ceil(warmup_ratio * total_steps)``, except that a schedule of one
+    step has none (its only step would have lr 0: an iteration that trains nothing). From two
+    steps on, every step after the first has lr > 0."""
+    return 0 if total_steps <= 1 else math.ceil(cfg.warmup_ratio * total_steps)
+
+
 def build_scheduler(optimizer, cfg: TrainingConfig, total_steps: int):
     from transformers import get_linear_schedule_with_warmup
 
-    return get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
+    return get_linear_schedule_with_warmup(optimizer, warmup_steps(cfg, total_steps), total_steps)
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -169,17 +177,19 @@ def train_spin(
     from spin_kernels.distributed import NonFiniteError
 
     runner = _checked_runner(model, examples)
-    key = provenance.training_key(examples, cfg, start_digest)
+    tokenizer_digest = provenance.tokenizer_digest(tokenizer)
+    key = provenance.training_key(examples, cfg, start_digest, tokenizer_digest)
     schedule = global_batches(len(examples), cfg.global_batch_pairs, cfg.epochs, cfg.seed)
     metrics_path = f"{out_dir}/metrics.jsonl"
-    if resume and Checkpointer.finished(out_dir, key):  # finished before: nothing to redo
+    if resume and Checkpointer.finished(out_dir, key, on_stale=on_stale):  # finished before: nothing to redo
         return TrainResult(f"{out_dir}/model", metrics_path, None, len(schedule), trained=False)
+    _note_schedule(cfg, len(examples), len(schedule), desc)
     seed_everything(cfg.seed)
     runner.train()
     optimizer = build_optimizer([p for p in runner.parameters() if p.requires_grad], cfg)
     scheduler = build_scheduler(optimizer, cfg, len(schedule))
-    ckpt = Checkpointer(runner, optimizer, scheduler, tokenizer, out_dir, key=key, num_steps=len(schedule),
-                        save_every=cfg.save_every, on_stale=on_stale)
+    ckpt = Checkpointer(run_states(runner, optimizer, scheduler), out_dir, key=key, num_steps=len(schedule),
+                        save_every=cfg.save_every, on_stale=on_stale, tokenizer=tokenizer_digest)
     start = ckpt.load() if resume else 0
     logger = MetricsLogger(metrics_path, tensorboard=tensorboard, resume_from_step=start if resume else None) \
         if is_main() else None
@@ -205,9 +215,21 @@ def train_spin(
             ckpt.save(step + 1)
     if logger is not None:
         logger.close()
-    model_dir = ckpt.export({**(info or {}), "steps": len(schedule)})
+    model_dir = ckpt.export(runner, tokenizer, {**(info or {}), "steps": len(schedule)})
     plot = plot_metrics(read_metrics(metrics_path), f"{out_dir}/metrics.png", title=desc) if is_main() else None
     return TrainResult(model_dir, metrics_path, plot, len(schedule))
+
+
+def _note_schedule(cfg: TrainingConfig, pairs: int, steps: int, desc: str) -> None:
+    """Say so when a global batch holds every pair (each epoch is one optimizer step) and when a
+    one-step schedule gets no warm-up (``warmup_steps``)."""
+    if not is_main() or cfg.global_batch_pairs < pairs:
+        return
+    warm = math.ceil(cfg.warmup_ratio * steps)
+    skipped = f"; the warm-up of ceil({cfg.warmup_ratio:g} x 1) = {warm} step is dropped (its one step would " \
+              f"have lr 0 and train nothing): the step takes --learning-rate" if steps == 1 and warm else ""
+    print(f"spin-kernels: note: {desc}: --global-batch-pairs {cfg.global_batch_pairs} >= the {pairs} pairs: each "
+          f"epoch is one optimizer step of {pairs} pairs ({steps} step(s) in all){skipped}", file=sys.stderr)
 
 
 def _checked_runner(model, examples: list):
@@ -251,4 +273,4 @@ def _stop_message(err, step: int, num_steps: int, cfg: TrainingConfig, runner, c
     return (f"{desc}{' (iteration ' + where + ')' if where else ''}: optimizer step {step + 1} of {num_steps} "
             f"stopped before it was saved: non-finite {err.quantity} ({err.detail}); {named}. Likely cause: "
             f"{_likely_cause(err, step, cfg, next(runner.parameters()).dtype)}. Nothing non-finite was saved"
-            f"{'; the last checkpoint is ' + saved[1] if saved else ''}.")
+            f"{'; the last checkpoint is ' + saved.path if saved else ''}.")

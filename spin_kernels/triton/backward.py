@@ -10,7 +10,8 @@ vocabulary in chunks. Per (block, chunk), three kernels, each the single owner o
 (no atomics: repeated runs are bitwise identical):
 
 * ``logit_grads_kernel`` recomputes the chunk's logit tiles on chip (one program per
-  row tile × vocabulary tile), forms ∂u and writes it, in the weight's dtype, into a
+  row tile × vocabulary tile), forms ∂u and writes it, in the products' dtype (the inputs', or
+  fp32 when hidden and weight differ: ``config.compute_dtype``), into a
   [block, chunk] buffer G; with it, the tile's column sums of ∂u (for ∂b, fp32) and, when the
   gradient filter is on, whether the tile matters at all;
 * ``grad_hidden_kernel``: acc[rows, cols] += G[rows, chunk] · W[chunk, cols] into the block's
@@ -32,28 +33,31 @@ filtered).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .config import backward_tiles, dot_precision, flags_from_pointers, launch
-from .tiles import live_count, logit_grad_tile, logit_tile, row_positions
+from .config import backward_tiles, compute_dtype, dot_precision, flags_from_pointers, launch
+from .tiles import live_count, logit_grad_tile, logit_tile, matching, row_positions
 
 # The backward's scratch memory: G and the fp32 ∂h accumulator of a row block. Under 64 MiB with
 # room for the small per-row buffers (lse, row indices, bias partial sums).
 DEFAULT_WORKSPACE_BYTES = 56 * 2**20
 
 
-@flags_from_pointers(HAS_BIAS="b_ptr", HAS_INDEX="idx_ptr", FILTER="keep_ptr", COMPUTE_DB="dbp_ptr")
+@flags_from_pointers(HAS_BIAS="b_ptr", HAS_INDEX="idx_ptr", FILTER="keep_ptr", COMPUTE_DB="dbp_ptr",
+                     HAS_ENTROPY="ent_ptr")
 @triton.jit
 def logit_grads_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, idx_ptr, count_ptr, lse_ptr, g_ptr, du_ptr, dbp_ptr, keep_ptr,
+    h_ptr, w_ptr, b_ptr, y_ptr, idx_ptr, count_ptr, lse_ptr, g_ptr, ent_ptr, du_ptr, dbp_ptr, keep_ptr,
     M, V, H, v_lo, v_hi,
-    stride_hm, stride_hk, stride_wv, stride_wk, stride_b, stride_du, stride_dbp, stride_keep,
+    stride_hm, stride_hk, stride_wv, stride_wk, stride_b, stride_ent, stride_du, stride_dbp, stride_keep,
     inv_temp, softcap, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_INDEX: tl.constexpr, FILTER: tl.constexpr,
-    COMPUTE_DB: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COMPUTE_DB: tl.constexpr, HAS_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TILE_M: tl.constexpr, TILE_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -73,10 +77,17 @@ def logit_grads_kernel(
     # tile alive in the filter.
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=float("inf"))
     g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
+    mean_logit = g  # E_p[z] = lse − H, unused without HAS_ENTROPY
+    g_entropy = g
+    if HAS_ENTROPY:  # ent_ptr: [2, M], the rows' entropies and their upstream gradients
+        entropy = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
+        g_entropy = tl.load(ent_ptr + stride_ent + rows, mask=row_mask, other=0.0)
+        mean_logit = tl.where(row_mask, lse - entropy, 0.0)  # not inf − 0 on padding rows
     z, t = logit_tile(h_ptr, w_ptr, b_ptr, row_positions(idx_ptr, rows, row_mask, HAS_INDEX), cols, row_mask,
                       col_mask, H, stride_hm, stride_hk, stride_wv, stride_wk, stride_b, inv_temp, softcap,
                       HAS_BIAS, HAS_SOFTCAP, TILE_M, TILE_V, BLOCK_K, DOT_PRECISION)
-    du, dz_unscaled = logit_grad_tile(z, t, y, cols, col_mask, lse, g, inv_temp, HAS_SOFTCAP)
+    du, dz_unscaled = logit_grad_tile(z, t, y, cols, col_mask, lse, g, inv_temp, mean_logit, g_entropy, HAS_SOFTCAP,
+                                      HAS_ENTROPY)
     du = tl.where(row_mask[:, None] & col_mask[None, :], du, 0.0)
     out = du_ptr + rows.to(tl.int64)[:, None] * stride_du + local[None, :]
     tl.store(out, du.to(du_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
@@ -135,6 +146,7 @@ def grad_hidden_kernel(
             du = tl.load(du_rows + local[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
             w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_wv + ks[None, :] * stride_wk,
                         mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            du, w = matching(du, w)
             acc = tl.dot(du, w, acc, input_precision=DOT_PRECISION)
     if last != 0:
         at = row_positions(idx_ptr, rows, row_mask, HAS_INDEX)
@@ -174,6 +186,7 @@ def grad_weight_kernel(
             at = row_positions(idx_ptr, rows, row_mask, HAS_INDEX)
             h = tl.load(h_ptr + at.to(tl.int64)[:, None] * stride_hm + ks[None, :] * stride_hk,
                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            du, h = matching(du, h)
             acc = tl.dot(tl.trans(du), h, acc, input_precision=DOT_PRECISION)
     out = dw_ptr + cols.to(tl.int64)[:, None] * stride_dv + ks[None, :]
     out_mask = col_mask[:, None] & k_mask[None, :]
@@ -207,12 +220,84 @@ def block_count(count: Tensor | None, lo: int, hi: int, device: torch.device) ->
     return (count - lo).clamp_(0, hi - lo)
 
 
+@dataclass
+class _Call:
+    """What every launch of one ``rows_grads`` call shares: the inputs as the kernels read them,
+    the outputs they write, and the per-row vectors (``rows`` slices them per row block)."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    targets: Tensor
+    lse: Tensor
+    grad: Tensor
+    entropy: Tensor | None  # [2, M]: the rows' entropies and ∂L/∂entropy, or None
+    idx: Tensor  # where counted row i sits in hidden and dh
+    count: Tensor | None
+    inv_temp: float
+    softcap: float | None
+    filter_eps: float
+    dh: Tensor | None
+    dw: Tensor | None
+    db: Tensor | None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the products and of G (``config.compute_dtype``)."""
+        return compute_dtype(self.hidden.dtype, self.weight.dtype)
+
+    @property
+    def precision(self) -> str:
+        return dot_precision(self.dtype)
+
+
+@dataclass
+class _Workspace:
+    """The backward's scratch memory (``workspace_shape``): G [block, chunk] in the products'
+    dtype, the fp32 ∂h accumulator of a row block, ∂b's partial sums per row tile and, with the
+    gradient filter, whether each (row tile, vocabulary tile) of G is live."""
+
+    block: int
+    chunk: int
+    tile_m: int
+    tile_v: int
+    du: Tensor
+    acc: Tensor | None
+    dbp: Tensor | None
+    keep: Tensor | None
+
+    @staticmethod
+    def allocate(call: _Call, rows: int, budget: int) -> _Workspace:
+        weight, (v, h) = call.weight, call.weight.shape
+        tile_m, tile_v = backward_tiles(weight.device)
+        block, chunk = workspace_shape(rows, v, h, call.dtype.itemsize, tile_m, tile_v, budget, call.dh is not None)
+        m_tiles = triton.cdiv(block, tile_m)
+        return _Workspace(
+            block, chunk, tile_m, tile_v,
+            du=weight.new_empty(block, chunk, dtype=call.dtype),
+            acc=weight.new_empty(block, h, dtype=torch.float32) if call.dh is not None else None,
+            dbp=weight.new_empty(m_tiles, chunk, dtype=torch.float32) if call.db is not None else None,
+            keep=weight.new_empty(m_tiles, chunk // tile_v, dtype=torch.int32) if call.filter_eps > 0 else None)
+
+    @property
+    def m_tiles(self) -> int:
+        return triton.cdiv(self.block, self.tile_m)
+
+    @property
+    def tiles(self) -> dict:
+        return {"TILE_M": self.tile_m, "TILE_V": self.tile_v}
+
+    @property
+    def stride_keep(self) -> int:
+        return self.keep.stride(0) if self.keep is not None else 0
+
+
 def rows_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, lse: Tensor, grad: Tensor,
                temperature: float, softcap: float | None, need_hidden: bool, need_weight: bool, need_bias: bool,
                filter_eps: float = 0.0, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
-               index: Tensor | None = None, count: Tensor | None = None
-               ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of Σ_n grad[n]·logp[n] over the counted rows.
+               index: Tensor | None = None, count: Tensor | None = None, entropy: Tensor | None = None,
+               grad_entropy: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of Σ_n grad[n]·logp[n] (+ grad_entropy[n]·entropy[n]) over the counted rows.
 
     Args:
         hidden [M, H] (or every row [N, H] with ``index`` [M]), weight [V, H], bias [V] | None,
@@ -223,6 +308,8 @@ def rows_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Ten
         workspace_bytes: budget of the backward's scratch memory (``workspace_shape``).
         count: int32 [1] on the device, or None (= M): rows i >= count are padding, skipped
             (see ``rows_logprobs``); no host synchronisation either way.
+        entropy, grad_entropy: [M] float32 (both or neither): the rows' entropies from the
+            forward and ∂L/∂entropy per row, when the entropies are differentiated.
 
     Returns:
         (dhidden shaped like hidden in hidden's dtype (zero on rows not in ``index``), dweight
@@ -230,66 +317,71 @@ def rows_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Ten
         accumulated in fp32 and rounded once; dweight in fp32 within a row block, rounded once
         per block (once in all when the batch fits one block).
     """
-    m, h = targets.shape[0], hidden.shape[1]
-    v = weight.shape[0]
+    m, v = targets.shape[0], weight.shape[0]
     dh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
-    if hidden.dtype != weight.dtype:
-        hidden = hidden.to(weight.dtype)
-    need_bias = need_bias and bias is not None
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight else None  # all written
-    db = weight.new_zeros(v, dtype=torch.float32) if need_bias else None
-    if m == 0 or not (need_hidden or need_weight or need_bias):
+    db = weight.new_zeros(v, dtype=torch.float32) if need_bias and bias is not None else None
+    if m == 0 or (dh is None and dw is None and db is None):
         return dh, None if dw is None else dw.zero_(), db
-    device = hidden.device
-    tile_m, tile_v = backward_tiles(device)
-    block, chunk = workspace_shape(m, v, h, weight.element_size(), tile_m, tile_v, workspace_bytes, need_hidden)
-    m_tiles, v_tiles = triton.cdiv(block, tile_m), chunk // tile_v
-    targets, lse, grad = targets.contiguous(), lse.float().contiguous(), grad.float().contiguous()
-    du = weight.new_empty(block, chunk)
-    acc = weight.new_empty(block, h, dtype=torch.float32) if need_hidden else None
-    dbp = weight.new_empty(m_tiles, chunk, dtype=torch.float32) if need_bias else None
-    filtering = filter_eps > 0
-    keep = torch.empty(m_tiles, v_tiles, dtype=torch.int32, device=device) if filtering else None
-    stride_keep = keep.stride(0) if filtering else 0
-    tiles = {"TILE_M": tile_m, "TILE_V": tile_v}
     # Always an index, unlike the forward's: the kernels see one row block at a time, and
     # idx[rows] says where its rows sit in hidden and dh.
-    idx = index if index is not None else torch.arange(m, device=device)
-    precision = dot_precision(weight.dtype)
-    for r_lo in range(0, m, block):
-        r_hi = min(r_lo + block, m)
-        rows = slice(r_lo, r_hi)
-        live = block_count(count, r_lo, r_hi, device)
-        if need_bias:
-            dbp.zero_()  # tiles past the live rows are skipped, and must add nothing
-        for v_lo in range(0, v, chunk):
-            v_hi = min(v_lo + chunk, v)
-            used_tiles = triton.cdiv(v_hi - v_lo, tile_v)
-            launch(logit_grads_kernel, lambda meta, n=used_tiles: (m_tiles, n),
-                   h_ptr=hidden, w_ptr=weight, b_ptr=bias, y_ptr=targets[rows], idx_ptr=idx[rows], count_ptr=live,
-                   lse_ptr=lse[rows], g_ptr=grad[rows], du_ptr=du, dbp_ptr=dbp, keep_ptr=keep,
-                   M=r_hi - r_lo, V=v, H=h, v_lo=v_lo, v_hi=v_hi,
-                   stride_hm=hidden.stride(0), stride_hk=hidden.stride(1), stride_wv=weight.stride(0),
-                   stride_wk=weight.stride(1), stride_b=bias.stride(0) if bias is not None else 0,
-                   stride_du=du.stride(0), stride_dbp=dbp.stride(0) if need_bias else 0, stride_keep=stride_keep,
-                   inv_temp=1.0 / temperature, softcap=1.0 if softcap is None else softcap,
-                   filter_eps=float(filter_eps), HAS_SOFTCAP=softcap is not None, DOT_PRECISION=precision,
-                   **tiles, device=device, family="producer")
-            if need_bias:
-                db[v_lo:v_hi] += dbp[:, :v_hi - v_lo].sum(0)  # fixed-order reduction over row tiles
-            if need_hidden:
-                launch(grad_hidden_kernel, lambda meta: (m_tiles, triton.cdiv(h, meta["BLOCK_H"])),
-                       du_ptr=du, w_ptr=weight, idx_ptr=idx[rows], count_ptr=live, keep_ptr=keep, acc_ptr=acc,
-                       dh_ptr=dh, M=r_hi - r_lo, V=v, H=h, v_lo=v_lo, v_hi=v_hi, n_vtiles=used_tiles,
-                       first=int(v_lo == 0), last=int(v_hi == v),
-                       stride_du=du.stride(0), stride_wv=weight.stride(0), stride_wk=weight.stride(1),
-                       stride_keep=stride_keep, stride_acc=acc.stride(0), stride_dm=dh.stride(0),
-                       DOT_PRECISION=precision, **tiles, device=device, family="gemm")
-            if need_weight:
-                launch(grad_weight_kernel, lambda meta, n=used_tiles: (n, triton.cdiv(h, meta["BLOCK_H"])),
-                       du_ptr=du, h_ptr=hidden, idx_ptr=idx[rows], count_ptr=live, keep_ptr=keep, dw_ptr=dw,
-                       M=r_hi - r_lo, V=v, H=h, v_lo=v_lo, v_hi=v_hi, accumulate=int(r_lo > 0),
-                       stride_du=du.stride(0), stride_hm=hidden.stride(0), stride_hk=hidden.stride(1),
-                       stride_keep=stride_keep, stride_dv=dw.stride(0),
-                       DOT_PRECISION=precision, **tiles, device=device, family="gemm")
+    ent = None if grad_entropy is None else torch.stack([entropy.float(), grad_entropy.float()])
+    call = _Call(hidden, weight, bias, targets.contiguous(), lse.float().contiguous(), grad.float().contiguous(), ent,
+                 index if index is not None else torch.arange(m, device=hidden.device), count, 1.0 / temperature,
+                 softcap, float(filter_eps), dh, dw, db)
+    ws = _Workspace.allocate(call, m, workspace_bytes)
+    for r_lo in range(0, m, ws.block):
+        rows = slice(r_lo, min(r_lo + ws.block, m))
+        live = block_count(count, rows.start, rows.stop, hidden.device)
+        if db is not None:
+            ws.dbp.zero_()  # tiles past the live rows are skipped, and must add nothing
+        for v_lo in range(0, v, ws.chunk):
+            v_hi = min(v_lo + ws.chunk, v)
+            _logit_grads(call, ws, rows, live, v_lo, v_hi)
+            if db is not None:
+                db[v_lo:v_hi] += ws.dbp[:, :v_hi - v_lo].sum(0)  # fixed-order reduction over row tiles
+            if dh is not None:
+                _grad_hidden(call, ws, rows, live, v_lo, v_hi)
+            if dw is not None:
+                _grad_weight(call, ws, rows, live, v_lo, v_hi)
     return dh, dw, db
+
+
+def _logit_grads(call: _Call, ws: _Workspace, rows: slice, live: Tensor, v_lo: int, v_hi: int) -> None:
+    """G = ∂u of the block's rows × the chunk's columns (and ∂b's partial sums, the filter's flags)."""
+    h, w, b, ent = call.hidden, call.weight, call.bias, call.entropy
+    launch(logit_grads_kernel, lambda meta: (ws.m_tiles, triton.cdiv(v_hi - v_lo, ws.tile_v)),
+           h_ptr=h, w_ptr=w, b_ptr=b, y_ptr=call.targets[rows], idx_ptr=call.idx[rows], count_ptr=live,
+           lse_ptr=call.lse[rows], g_ptr=call.grad[rows], ent_ptr=None if ent is None else ent[:, rows],
+           du_ptr=ws.du, dbp_ptr=ws.dbp, keep_ptr=ws.keep,
+           M=rows.stop - rows.start, V=w.shape[0], H=w.shape[1], v_lo=v_lo, v_hi=v_hi,
+           stride_hm=h.stride(0), stride_hk=h.stride(1), stride_wv=w.stride(0), stride_wk=w.stride(1),
+           stride_b=b.stride(0) if b is not None else 0, stride_ent=0 if ent is None else ent.stride(0),
+           stride_du=ws.du.stride(0),
+           stride_dbp=ws.dbp.stride(0) if ws.dbp is not None else 0, stride_keep=ws.stride_keep,
+           inv_temp=call.inv_temp, softcap=1.0 if call.softcap is None else call.softcap,
+           filter_eps=call.filter_eps, HAS_SOFTCAP=call.softcap is not None, DOT_PRECISION=call.precision,
+           **ws.tiles, device=h.device, family="producer")
+
+
+def _grad_hidden(call: _Call, ws: _Workspace, rows: slice, live: Tensor, v_lo: int, v_hi: int) -> None:
+    """acc (+)= G · W[chunk]; on the last chunk, dh[rows] = acc rounded once."""
+    w, width = call.weight, call.weight.shape[1]
+    launch(grad_hidden_kernel, lambda meta: (ws.m_tiles, triton.cdiv(width, meta["BLOCK_H"])),
+           du_ptr=ws.du, w_ptr=w, idx_ptr=call.idx[rows], count_ptr=live, keep_ptr=ws.keep, acc_ptr=ws.acc,
+           dh_ptr=call.dh, M=rows.stop - rows.start, V=w.shape[0], H=width, v_lo=v_lo, v_hi=v_hi,
+           n_vtiles=triton.cdiv(v_hi - v_lo, ws.tile_v), first=int(v_lo == 0), last=int(v_hi == w.shape[0]),
+           stride_du=ws.du.stride(0), stride_wv=w.stride(0), stride_wk=w.stride(1), stride_keep=ws.stride_keep,
+           stride_acc=ws.acc.stride(0), stride_dm=call.dh.stride(0),
+           DOT_PRECISION=call.precision, **ws.tiles, device=w.device, family="gemm")
+
+
+def _grad_weight(call: _Call, ws: _Workspace, rows: slice, live: Tensor, v_lo: int, v_hi: int) -> None:
+    """dW[chunk] (+)= Gᵀ · h[rows], the block's reduction in fp32, rounded once per block."""
+    hid, w = call.hidden, call.weight
+    v_tiles = triton.cdiv(v_hi - v_lo, ws.tile_v)
+    launch(grad_weight_kernel, lambda meta: (v_tiles, triton.cdiv(w.shape[1], meta["BLOCK_H"])),
+           du_ptr=ws.du, h_ptr=hid, idx_ptr=call.idx[rows], count_ptr=live, keep_ptr=ws.keep, dw_ptr=call.dw,
+           M=rows.stop - rows.start, V=w.shape[0], H=w.shape[1], v_lo=v_lo, v_hi=v_hi, accumulate=int(rows.start > 0),
+           stride_du=ws.du.stride(0), stride_hm=hid.stride(0), stride_hk=hid.stride(1), stride_keep=ws.stride_keep,
+           stride_dv=call.dw.stride(0), DOT_PRECISION=call.precision, **ws.tiles, device=w.device, family="gemm")

@@ -158,6 +158,13 @@ def split_align() -> int:
 FP32_EXACT_PRECISION = "tf32x3"
 
 
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype the kernels' products run in: the inputs' own when they agree, else float32 (a
+    fp32 hidden with a half-precision weight, or the reverse, is never rounded down: the
+    kernels convert both operands of each tile product to fp32, see ``tiles.matching``)."""
+    return dtypes[0] if all(d == dtypes[0] for d in dtypes) else torch.float32
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot's input_precision for inputs of ``dtype``: "tf32" for fp32 when torch allows TF32
     matmuls, FP32_EXACT_PRECISION for fp32 when it does not; 16-bit inputs ignore it."""

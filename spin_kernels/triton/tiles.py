@@ -37,6 +37,17 @@ def row_positions(idx_ptr, rows, row_mask, HAS_INDEX: tl.constexpr):
 
 
 @triton.jit
+def matching(a, b):
+    """The operands of a tile product as ``tl.dot`` takes them: unchanged when their dtypes agree
+    (the launcher picks that case at compile time), else both in fp32, so that a fp32 operand is
+    never rounded to its half-precision partner's dtype (``config.compute_dtype``)."""
+    if a.dtype != b.dtype:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return a, b
+
+
+@triton.jit
 def logit_tile(h_ptr, w_ptr, b_ptr, h_rows_at, cols, row_mask, col_mask, H,
                stride_hm, stride_hk, stride_wv, stride_wk, stride_b, inv_temp, softcap,
                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -56,6 +67,7 @@ def logit_tile(h_ptr, w_ptr, b_ptr, h_rows_at, cols, row_mask, col_mask, H,
         k_mask = ks < H
         a = tl.load(h_rows + ks[None, :] * stride_hk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(w_cols + ks[:, None] * stride_wk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        a, b = matching(a, b)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         bias = tl.load(b_ptr + cols.to(tl.int64) * stride_b, mask=col_mask, other=0.0)
@@ -71,15 +83,21 @@ def logit_tile(h_ptr, w_ptr, b_ptr, h_rows_at, cols, row_mask, col_mask, H,
 
 
 @triton.jit
-def logit_grad_tile(z, t, y, cols, col_mask, lse, g, inv_temp,
-                    HAS_SOFTCAP: tl.constexpr):
-    """(du, dz_unscaled): du = ∂L/∂u for the tile (chained through softcap and temperature);
-    dz_unscaled = onehot − softmax, the quantity the gradient filter compares with its
-    threshold (it does not depend on the upstream scale g)."""
+def logit_grad_tile(z, t, y, cols, col_mask, lse, g, inv_temp, mean_logit, g_entropy,
+                    HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr):
+    """(du, dz_unscaled): du = ∂L/∂u for the tile (chained through softcap and temperature) of
+    L = Σ g logp (+ Σ g_entropy H with HAS_ENTROPY: ∂H/∂z = p (μ − z), μ = E_p[z] = lse − H the
+    rows' ``mean_logit``);
+    dz_unscaled = |onehot − softmax| (and |p (μ − z)|), the quantity the gradient filter compares
+    with its threshold (it does not depend on the upstream scales)."""
     p = tl.where(col_mask[None, :], tl.exp(z - lse[:, None]), 0.0)
     onehot = (cols[None, :] == y[:, None]).to(tl.float32)
     dz_unscaled = onehot - p
     du = g[:, None] * dz_unscaled
+    if HAS_ENTROPY:
+        entropy_grad = p * (mean_logit[:, None] - z)
+        du += g_entropy[:, None] * entropy_grad
+        dz_unscaled = tl.maximum(tl.abs(dz_unscaled), tl.abs(entropy_grad))
     if HAS_SOFTCAP:
         du = du * (1.0 - t * t)
     return du * inv_temp, dz_unscaled

@@ -21,14 +21,18 @@ records as the reason impl="cpu" is unavailable.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..layout import CountedRows, pair_groups, row_grads, seq_logps
 from ..objective import spin_terms
-from .base import Backend, HeadSpec, acc_dtype
+from .base import Backend, Grads, RowLogprobs, SpinResult, Upstream, acc_dtype
 from .torch_chunked import TorchChunked
+
+if TYPE_CHECKING:
+    from ..options import HeadOptions, SpinOptions
 
 try:  # loading the library registers torch.ops.spin_kernels_cpu
     importlib.import_module("spin_kernels._C")
@@ -97,6 +101,13 @@ class CpuFused(Backend):
         self.parts, self.row_tile, self.vocab_tile, self._gemm = parts, row_tile, int(vocab_tile), gemm
         self._reference = TorchChunked()  # float64 (gradcheck precision) is the torch path's job
 
+    def __repr__(self) -> str:
+        return (f"cpu(store_bytes={self._store_bytes}, parts={self.parts}, row_tile={self.row_tile}, "
+                f"vocab_tile={self.vocab_tile}, gemm={self._gemm!r})")
+
+    def unavailable_on(self, device: torch.device) -> str | None:
+        return None if device.type == "cpu" else "it needs CPU tensors"
+
     @property
     def gemm(self) -> str:
         """The engine passed to the kernels: the one asked for, or the rule's for "auto"."""
@@ -124,16 +135,18 @@ class CpuFused(Backend):
         return hidden.contiguous(), weight.contiguous(), bias, targets.long().contiguous()
 
     @staticmethod
-    def _softcap(spec: HeadSpec) -> float:
-        return 0.0 if spec.softcap is None else spec.softcap
+    def _softcap(opts: HeadOptions) -> float:
+        return 0.0 if opts.softcap is None else opts.softcap
 
-    def _forward(self, h, w, b, y, spec, store=None, index=None):
-        return _OPS.rows_forward(h, w, b, y, spec.temperature, self._softcap(spec), store, *self._tiling(h.shape[1]),
-                                 index, self.gemm)
+    def _forward(self, h, w, b, y, opts, store=None, index=None) -> RowLogprobs:
+        logp, lse, stats = _OPS.rows_forward(h, w, b, y, opts.temperature, self._softcap(opts), store,
+                                             *self._tiling(h.shape[1]), index, self.gemm, opts.row_stats)
+        return RowLogprobs(logp, lse, stats if opts.row_stats else None)
 
-    def _backward(self, h, w, b, y, lse, grad, spec, dh, dw, db, store=None, index=None):
-        _OPS.rows_backward(h, w, b, y, lse.float().contiguous(), grad.float().contiguous(), spec.temperature,
-                           self._softcap(spec), store, *self._tiling(h.shape[1]), dh, dw, db, index, self.gemm)
+    def _backward(self, h, w, b, y, up: Upstream, opts, dh, dw, db, store=None, index=None):
+        lse, grad, entropy, grad_entropy = (None if t is None else t.float().contiguous() for t in up)
+        _OPS.rows_backward(h, w, b, y, lse, grad, opts.temperature, self._softcap(opts), store,
+                           *self._tiling(h.shape[1]), dh, dw, db, index, self.gemm, entropy, grad_entropy)
 
     @staticmethod
     def _alloc_grads(hidden, weight, bias, needs):
@@ -147,35 +160,35 @@ class CpuFused(Backend):
 
     # -- Backend API ------------------------------------------------------------------------
 
-    def rows_forward(self, hidden, weight, bias, targets, spec, index=None, count=None):
+    def rows_forward(self, hidden, weight, bias, targets, opts: HeadOptions, index=None, count=None):
         if acc_dtype(hidden, weight, bias) == torch.float64:
-            return self._reference.rows_forward(hidden, weight, bias, targets, spec, index)
+            return self._reference.rows_forward(hidden, weight, bias, targets, opts, index)
         h, w, b, y = self._kernel_inputs(hidden, weight, bias, targets)
-        return self._forward(h, w, b, y, spec, index=index)
+        return self._forward(h, w, b, y, opts, index=index)
 
-    def rows_backward(self, hidden, weight, bias, targets, lse, grad, spec, needs, index=None, count=None):
+    def rows_backward(self, hidden, weight, bias, targets, upstream: Upstream, opts: HeadOptions, needs, index=None,
+                      count=None):
         if acc_dtype(hidden, weight, bias) == torch.float64:
-            return self._reference.rows_backward(hidden, weight, bias, targets, lse, grad, spec, needs, index)
+            return self._reference.rows_backward(hidden, weight, bias, targets, upstream, opts, needs, index)
         h, w, b, y = self._kernel_inputs(hidden, weight, bias, targets)
         dh, dw, db = self._alloc_grads(h, w, bias, needs)
-        self._backward(h, w, b, y, lse, grad, spec, dh, dw, db, index=index)
-        return dh, dw, db
+        self._backward(h, w, b, y, upstream, opts, dh, dw, db, index=index)
+        return Grads(dh, dw, db)
 
-    def spin_forward_backward(self, hidden, weight, bias, rows: CountedRows, ref_logps, beta, loss_type,
-                              average, spec, needs):
+    def spin_forward_backward(self, hidden, weight, bias, rows: CountedRows, ref_logps, opts: SpinOptions, needs):
         """Forward, the SPIN epilogue, then the gradients, per group of whole pairs: one group of
         all pairs without a store; with one, groups whose logits fit it (a pair alone too large
         for it is recomputed). The kernels read the counted rows of hidden [N, H] through
         rows.index and write dhidden [N, H] through it.
         """
         if acc_dtype(hidden, weight, bias) == torch.float64:
-            return self._reference.spin_forward_backward(hidden, weight, bias, rows, ref_logps, beta, loss_type,
-                                                         average, spec, needs)
+            return self._reference.spin_forward_backward(hidden, weight, bias, rows, ref_logps, opts, needs)
         h, w, b, y = self._kernel_inputs(hidden, weight, bias, rows.targets)
         vocab = w.shape[0]
         dh, dw, db = self._alloc_grads(h, w, bias, needs)
         f32 = torch.float32
         seq_out = h.new_zeros(rows.num_seqs, dtype=f32)
+        row_stats = h.new_zeros(3, rows.num_rows, dtype=f32) if opts.row_stats else None
         loss = h.new_zeros((), dtype=f32)
         ref = ref_logps.to(f32)
         num_pairs = max(rows.num_seqs // 2, 1)
@@ -190,15 +203,17 @@ class CpuFused(Backend):
             group_store = store if hi - lo <= store_rows else None
             offsets = rows.offsets[2 * p:2 * q + 1]
             index = rows.index[lo:hi]
-            logp, lse = self._forward(h, w, b, y[lo:hi], spec, group_store, index)
-            seq = seq_logps(logp, offsets, average)
-            group_loss, seq_grad = spin_terms(seq, ref[2 * p:2 * q], beta, loss_type, num_pairs)
+            logp, lse, stats = self._forward(h, w, b, y[lo:hi], opts, group_store, index)
+            if row_stats is not None:
+                row_stats[:, lo:hi] = stats
+            seq = seq_logps(logp, offsets, opts.average)
+            group_loss, seq_grad = spin_terms(seq, ref[2 * p:2 * q], opts.beta, opts.loss_type, num_pairs)
             seq_out[2 * p:2 * q] = seq
             loss += group_loss
-            g = row_grads(seq_grad, offsets, rows.seq[lo:hi] - 2 * p, average)
+            g = row_grads(seq_grad, offsets, rows.seq[lo:hi] - 2 * p, opts.average)
             if hi > lo and bool(g.ne(0).any()):  # hinge pairs past the margin have no gradient
-                self._backward(h, w, b, y[lo:hi], lse, g, spec, dh, dw, db, group_store, index)
-        return seq_out, loss, dh, dw, db
+                self._backward(h, w, b, y[lo:hi], Upstream(lse, g), opts, dh, dw, db, group_store, index)
+        return SpinResult(loss, seq_out, dh, dw, db, row_stats)
 
 
 def make_backend() -> Backend:

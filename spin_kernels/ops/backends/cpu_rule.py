@@ -212,7 +212,8 @@ def measure_rule(key: dict[str, Any]) -> CpuRule:
     candidate: oneDNN, and keeping the logits.
     """
     from ..layout import CountedRows
-    from .base import HeadSpec, Needs
+    from ..options import SpinOptions
+    from .base import Needs
     from .cpu_backend import CpuFused
 
     h, w, y = _probe_inputs()
@@ -230,7 +231,7 @@ def measure_rule(key: dict[str, Any]) -> CpuRule:
     cu = torch.arange(0, PROBE_ROWS + 1, PROBE_ROWS // 4, dtype=torch.int32)
     rows = CountedRows.build(y, cu, -100)
     ref = torch.zeros(4)
-    args = (w, None, rows, ref, 0.1, "sigmoid", False, HeadSpec(), Needs())
+    args = (w, None, rows, ref, SpinOptions(beta=0.1, loss_type="sigmoid"), Needs())
 
     def spin(store_bytes):
         backend = CpuFused(gemm=gemm, store_bytes=store_bytes)

@@ -13,12 +13,16 @@ of counted rows stays on the device, so no call of this backend waits for the GP
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 import triton  # noqa: F401  (ImportError here = the backend is unavailable, see backends/__init__)
 
-from .base import Backend, HeadSpec, Needs
+from .base import Backend, Grads, Needs, RowLogprobs, Upstream
 from .torch_chunked import TorchChunked
+
+if TYPE_CHECKING:
+    from ..options import HeadOptions
 
 GRAD_FILTER_ENV = "SPIN_KERNELS_GRAD_FILTER"
 
@@ -61,31 +65,40 @@ class TritonBackend(Backend):
         self.workspace_bytes = workspace_bytes
         self._fallback = TorchChunked()
 
+    def __repr__(self) -> str:
+        return f"triton(grad_filter={self.grad_filter!r}, workspace_bytes={self.workspace_bytes})"
+
+    def unavailable_on(self, device: torch.device) -> str | None:
+        if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+            return None
+        return "it needs CUDA tensors (or TRITON_INTERPRET=1, set before Triton is imported, for CPU tensors)"
+
     @staticmethod
     def _is_f64(*tensors) -> bool:
         return any(t is not None and t.dtype == torch.float64 for t in tensors)
 
-    def rows_forward(self, hidden, weight, bias, targets, spec: HeadSpec, index=None, count=None):
+    def rows_forward(self, hidden, weight, bias, targets, opts: HeadOptions, index=None, count=None):
         if self._is_f64(hidden, weight, bias):
-            return self._fallback.rows_forward(hidden, weight, bias, targets, spec, index)
+            return self._fallback.rows_forward(hidden, weight, bias, targets, opts, index)
         from ...triton.forward import rows_logprobs
 
-        return rows_logprobs(hidden, weight, bias, targets, spec.temperature, spec.softcap, index=_long(index),
-                             count=count)
+        return RowLogprobs(*rows_logprobs(hidden, weight, bias, targets, opts.temperature, opts.softcap,
+                                          index=_long(index), count=count, stats=opts.row_stats))
 
     def pads_rows(self, hidden, weight, bias) -> bool:
         return not self._is_f64(hidden, weight, bias)  # float64 goes to the torch path: exact rows
 
-    def rows_backward(self, hidden, weight, bias, targets, lse, grad, spec: HeadSpec, needs: Needs, index=None,
-                      count=None):
+    def rows_backward(self, hidden, weight, bias, targets, upstream: Upstream, opts: HeadOptions, needs: Needs,
+                      index=None, count=None):
         if self._is_f64(hidden, weight, bias):
-            return self._fallback.rows_backward(hidden, weight, bias, targets, lse, grad, spec, needs, index)
+            return self._fallback.rows_backward(hidden, weight, bias, targets, upstream, opts, needs, index)
         from ...triton.backward import rows_grads
 
         budget = {} if self.workspace_bytes is None else {"workspace_bytes": self.workspace_bytes}
-        return rows_grads(hidden, weight, bias, targets, lse, grad, spec.temperature, spec.softcap,
-                          needs.hidden, needs.weight, needs.bias, index=_long(index),
-                          filter_eps=filter_eps_for(weight.dtype, self.grad_filter), count=count, **budget)
+        return Grads(*rows_grads(hidden, weight, bias, targets, upstream.lse, upstream.grad, opts.temperature,
+                                 opts.softcap, needs.hidden, needs.weight, needs.bias, index=_long(index),
+                                 filter_eps=filter_eps_for(weight.dtype, self.grad_filter), count=count,
+                                 entropy=upstream.entropy, grad_entropy=upstream.grad_entropy, **budget))
 
 
 def make_backend() -> Backend:

@@ -1,6 +1,7 @@
 """The ``evaluate`` stage: the trained model scores the held-out pairs (which never train), and
 ``heldout_eval.json`` records the held-out metrics (spin_kernels.training.evaluation) with the
-key of what they were made from: the trained model (its training key) and the pairs."""
+key of what they were made from: the trained model (its training key) and the pairs, and the
+digest of its content (a changed file is scored again)."""
 
 from __future__ import annotations
 
@@ -35,11 +36,11 @@ class EvaluatePlan:
 
     @property
     def current(self) -> bool:
-        return self.done is not None and self.done.get("key") == self.key
+        return self.done is not None and self.done.get("key") == self.key and provenance.row_damage(self.done) is None
 
     @property
     def output(self) -> dict[str, Any] | None:
-        return {k: v for k, v in self.done.items() if k != "key"} if self.current else None
+        return metrics_of(self.done) if self.current else None
 
     @property
     def reads(self) -> list[str]:
@@ -54,6 +55,11 @@ def heldout_key(training_key: str, pairs: list[Record]) -> str:
     """What a held-out evaluation is made from: the trained model (its training key) and the pairs."""
     return provenance.text_digest(training_key, [(r["prompt"], r["real"], r["synthetic"], r["ref_logps"])
                                                  for r in pairs])
+
+
+def metrics_of(done: dict[str, Any]) -> dict[str, Any]:
+    """The metrics of a heldout_eval.json (without its key and digest)."""
+    return {k: v for k, v in done.items() if k not in ("key", provenance.ROW_DIGEST)}
 
 
 def read_json(path: str) -> dict[str, Any] | None:
@@ -94,7 +100,7 @@ def run(plan: EvaluatePlan, loader, models: Models | None = None) -> dict[str, A
                                                                                 for ex in examples))
     if is_main():
         with open(plan.out_path + ".tmp", "w", encoding="utf-8") as fh:
-            json.dump({"key": plan.key, **metrics}, fh, indent=1)
+            json.dump(provenance.with_row_digest({"key": plan.key, **metrics}), fh, indent=1)
         os.replace(plan.out_path + ".tmp", plan.out_path)
     barrier()
     return metrics

@@ -25,7 +25,7 @@ def plan(cfg: SpinConfig, records: list[Record], out_path: str, *, model_path: s
 def options_in_force(cfg: SpinConfig, model_path: str) -> SamplingOptions:
     """``cfg.generation`` with its unset options set for ``cfg.model``'s device and dtype and the
     shape of the model at ``model_path`` (``samplers.in_force``)."""
-    from ..loading import resolve_device
+    from ..parallel import resolve_device
 
     return in_force(cfg.generation, device=resolve_device(cfg.model.device), model_path=model_path,
                     max_prompt_length=cfg.data.max_prompt_length, dtype_bytes=DTYPE_BYTES[cfg.model.dtype])
