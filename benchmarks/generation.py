@@ -261,6 +261,8 @@ def run_cli_case(work: Path, *, repeats: int) -> list[dict]:
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpus[name].append(after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime)
             got[name] = [json.loads(line) for line in out.read_text().splitlines()]
+            print(f"[generation] cli round {len(walls[name])} {name}: {walls[name][-1]:.1f} s wall, "
+                  f"{cpus[name][-1]:.1f} s CPU, load {loads[name][-1]:.1f} before", flush=True)
     ratios = [a / b for a, b in zip(walls["original"], walls["default"])]
     cpu_ratios = [a / b for a, b in zip(cpus["original"], cpus["default"])]
     out = []
