@@ -49,7 +49,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     run.add_argument("--e2e-cases", help="e2e cases, comma-separated (default: tiny on CPU, llama-1b on CUDA; "
                                           "'shared-prompt' = the shared-prompt cases)")
     run.add_argument("--iteration-cases", help="iteration cases: before,after (default both)")
-    run.add_argument("--generation-cases", help="generation cases: ultrachat-sft,ultrachat-random,demo (default all)")
+    run.add_argument("--generation-cases", help="generation cases: cli,ultrachat-sft,ultrachat-random,demo (default all but cli)")
     run.add_argument("--planner-cases", help="planner: configurations of benchmarks/planner.py GRID (default all)")
     run.add_argument("--iteration-result", type=Path,
                      help="planner: the iteration suite's JSON to check the time estimate against (default: this "

@@ -5,17 +5,22 @@
 same prompts with the same sampling distribution (temperature 1, top_p 1, no top_k) under each
 contender's generation options:
 
-* ``hf``: the original sampler: transformers ``generate`` on left-padded batches of 16 prompts in
-  file order, each batch seeded from (seed, batch number);
+* ``hf``: the original sampler (``generation_seeding=batch``): transformers ``generate`` on
+  left-padded batches of 16 prompts in file order, each batch seeded from (seed, batch number);
 * ``hf-sorted``: the same ``generate``, prompts sorted by length into batches of up to 64 under a
-  token budget, one random stream per prompt (``generation_seeding=example``);
-* ``continuous``: continuous batching, 16 or 32 slots (``backend=continuous``), prompts sorted;
+  token budget, one random stream per prompt (``backend=hf``, per-example seeds);
+* ``continuous-N``: continuous batching with N slots, prompts sorted (the default sampler; its
+  slot count unset is chosen for the device: 64 on CPU);
 * ``transformers-cb``: for reference, transformers' own continuous batching
   (``model.generate_batch``, paged attention) on all prompts at once; not a backend of the
   stage: its requests share one global RNG in a background thread, so a prompt's sample depends
   on the schedule and a run cannot be resumed to the same rows.
 
-Cases (``--generation-cases``): ``ultrachat-sft`` (the iteration suite's ~10M-parameter Llama after
+Cases (``--generation-cases``): ``cli`` (whole ``spin-kernels generate`` processes at the default
+flags against the original sampler's one flag, ``--generation-seeding batch``, on 384 prompts: the
+UltraChat sample repeated, every copy its own index and so its own seed; the SFT'd Llama below;
+the processes alternate, and the figure is the median over rounds of each round's ratio, which
+a shared machine disturbs least), ``ultrachat-sft`` (the iteration suite's ~10M-parameter Llama after
 its short SFT on the UltraChat sample: responses end at varied lengths; 154 prompts),
 ``ultrachat-random`` (the same Llama with random weights: no response ends before
 max_new_tokens, the case where continuous batching has nothing to gain), ``demo`` (the embedded
@@ -42,27 +47,30 @@ import torch
 
 from .iteration import default_work_dir, records, sft_model
 
-def _contenders(batch: int, sorted_batch: int, budget: int, slots: tuple[int, int]) -> dict[str, dict | None]:
+def _contenders(batch: int, sorted_batch: int, budget: int, slots: tuple[int, ...]) -> dict[str, dict | None]:
     return {
-        "hf": {"generation_batch_size": batch} if batch != 16 else {},
-        "hf-sorted": {"generation_seeding": "example", "generation_order": "length",
-                      "generation_batch_size": sorted_batch, "generation_token_budget": budget},
+        "hf": {"generation_seeding": "batch", **({"generation_batch_size": batch} if batch != 16 else {})},
+        "hf-sorted": {"backend": "hf", "generation_order": "length", "generation_batch_size": sorted_batch,
+                      "generation_token_budget": budget},
         **{f"continuous-{n}": {"backend": "continuous", "generation_order": "length", "generation_batch_size": n}
            for n in slots},
         "transformers-cb": None,  # model.generate_batch, outside the stage
     }
 
 
-#: Each case: its sampling lengths, prompts, and its contenders' options (the hf contender is what
-#: the stage does by default, or, for the demo, what the demo runs: batches of 128).
+#: Each case: its sampling lengths, prompts, and its contenders' options (the hf contender is the
+#: original sampler, or, for the demo, what the demo ran with it: batches of 128).
 CASES: dict[str, dict[str, Any]] = {
     "ultrachat-sft": {"max_new_tokens": 256, "max_prompt_length": 256,
-                      "contenders": _contenders(16, 64, 64 * 384, (16, 32, 64))},
+                      "contenders": _contenders(16, 64, 64 * 384, (16, 32, 64, 128))},
     "ultrachat-random": {"max_new_tokens": 64, "max_prompt_length": 256, "prompts": 64,
                          "contenders": _contenders(16, 64, 64 * 192, (16, 32, 64))},
     "demo": {"max_new_tokens": 24, "max_prompt_length": 8, "contenders": _contenders(128, 256, 256 * 32, (128, 256))},
 }
 REFERENCE = "hf"
+#: The whole-process case: ``spin-kernels generate`` at its defaults (and the CLI's lengths: prompts
+#: up to 512 tokens, 256 new tokens) against the original sampler's one flag.
+CLI = {"prompts": 384, "contenders": {"original": ["--generation-seeding", "batch"], "default": []}}
 
 
 def _case_inputs(case: str, work: Path):
@@ -221,6 +229,57 @@ def run_case(case: str, work: Path, *, repeats: int, only: list[str] | None) -> 
     return out
 
 
+def run_cli_case(work: Path, *, repeats: int) -> list[dict]:
+    """``CLI``: whole processes, ``repeats`` rounds of original, default; per round the ratio
+    original wall / default wall, and its median."""
+    import json
+    import subprocess
+    import sys
+
+    model_dir = sft_model(work)
+    rows = records()
+    data = work / f"ultrachat-{CLI['prompts']}.jsonl"
+    data.write_text("".join(json.dumps({"prompt": rows[i % len(rows)]["prompt"], "real": rows[i % len(rows)]["real"]})
+                            + "\n" for i in range(CLI["prompts"])))
+    import resource
+
+    walls: dict[str, list[float]] = {n: [] for n in CLI["contenders"]}
+    cpus: dict[str, list[float]] = {n: [] for n in CLI["contenders"]}
+    loads: dict[str, list[float]] = {n: [] for n in CLI["contenders"]}
+    got: dict[str, list[dict]] = {}
+    for _ in range(repeats):
+        for name, flags in CLI["contenders"].items():
+            out = work / f"cli-{name}.jsonl"
+            out.unlink(missing_ok=True)
+            loads[name].append(os.getloadavg()[0])
+            usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "spin_kernels.cli", "generate", "--model", model_dir, "--data",
+                            str(data), "--output", str(out), *flags], check=True, capture_output=True,
+                           env=dict(os.environ, TQDM_DISABLE="1"))
+            walls[name].append(time.perf_counter() - t0)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpus[name].append(after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime)
+            got[name] = [json.loads(line) for line in out.read_text().splitlines()]
+            print(f"[generation] cli round {len(walls[name])} {name}: {walls[name][-1]:.1f} s wall, "
+                  f"{cpus[name][-1]:.1f} s CPU, load {loads[name][-1]:.1f} before", flush=True)
+    ratios = [a / b for a, b in zip(walls["original"], walls["default"])]
+    cpu_ratios = [a / b for a, b in zip(cpus["original"], cpus["default"])]
+    out = []
+    for name, flags in CLI["contenders"].items():
+        tokens = sum(g["synthetic_tokens"] for g in got[name])
+        median = statistics.median(walls[name])
+        out.append({"case": "cli", "contender": name, "options": {"flags": " ".join(flags) or "(defaults)"},
+                    "status": "ok", "prompts": CLI["prompts"], "max_new_tokens": 256, "wall_s": walls[name],
+                    "cpu_s": cpus[name], "median_cpu_s": statistics.median(cpus[name]),
+                    "loadavg_1min": loads[name], "median_wall_s": median, "prompts_per_s": CLI["prompts"] / median,
+                    "tokens": tokens, "finished": sum(bool(g["finished"]) for g in got[name]),
+                    "mean_tokens": tokens / len(got[name]), "sampling": got[name][0]["source"]["sampling"],
+                    **({"ratios": ratios, "speedup": statistics.median(ratios), "cpu_ratios": cpu_ratios,
+                        "cpu_speedup": statistics.median(cpu_ratios)} if name == "default" else {})})
+    return out
+
+
 def _digest(rows) -> str:
     import hashlib
     import json
@@ -238,13 +297,15 @@ def run_suite(device: torch.device, names: list[str] | None, *, repeats: int = 2
     for case in names or list(CASES):
         load = os.getloadavg()
         try:
-            got = run_case(case, work, repeats=repeats, only=only)
+            got = run_cli_case(work, repeats=repeats) if case == "cli" else run_case(case, work, repeats=repeats,
+                                                                                        only=only)
         except Exception as exc:  # noqa: BLE001
             got = [{"case": case, "contender": "*", "status": "error", "note": f"{type(exc).__name__}: {exc}"}]
         for e in got:
             e["loadavg_before"], e["loadavg_after"] = load, os.getloadavg()
+            wall = e.get("best_wall_s", e.get("median_wall_s"))
             print(f"[generation] {case} {e['contender']}: "
-                  + (f"{e['best_wall_s']:.1f} s, {e['prompts_per_s']:.2f} prompts/s, x{e.get('speedup', 0):.2f}"
+                  + (f"{wall:.1f} s, {e['prompts_per_s']:.2f} prompts/s, x{e.get('speedup', 0):.2f}"
                      if e["status"] == "ok" else e["note"]), flush=True)
         cases += got
     notes = ["Same prompts and sampling distribution for every contender (temperature 1, top_p 1, no top_k); "
@@ -262,6 +323,9 @@ def markdown(record: dict) -> str:
     for e in record["cases"]:
         by_case.setdefault(e["case"], []).append(e)
     for case, entries in by_case.items():
+        if case == "cli" and all(e["status"] == "ok" for e in entries):
+            lines += _cli_markdown(entries)
+            continue
         ok = [e for e in entries if e["status"] == "ok"]
         first = ok[0] if ok else entries[0]
         lines += [f"## {case}", ""]
@@ -290,4 +354,25 @@ def markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CASES", "markdown", "run_case", "run_suite"]
+def _cli_markdown(entries: list[dict]) -> list[str]:
+    first = entries[0]
+    lines = ["## cli: whole `spin-kernels generate` processes", "",
+             f"{first['prompts']} prompts (the UltraChat sample repeated), the CLI's lengths (prompts cut to 512 "
+             f"tokens, 256 new tokens), the SFT'd 9.4M Llama; {len(first['wall_s'])} rounds, the processes "
+             "alternating; figure: the median over rounds.", "",
+             "| contender | flags | wall per round | load (1 min) before each | median wall | prompts/s | median CPU | "
+             "ended by EOS | mean tokens | recorded sampling | speed-up: wall, CPU (median of the rounds' ratios) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        sampling = ", ".join(f"{k} {v}" for k, v in e["sampling"].items() if k not in ("temperature", "top_p",
+                                                                                          "max_new_tokens", "seed"))
+        speed = (f"{e['speedup']:.2f}× (rounds: {', '.join(f'{r:.2f}' for r in e['ratios'])}), CPU "
+                 f"{e['cpu_speedup']:.2f}×" if "speedup" in e else "1.00×")
+        lines.append(f"| {e['contender']} | `{e['options']['flags']}` | {', '.join(f'{w:.0f} s' for w in e['wall_s'])}"
+                     f" | {', '.join(f'{x:.1f}' for x in e['loadavg_1min'])} | {e['median_wall_s']:.0f} s | "
+                     f"{e['prompts_per_s']:.2f} | {e['median_cpu_s']:.0f} s | {e['finished']}/{e['prompts']} | {e['mean_tokens']:.0f} | {sampling} "
+                     f"| {speed} |")
+    return lines + [""]
+
+
+__all__ = ["CASES", "CLI", "markdown", "run_case", "run_cli_case", "run_suite"]

@@ -15,7 +15,8 @@ the packed real and synthetic sequences scored; train: the tokens of every optim
 global batch, as metrics.jsonl counts them). "other" is the rest of the iteration (loading,
 weight digests, checks, the export). Cases (``--iteration-cases``) differ only in their
 generation options: ``before`` is the original sampler (transformers generate, file order,
-batches of 16, batch seeds), ``after`` the continuous-batching backend (``GENERATION``).
+batches of 16, batch seeds: ``--generation-seeding batch``), ``after`` the default sampler
+(continuous batching, sorted prompts, per-example seeds, 64 slots on CPU) (``GENERATION``).
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ SFT = {"steps": 40, "batch_size": 8, "lr": 1e-3, "warmup_steps": 5, "max_prompt_
        "seed": 0}
 #: The generation options of each case.
 GENERATION: dict[str, dict[str, Any]] = {
-    "before": {},
-    "after": {"backend": "continuous", "generation_order": "length", "generation_batch_size": 64},
+    "before": {"generation_seeding": "batch"},
+    "after": {"generation_batch_size": 64},  # the defaults, with the CPU's slot count named
 }
 #: The iteration: the paper's sampling (256 new tokens, temperature 1), lengths for a 512-token model.
 SETTINGS = {"data": {"max_length": 512, "max_prompt_length": 256},
@@ -159,7 +160,7 @@ def run_case(name: str, model_dir: str, rows: list[dict], run_dir: Path, *, max_
         s["share"] = s["wall_s"] / wall
         if "tokens" in s:
             s["tokens_per_s"] = s["tokens"] / s["wall_s"]
-    return {"case": name, "status": "ok", "generation": dataclasses.asdict(cfg.generation), "wall_s": wall,
+    return {"case": name, "status": "ok", "generation": dataclasses.asdict(cfg.generation.in_force()), "wall_s": wall,
             "cpu_s": cpu, "stages": stages}
 
 
@@ -218,7 +219,7 @@ def markdown(record: dict) -> str:
         if case["status"] != "ok":
             lines += [f"error: {case.get('note')}", ""]
             continue
-        g = case["generation"]
+        g = {k: ("auto" if v is None else v) for k, v in case["generation"].items()}  # older records: unset
         lines.append(f"Generation: backend {g['backend']}, order {g['generation_order']}, batch "
                      f"{g['generation_batch_size']}, token budget {g['generation_token_budget'] or 'none'}, seeding "
                      f"{g['generation_seeding']}. Iteration: {case['wall_s']:.1f} s wall, {case['cpu_s']:.1f} s CPU; "

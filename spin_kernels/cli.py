@@ -23,80 +23,87 @@ import traceback
 
 PAPER = ("Defaults are the paper's (Chen et al. 2024, arXiv 2401.01335, released configs): beta 0.1, lr 5e-7, "
          "RMSprop, linear schedule with warm-up ratio 0.1, global batch 64 pairs, 2 epochs, max length 1024 / "
-         "prompt 512, sampling at temperature 1.0 / top_p 1.0 with 256 new tokens.")
+         "prompt 512, sampling at temperature 1.0 / top_p 1.0 with 256 new tokens. The sampler is the fastest that writes "
+         "the same rows: continuous batching, prompts sorted by length, per-example seeds, a slot count chosen for "
+         "the device (--generation-seeding batch: the original sampler, hf generate on batches of 16).")
 
-# Which config fields each subcommand uses (None: the whole section).
+# Each command: its help, the config fields it uses (None: the whole section), its own arguments.
 LENGTHS = ("max_length", "max_prompt_length", "on_stale")
 COMMANDS: dict[str, dict] = {
     "generate": {"help": "(1) sample one synthetic response per prompt with the model (resumable JSONL)",
-                 "sections": {"model": None, "data": None, "generation": None, "distributed": None}},
+                 "sections": {"model": None, "data": None, "generation": None, "distributed": None},
+                 "args": {"--output": "JSONL written row by row (rows already there are kept)"}},
     "reference": {"help": "(2) add the model's log-probs of real and synthetic responses (ref_logps)",
                   "sections": {"model": None, "data": LENGTHS,
                                "training": ("token_budget", "share_prompt", "impl", "average_log_prob", "bf16"),
-                               "distributed": None}},
+                               "distributed": None},
+                  "args": {"--input": "JSONL from the previous stage", "--output": "JSONL of the pairs with ref_logps"}},
     "train": {"help": "(3) train the main player on pairs with ref_logps (resumable)",
               "sections": {"model": None, "data": LENGTHS, "training": None,
-                           "loop": ("output_dir", "tensorboard", "resume"), "distributed": None}},
+                           "loop": ("output_dir", "tensorboard", "resume"), "distributed": None},
+              "args": {"--input": "JSONL from the previous stage"}},
     "iterate": {"help": "the whole SPIN loop: generate, reference, train, repeat for --iterations",
                 "sections": {"model": None, "data": None, "generation": None, "training": None, "loop": None,
                              "distributed": None}},
+    "demo": {"help": "SPIN on known Markov chains with a tiny Llama on CPU (a few minutes)",
+             "description": "Runs SFT into a weak start, then SPIN iterations and an SFT control, and reports the "
+                            "exact KL(p_data || p_theta) per iteration (spin_kernels/demo). The SPIN defaults below are "
+                            "the demo's (tuned for a 77k-parameter model), not the paper's.",
+             "sections": {"training": None, "generation": None,
+                          "loop": ("output_dir", "iterations", "include_previous", "tensorboard", "resume")}},
 }
+#: Commands with parsers of their own, given the rest of the command line.
+PASSTHROUGH_HELP = {"ops-demo": "the fused SPIN loss alone on a realistic shape (CPU)",
+                    "plan": "per-GPU memory of a SPIN iteration and the cheapest configuration that fits"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .demo.run import DemoConfig, demo_spin_defaults
-    from .training.flags import SectionParser
-
-    parser = argparse.ArgumentParser(prog="spin-kernels", description=__doc__,
+def top_parser() -> argparse.ArgumentParser:
+    """``spin-kernels COMMAND ...``: the commands and their one-line help."""
+    listing = "\n".join(f"  {name:<10} {text}" for name, text in
+                        [*((n, c["help"]) for n, c in COMMANDS.items()), *PASSTHROUGH_HELP.items()])
+    parser = argparse.ArgumentParser(prog="spin-kernels", description=__doc__, epilog=f"commands:\n{listing}",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=SectionParser)
-    for name, spec in COMMANDS.items():
-        p = sub.add_parser(name, help=spec["help"], description=f"{spec['help']}. {PAPER}", sections=spec["sections"])
-        if name == "generate":
-            p.add_argument("--output", required=True, help="JSONL written row by row (rows already there are kept)")
-        if name in ("reference", "train"):
-            p.add_argument("--input", required=True, help="JSONL from the previous stage")
-        if name == "reference":
-            p.add_argument("--output", required=True, help="JSONL of the pairs with ref_logps")
-    sub.add_parser("demo", help="SPIN on known Markov chains with a tiny Llama on CPU (a few minutes)",
-                   description="Runs SFT into a weak start, then SPIN iterations and an SFT control, and reports the "
-                   "exact KL(p_data || p_theta) per iteration (spin_kernels/demo). The SPIN defaults below are the "
-                   "demo's (tuned for a 77k-parameter model), not the paper's.",
-                   sections={"training": None, "generation": None,
-                             "loop": ("output_dir", "iterations", "include_previous", "tensorboard", "resume")},
-                   base=demo_spin_defaults(), extra=(DemoConfig(),))
-    # Commands with their own parsers: listed here for --help, dispatched before parsing in main().
-    for name, text in PASSTHROUGH_HELP.items():
-        sub.add_parser(name, help=text, add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
+    parser.add_argument("command", choices=[*COMMANDS, *PASSTHROUGH_HELP], metavar="COMMAND",
+                        help="one of the commands below")
+    parser.add_argument("options", nargs=argparse.REMAINDER, help="its options (spin-kernels COMMAND --help)")
     return parser
 
 
-def _run(args: argparse.Namespace) -> int:
+def command_parser(command: str):
+    """The parser of ``command``: the flags of its config sections (spin_kernels.training.flags,
+    on transformers.HfArgumentParser) and its own arguments."""
+    from .training.flags import SectionParser
+
+    spec = COMMANDS[command]
+    kwargs = {"prog": f"spin-kernels {command}", "description": spec.get("description", f"{spec['help']}. {PAPER}")}
+    if command == "demo":
+        from .demo.run import DemoConfig, demo_spin_defaults
+
+        kwargs.update(base=demo_spin_defaults(), extra=(DemoConfig(),))
+    parser = SectionParser(spec["sections"], **kwargs)
+    for flag, text in spec.get("args", {}).items():
+        parser.add_argument(flag, required=True, help=text)
+    return parser
+
+
+def _run(command: str, cfg, extra: list, args: argparse.Namespace) -> int:
     from .training import commands, loop
-    from .training.flags import config_from_args, section_from_args
 
-    if args.command == "demo":
-        from .demo.run import DemoConfig, demo_spin_defaults, run_demo
+    if command == "demo":
+        from .demo.run import run_demo
 
-        cfg = config_from_args(args, demo_spin_defaults()).validate()
-        run_demo(section_from_args(args, DemoConfig()), cfg)
-        return 0
-    cfg = config_from_args(args).validate()
-    if args.command == "generate":
+        run_demo(extra[0], cfg)
+    elif command == "generate":
         rows = commands.run_generate(cfg, args.output)
         print(f"{len(rows)} synthetic responses in {args.output}")
-    elif args.command == "reference":
+    elif command == "reference":
         rows = commands.run_reference(cfg, args.input, args.output)
         print(f"{len(rows)} pairs with ref_logps in {args.output}")
-    elif args.command == "train":
+    elif command == "train":
         print(f"final model: {commands.run_train(cfg, args.input, cfg.loop.output_dir)}")
-    elif args.command == "iterate":
+    elif command == "iterate":
         loop.run_iterations(cfg)
     return 0
-
-
-PASSTHROUGH_HELP = {"ops-demo": "the fused SPIN loss alone on a realistic shape (CPU)",
-                    "plan": "per-GPU memory of a SPIN iteration and the cheapest configuration that fits"}
 
 
 def _passthrough(name: str):
@@ -114,15 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     from .training.config import ConfigError
     from .training.trainer import TrainingError
 
-    parser = build_parser()
-    command = argv[0] if argv else None
+    top = top_parser()
+    if not argv:
+        top.print_help()
+        return 2
+    command = top.parse_args(argv[:1]).command  # --help, or an unknown command, exits here
     try:
-        args = parser.parse_args(argv)
-        if args.command is None:
-            parser.print_help()
-            return 2
+        cfg, *extra, args = command_parser(command).parse_args_and_config(argv[1:])
         _quiet_transformers()
-        return _run(args)
+        return _run(command, cfg.validate(), extra, args)
     except (ConfigError, FileNotFoundError, FileExistsError, TrainingError) as exc:
         code = 1 if isinstance(exc, TrainingError) else 2
         report_error(f"spin-kernels {command}: error: {exc}")

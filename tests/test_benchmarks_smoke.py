@@ -89,6 +89,8 @@ def test_iteration_suite_splits_one_small_iteration(tmp_path):
         assert stages["generate"]["prompts"] == stages["reference"]["pairs"] == 6
         assert stages["train"]["steps"] == 1 and stages["train"]["tokens"] == stages["reference"]["tokens"] > 0
     assert record["cases"][1]["generation"]["backend"] == "continuous"
+    before = record["cases"][0]["generation"]  # the options in force: the planner's time check reads the batch size
+    assert (before["backend"], before["generation_batch_size"], before["generation_seeding"]) == ("hf", 16, "batch")
     assert "**before → after**" in (folder / "iteration.md").read_text()
 
 

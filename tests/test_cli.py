@@ -105,12 +105,12 @@ def test_bad_yaml_names_the_field(capsys, tmp_path, yaml_text, message):
 
 
 def test_yaml_then_flags(tmp_path):
-    from spin_kernels.training.flags import SectionParser, config_from_args
+    from spin_kernels.training.flags import SectionParser
 
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("training:\n  beta: 0.5\n  learning_rate: 1e-6\n  epochs: 3\n")
     parser = SectionParser({"training": None})
-    cfg = config_from_args(parser.parse_args(["--config", str(cfg_file), "--epochs", "4", "--no-bf16"]))
+    cfg, _ = parser.parse_args_and_config(["--config", str(cfg_file), "--epochs", "4", "--no-bf16"])
     t = cfg.training
     assert (t.beta, t.learning_rate, t.epochs, t.bf16, t.optimizer) == (0.5, 1e-6, 4, False, "rmsprop")
 

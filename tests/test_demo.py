@@ -117,11 +117,56 @@ def test_sequence_kl_agrees_with_the_log_ratio_estimator():
     assert se < mc_se  # the per-token form is the lower-variance one
 
 
-def test_miniature_demo_run(tmp_path, capsys):
+def terminal_lines(out: str, err: str) -> list[str]:
+    """What a terminal shows of the two streams: per line, the text after its last carriage
+    return (progress bars redraw in place and, left by ``leave=False``, end blank)."""
+    lines = [line.rsplit("\r", 1)[-1].rstrip() for text in (out, err) for line in text.split("\n")]
+    return [line for line in lines if line]
+
+
+def _recorded_seed(seed: int, iterations: int = 4) -> dict:
+    """One seed's result rows, shaped as the demo's ``_run_seed`` returns them (numbers of the
+    size the real demo prints)."""
+    kl = lambda x: (x, 0.0123456)  # noqa: E731 - (mean, se over the test samples)
+    rows = [{"iteration": "SFT start", "KL SPIN": kl(1.5 + seed / 10), "val KL SPIN": 1.51,
+             "KL SFT-control": kl(1.5 + seed / 10), "KL SFT-control (SPIN lr)": kl(1.5 + seed / 10),
+             "val KL SFT-control": 1.51, "val KL SFT-control (SPIN lr)": 1.51}]
+    for t in range(iterations):
+        rows.append({"iteration": t, "KL SPIN": kl(1.5 + seed / 10 - 0.0123 * (t + 1)), "val KL SPIN": 1.4,
+                     "KL SFT-control": kl(1.5 + seed / 10 - 0.001 * t), "KL SFT-control (SPIN lr)": kl(1.5 + seed / 10),
+                     "val KL SFT-control": 1.5, "val KL SFT-control (SPIN lr)": 1.5,
+                     "heldout accuracy": 0.7 - 0.05 * t, "heldout margin": 0.123456, "loss": 0.5234, "accuracy": 0.81,
+                     "logp real": -12.3456, "logp synthetic": -14.5678, "synthetic len": 7.891})
+    return {"seed": seed, "rows": rows, "sft": {"steps": 350, "val_nll": 1.2345}, "entropy": 9.8765,
+            "stop": 2 if seed != 1 else None}
+
+
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_demo_comparison_fits_a_terminal(tmp_path, seeds):
+    """The demo's verdict on recorded rows of the real demo's shape (3 seeds x 4 iterations, and
+    one seed): a short table of SPIN against the controls with the spread, held-out accuracy, the
+    stopping rule and the paths of the full tables, in lines of at most 160 characters."""
+    from spin_kernels.demo.run import DemoConfig, _aggregate, comparison
+
+    per_seed = [_recorded_seed(s) for s in range(seeds)]
+    text = comparison(_aggregate(per_seed), per_seed, DemoConfig(), str(tmp_path / "runs" / "demo"), 123.4)
+    lines = text.splitlines()
+    assert len(lines) <= 20 and max(map(len, lines)) <= 160, text
+    assert "Δ KL SPIN" in text and "Δ KL SFT control (SPIN lr)" in text and "held-out acc" in text
+    assert (" -0.049 ± 0.000 |" if seeds == 3 else " -0.049 |") in text  # the change at iteration 3 (its spread)
+    assert "lowest KL: iteration 3" in text
+    stops = "seed 0 after iteration 2, seed 1 never, seed 2 after iteration 2" if seeds == 3 else \
+        "seed 0 after iteration 2"
+    assert f"stopping rule (held-out accuracy < 0.55): {stops}" in text
+    assert str(tmp_path / "runs" / "demo" / "results.md") in text
+
+
+def test_miniature_demo_run(tmp_path, capsys, monkeypatch):
     from spin_kernels.cli import main
 
+    monkeypatch.chdir(tmp_path)  # the output directory named as a user would (runs/demo by default)
     out = tmp_path / "demo"
-    argv = ["demo", "--output-dir", str(out), "--iterations", "2", "--train-examples", "16", "--eval-examples",
+    argv = ["demo", "--output-dir", "demo", "--iterations", "2", "--train-examples", "16", "--eval-examples",
             "40", "--sft-steps", "2", "--hidden-size", "16", "--global-batch-pairs", "8", "--epochs", "1",
             "--max-new-tokens", "8", "--threads", "1", "--seeds", "2"]
     assert main(argv) == 0
@@ -136,7 +181,11 @@ def test_miniature_demo_run(tmp_path, capsys):
             assert r[key] == pytest.approx(sum(s["rows"][i][key][0] for s in res["per_seed"]) / 2)
     assert res["rows"][0]["Δ KL SPIN"] == 0.0
     text = (out / "results.md").read_text()
-    assert "KL SPIN" in text and "| SFT start |" in text
-    assert "KL SFT-control" in capsys.readouterr().out
+    assert "KL SPIN" in text and "| SFT start |" in text and "KL SFT-control (SPIN lr)" in text  # the full table
+    printed = capsys.readouterr()
+    shown = terminal_lines(printed.out, printed.err)
+    assert len(shown) <= 60 and max(map(len, shown)) <= 160, "\n".join(shown)
+    assert "SPIN vs the controls" in printed.out and "demo/results.md" in printed.out
+    assert sum(line.startswith("seed 1: iteration") for line in shown) == 2  # a line per seed and iteration
     assert (out / "seed0" / "spin" / "iter1" / "metrics.png").exists()
     assert main(argv) == 0  # a previous demo run in the same directory is replaced, not an error

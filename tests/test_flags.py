@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from spin_kernels.training.config import ConfigError, config_from_dict
-from spin_kernels.training.flags import SectionParser, config_from_args
+from spin_kernels.training.flags import SectionParser
 
 ALL = {"model": None, "data": None, "generation": None, "training": None, "loop": None, "distributed": None}
 
@@ -43,12 +43,15 @@ def test_yaml_below_flags_and_unset_flags_keep_yaml(tmp_path):
     assert _parse("--config", str(path), "--bf16", "--no-fsdp").training.bf16 is True
 
 
-def test_parse_args_and_config_matches_the_namespace_path(tmp_path):
-    parser = SectionParser({"training": ("beta", "epochs")})
-    argv = ["--beta", "0.3", "--epochs", "1,2"]
-    cfg, other = parser.parse_args_and_config(argv)
-    assert cfg == config_from_args(parser.parse_args(argv)) and other.config is None
-    assert (cfg.training.beta, cfg.training.epochs) == (0.3, [1, 2])
+def test_parse_args_and_config_returns_the_config_extra_sections_and_other_arguments():
+    from spin_kernels.demo.run import DemoConfig
+
+    parser = SectionParser({"training": ("beta", "epochs")}, extra=(DemoConfig(seeds=2),))
+    parser.add_argument("--output", required=True)
+    cfg, demo, other = parser.parse_args_and_config(["--beta", "0.3", "--epochs", "1,2", "--output", "o.jsonl",
+                                                     "--threads", "1"])
+    assert (cfg.training.beta, cfg.training.epochs) == (0.3, [1, 2]) and cfg.data == config_from_dict({}).data
+    assert (demo.threads, demo.seeds) == (1, 2) and (other.output, other.config) == ("o.jsonl", None)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -127,9 +127,9 @@ def test_single_stage_commands_load_no_model_when_their_output_is_current(finish
 
 
 @pytest.mark.parametrize("settings, name, static, uses_model", [
-    ({}, "HfSampler", True, True),
-    ({"generation_seeding": "example"}, "HfExampleSampler", True, True),
-    ({"backend": "continuous"}, "ContinuousSampler", False, True),
+    ({"generation_seeding": "batch"}, "HfSampler", True, True),
+    ({"backend": "hf"}, "HfExampleSampler", True, True),
+    ({}, "ContinuousSampler", False, True),
     ({"backend": "vllm"}, "VllmSampler", False, False),
 ])
 def test_each_backend_and_seeding_has_one_sampler(settings, name, static, uses_model):

@@ -169,7 +169,7 @@ def test_generation_is_seeded_batched_and_resumable(tmp_path):
     path = save_tiny_model(str(tmp_path / "m"))
     model, tok = AutoModelForCausalLM.from_pretrained(path), demo_tokenizer()
     records = [dict(r, index=i) for i, r in enumerate(MarkovTask().sample(10, seed=1))]
-    cfg = SamplingOptions(max_new_tokens=6, generation_batch_size=4)
+    cfg = SamplingOptions(max_new_tokens=6, generation_batch_size=4, generation_seeding="batch")  # the original
     full = generate_synthetic(model, tok, records, cfg, str(tmp_path / "a.jsonl"), max_prompt_length=8, seed=7,
                               model_path=path)
     assert [r["index"] for r in full] == list(range(10))
@@ -189,8 +189,8 @@ def test_generation_is_seeded_batched_and_resumable(tmp_path):
 
 
 @pytest.mark.parametrize("settings", [
-    {"generation_seeding": "example", "generation_order": "length", "generation_token_budget": 50},
-    {"backend": "continuous", "generation_order": "length", "generation_batch_size": 3, "generation_chunk_size": 4},
+    {"backend": "hf", "generation_order": "length", "generation_token_budget": 50},
+    {"generation_batch_size": 3, "generation_chunk_size": 4},
 ], ids=["sorted-budget", "continuous"])
 def test_sorted_and_continuous_generation_resume_to_the_uninterrupted_rows(tmp_path, settings):
     """Per-example seeds: sorted, token-budgeted and continuously batched generation sample the
@@ -213,7 +213,7 @@ def test_sorted_and_continuous_generation_resume_to_the_uninterrupted_rows(tmp_p
     assert [r["index"] for r in full] == list(range(10))
     assert any(r["finished"] for r in full) and any(r["synthetic_tokens"] for r in full)
     plain = generate_synthetic(model, tok, records, SamplingOptions(max_new_tokens=6, generation_batch_size=4,
-                                                                     generation_seeding="example"),
+                                                                     backend="hf", generation_order="input"),
                                str(tmp_path / "plain.jsonl"), **kwargs)
     assert [(r["synthetic"], r["finished"]) for r in full] == [(r["synthetic"], r["finished"]) for r in plain]
 
@@ -230,14 +230,56 @@ def test_sorted_and_continuous_generation_resume_to_the_uninterrupted_rows(tmp_p
     assert len(again.dropped) == 10 and "sampling was" in again.dropped[0][1]
 
 
-def test_default_generation_settings_record_what_they_always_did():
-    """Rows written before the batching options existed stay current under the defaults."""
+def test_generation_defaults_and_what_rows_record(tmp_path):
+    """The default sampler is continuous batching, sorted prompts, per-example seeds and the
+    device's slot count; ``--generation-seeding batch`` is the original sampler, whose rows record
+    what they always did (rows written before the batching options existed stay current under
+    it), and the default's rows record every setting, so the two are never mixed."""
     from spin_kernels.training.provenance import sampling_settings
+    from spin_kernels.training.samplers import choose, in_force
 
-    assert sampling_settings(SamplingOptions(), 7) == {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 256,
-                                                        "seed": 7, "batch_size": 16, "backend": "hf"}
+    model = save_tiny_model(str(tmp_path / "m"))
+    default = in_force(SamplingOptions(), device="cpu", model_path=model, max_prompt_length=512)
+    assert (default.backend, default.generation_order, default.generation_seeding, default.generation_batch_size) \
+        == ("continuous", "length", "example", 64)
+    assert choose(SamplingOptions()).__name__ == "ContinuousSampler"
+    assert sampling_settings(default, 7) == {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 256, "seed": 7,
+                                             "batch_size": 64, "backend": "continuous", "order": "length",
+                                             "seeding": "example", "chunk_size": 512}
+    original = SamplingOptions(generation_seeding="batch").in_force()
+    assert choose(original).__name__ == "HfSampler"
+    assert sampling_settings(original, 7) == {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 256, "seed": 7,
+                                              "batch_size": 16, "backend": "hf"}
+    assert SamplingOptions(backend="hf").in_force().generation_batch_size == 16  # hf alone: per-example, sorted
+    assert SamplingOptions(backend="hf").in_force().generation_order == "length"
+    with pytest.raises(ValueError, match="not in force"):
+        sampling_settings(SamplingOptions(), 7)
     with pytest.raises(ConfigError, match="generation.generation_seeding: 'batch' needs backend 'hf'"):
         SamplingOptions(backend="continuous", generation_seeding="batch")
+    with pytest.raises(ConfigError, match="generation.generation_seeding: expected one of 'example', 'batch'"):
+        SamplingOptions(generation_seeding="auto")
+
+
+def test_device_slots_follow_the_device_and_the_model():
+    """A quarter of the device's memory of slot cache, at most 64 on CPU and 256 on CUDA."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from spin_kernels.training.samplers import device_slots
+
+    llama2_7b = SimpleNamespace(num_attention_heads=32, num_key_value_heads=32, hidden_size=4096, num_hidden_layers=32)
+    llama3_8b = SimpleNamespace(num_attention_heads=32, num_key_value_heads=8, hidden_size=4096, num_hidden_layers=32,
+                                head_dim=128)
+    tiny = SimpleNamespace(**{**vars(llama3_8b), "num_hidden_layers": 2})
+    with mock.patch("torch.cuda.get_device_properties", return_value=SimpleNamespace(total_memory=80 * 2**30)):
+        # 2 x 32 layers x 32 heads x 128 x 768 tokens x 2 bytes = 384 MiB a slot; 20 GiB / 384 MiB = 53
+        assert device_slots("cuda", llama2_7b, 768, dtype_bytes=2) == 53
+        assert device_slots("cuda", llama3_8b, 768, dtype_bytes=2) == 213
+        assert device_slots("cuda", tiny, 768) == 256
+        assert device_slots("cuda", llama2_7b, 10**7) == 1
+    with mock.patch("os.sysconf", side_effect=lambda name: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 2**23}[name]):
+        assert device_slots("cpu", tiny, 768) == 64  # 32 GiB of host memory
+        assert device_slots("cpu", llama2_7b, 768) == 10  # fp32: 768 MiB a slot, 8 GiB / 768 MiB
 
 
 def test_prompt_batches_sort_by_length_and_respect_the_token_budget():
@@ -245,14 +287,15 @@ def test_prompt_batches_sort_by_length_and_respect_the_token_budget():
 
     records = [{"index": i} for i in range(6)]
     lengths = {0: 3, 1: 9, 2: 1, 3: 9, 4: 5, 5: 2}
-    cfg = SamplingOptions(max_new_tokens=1, generation_batch_size=3, generation_order="length",
-                           generation_token_budget=21)
+    cfg = SamplingOptions(max_new_tokens=1, generation_batch_size=3, backend="hf", generation_token_budget=21)
     batches = [[r["index"] for r in b] for b in prompt_batches(records, lengths, cfg)]
     assert batches == [[1, 3], [4, 0, 5], [2]]  # 2 x (9 + 1) <= 21 < 3 x 10; 3 x (5 + 1); longest first
-    plain = SamplingOptions(generation_batch_size=4)
+    plain = SamplingOptions(generation_batch_size=4, generation_seeding="batch")
     assert [[r["index"] for r in b] for b in prompt_batches(records, None, plain)] == [[0, 1, 2, 3], [4, 5]]
-    chunks = SamplingOptions(backend="continuous", generation_batch_size=2, generation_chunk_size=4)
+    chunks = SamplingOptions(generation_batch_size=2, generation_chunk_size=4, generation_order="input")
     assert [[r["index"] for r in b] for b in prompt_batches(records, None, chunks)] == [[0, 1, 2, 3], [4, 5]]
+    with pytest.raises(ValueError, match="batch size is unset"):
+        prompt_batches(records, lengths, SamplingOptions())
     with pytest.raises(ValueError, match="need the prompt lengths"):
         prompt_batches(records, None, cfg)
 

@@ -25,7 +25,7 @@ from corruption_check import damage  # noqa: E402  (the damages of scripts/corru
 
 FLAGS = ["--device", "cpu", "--max-length", "40", "--max-prompt-length", "8", "--max-new-tokens", "12",
          "--learning-rate", "1e-3", "--epochs", "1", "--global-batch-pairs", "4", "--generation-batch-size", "4",
-         "--save-every", "1"]
+         "--generation-chunk-size", "4", "--save-every", "1"]
 
 
 def _write(path, rows):
@@ -122,6 +122,39 @@ def test_generate_onto_a_file_of_another_dataset_regenerates(base, tmp_path, cap
     # other sampling settings make rows stale too (here: the seed)
     assert main([*gen, "--data", data, "--generation-seed", "5", "--on-stale", "error"]) == 2
     assert "sampling was {" in capsys.readouterr().err
+
+
+def test_a_run_of_the_original_sampler_continues_under_its_one_flag(base, tmp_path, capsys):
+    """Per-example seeds became the default: a run started before (its config.yaml says hf, file
+    order, ``generation_seeding: auto``) is refused on --resume with the new defaults, naming the
+    flag that continues it, and continues under ``--generation-seeding batch`` with every row and
+    model kept (the rows record the same settings by construction); a generate onto such rows
+    with the new defaults samples them again, with a warning."""
+    import yaml
+
+    tmp, model, rows = base
+    data = _write(tmp_path / "d.jsonl", rows)
+    run = tmp_path / "run"
+    assert main(_iterate(model, data, run, "--generation-seeding", "batch")) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["generation"].update(backend="hf", generation_order="input", generation_seeding="auto")  # as 0.1 wrote
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    final = run / "iter0" / "model" / "model.safetensors"
+    stamp = final.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(_iterate(model, data, run, "--resume")) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "generation.backend ('hf' -> 'continuous')" in err and "pass --generation-seeding batch to continue" in err
+    assert main(_iterate(model, data, run, "--resume", "--generation-seeding", "batch")) == 0
+    assert final.stat().st_mtime_ns == stamp  # nothing redone
+    old = run / "iter0" / "generated.jsonl"
+    shutil.copy(old, tmp_path / "g.jsonl")
+    gen = ["generate", "--model", model, "--data", data, "--output", str(tmp_path / "g.jsonl"), *FLAGS[:8],
+           "--generation-seed", "1234"]
+    assert main(gen) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "g.jsonl: 12 row(s) cannot be reused" in err and "sampling was {" in err
+    assert all(r["source"]["sampling"]["backend"] == "continuous" for r in _jsonl(tmp_path / "g.jsonl"))
 
 
 def test_resume_after_the_data_file_changed_trains_on_the_new_data(base, tmp_path, capsys):

@@ -27,6 +27,10 @@ from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 import yaml
 
 
+#: The slot count of continuous batching when --generation-batch-size is unset (samplers.device_slots).
+CPU_SLOTS, CUDA_MAX_SLOTS = 64, 256
+
+
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type; the message names the field."""
 
@@ -44,24 +48,20 @@ def option(default: Any, help: str, *, check: Callable[[Any], str | None] | None
     return field(default=default, metadata=meta)
 
 
-def positive(v: Any) -> str | None:
-    return None if v > 0 else f"must be > 0, got {v}"
+def _rule(ok: Callable[[Any], bool], expected: str) -> Callable[[Any], str | None]:
+    """A range ``check``: value -> None when ``ok(value)``, else "must be <expected>, got <value>"."""
+    return lambda v: None if ok(v) else f"must be {expected}, got {v}"
 
 
-def non_negative(v: Any) -> str | None:
-    return None if v >= 0 else f"must be >= 0, got {v}"
-
-
-def fraction(v: Any) -> str | None:
-    return None if 0 <= v < 1 else f"must be in [0, 1), got {v}"
+positive = _rule(lambda v: v > 0, "> 0")
+non_negative = _rule(lambda v: v >= 0, ">= 0")
+fraction = _rule(lambda v: 0 <= v < 1, "in [0, 1)")
+at_least_one = _rule(lambda v: v >= 1, ">= 1 or none")
+at_most_one = _rule(lambda v: v <= 1, "in (0, 1]")
 
 
 def probability(v: Any) -> str | None:
-    return positive(v) or (None if v <= 1 else f"must be in (0, 1], got {v}")
-
-
-def at_least_one(v: Any) -> str | None:
-    return None if v >= 1 else f"must be >= 1 or none, got {v}"
+    return positive(v) or at_most_one(v)
 
 
 def type_name(tp: Any) -> str:
@@ -201,44 +201,55 @@ class DataConfig(Section):
 @dataclass
 class SamplingOptions(Section):
     """The ``generation`` section: how the opponent samples (translated into a transformers
-    ``GenerationConfig``, or vLLM's ``SamplingParams``, by spin_kernels.training.samplers)."""
+    ``GenerationConfig``, or vLLM's ``SamplingParams``, by spin_kernels.training.samplers).
+
+    Unset fields (None) take the defaults of the seeding: with ``example`` seeds (the default)
+    continuous batching, prompts sorted by length, a slot count chosen for the device; with
+    ``batch`` seeds the original sampler (hf ``generate`` on batches of 16 in file order).
+    ``in_force`` fills them in."""
 
     SECTION: ClassVar[str] = "generation"
 
     max_new_tokens: int = option(256, "tokens sampled per synthetic response (paper: 256)", check=positive)
     temperature: float = option(1.0, "sampling temperature (paper: 1.0)", check=positive)
     top_p: float = option(1.0, "nucleus sampling top_p (paper: 1.0)", check=probability)
-    generation_batch_size: int = option(16, "prompts per batch: per generate() call (hf: left-padded, KV cache), "
-                                        "or running at once (continuous)", check=positive)
-    generation_seed: int = option(1234, "seed of the sampler (each batch, or each example, is seeded from it)")
-    backend: Literal["hf", "continuous", "vllm"] = option(
-        "hf", "generation backend: 'hf' transformers generate() on static batches; 'continuous' continuous "
-        "batching (a finished response's slot takes the next prompt at once; per-example seeds); 'vllm' one vLLM "
-        "engine per stage (if installed; untested)")
-    generation_order: Literal["input", "length"] = option(
-        "input", "prompts into batches in file order, or sorted by prompt length, longest first (rows are written in "
-        "file order either way)")
+    generation_batch_size: int | None = option(
+        None, "sequences sampled at once: slots decoding together (continuous; none: chosen for the device, "
+        f"{CPU_SLOTS} on CPU, on CUDA as many as a quarter of its memory holds the key/value cache of, at most "
+        f"{CUDA_MAX_SLOTS}), or prompts per generate() call (hf; none: 16)", check=positive)
+    generation_seed: int = option(1234, "seed of the sampler (each example, or each batch, is seeded from it)")
+    backend: Literal["hf", "continuous", "vllm"] | None = option(
+        None, "generation backend: 'continuous' continuous batching (a finished response's slot takes the next "
+        "prompt at once); 'hf' transformers generate() on static batches; 'vllm' one vLLM engine per stage (if "
+        "installed; untested); none: continuous, or hf with --generation-seeding batch")
+    generation_order: Literal["input", "length"] | None = option(
+        None, "prompts into batches in file order, or sorted by prompt length, longest first (rows are written in "
+        "file order either way); none: length, or input with --generation-seeding batch")
     generation_token_budget: int = option(
         0, "most tokens of one batch, counted as prompts x (longest prompt + max_new_tokens); 0: only "
         "--generation-batch-size bounds a batch", check=non_negative)
-    generation_seeding: Literal["auto", "batch", "example"] = option(
-        "auto", "'batch': each batch sampled from the seed (seed, batch number), as before; 'example': each prompt from "
-        "its own seed (seed, example index), whatever its batch-mates; 'auto': batch for hf, example for continuous "
-        "and vllm (which cannot do batch)")
+    generation_seeding: Literal["example", "batch"] = option(
+        "example", "'example': each prompt sampled from its own seed (seed, example index), so every backend, "
+        "order and batch size writes the same rows; 'batch': the original sampler (hf generate() on batches of 16 "
+        "in file order, each batch from the seed (seed, batch number)), the rows of runs made before example "
+        "seeds were the default")
     generation_chunk_size: int = option(
         0, "continuous: prompts per chunk, the unit that is written and resumed (0: 8 x --generation-batch-size)",
         check=non_negative)
 
     def _check_together(self) -> None:
-        if self.generation_seeding == "batch" and self.backend != "hf":
+        if self.generation_seeding == "batch" and self.backend not in (None, "hf"):
             raise ConfigError(f"generation.generation_seeding: 'batch' needs backend 'hf'; {self.backend!r} seeds "
-                              f"each example (use 'example' or 'auto')")
+                              f"each example (use 'example')")
 
-    def seeding(self) -> str:
-        """The seeding in force: "batch" or "example" (see generation_seeding)."""
-        if self.generation_seeding == "auto":
-            return "batch" if self.backend == "hf" else "example"
-        return self.generation_seeding
+    def in_force(self, slots: int | None = None) -> SamplingOptions:
+        """A copy with the unset fields set: the backend, order and (hf) batch size of the seeding;
+        ``slots`` (samplers.device_slots) for the batch size of continuous and vllm."""
+        batch = self.generation_seeding == "batch"
+        backend = self.backend or ("hf" if batch else "continuous")
+        size = self.generation_batch_size or (16 if backend == "hf" else slots)
+        return dataclasses.replace(self, backend=backend, generation_order=self.generation_order
+                                   or ("input" if batch else "length"), generation_batch_size=size)
 
     def chunk_size(self) -> int:
         """Prompts per resumable chunk of the continuous backend."""

@@ -1,12 +1,13 @@
 """Command-line flags of the config sections, on ``transformers.HfArgumentParser``'s public API.
 
 HfArgumentParser makes the flags from a *flag view* of each section (``flag_view``: the section's
-fields, each ``str | None`` or ``bool | None``, None meaning "not given") and parses them; the texts
-given are read by the type walker of YAML and flag text (``config.parse_value``) and applied over
-the YAML file of ``--config`` and the defaults (defaults < YAML < flags). The sections check their
-ranges when built, so every error names the flag and the field (``--beta (training.beta):
-expected float, got str 'abc'``). Two argparse Actions give one spelling per flag and ``--x`` /
-``--no-x`` booleans (so ``--fsdp`` has three states); ``parse_known_args`` adds "did you mean".
+fields, each ``str | None`` or ``bool | None``, None meaning "not given") and parses them
+(``parse_args_into_dataclasses``); the texts given are read by the type walker of YAML and flag
+text (``config.parse_value``) and applied over the YAML file of ``--config`` and the defaults
+(defaults < YAML < flags). The sections check their ranges when built, so every error names the
+flag and the field (``--beta (training.beta): expected float, got str 'abc'``). Two argparse
+Actions give one spelling per flag and ``--x`` / ``--no-x`` booleans (so ``--fsdp`` has three
+states); an unknown flag gets "did you mean".
 """
 
 from __future__ import annotations
@@ -96,27 +97,12 @@ def apply_flags(obj: Any, given: Mapping[str, Any]) -> Any:
     return dataclasses.replace(obj, **values) if values else obj
 
 
-def config_from_args(args: argparse.Namespace | Mapping[str, Any], base: SpinConfig | None = None) -> SpinConfig:
-    """Defaults < ``base`` < the YAML file of ``--config`` < the flags given on the command line
-    (``args``: the parsed namespace, or its ``vars``)."""
-    given = args if isinstance(args, Mapping) else vars(args)
-    cfg = base or SpinConfig()
-    if given.get("config"):
-        cfg = config_from_dict(load_yaml(given["config"]), cfg)
-    return dataclasses.replace(cfg, **{sec: apply_flags(getattr(cfg, sec), given) for sec in SECTIONS})
-
-
-def section_from_args(args: argparse.Namespace, obj: Any) -> Any:
-    """A copy of the dataclass ``obj`` with its flags given on the command line applied."""
-    return apply_flags(obj, vars(args))
-
-
 class SectionParser(HfArgumentParser):
     """The flags of the config ``sections`` ({section: field names, or None for all of them}),
     ``--config YAML``, and those of any ``extra`` section objects (e.g. the demo's), with the
-    defaults shown in --help taken from ``base`` and the ``extra`` objects. A value that does not
-    read as its type raises ConfigError (``apply_flags``); argparse's own errors (an unknown flag,
-    a missing value) exit as usual."""
+    defaults shown in --help taken from ``base`` and the ``extra`` objects. ``parse_args_and_config``
+    parses; a value that does not read as its type raises ConfigError (``apply_flags``);
+    argparse's own errors (an unknown flag, with "did you mean", a missing value) exit as usual."""
 
     def __init__(self, sections: dict[str, tuple[str, ...] | None] | None = None, *, base: Any = None,
                  extra: tuple[Any, ...] = (), **kwargs: Any):
@@ -131,25 +117,23 @@ class SectionParser(HfArgumentParser):
             self.add_argument("--config", metavar="YAML", help="YAML file with sections " + ", ".join(SECTIONS)
                               + " (nested mappings of the fields below); flags override it")
 
-    def parse_known_args(self, args=None, namespace=None):
-        """argparse's, except that an unknown flag close to one of ours is taken for a typo of it:
-        stop with "did you mean" (the CLI's subcommands parse here, the unknown are reported above)."""
-        parsed, rest = super().parse_known_args(args, namespace)
-        hints = [f"{w} (did you mean {m[0]}?)" for w in rest if w.startswith("--")
-                 and (m := difflib.get_close_matches(w.split("=")[0], self.flag_names, n=1))]
-        if hints:
-            self.error(f"unrecognized arguments: {' '.join(rest)}; " + "; ".join(hints))
-        return parsed, rest
-
     def parse_args_and_config(self, args: list[str] | None = None) -> tuple[Any, ...]:
         """TrlParser's shape: ``(SpinConfig, *extra objects, Namespace of the other arguments)``, each
         over its defaults (``base``, the ``extra`` objects), the YAML file of ``--config`` and the
-        flags given, in that order of priority."""
-        *views, other = self.parse_args_into_dataclasses(args, look_for_args_file=False)
-        if not isinstance(other, argparse.Namespace):
-            views, other = [*views, other], argparse.Namespace()
-        given = {k: v for view in [other, *views] for k, v in vars(view).items()}
-        return (config_from_args(given, self.base), *[apply_flags(obj, given) for obj in self.extra], other)
+        flags given, in that order of priority. An unknown flag close to one of ours is taken for a
+        typo of it ("did you mean")."""
+        *views, rest = self.parse_args_into_dataclasses(args, return_remaining_strings=True, look_for_args_file=False)
+        if rest:
+            hints = [f"{w} (did you mean {m[0]}?)" for w in rest if w.startswith("--")
+                     and (m := difflib.get_close_matches(w.split("=")[0], self.flag_names, n=1))]
+            self.error(f"unrecognized arguments: {' '.join(rest)}" + "".join(f"; {h}" for h in hints))
+        other = views.pop() if views and isinstance(views[-1], argparse.Namespace) else argparse.Namespace()
+        given = {k: v for view in views for k, v in vars(view).items()}
+        cfg = self.base
+        if getattr(other, "config", None):
+            cfg = config_from_dict(load_yaml(other.config), cfg)
+        cfg = dataclasses.replace(cfg, **{sec: apply_flags(getattr(cfg, sec), given) for sec in SECTIONS})
+        return (cfg, *[apply_flags(obj, given) for obj in self.extra], other)
 
 
-__all__ = ["Flag", "SectionParser", "Switch", "apply_flags", "config_from_args", "flag_view", "section_from_args"]
+__all__ = ["Flag", "SectionParser", "Switch", "apply_flags", "flag_view"]

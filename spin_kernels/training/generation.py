@@ -4,22 +4,23 @@ Plain, unpacked generation; the packed layout is for training only. Sampling is 
 sampling at the paper's settings (temperature 1.0, top_p 1.0, and top_k disabled -- the
 transformers default of top_k=50 would silently truncate the distribution). Who samples a batch
 is a ``Sampler`` chosen once per stage (spin_kernels.training.samplers) from
-``generation.backend`` and the seeding: ``hf`` (the default: prompts left-padded into batches
-and decoded with the KV cache by ``model.generate``), ``continuous`` (continuous batching: a
-slot whose response ended takes the next prompt in the same step) or ``vllm`` (one vLLM engine
-for the stage; import-guarded).
+``generation.backend`` and the seeding: ``continuous`` (the default: continuous batching, a
+slot whose response ended takes the next prompt in the same step), ``hf`` (prompts left-padded
+into batches and decoded with the KV cache by ``model.generate``) or ``vllm`` (one vLLM engine
+for the stage; import-guarded). Options left unset are set once when the stage is planned
+(``samplers.in_force``: a slot count chosen for the device).
 
 Batches (the unit sampled together, appended to the file and resumed): prompts in file order or
-sorted by prompt length (``generation_order``), cut by a prompt count
+sorted by prompt length (``generation_order``; sorted by default), cut by a prompt count
 (``generation_batch_size``) and optionally a token budget (``generation_token_budget``) for a
 sampler that decodes a batch together (hf); for the others a batch is a chunk of
 ``generation_chunk_size`` prompts. Rows are always written back in input order.
 
-Seeds (``generation_seeding``): ``batch`` (hf's default, the original scheme) seeds the global
-RNG from (seed, batch number) before each batch; ``example`` gives every prompt its own random
+Seeds (``generation_seeding``): ``example`` (the default) gives every prompt its own random
 stream from (seed, example index) (Gumbel-max sampling, ``decoding.ExampleSampler``), so its
-sample does not depend on its batch-mates: sorted, budgeted and continuous batching sample
-what a plain run does, up to the rounding of the logits by the batch shape.
+sample does not depend on its batch-mates: every backend, order and batch size samples the same
+rows, up to the rounding of the logits by the batch shape; ``batch`` (the original sampler, hf
+only) seeds the global RNG from (seed, batch number) before each batch.
 
 Resumability: rows are appended to a JSONL file after every batch; the batches are a function of
 the prompts and the settings, and each is sampled from its own seeds, so regenerating a missing
@@ -49,14 +50,18 @@ from . import provenance
 from .config import ConfigError
 from .data import JsonlAppender, Record, read_jsonl, write_jsonl_atomic
 from .parallel import barrier, is_main, progress, rank, world_size
-from .samplers import Sampler, SamplingOptions, check_processes, choose
+from .samplers import Sampler, SamplingOptions, check_processes, choose, in_force
 
 
 def prompt_batches(records: list[Record], prompt_lengths: dict[Any, int] | None,
                    cfg: SamplingOptions) -> list[list[Record]]:
     """The batches of ``records`` (the unit sampled together, written and resumed), in sampling
     order; see the module docstring. ``prompt_lengths`` ({index: prompt tokens}) is needed for
-    ``generation_order="length"`` and a token budget."""
+    ``generation_order="length"`` and a token budget; ``cfg`` with its batch size set
+    (``samplers.in_force``)."""
+    cfg = cfg.in_force()
+    if cfg.generation_batch_size is None:
+        raise ValueError("prompt_batches: the batch size is unset; set it with samplers.in_force(cfg, device=...)")
     n = len(records)
     by_length = cfg.generation_order == "length"
     static = choose(cfg).static_batches
@@ -187,7 +192,8 @@ class GenerationPlan:
 
 def needs_prompt_lengths(cfg: SamplingOptions) -> bool:
     """Whether batching these settings needs the prompts' token lengths (a tokenizer)."""
-    return cfg.generation_order == "length" or (choose(cfg).static_batches and cfg.generation_token_budget > 0)
+    return cfg.in_force().generation_order == "length" or (choose(cfg).static_batches and
+                                                            cfg.generation_token_budget > 0)
 
 
 def check_generation_budget(records: list[Record], prompt_lengths: dict[Any, int], cfg: SamplingOptions) -> None:
@@ -204,14 +210,21 @@ def check_generation_budget(records: list[Record], prompt_lengths: dict[Any, int
 
 def plan_generation(records: list[Record], out_path: str, cfg: SamplingOptions, *, max_prompt_length: int,
                     model_path: str, seed: int, on_stale: str = "regenerate",
-                    model_label: str | None = None, tokenizer=None, desc: str = "generate") -> GenerationPlan:
+                    model_label: str | None = None, tokenizer=None, desc: str = "generate",
+                    device=None, dtype_bytes: int = 4) -> GenerationPlan:
     """Check what ``out_path`` holds for ``records`` (no model needed): a GenerationPlan whose
     ``todo`` is empty when the file is complete and current. Stale rows are removed from the file
     (``on_stale="regenerate"``, with a warning on stderr) or refused (``"error"``). ``tokenizer``
     is recorded in every row's source (rows of another tokenizer are stale), is needed when the
-    batching depends on prompt lengths (``needs_prompt_lengths``) and to sample the plan."""
+    batching depends on prompt lengths (``needs_prompt_lengths``) and to sample the plan. Unset
+    options are set for ``device`` (default: cuda if available, else cpu) and the model's shape at
+    ``dtype_bytes`` (``samplers.in_force``); the plan's ``cfg`` holds the options in force."""
     from spin_kernels.packing import tokenize_prompt
 
+    from .parallel import resolve_device
+
+    cfg = in_force(cfg, device=device or resolve_device("auto"), model_path=model_path,
+                   max_prompt_length=max_prompt_length, dtype_bytes=dtype_bytes)
     opponent = provenance.model_stamp(model_path, model_label)
     sampling = provenance.sampling_settings(cfg, seed)
     tok = provenance.tokenizer_digest(tokenizer)
@@ -324,6 +337,8 @@ def generate_synthetic(
         input order; the file holds the same rows in the same order.
     """
     seed = cfg.generation_seed if seed is None else seed
+    device = next(model.parameters()).device if model is not None else None
     plan = plan_generation(records, out_path, cfg, max_prompt_length=max_prompt_length, model_path=model_path,
-                           model_label=model_label, seed=seed, on_stale=on_stale, tokenizer=tokenizer, desc=desc)
+                           model_label=model_label, seed=seed, on_stale=on_stale, tokenizer=tokenizer, desc=desc,
+                           device=device)
     return sample_plan(plan, model)

@@ -51,11 +51,12 @@ IterationHook = Callable[[int, str, dict[str, Any]], dict[str, Any] | None]
 #: Held-out prompts are sampled from seeds offset from the training ones (other random streams).
 HELDOUT_SEED_OFFSET = 1_000_000
 
-__all__ = ["HELDOUT_SEED_OFFSET", "iteration_stages", "run_iterations", "write_summary"]
+__all__ = ["HELDOUT_SEED_OFFSET", "iteration_line", "iteration_stages", "run_iterations", "write_summary"]
 
 
 def run_iterations(cfg: SpinConfig, *, on_iteration_end: IterationHook | None = None,
-                   records: list[Record] | None = None) -> list[dict[str, Any]]:
+                   records: list[Record] | None = None, heldout: list[Record] | None = None,
+                   echo: str = "line") -> list[dict[str, Any]]:
     """``spin-kernels iterate``: ``cfg.loop.iterations`` SPIN iterations from ``cfg.model.model``.
 
     Everything a user can get wrong (configuration, data, model directory, tokenizer, device,
@@ -66,6 +67,10 @@ def run_iterations(cfg: SpinConfig, *, on_iteration_end: IterationHook | None = 
         on_iteration_end: called as ``hook(t, model_dir, summary)`` after iteration t; the dict it
             returns is merged into the iteration's summary row (the demo adds its KL there).
         records: the ``{index, prompt, real}`` rows, instead of reading ``cfg.data``.
+        heldout: held-out rows likewise, instead of ``cfg.loop.eval_data`` or ``eval_fraction``.
+        echo: what is printed after each iteration: ``"line"`` (one line of its main numbers and
+            the path of summary.md, which holds the full table), ``"table"`` (the full table) or
+            ``"none"`` (a caller that prints its own, like the demo).
     Returns:
         one summary row per iteration (also in ``summary.json`` / ``summary.md``). Under torchrun
         every rank runs this; rank 0 alone calls the hook and writes the summaries.
@@ -76,7 +81,7 @@ def run_iterations(cfg: SpinConfig, *, on_iteration_end: IterationHook | None = 
     check_output_dir(cfg.loop.output_dir)
     if records is None:
         records = load_sft_data(cfg.data)
-    train_rows, heldout = _split_heldout(cfg, records)
+    train_rows, heldout = _split_heldout(cfg, records) if heldout is None else (records, heldout)
     with session(cfg) as sess, single_writer(os.path.join(cfg.loop.output_dir, LOCK_FILE), "loop.output_dir",
                                                  sess):
         check_impl(cfg.training.impl, sess.device)
@@ -84,7 +89,7 @@ def run_iterations(cfg: SpinConfig, *, on_iteration_end: IterationHook | None = 
         tokenizer = loader.tokenizer(loader.check(cfg.model.model))
         check_rows_fit(train_rows + heldout, tokenizer, cfg)
         check_run_dir(cfg)
-        return _iterate(cfg, loader, on_iteration_end, train_rows, heldout)
+        return _iterate(cfg, loader, on_iteration_end, train_rows, heldout, echo)
 
 
 def _split_heldout(cfg: SpinConfig, records: list[Record]) -> tuple[list[Record], list[Record]]:
@@ -185,7 +190,7 @@ def _eval_command(cfg: SpinConfig, model_dir: str, path: str) -> dict[str, Any]:
 
 
 def _iterate(cfg: SpinConfig, loader: Loader, on_iteration_end: IterationHook | None, train_rows: list[Record],
-             heldout: list[Record]) -> list[dict[str, Any]]:
+             heldout: list[Record], echo: str) -> list[dict[str, Any]]:
     from .evaluation import synthetic_stats
 
     run_dir = cfg.loop.output_dir
@@ -210,7 +215,7 @@ def _iterate(cfg: SpinConfig, loader: Loader, on_iteration_end: IterationHook | 
                                   f"data; the loop ends after iteration {t}")
         summaries.append(summary)
         if is_main():  # the hook, the eval command, the summary files and the table: rank 0 only
-            _report(cfg, t, f, summaries, on_iteration_end)
+            _report(cfg, t, f, summaries, on_iteration_end, echo)
         barrier()
         if "stopped" in summary:
             break
@@ -218,19 +223,32 @@ def _iterate(cfg: SpinConfig, loader: Loader, on_iteration_end: IterationHook | 
 
 
 def _report(cfg: SpinConfig, t: int, f: IterationFiles, summaries: list[dict[str, Any]],
-            on_iteration_end: IterationHook | None) -> None:
+            on_iteration_end: IterationHook | None, echo: str) -> None:
     """Rank 0 after iteration t: the eval command and the hook add to its summary (the last
-    row); the summary files are written and the table printed."""
+    row); the summary files are written and the iteration reported (``echo``)."""
     summary, run_dir = summaries[-1], cfg.loop.output_dir
     if cfg.loop.eval_command:
         summary.update(_eval_command(cfg, f.model, f.eval_command))
     if on_iteration_end is not None:
         summary.update(on_iteration_end(t, f.model, summary) or {})
     write_summary(run_dir, summaries)
-    print(f"\nSPIN after iteration {t} ({run_dir}):")
-    print(format_table(summaries, [c for c in summary if c != "stopped"]))
-    if "stopped" in summary:
+    if echo == "table":
+        print(f"\nSPIN after iteration {t} ({run_dir}):")
+        print(format_table(summaries, [c for c in summary if c != "stopped"]))
+    elif echo == "line":
+        print(iteration_line(summary) + f"; table: {os.path.join(run_dir, 'summary.md')}")
+    if "stopped" in summary and echo != "none":
         print(summary["stopped"])
+
+
+def iteration_line(summary: dict[str, Any]) -> str:
+    """One line of an iteration's summary row: its loss, accuracy, held-out accuracy (with held-out
+    prompts), the synthetic responses' mean length and the seconds it took."""
+    parts = [f"loss {summary['loss first']:.3f} -> {summary['loss last']:.3f}", f"accuracy {summary['accuracy']:.2f}"]
+    if "heldout/accuracy" in summary:
+        parts.append(f"held-out accuracy {summary['heldout/accuracy']:.2f}")
+    parts.append(f"synthetic {summary['synthetic/mean_tokens']:.0f} tokens")
+    return f"SPIN after iteration {summary['iteration']} ({summary['seconds']:.0f} s): " + ", ".join(parts)
 
 
 def write_summary(run_dir: str, rows: list[dict[str, Any]]) -> None:

@@ -27,8 +27,8 @@ from spin_kernels.distributed.env import barrier, rank, shutdown, world_size
 
 from .config import ConfigError, SpinConfig
 
-__all__ = ["Session", "as_runner", "barrier", "is_main", "is_sharded", "progress", "rank", "resolve_device", "session",
-           "world_size"]
+__all__ = ["Session", "as_runner", "barrier", "is_main", "is_sharded", "progress", "progress_defaults", "rank",
+           "resolve_device", "session", "world_size"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,10 +126,26 @@ def is_main() -> bool:
     return rank() == 0
 
 
+_BAR_DEFAULTS: dict = {}
+
+
 def progress(**kwargs):
-    """A tqdm bar on rank 0; silent on the other ranks."""
+    """A tqdm bar on rank 0; silent on the other ranks. Options of ``progress_defaults`` apply."""
     from tqdm.auto import tqdm
 
     if not is_main():
         kwargs["disable"] = True
-    return tqdm(dynamic_ncols=True, **kwargs)
+    return tqdm(dynamic_ncols=True, **{**_BAR_DEFAULTS, **kwargs})
+
+
+@contextlib.contextmanager
+def progress_defaults(**options) -> Iterator[None]:
+    """Options of the bars made inside, e.g. ``leave=False``: the stages' bars vanish when done
+    (the demo prints its own line per iteration)."""
+    saved = dict(_BAR_DEFAULTS)
+    _BAR_DEFAULTS.update(options)
+    try:
+        yield
+    finally:
+        _BAR_DEFAULTS.clear()
+        _BAR_DEFAULTS.update(saved)

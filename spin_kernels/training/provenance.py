@@ -129,23 +129,27 @@ def model_stamp(path: str, label: str | None = None) -> dict[str, str]:
 
 
 def sampling_settings(cfg: SamplingOptions, seed: int) -> dict[str, Any]:
-    """The settings that decide a sampled row: the distribution, the seed, how prompts are put
-    into batches (with ``batch`` seeding a row's sample depends on its batch; with ``example``
-    seeding only through the rounding of the logits by the batch shape, still recorded so that
-    rows of two batchings are never mixed) and the backend.
+    """The settings that decide a sampled row (``cfg``: the options in force,
+    ``samplers.in_force``): the distribution, the seed, how prompts are put into batches (with
+    ``batch`` seeding a row's sample depends on its batch; with ``example`` seeding only through
+    the rounding of the logits by the batch shape, still recorded so that rows of two batchings
+    are never mixed) and the backend.
 
-    The batching options are recorded only when they differ from the original scheme (file
+    The batching options are recorded only when they differ from the original sampler (file
     order, batches of generation_batch_size, batch seeds), so rows written before they existed
-    stay current under the defaults.
-    """
+    stay current under ``--generation-seeding batch`` (which is that sampler). Rows of the
+    default sampler (continuous, sorted, per-example seeds) record all of them: an old run's rows
+    are never taken for the new default's."""
+    if None in (cfg.backend, cfg.generation_order, cfg.generation_batch_size):
+        raise ValueError("sampling_settings: options not in force; set them with samplers.in_force")
     settings = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
                 "seed": seed, "batch_size": cfg.generation_batch_size, "backend": cfg.backend}
     if cfg.generation_order != "input":
         settings["order"] = cfg.generation_order
     if cfg.generation_token_budget:
         settings["token_budget"] = cfg.generation_token_budget
-    if cfg.seeding() != "batch":
-        settings["seeding"] = cfg.seeding()
+    if cfg.generation_seeding != "batch":
+        settings["seeding"] = cfg.generation_seeding
     if cfg.backend != "hf":
         settings["chunk_size"] = cfg.chunk_size()
     return settings

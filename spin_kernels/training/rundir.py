@@ -18,6 +18,7 @@ configuration it started with (``check_run_dir``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -135,12 +136,29 @@ def run_has_work(run_dir: str) -> bool:
     return False
 
 
+def _saved_config(path: str) -> SpinConfig:
+    """A run's config.yaml. One written before per-example seeds were the default says
+    ``generation_seeding: auto``: batch seeds for hf (its default backend then), per-example
+    seeds for the others."""
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f) or {}
+    gen = raw.get("generation") if isinstance(raw, dict) else None
+    if isinstance(gen, dict) and gen.get("generation_seeding") == "auto":
+        gen["generation_seeding"] = "batch" if gen.get("backend", "hf") == "hf" else "example"
+    return config_from_dict(raw)
+
+
 def check_run_dir(cfg: SpinConfig) -> None:
     """Refuse to overwrite a run / to resume one with another configuration; record the config.
 
     A run whose directory holds a config but no stage output (it stopped before doing any work,
-    e.g. on bad data) is simply started again with the new configuration. Every rank checks (so
-    all raise alike) before rank 0 writes.
+    e.g. on bad data) is simply started again with the new configuration. Generation options are
+    compared as in force on this device (``stages.generate.options_in_force``: an unset backend is
+    the one its seeding implies, an unset slot count the device's), so a run started with the
+    original sampler continues under ``--generation-seeding batch``. Every rank checks (so all
+    raise alike) before rank 0 writes.
     """
     run_dir = cfg.loop.output_dir
     saved = os.path.join(run_dir, "config.yaml")
@@ -150,16 +168,23 @@ def check_run_dir(cfg: SpinConfig) -> None:
         if not cfg.loop.resume:
             raise ConfigError(f"loop.output_dir: {run_dir!r} already holds a run; pass --resume to continue it "
                               f"or choose another --output-dir")
-        import yaml
+        from .stages.generate import options_in_force
 
-        with open(saved, encoding="utf-8") as f:
-            old = _comparable(config_from_dict(yaml.safe_load(f)).to_dict(), os.getcwd())
-        new = _comparable(cfg.to_dict(), os.getcwd())
+        saved_cfg = _saved_config(saved)
+        start = cfg.model.model
+        old = dataclasses.replace(saved_cfg, generation=options_in_force(
+            dataclasses.replace(cfg, generation=saved_cfg.generation), start))
+        new = dataclasses.replace(cfg, generation=options_in_force(cfg, start))
+        old, new = _comparable(old.to_dict(), os.getcwd()), _comparable(new.to_dict(), os.getcwd())
         diff = [f"{s}.{k}" for s in new for k in new[s] if (s, k) not in _FREE_FIELDS and new[s][k] != old[s][k]]
         if diff:
             shown = ", ".join(f"{d} ({old[d.split('.')[0]][d.split('.')[1]]!r} -> "
                               f"{new[d.split('.')[0]][d.split('.')[1]]!r})" for d in diff)
-            raise ConfigError(f"--resume: the configuration differs from the run's config.yaml in {shown}")
+            hint = ""
+            if old["generation"]["generation_seeding"] == "batch" != new["generation"]["generation_seeding"]:
+                hint = ("; the run samples with the original sampler (batch seeds), no longer the default: pass "
+                        "--generation-seeding batch to continue it")
+            raise ConfigError(f"--resume: the configuration differs from the run's config.yaml in {shown}{hint}")
     elif is_main():
         save_config(cfg, saved)
     barrier()
