@@ -103,11 +103,24 @@ def _load_average() -> list[float] | None:
         return None
 
 
+def _portable(argv: list[str]) -> list[str]:
+    """``argv`` without this machine's scratch paths (results are committed): the values of
+    --work-dir and --out become WORK_DIR and OUT, an --iteration-result outside the repository its
+    file name."""
+    out, root = list(argv), Path(__file__).resolve().parents[1]
+    for i, flag in enumerate(out[:-1]):
+        if flag in ("--work-dir", "--out"):
+            out[i + 1] = "WORK_DIR" if flag == "--work-dir" else "OUT"
+        elif flag == "--iteration-result" and not Path(out[i + 1]).resolve().is_relative_to(root):
+            out[i + 1] = Path(out[i + 1]).name
+    return out
+
+
 def _record(suite: str, env: dict, settings: dict, argv: list[str], tag: str | None = None) -> dict:
     from .dryrun import NOTE
 
     return {"schema": 1, "suite": suite, "tag": tag, "created": datetime.datetime.now(datetime.UTC).isoformat(
-        timespec="seconds"), "command": "python -m benchmarks " + shlex.join(argv), "env": env,
+        timespec="seconds"), "command": "python -m benchmarks " + shlex.join(_portable(argv)), "env": env,
         "settings": settings, "cases": [], "unavailable": {}, "notes": [NOTE] if settings.get("dry_run") else []}
 
 

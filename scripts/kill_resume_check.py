@@ -276,10 +276,25 @@ def in_workdir(workdir: str | None, prefix: str, run) -> dict:
             shutil.rmtree(root, ignore_errors=True)
 
 
+def portable(text: str, argv: list[str]) -> str:
+    """``text`` without this machine's paths: the ``--workdir`` value becomes ``WORKDIR`` and an
+    ``--out`` path inside the repository its path relative to the repository (reports are committed)."""
+    root = Path(__file__).resolve().parents[1]
+    for flag, name in (("--workdir", "WORKDIR"), ("--out", None)):
+        if flag in argv[:-1]:
+            value = argv[argv.index(flag) + 1]
+            full = Path(value).resolve()
+            rel = name or (str(full.relative_to(root)) if full.is_relative_to(root) else full.name)
+            text = text.replace(str(full), rel)
+            if os.path.isabs(value):  # a relative value names no machine path; never replace a short word
+                text = text.replace(value, rel)
+    return text
+
+
 def publish(result: dict, report, script: str, argv: list[str] | None, out: str | None) -> int:
     """Print ``report(result, command)`` (and write it to ``out``); the exit code of the check."""
-    command = f"python scripts/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = report(result, command)
+    argv = list(argv if argv is not None else sys.argv[1:])
+    text = portable(report(result, f"python scripts/{script} " + " ".join(argv)), argv)
     print(text)
     if out:
         Path(out).write_text(text)
